@@ -1,0 +1,1409 @@
+"""
+nanoCLEAR model: the BAGEL-7B-MoT unified transformer that CLEAR (arXiv 2604.04780) is built on, in plain PyTorch.
+
+One transformer reads and writes both modalities (BAGEL, Deng et al. 2025):
+  * a Qwen2 decoder whose every layer holds two weight sets, Mixture-of-Transformers style: the *und* expert for
+    text, ViT and image-marker tokens, the *gen* expert (`*_moe_gen`) for VAE-latent tokens; one joint attention;
+  * a SigLIP-NaViT encoder + MLP connector that turns pixels into understanding tokens;
+  * a FLUX autoencoder whose 2x2-patchified latents are the generation tokens, denoised by rectified flow;
+  * packed interleaved sequences (training) and a KV cache (inference), including CLEAR's latent bridge: a
+    denoised latent re-enters the context as `vae2llm(x0) + time_embedder(0) + latent_pos_embed` (CLEAR §3.3).
+Weights load from / save to BAGEL-format folders with the official key names, so public checkpoints load as is.
+
+Every convention that must match the official code is cited on its line as `# BAGEL: ...` (see
+shared/conformance/bagel_tiny/CONVENTIONS.md); tests/test_conformance.py checks the numbers.
+
+Differences from the official code:
+  1. Inference rows are padded (a batch of KV-cache rows with per-row lengths) instead of varlen-packed, so the three
+     CFG branches and the G rollouts of an RL group run as one batched forward.
+  2. Decoded text stays in the cache (closed with `<|im_end|>`) instead of being re-tokenized and re-prefilled; the
+     result equals the official re-prefill when tokenization round-trips, and keeps the sampled ids when it doesn't.
+  3. float32 on CPU, the parameter dtype (bf16) on GPU, without the official hard-coded bf16 casts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+ACTIVATIONS = {
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "silu": F.silu,
+    "relu": F.relu,
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+}
+
+
+@dataclass
+class ModelConfig:
+    # language model: Qwen2 + Mixture-of-Transformers (llm_config.json)
+    vocab_size: int = 512
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1e6
+    max_position_embeddings: int = 4096  # longest RoPE position we accept (RoPE itself has no table)
+    # vision encoder: SigLIP-NaViT (vit_config.json; layers = the json value - 1, as BAGEL's loader does)
+    vit_hidden_size: int = 64
+    vit_intermediate_size: int = 128
+    vit_num_hidden_layers: int = 2
+    vit_num_attention_heads: int = 2
+    vit_patch_size: int = 8
+    vit_image_size: int = 64  # learned position table is (image_size / patch_size)^2
+    vit_layer_norm_eps: float = 1e-6
+    vit_hidden_act: str = "gelu_pytorch_tanh"
+    # Bagel-level settings (hard-coded in BAGEL's app.py; kept in nanoclear.json for our checkpoints)
+    latent_patch_size: int = 2  # 2x2 latent patches -> one generation token
+    max_latent_size: int = 8  # latent_pos_embed is max_latent_size^2 rows
+    vit_max_num_patch_per_side: int = 8  # vit_pos_embed is vit_max_num_patch_per_side^2 rows
+    connector_act: str = "gelu_pytorch_tanh"
+    timestep_shift: float = 1.0  # training-time shift of the logit-normal t (BagelConfig.timestep_shift)
+    # FLUX autoencoder (ae.safetensors; BAGEL's load_ae hard-codes the 7B values)
+    ae_ch: int = 32
+    ae_ch_mult: tuple = (1, 2, 2, 2)
+    ae_num_res_blocks: int = 1
+    ae_z_channels: int = 16
+    ae_scale_factor: float = 0.3611
+    ae_shift_factor: float = 0.1159
+    # special tokens, looked up by text in tokenizer.json (never hard-coded for real weights)
+    bos_token_id: int = 0  # <|im_start|>
+    eos_token_id: int = 1  # <|im_end|>
+    start_of_image_id: int = 2  # <|vision_start|>
+    end_of_image_id: int = 3  # <|vision_end|>
+
+    def __post_init__(self):
+        self.ae_ch_mult = tuple(self.ae_ch_mult)
+        checks = [
+            (self.hidden_size % self.num_attention_heads == 0, "hidden_size must be divisible by num_attention_heads"),
+            (self.num_attention_heads % self.num_key_value_heads == 0, "num_attention_heads must be a multiple of num_key_value_heads"),
+            (self.head_dim % 2 == 0, "the LLM head dim must be even (RoPE rotates halves)"),
+            (self.hidden_size % 4 == 0, "hidden_size must be divisible by 4 (2-D sin-cos tables)"),
+            (self.vit_hidden_size % self.vit_num_attention_heads == 0, "vit_hidden_size must be divisible by its heads"),
+            (self.vit_image_size // self.vit_patch_size >= self.vit_max_num_patch_per_side,
+             "vit_image_size / vit_patch_size must be >= vit_max_num_patch_per_side (ViT ids index the learned table)"),
+            (all((self.ae_ch * m) % 32 == 0 for m in self.ae_ch_mult), "autoencoder channels must be multiples of 32 (GroupNorm 32)"),
+            (self.connector_act in ACTIVATIONS and self.vit_hidden_act in ACTIVATIONS, f"activations must be one of {sorted(ACTIVATIONS)}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"ModelConfig: {msg}")
+
+    head_dim = property(lambda self: self.hidden_size // self.num_attention_heads)
+    patch_latent_dim = property(lambda self: self.latent_patch_size ** 2 * self.ae_z_channels)  # 64 in BAGEL
+    ae_downsample = property(lambda self: 2 ** (len(self.ae_ch_mult) - 1))
+    latent_downsample = property(lambda self: self.ae_downsample * self.latent_patch_size)  # pixels per token side
+
+
+PRESETS = {
+    "tiny": ModelConfig(),  # the CPU toy model of sft.py / rl.py (vocab set by the toy tokenizer)
+    "bagel-7b-mot": ModelConfig(  # BAGEL-7B-MoT: llm_config.json, vit_config.json, app.py, load_ae
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, max_position_embeddings=32768, vit_hidden_size=1152, vit_intermediate_size=4304,
+        vit_num_hidden_layers=26, vit_num_attention_heads=16, vit_patch_size=14, vit_image_size=980,
+        max_latent_size=64, vit_max_num_patch_per_side=70, ae_ch=128, ae_ch_mult=(1, 2, 4, 4), ae_num_res_blocks=2,
+        bos_token_id=151644, eos_token_id=151645, start_of_image_id=151652, end_of_image_id=151653),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Language model: Qwen2 with Mixture-of-Transformers
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)  # BAGEL: Qwen2RMSNorm, float32
+        return self.weight * h.to(x.dtype)  # cast back, then scale
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype):
+    """RoPE tables for positions [...] -> cos, sin [..., head_dim] (BAGEL: Qwen2RotaryEmbedding, default type)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float() / head_dim)
+    freqs = position_ids.float()[..., None] * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)  # BAGEL: split-halves layout, not interleaved
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x [B, T, heads, hd]; cos/sin [B, T, hd]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)  # BAGEL: rotate_half
+    return x * cos[:, :, None] + rotated * sin[:, :, None]
+
+
+class Route:
+    """Which rows of a flat token batch go through the und expert and which through the gen expert (MoT)."""
+
+    def __init__(self, gen_mask: torch.Tensor | None):
+        self.gen = None if gen_mask is None or not bool(gen_mask.any()) else gen_mask.nonzero().squeeze(1)
+        self.und = None if self.gen is None else (~gen_mask).nonzero().squeeze(1)
+
+    def __call__(self, x: torch.Tensor, und: Callable, gen: Callable) -> torch.Tensor:
+        """Apply `und` to und rows and `gen` to gen rows of x [N, ...] (BAGEL: packed_und/gen_token_indexes)."""
+        if self.gen is None:
+            return und(x)
+        y_und, y_gen = und(x[self.und]), gen(x[self.gen])
+        y = y_und.new_empty((x.shape[0],) + y_und.shape[1:])
+        y[self.und] = y_und
+        y[self.gen] = y_gen
+        return y
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoTAttention(nn.Module):
+    """Joint attention over und and gen tokens with separate projections per expert (BAGEL: PackedAttentionMoT)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        H, nh, nkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.nh, self.nkv, self.hd = nh, nkv, hd
+        for suffix in ("", "_moe_gen"):  # BAGEL: q/k/v with bias, o without; *_moe_gen is the gen expert
+            setattr(self, "q_proj" + suffix, nn.Linear(H, nh * hd, bias=True))
+            setattr(self, "k_proj" + suffix, nn.Linear(H, nkv * hd, bias=True))
+            setattr(self, "v_proj" + suffix, nn.Linear(H, nkv * hd, bias=True))
+            setattr(self, "o_proj" + suffix, nn.Linear(nh * hd, H, bias=False))
+            setattr(self, "q_norm" + suffix, RMSNorm(hd, cfg.rms_norm_eps))
+            setattr(self, "k_norm" + suffix, RMSNorm(hd, cfg.rms_norm_eps))
+
+    def forward(self, x, route: Route, cos, sin, mask, kv_write: Callable | None):
+        B, T, _ = x.shape
+        flat = x.reshape(B * T, -1)
+
+        def qkv(suffix):
+            def f(h):
+                q = getattr(self, "q_proj" + suffix)(h).view(-1, self.nh, self.hd)
+                k = getattr(self, "k_proj" + suffix)(h).view(-1, self.nkv, self.hd)
+                v = getattr(self, "v_proj" + suffix)(h).view(-1, self.nkv, self.hd)
+                # BAGEL: per-head q/k RMSNorm before RoPE
+                return torch.cat([getattr(self, "q_norm" + suffix)(q), getattr(self, "k_norm" + suffix)(k), v], dim=1)
+            return f
+
+        q, k, v = route(flat, qkv(""), qkv("_moe_gen")).view(B, T, -1, self.hd).split([self.nh, self.nkv, self.nkv], dim=2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, hd]
+        if kv_write is not None:  # inference: new keys go into the cache, queries attend to the whole cache
+            k, v = kv_write(k, v)
+        # BAGEL: GQA head h reads kv head h // (nh / nkv); scale 1/sqrt(hd); one softmax over und + gen tokens
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.nkv != self.nh)
+        out = out.transpose(1, 2).reshape(B * T, -1)
+        return route(out, self.o_proj, self.o_proj_moe_gen).view(B, T, -1)
+
+
+class MoTDecoderLayer(nn.Module):
+    """Pre-norm Qwen2 block, each piece doubled for the gen expert (BAGEL: Qwen2MoTDecoderLayer)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn = MoTAttention(cfg)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp_moe_gen = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        for name in ("input_layernorm", "input_layernorm_moe_gen", "post_attention_layernorm", "post_attention_layernorm_moe_gen"):
+            setattr(self, name, RMSNorm(cfg.hidden_size, cfg.rms_norm_eps))
+
+    def forward(self, x, route, cos, sin, mask, kv_write=None):
+        B, T, H = x.shape
+        h = route(x.reshape(B * T, H), self.input_layernorm, self.input_layernorm_moe_gen).view(B, T, H)
+        x = x + self.self_attn(h, route, cos, sin, mask, kv_write)
+        h = route(x.reshape(B * T, H), self.post_attention_layernorm, self.post_attention_layernorm_moe_gen)
+        return x + route(h, self.mlp, self.mlp_moe_gen).view(B, T, H)
+
+
+class Qwen2Model(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(MoTDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LanguageModel(nn.Module):
+    """Holds `model` and an untied `lm_head`, so parameter names equal BAGEL's `language_model.*` keys."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.model = Qwen2Model(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # BAGEL: tie_word_embeddings=False
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Vision encoder: SigLIP-NaViT + connector
+
+
+class SiglipAttention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x, mask):
+        N, D = x.shape
+        q, k, v = (p(x).view(N, self.heads, -1).transpose(0, 1) for p in (self.q_proj, self.k_proj, self.v_proj))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # BAGEL: full attention within each image
+        return self.out_proj(out.transpose(0, 1).reshape(N, D))
+
+
+class SiglipMLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, act: str):
+        super().__init__()
+        self.fc1, self.fc2, self.act = nn.Linear(dim, hidden), nn.Linear(hidden, dim), ACTIVATIONS[act]
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SiglipEncoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        D = cfg.vit_hidden_size
+        self.layer_norm1 = nn.LayerNorm(D, eps=cfg.vit_layer_norm_eps)
+        self.self_attn = SiglipAttention(D, cfg.vit_num_attention_heads)
+        self.layer_norm2 = nn.LayerNorm(D, eps=cfg.vit_layer_norm_eps)
+        self.mlp = SiglipMLP(D, cfg.vit_intermediate_size, cfg.vit_hidden_act)
+
+    def forward(self, x, mask):
+        x = x + self.self_attn(self.layer_norm1(x), mask)  # BAGEL: pre-LN SigLIP layer
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class SiglipEmbeddings(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        # BAGEL: the patch Conv2d is stored in Linear form, inputs ordered (row, col, channel)
+        self.patch_embedding = nn.Linear(3 * cfg.vit_patch_size ** 2, cfg.vit_hidden_size)
+        self.position_embedding = nn.Embedding((cfg.vit_image_size // cfg.vit_patch_size) ** 2, cfg.vit_hidden_size)
+
+
+class SiglipEncoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(SiglipEncoderLayer(cfg) for _ in range(cfg.vit_num_hidden_layers))
+
+
+class SiglipVisionTransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embeddings = SiglipEmbeddings(cfg)
+        self.encoder = SiglipEncoder(cfg)
+        self.post_layernorm = nn.LayerNorm(cfg.vit_hidden_size, eps=cfg.vit_layer_norm_eps)
+
+    def forward(self, patches, pos_ids, image_lens: list[int]):
+        """patches [N, 3p^2] of several images packed back to back -> [N, D] after post_layernorm."""
+        # BAGEL: rope=False, learned position embedding indexed by row * vit_max_num_patch_per_side + col
+        x = self.embeddings.patch_embedding(patches) + self.embeddings.position_embedding(pos_ids)
+        mask = block_diagonal_mask(image_lens, x.device) if len(image_lens) > 1 else None
+        for layer in self.encoder.layers:
+            x = layer(x, mask)
+        return self.post_layernorm(x)
+
+
+class VitModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.vision_model = SiglipVisionTransformer(cfg)
+
+
+class MLPConnector(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int, act: str):
+        super().__init__()
+        self.fc1, self.fc2, self.act = nn.Linear(in_dim, out_dim), nn.Linear(out_dim, out_dim), ACTIVATIONS[act]
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))  # BAGEL: MLPconnector
+
+
+def block_diagonal_mask(lens: list[int], device) -> torch.Tensor:
+    ids = torch.repeat_interleave(torch.arange(len(lens), device=device), torch.tensor(lens, device=device))
+    return ids[:, None] == ids[None, :]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Position and time embeddings
+
+
+def sincos_2d(dim: int, grid: int) -> torch.Tensor:
+    """Row r*grid+c = [E(c), E(r)], E(p) = [sin(p w), cos(p w)], w_k = 10000^(-k/(dim/4)) (BAGEL: get_2d_sincos_pos_embed)."""
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
+    rows, cols = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij")
+
+    def emb(pos):
+        out = np.outer(pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    # BAGEL: the first half encodes the column (its meshgrid puts w first and calls it emb_h)
+    return torch.from_numpy(np.concatenate([emb(cols), emb(rows)], axis=1)).float()
+
+
+class PositionEmbedding(nn.Module):
+    def __init__(self, grid: int, dim: int):
+        super().__init__()
+        self.pos_embed = nn.Parameter(sincos_2d(dim, grid), requires_grad=False)  # BAGEL: frozen, stored in ema
+
+    def forward(self, ids):
+        return self.pos_embed[ids]
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, hidden: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, t):
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t.float()[:, None] * freqs  # BAGEL: t in [0, 1] used as is (no x1000)
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # BAGEL: cos first
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+def vit_position_ids(h: int, w: int, max_per_side: int, device=None) -> torch.Tensor:
+    """Flattened row * max_per_side + col ids of an h x w grid (BAGEL: get_flattened_position_ids_extrapolate)."""
+    if h > max_per_side or w > max_per_side:
+        raise ValueError(f"a {h}x{w} token grid exceeds the position table side {max_per_side}: use a smaller image")
+    return (torch.arange(h, device=device)[:, None] * max_per_side + torch.arange(w, device=device)).flatten()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# FLUX autoencoder
+
+
+def swish(x):
+    return x * torch.sigmoid(x)
+
+
+def group_norm(c):
+    return nn.GroupNorm(32, c, eps=1e-6, affine=True)  # FLUX: 32 groups always
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.norm1, self.conv1 = group_norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = group_norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        if cin != cout:
+            self.nin_shortcut = nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x):
+        h = self.conv2(swish(self.norm2(self.conv1(swish(self.norm1(x))))))
+        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
+
+
+class AttnBlock(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.norm = group_norm(c)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        q, k, v = (p(h).flatten(2).transpose(1, 2)[:, None] for p in (self.q, self.k, self.v))  # one head, dim C
+        h = F.scaled_dot_product_attention(q, k, v)[:, 0].transpose(1, 2).reshape(B, C, H, W)
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2, padding=0)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # FLUX: asymmetric zero pad, then stride-2 conv
+
+
+class Upsample(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution of the encoder or decoder; `attn` stays empty as in FLUX."""
+
+    def __init__(self, blocks: list[nn.Module], resample: nn.Module | None, resample_name: str):
+        super().__init__()
+        self.block, self.attn = nn.ModuleList(blocks), nn.ModuleList()
+        if resample is not None:
+            setattr(self, resample_name, resample)
+
+
+class Mid(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.block_1, self.attn_1, self.block_2 = ResnetBlock(c, c), AttnBlock(c), ResnetBlock(c, c)
+
+    def forward(self, x):
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        ch, mult, n = cfg.ae_ch, cfg.ae_ch_mult, cfg.ae_num_res_blocks
+        self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
+        self.down, cin = nn.ModuleList(), ch
+        for i, m in enumerate(mult):
+            blocks = [ResnetBlock(cin if j == 0 else ch * m, ch * m) for j in range(n)]
+            cin = ch * m
+            self.down.append(Level(blocks, Downsample(cin) if i < len(mult) - 1 else None, "downsample"))
+        self.mid = Mid(cin)
+        self.norm_out, self.conv_out = group_norm(cin), nn.Conv2d(cin, 2 * cfg.ae_z_channels, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for level in self.down:
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        return self.conv_out(swish(self.norm_out(self.mid(h))))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        ch, mult, n = cfg.ae_ch, cfg.ae_ch_mult, cfg.ae_num_res_blocks
+        cin = ch * mult[-1]
+        self.conv_in = nn.Conv2d(cfg.ae_z_channels, cin, 3, padding=1)
+        self.mid = Mid(cin)
+        levels = []
+        for i in reversed(range(len(mult))):  # FLUX: n+1 blocks per level, up[i] is level i
+            blocks = [ResnetBlock(cin if j == 0 else ch * mult[i], ch * mult[i]) for j in range(n + 1)]
+            cin = ch * mult[i]
+            levels.insert(0, Level(blocks, Upsample(cin) if i > 0 else None, "upsample"))
+        self.up = nn.ModuleList(levels)
+        self.norm_out, self.conv_out = group_norm(cin), nn.Conv2d(cin, 3, 3, padding=1)
+
+    def forward(self, z):
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(swish(self.norm_out(h)))
+
+
+class AutoEncoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+        self.scale, self.shift = cfg.ae_scale_factor, cfg.ae_shift_factor
+
+    def encode(self, x, generator: torch.Generator | None = None, sample: bool = False):
+        """Pixels [B,3,H,W] in [-1,1] -> scaled latent [B,z,H/8,W/8]: the posterior mean, or a sample if asked."""
+        mean, logvar = self.encoder(x).chunk(2, dim=1)
+        if sample:  # BAGEL's default (DiagonalGaussian(sample=True)); the mean is ours, for reproducibility
+            mean = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return self.scale * (mean - self.shift)  # FLUX: z = scale * (z - shift)
+
+    def decode(self, z):
+        return self.decoder(z / self.scale + self.shift)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Rectified flow (BAGEL §generation; CLEAR §3.2 flow-matching loss, §3.4 SDE sampler)
+
+
+def shift_time(t, shift: float):
+    """Timestep shift t' = s t / (1 + (s - 1) t) (BAGEL: generate_image / Bagel.forward)."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def flow_interpolate(x0, noise, t):
+    """x_t = (1 - t) x0 + t noise and the velocity target v = noise - x0 (t = 1 is pure noise)."""
+    return (1 - t) * x0 + t * noise, noise - x0
+
+
+def sample_flow_time(n: int, shift: float, generator=None, device=None) -> torch.Tensor:
+    """Logit-normal t = sigmoid(N(0,1)), then shifted (BAGEL: pack_sequence + Bagel.forward)."""
+    return shift_time(torch.sigmoid(torch.randn(n, generator=generator, device=device)), shift)
+
+
+def flow_matching_loss(v_pred, v_target):
+    """Per-token MSE averaged over the latent channels (BAGEL: mse = (llm2vae(h) - (noise - x0))^2)."""
+    return (v_pred.float() - v_target.float()).pow(2).mean(-1)
+
+
+def flow_timesteps(num_timesteps: int, shift: float, device=None) -> torch.Tensor:
+    """Shifted grid linspace(1, 0, N): N points, N-1 model calls (BAGEL: generate_image)."""
+    return shift_time(torch.linspace(1, 0, num_timesteps, device=device), shift)
+
+
+def cfg_combine(v, v_text, v_img, text_scale: float, img_scale: float, renorm: str = "global", renorm_min: float = 0.0):
+    """Classifier-free guidance exactly as BAGEL's _forward_flow. v* are [B, N, D]; global norms are per row."""
+    if text_scale <= 1.0:  # BAGEL: no CFG at all unless the text scale exceeds 1
+        return v
+    if renorm not in ("global", "channel", "text_channel"):
+        raise ValueError(f"cfg renorm must be global, channel or text_channel, not {renorm!r}")
+    vt = v_text + text_scale * (v - v_text)
+    if renorm == "text_channel":  # BAGEL: per-token renorm of the text-guided v, none after image CFG
+        vt = vt * (v.norm(dim=-1, keepdim=True) / (vt.norm(dim=-1, keepdim=True) + 1e-8)).clamp(renorm_min, 1.0)
+        return v_img + img_scale * (vt - v_img) if img_scale > 1.0 else vt
+    vg = v_img + img_scale * (vt - v_img) if img_scale > 1.0 else vt
+    dims = (1, 2) if renorm == "global" else (-1,)  # BAGEL: global = all tokens and channels of one image
+    return vg * (v.norm(dim=dims, keepdim=True) / (vg.norm(dim=dims, keepdim=True) + 1e-8)).clamp(renorm_min, 1.0)
+
+
+def sde_step_mean(x_t, v, t, dt, sigma: float, score_clamp: float = 100.0):
+    """Mean of one SDE step of the rectified flow (CLEAR §3.4; Flow-GRPO, Liu et al. 2025).
+
+    The ODE dx = v dt (v = noise - x0, integrated from t=1 down to 0) has the same marginals as the reverse SDE
+    dx = [v + (sigma^2 / 2) * s] dt + sigma dW with s = -grad log p_t(x) (time runs backwards, so the drift is
+    subtracted). For the linear path, the noise estimate is eps = x_t + (1 - t) v and s ~ eps / t.
+    """
+    s = ((x_t + (1 - t) * v) / max(t, 1e-6)).clamp(-score_clamp, score_clamp)  # CLEAR: s_neg, clamp +-100 at rollout
+    return x_t - (v + 0.5 * sigma ** 2 * s) * dt
+
+
+def sde_step_logprob(x_next, mean, sigma: float, dt):
+    """Gaussian log-density of a step, mean over latent elements, constants dropped (CLEAR: log p = -mean(...)/2)."""
+    return -((x_next.float() - mean.float()) ** 2).flatten(1).mean(1) / (2 * sigma ** 2 * dt)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Images <-> tensors (BAGEL: data/transforms.py ImageTransform, data_utils.patchify, inferencer.decode_image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Alpha composited on white, everything else converted to RGB (BAGEL: pil_img2rgb)."""
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def fit_size(w: int, h: int, max_size: int, min_size: int, stride: int, max_pixels: int = 14 * 14 * 9 * 1024):
+    """Target (w, h): long edge <= max, short edge >= min, both multiples of stride (BAGEL: MaxLongEdgeMinShortEdgeResize)."""
+    def apply(w, h, s):
+        return tuple(max(stride, int(round(round(d * s) / stride) * stride)) for d in (w, h))  # Python round: half-even
+
+    w2, h2 = apply(w, h, max(min(max_size / max(w, h), 1.0), min_size / min(w, h)))
+    if w2 * h2 > max_pixels:  # BAGEL applies the area ratio as a linear factor; reproduced as is
+        w2, h2 = apply(w2, h2, max_pixels / (w2 * h2))
+    if max(w2, h2) > max_size:
+        w2, h2 = apply(w2, h2, max_size / max(w2, h2))
+    return w2, h2
+
+
+def resize_image(image: Image.Image, max_size: int, min_size: int, stride: int) -> Image.Image:
+    """RGB image resized by fit_size with PIL bicubic (antialiased), as BAGEL's ImageTransform resizes."""
+    image = to_rgb(image)
+    size = fit_size(*image.size, max_size, min_size, stride)
+    return image if image.size == size else image.resize(size, Image.BICUBIC)
+
+
+def image_to_tensor(image: Image.Image, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """RGB PIL image -> [3, H, W] in [-1, 1], resized (PIL bicubic, antialiased) to size=(w, h) if given."""
+    image = to_rgb(image)
+    if size is not None and image.size != tuple(size):
+        image = image.resize(tuple(size), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+    return (x - 0.5) / 0.5
+
+
+def tensor_to_image(x: torch.Tensor) -> Image.Image:
+    """[3, H, W] in [-1, 1] -> uint8 PIL image, truncating like BAGEL's decode_image."""
+    x = ((x.float() * 0.5 + 0.5).clamp(0, 1) * 255).to(torch.uint8)
+    return Image.fromarray(x.permute(1, 2, 0).cpu().numpy())
+
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """[C, H, W] -> [(H/p)(W/p), p*p*C], row-major patches, features ordered (row, col, channel) (BAGEL: patchify)."""
+    C, H, W = x.shape
+    return x.reshape(C, H // p, p, W // p, p).permute(1, 3, 2, 4, 0).reshape((H // p) * (W // p), p * p * C)
+
+
+def unpatchify(tokens: torch.Tensor, grid: tuple[int, int], p: int) -> torch.Tensor:
+    """Inverse of patchify: [h*w, p*p*C] -> [C, h*p, w*p]."""
+    h, w = grid
+    C = tokens.shape[-1] // (p * p)
+    return tokens.reshape(h, w, p, p, C).permute(4, 0, 2, 1, 3).reshape(C, h * p, w * p)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Interleaved samples and packing (BAGEL: data/dataset_base.py pack_sequence, data_utils.prepare_attention_mask_per_sample)
+
+
+@dataclass
+class Text:
+    """A text block, packed as <|im_start|> ids <|im_end|>; with loss, CE on ids + <|im_end|>."""
+    ids: list
+    loss: bool = False
+    droppable: bool = True  # may be removed by text condition dropout (BAGEL: enable_cfg)
+
+
+@dataclass
+class VitImage:
+    """An understanding image: pixels [3, H, W] in [-1, 1], H and W multiples of the ViT patch."""
+    pixels: torch.Tensor
+    pair: int | None = None  # distillation pair id (CLEAR §3.3): the VaeImage of the same picture carries it too
+    droppable: bool = True
+
+
+@dataclass
+class VaeImage:
+    """A generation-latent image: tokens [h*w, p*p*z] at flow time t.
+
+    t = 0: clean (a conditioning image, or a restored latent entering through the bridge): full attention.
+    t > 0: noised (tokens are x_t): nobody attends to it; its velocity is predicted, and MSE'd against `target`.
+    """
+    tokens: torch.Tensor
+    grid: tuple
+    t: float = 0.0
+    target: torch.Tensor | None = None
+    pair: int | None = None
+    droppable: bool = True
+
+
+@dataclass
+class Packed:
+    """Several samples flattened into one sequence, with everything the forward needs."""
+    length: int
+    position_ids: torch.Tensor  # [T] RoPE ids
+    text_ids: torch.Tensor  # [n_text] token ids at text_idx
+    text_idx: torch.Tensor
+    vit_patches: torch.Tensor  # [n_vit, 3 p^2]
+    vit_pos: torch.Tensor  # [n_vit] learned/sin-cos table rows
+    vit_lens: list  # tokens per ViT image
+    vit_idx: torch.Tensor
+    vae_tokens: torch.Tensor  # [n_vae, p^2 z] (x_t, or x0 when t = 0)
+    vae_t: torch.Tensor  # [n_vae] flow time per token
+    vae_pos: torch.Tensor
+    vae_idx: torch.Tensor
+    ce_idx: torch.Tensor  # positions whose next token is scored
+    ce_labels: torch.Tensor
+    flow_idx: torch.Tensor  # positions of noised latent tokens (velocity predicted)
+    flow_lens: list  # tokens per noised image, in order
+    mse_mask: torch.Tensor  # [n_flow] bool: has a target
+    mse_target: torch.Tensor  # [n_mse, p^2 z]
+    splits: list  # (sample, start, length, mode) with mode causal | full | noise
+    pairs: list = field(default_factory=list)  # (vit positions, vae positions) distillation pairs
+    sample_lens: list = field(default_factory=list)
+
+    def to(self, device):
+        for f in fields(self):
+            val = getattr(self, f.name)
+            if isinstance(val, torch.Tensor):
+                setattr(self, f.name, val.to(device))
+        self.pairs = [(a.to(device), b.to(device)) for a, b in self.pairs]
+        return self
+
+
+def pack(samples: list[list], cfg: ModelConfig, dropout: tuple = (0.0, 0.0, 0.0), generator: torch.Generator | None = None) -> Packed:
+    """Flatten samples (lists of Text / VitImage / VaeImage) into one Packed sequence.
+
+    dropout = (text, vit, vae) condition-dropout probabilities (BAGEL: *_cond_dropout_prob); a dropped image still
+    advances the RoPE id, a dropped text does not (BAGEL: pack_sequence).
+    """
+    p_text, p_vit, p_vae = dropout
+    pos, text_ids, text_idx, ce_idx, ce_labels = [], [], [], [], []
+    vit, vit_pos, vit_lens, vit_idx = [], [], [], []
+    vae, vae_t, vae_pos, vae_idx = [], [], [], []
+    flow_idx, flow_lens, mse_mask, mse_target, splits, sample_lens = [], [], [], [], [], []
+    pair_vit, pair_vae = {}, {}
+    T = 0
+
+    def dropped(seg, prob):
+        return seg.droppable and prob > 0 and float(torch.rand((), generator=generator)) < prob
+
+    def add_markers_and(n_inner, rope):  # <|vision_start|> inner tokens <|vision_end|>, one RoPE id (BAGEL)
+        text_ids.extend([cfg.start_of_image_id, cfg.end_of_image_id])
+        text_idx.extend([T, T + n_inner + 1])
+        pos.extend([rope] * (n_inner + 2))
+        return torch.arange(T + 1, T + 1 + n_inner)
+
+    for si, sample in enumerate(samples):
+        start, rope = T, 0  # BAGEL: positions restart at 0 for every packed sample
+        for seg in sample:
+            if isinstance(seg, Text):
+                if dropped(seg, p_text):
+                    continue
+                ids = [cfg.bos_token_id] + list(seg.ids) + [cfg.eos_token_id]
+                text_ids.extend(ids)
+                text_idx.extend(range(T, T + len(ids)))
+                pos.extend(range(rope, rope + len(ids)))
+                if seg.loss:  # BAGEL: inputs [bos] + ids, labels ids + [eos]; the trailing eos has no label
+                    ce_idx.extend(range(T, T + len(ids) - 1))
+                    ce_labels.extend(ids[1:])
+                splits.append((si, T, len(ids), "causal"))
+                T, rope = T + len(ids), rope + len(ids)
+            elif isinstance(seg, VitImage):
+                if dropped(seg, p_vit):
+                    rope += 1  # BAGEL: a dropped image still takes its RoPE id
+                    continue
+                P = cfg.vit_patch_size
+                h, w = seg.pixels.shape[1] // P, seg.pixels.shape[2] // P
+                if seg.pixels.shape[1] % P or seg.pixels.shape[2] % P:
+                    raise ValueError(f"ViT image {tuple(seg.pixels.shape)}: sides must be multiples of the patch {P}")
+                vit.append(patchify(seg.pixels, P))
+                vit_pos.append(vit_position_ids(h, w, cfg.vit_max_num_patch_per_side))
+                vit_lens.append(h * w)
+                inner = add_markers_and(h * w, rope)
+                vit_idx.append(inner)
+                if seg.pair is not None:
+                    pair_vit[(si, seg.pair)] = inner
+                splits.append((si, T, h * w + 2, "full"))
+                T, rope = T + h * w + 2, rope + 1  # BAGEL: an image block advances RoPE by 1
+            elif isinstance(seg, VaeImage):
+                noised = seg.t > 0
+                if not noised and dropped(seg, p_vae):
+                    rope += 1
+                    continue
+                h, w = seg.grid
+                if seg.tokens.shape[0] != h * w:
+                    raise ValueError(f"VaeImage has {seg.tokens.shape[0]} tokens but grid {h}x{w}")
+                vae.append(seg.tokens)
+                vae_t.append(torch.full((h * w,), float(seg.t)))
+                vae_pos.append(vit_position_ids(h, w, cfg.max_latent_size))
+                inner = add_markers_and(h * w, rope)
+                vae_idx.append(inner)
+                if noised:  # BAGEL: a noised block takes the current RoPE id without advancing it
+                    flow_idx.append(inner)
+                    flow_lens.append(h * w)
+                    mse_mask.append(torch.full((h * w,), seg.target is not None))
+                    if seg.target is not None:
+                        mse_target.append(seg.target)
+                elif seg.pair is not None:
+                    pair_vae[(si, seg.pair)] = inner
+                splits.append((si, T, h * w + 2, "noise" if noised else "full"))
+                T, rope = T + h * w + 2, rope + (0 if noised else 1)
+            else:
+                raise TypeError(f"a sample holds Text, VitImage or VaeImage segments, not {type(seg).__name__}")
+        sample_lens.append(T - start)
+    if T > 0 and max(pos) >= cfg.max_position_embeddings:
+        raise ValueError(f"a sample reaches RoPE position {max(pos)} >= max_position_embeddings {cfg.max_position_embeddings}")
+
+    D, P = cfg.patch_latent_dim, cfg.vit_patch_size
+    cat = lambda xs, empty: torch.cat(xs) if xs else empty  # noqa: E731
+    long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    return Packed(
+        length=T, position_ids=long(pos), text_ids=long(text_ids), text_idx=long(text_idx),
+        vit_patches=cat(vit, torch.zeros(0, 3 * P * P)), vit_pos=cat(vit_pos, long([])), vit_lens=vit_lens,
+        vit_idx=cat(vit_idx, long([])), vae_tokens=cat(vae, torch.zeros(0, D)), vae_t=cat(vae_t, torch.zeros(0)),
+        vae_pos=cat(vae_pos, long([])), vae_idx=cat(vae_idx, long([])), ce_idx=long(ce_idx), ce_labels=long(ce_labels),
+        flow_idx=cat(flow_idx, long([])), flow_lens=flow_lens, mse_mask=cat(mse_mask, torch.zeros(0, dtype=torch.bool)),
+        mse_target=cat(mse_target, torch.zeros(0, D)), splits=splits,
+        pairs=[(pair_vit[k], pair_vae[k]) for k in pair_vit if k in pair_vae], sample_lens=sample_lens)
+
+
+def attention_mask(splits: list, length: int, device=None) -> torch.Tensor:
+    """Boolean [T, T] mask, True = may attend (BAGEL: prepare_attention_mask_per_sample).
+
+    Within a sample every split sees all earlier splits except noised ones; causal splits are lower-triangular inside,
+    full and noise splits bidirectional; samples never see each other.
+    """
+    sample = torch.empty(length, dtype=torch.long)
+    split = torch.empty(length, dtype=torch.long)
+    noise = torch.zeros(length, dtype=torch.bool)
+    causal = torch.zeros(length, dtype=torch.bool)
+    for i, (s, start, n, mode) in enumerate(splits):
+        sample[start:start + n], split[start:start + n] = s, i
+        noise[start:start + n], causal[start:start + n] = mode == "noise", mode == "causal"
+    idx = torch.arange(length)
+    same_sample = sample[:, None] == sample[None, :]
+    earlier = (split[:, None] > split[None, :]) & ~noise[None, :]  # BAGEL: nobody attends to a noised split
+    inside = (split[:, None] == split[None, :]) & (~causal[:, None] | (idx[:, None] >= idx[None, :]))
+    return (same_sample & (earlier | inside)).to(device)
+
+
+@dataclass
+class TrainOutput:
+    ce: torch.Tensor  # [n_ce] per-token cross entropy (= -log p of each label)
+    mse: torch.Tensor  # [n_mse] per-token flow-matching MSE
+    v: torch.Tensor  # [n_flow, p^2 z] predicted velocity at every noised latent token
+    hidden: torch.Tensor  # [T, H] final-normed hidden states
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# KV cache for interleaved inference (BAGEL: NaiveCache + gen_context {kv_lens, ropes})
+
+
+class KVCache:
+    """Keys (after k-norm and RoPE) and values of B independent context rows, padded to a common capacity.
+
+    Row b holds lens[b] valid slots and will place its next block at RoPE id ropes[b]. Grows by doubling unless
+    created with the capacity it needs (then every step has static shapes, as a compiled decode wants).
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int = 1, capacity: int = 256, device=None, dtype=torch.float32):
+        shape = (batch, cfg.num_key_value_heads, capacity, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.lens = torch.zeros(batch, dtype=torch.long, device=device)
+        self.ropes = torch.zeros(batch, dtype=torch.long, device=device)
+
+    batch = property(lambda self: self.lens.shape[0])
+    capacity = property(lambda self: self.k[0].shape[2])
+
+    def reserve(self, n: int):
+        need = int(self.lens.max()) + n
+        if need > self.capacity:
+            new = max(need, 2 * self.capacity)
+            pad = lambda x: F.pad(x, (0, 0, 0, new - x.shape[2]))  # noqa: E731
+            self.k, self.v = [pad(x) for x in self.k], [pad(x) for x in self.v]
+
+    def copy(self) -> "KVCache":
+        """An independent snapshot (BAGEL: deepcopy of a gen_context)."""
+        return KVCache.stack([self])
+
+    def rows(self, idx) -> "KVCache":
+        """A cache of the selected rows (copies)."""
+        idx = torch.as_tensor(idx, device=self.lens.device)
+        out = KVCache.__new__(KVCache)
+        out.k, out.v = [x[idx] for x in self.k], [x[idx] for x in self.v]
+        out.lens, out.ropes = self.lens[idx].clone(), self.ropes[idx].clone()
+        return out
+
+    @staticmethod
+    def stack(caches: list["KVCache"]) -> "KVCache":
+        """Concatenate the rows of several caches (e.g. the three CFG contexts) into one batched cache."""
+        cap = max(int(c.lens.max()) for c in caches) + 1
+        out = KVCache.__new__(KVCache)
+        out.k = [torch.cat([c.k[i][:, :, :cap] if c.capacity >= cap else F.pad(c.k[i], (0, 0, 0, cap - c.capacity)) for c in caches]) for i in range(len(caches[0].k))]
+        out.v = [torch.cat([c.v[i][:, :, :cap] if c.capacity >= cap else F.pad(c.v[i], (0, 0, 0, cap - c.capacity)) for c in caches]) for i in range(len(caches[0].v))]
+        out.lens = torch.cat([c.lens for c in caches]).clone()
+        out.ropes = torch.cat([c.ropes for c in caches]).clone()
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The unified model
+
+
+class Bagel(nn.Module):
+    """BAGEL-7B-MoT-style unified model; parameter names equal the official ema.safetensors keys (+ `vae.` = ae)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        H, D = cfg.hidden_size, cfg.patch_latent_dim
+        self.language_model = LanguageModel(cfg)
+        self.vit_model = VitModel(cfg)
+        self.connector = MLPConnector(cfg.vit_hidden_size, H, cfg.connector_act)
+        self.vit_pos_embed = PositionEmbedding(cfg.vit_max_num_patch_per_side, H)
+        self.latent_pos_embed = PositionEmbedding(cfg.max_latent_size, H)
+        self.time_embedder = TimestepEmbedder(H)
+        self.vae2llm = nn.Linear(D, H)
+        self.llm2vae = nn.Linear(H, D)
+        self.vae = AutoEncoder(cfg)
+
+    # ---- shared pieces of every forward ------------------------------------------------------------------------------
+
+    def embed_vit(self, patches, pos_ids, image_lens):
+        """ViT -> connector -> + vit_pos_embed: the LLM input rows of understanding-image tokens (BAGEL)."""
+        x = self.vit_model.vision_model(patches.to(self.dtype), pos_ids, image_lens)
+        return self.connector(x) + self.vit_pos_embed(pos_ids)
+
+    def embed_latent(self, tokens, t, pos_ids):
+        """vae2llm(x_t) + time_embedder(t) + latent_pos_embed: LLM input rows of latent tokens (BAGEL; CLEAR's bridge at t=0)."""
+        return self.vae2llm(tokens.to(self.dtype)) + self.time_embedder(t) + self.latent_pos_embed(pos_ids)
+
+    def run_layers(self, x, pos, gen_mask, mask, kv_write=None, hidden_hook=None):
+        """The MoT decoder on x [B, T, H]; returns final-normed hidden states (norm for und, norm_moe_gen for gen)."""
+        cfg = self.cfg
+        cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, x.dtype)
+        route = Route(gen_mask.reshape(-1) if gen_mask is not None else None)
+        lm = self.language_model.model
+        for i, layer in enumerate(lm.layers):
+            x = layer(x, route, cos, sin, mask, None if kv_write is None else kv_write(i))
+            if hidden_hook is not None:
+                hidden_hook(i, x)  # CLEAR: distill_fn(layer_idx, hidden) after every decoder layer
+        B, T, H = x.shape
+        return route(x.reshape(B * T, H), lm.norm, lm.norm_moe_gen).view(B, T, H)
+
+    @property
+    def dtype(self):
+        return self.vae2llm.weight.dtype
+
+    @property
+    def device(self):
+        return self.vae2llm.weight.device
+
+    # ---- training forward -------------------------------------------------------------------------------------------
+
+    def forward(self, packed: Packed, temperature: float = 1.0, hidden_hook=None) -> TrainOutput:
+        """One packed sequence -> per-token CE, per-token flow MSE and velocities (BAGEL: Bagel.forward).
+
+        `temperature` divides the logits before the CE (RL log-probs of tokens sampled at that temperature).
+        `hidden_hook(layer, hidden [1, T, H])` is called after every layer (CLEAR's distillation reads it).
+        """
+        lm = self.language_model
+        x = torch.zeros(packed.length, self.cfg.hidden_size, device=self.device, dtype=self.dtype)
+        x = x.index_put((packed.text_idx,), lm.model.embed_tokens(packed.text_ids))
+        if packed.vit_lens:
+            x = x.index_put((packed.vit_idx,), self.embed_vit(packed.vit_patches, packed.vit_pos, packed.vit_lens))
+        if packed.vae_idx.numel():
+            x = x.index_put((packed.vae_idx,), self.embed_latent(packed.vae_tokens, packed.vae_t, packed.vae_pos))
+        gen_mask = torch.zeros(packed.length, dtype=torch.bool, device=self.device)
+        gen_mask[packed.vae_idx] = True  # BAGEL: VAE tokens (clean or noised) -> gen expert; text + ViT -> und
+        mask = attention_mask(packed.splits, packed.length, self.device)
+        h = self.run_layers(x[None], packed.position_ids[None], gen_mask[None], mask[None, None], hidden_hook=hidden_hook)[0]
+        logits = lm.lm_head(h[packed.ce_idx]).float() / temperature
+        ce = F.cross_entropy(logits, packed.ce_labels, reduction="none")
+        v = self.llm2vae(h[packed.flow_idx])
+        mse = flow_matching_loss(v[packed.mse_mask], packed.mse_target)
+        return TrainOutput(ce=ce, mse=mse, v=v, hidden=h)
+
+    # ---- inference with the KV cache --------------------------------------------------------------------------------
+
+    def new_cache(self, batch: int = 1, capacity: int = 256) -> KVCache:
+        return KVCache(self.cfg, batch, capacity, self.device, self.dtype)
+
+    def extend(self, cache: KVCache, x, pos, gen_mask=None, causal=True, n_valid=None, commit=True):
+        """Run a block x [B, n, H] at RoPE ids pos [B, n] against each row's cache (BAGEL: forward_inference).
+
+        The block attends to the row's cache and to itself (causally, bottom-right aligned, or fully). Rows may carry
+        fewer valid tokens than n (n_valid [B]); with commit the valid keys stay in the cache, otherwise they are
+        overwritten later (a noised block: nobody sees it). gen_mask [n] routes block positions to the gen expert.
+        """
+        B, n, _ = x.shape
+        if int(pos.max()) >= self.cfg.max_position_embeddings:
+            raise ValueError(f"RoPE position {int(pos.max())} >= max_position_embeddings {self.cfg.max_position_embeddings}")
+        n_valid = torch.full((B,), n, device=self.device) if n_valid is None else n_valid.to(self.device)
+        cache.reserve(n)
+        old = cache.lens
+        slots = old[:, None] + torch.arange(n, device=self.device)  # [B, n] where the new keys go
+        q_idx = torch.arange(n, device=self.device)
+        limit = old[:, None] + (q_idx[None, :] + 1 if causal else torch.full_like(q_idx, n)[None, :])  # [B, n]
+        mask = torch.arange(cache.capacity, device=self.device)[None, None, :] < limit[:, :, None]
+
+        def kv_write(layer):
+            def write(k, v):  # k, v [B, nkv, n, hd]
+                rows = torch.arange(B, device=self.device)[:, None]
+                cache.k[layer][rows, :, slots] = k.transpose(1, 2).to(cache.k[layer].dtype)
+                cache.v[layer][rows, :, slots] = v.transpose(1, 2).to(cache.v[layer].dtype)
+                return cache.k[layer], cache.v[layer]
+            return write
+
+        gen = None if gen_mask is None else gen_mask.to(self.device)[None].expand(B, n)
+        h = self.run_layers(x.to(self.dtype), pos, gen, mask[:, None], kv_write)
+        if commit:
+            cache.lens = old + n_valid
+        return h
+
+    def add_text(self, cache: KVCache, ids: list[list[int]], wrap: bool = True):
+        """Prefill a text block per row (<|im_start|> ids <|im_end|> if wrap); returns hidden states [B, n, H]."""
+        cfg = self.cfg
+        rows = [([cfg.bos_token_id] + list(r) + [cfg.eos_token_id]) if wrap else list(r) for r in ids]
+        n = max(len(r) for r in rows)
+        tok = torch.tensor([r + [cfg.eos_token_id] * (n - len(r)) for r in rows], device=self.device)
+        n_valid = torch.tensor([len(r) for r in rows], device=self.device)
+        pos = cache.ropes[:, None] + torch.arange(n, device=self.device)
+        h = self.extend(cache, self.language_model.model.embed_tokens(tok), pos, causal=True, n_valid=n_valid)
+        cache.ropes = cache.ropes + n_valid  # BAGEL: text advances RoPE by its length
+        return h
+
+    def image_block(self, cache: KVCache, inner: torch.Tensor):
+        """Frame per-row inner rows [B, N, H] with <|vision_start|> / <|vision_end|> at one RoPE id (BAGEL)."""
+        B, N, _ = inner.shape
+        marks = self.language_model.model.embed_tokens(torch.tensor([self.cfg.start_of_image_id, self.cfg.end_of_image_id], device=self.device))
+        x = torch.cat([marks[0].expand(B, 1, -1), inner.to(self.dtype), marks[1].expand(B, 1, -1)], dim=1)
+        pos = cache.ropes[:, None].expand(B, N + 2)  # BAGEL: every token of an image block shares one RoPE id
+        return x, pos
+
+    def add_vit_image(self, cache: KVCache, pixels: torch.Tensor):
+        """Prefill a ViT block, one image [3, H, W] or one per row [B, 3, H, W]; returns its hidden states (BAGEL: forward_cache_update_vit)."""
+        P = self.cfg.vit_patch_size
+        pixels = pixels.expand(cache.batch, *pixels.shape[-3:]) if pixels.dim() == 3 else pixels
+        h, w = pixels.shape[-2] // P, pixels.shape[-1] // P
+        ids = vit_position_ids(h, w, self.cfg.vit_max_num_patch_per_side, self.device)
+        patches = torch.cat([patchify(p, P) for p in pixels]).to(self.device)
+        emb = self.embed_vit(patches, ids.repeat(len(pixels)), [h * w] * len(pixels)).view(len(pixels), h * w, -1)
+        x, pos = self.image_block(cache, emb)
+        h = self.extend(cache, x, pos, causal=False)  # und expert, full attention
+        cache.ropes = cache.ropes + 1  # BAGEL: an image advances RoPE by 1
+        return h
+
+    def latent_block(self, cache: KVCache, tokens, t, grid):
+        h, w = grid
+        ids = vit_position_ids(h, w, self.cfg.max_latent_size, self.device)
+        B, N = tokens.shape[0], h * w
+        t = torch.as_tensor(t, dtype=torch.float32, device=self.device).reshape(-1).expand(B)
+        emb = self.embed_latent(tokens.reshape(B * N, -1).to(self.device), t.repeat_interleave(N), ids.repeat(B)).view(B, N, -1)
+        x, pos = self.image_block(cache, emb)
+        gen_mask = torch.ones(N + 2, dtype=torch.bool, device=self.device)
+        gen_mask[0] = gen_mask[-1] = False  # BAGEL: the two markers go through the und expert
+        return x, pos, gen_mask
+
+    def add_latent(self, cache: KVCache, tokens: torch.Tensor, grid: tuple):
+        """Prefill clean latent tokens [B, N, p^2 z] at t=0 through the gen expert, one full-attention block.
+
+        Used for VAE conditioning images (BAGEL: forward_cache_update_vae) and for CLEAR's Latent Representation
+        Bridge: a denoised x0 enters as vae2llm(x0) + time_embedder(0) + latent_pos_embed (CLEAR §3.3).
+        """
+        x, pos, gen_mask = self.latent_block(cache, tokens, 0.0, grid)
+        h = self.extend(cache, x, pos, gen_mask, causal=False)
+        cache.ropes = cache.ropes + 1
+        return h
+
+    def add_vae_image(self, cache: KVCache, pixels: torch.Tensor):
+        """Encode pixels [3, H, W] with the autoencoder (posterior mean) and prefill them as a clean latent block."""
+        tokens, grid = self.encode_image(pixels)
+        return self.add_latent(cache, tokens[None].expand(cache.batch, -1, -1), grid)
+
+    def velocity(self, cache: KVCache, x_t: torch.Tensor, t, grid: tuple) -> torch.Tensor:
+        """Predicted v for noised tokens x_t [B, N, D] at time t against each row's context (BAGEL: _forward_flow)."""
+        x, pos, gen_mask = self.latent_block(cache, x_t, t, grid)
+        h = self.extend(cache, x, pos, gen_mask, causal=False, commit=False)  # BAGEL: update_past_key_values=False
+        return self.llm2vae(h[:, 1:-1]).float()
+
+    def logits(self, h):
+        return self.language_model.lm_head(h).float()
+
+    def decode_text(self, cache: KVCache, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                    stop_ids: tuple | None = None, generator: torch.Generator | None = None):
+        """Generate text per row from <|im_start|> at the row's RoPE id (BAGEL: prepare_start_tokens + generate_text).
+
+        Greedy when temperature == 0, else softmax(logits / T) with nucleus top_p. A row ends at a stop token
+        (default <|im_end|>), which is fed to close the block, so the cache holds <|im_start|> ids <stop> exactly as a
+        prefilled text block; a row that runs out of tokens is closed with <|im_end|>. Returns (ids per row without
+        start and stop tokens, log-probs per sampled token including the stop token, stop token per row or None).
+        """
+        cfg = self.cfg
+        stop_ids = (cfg.eos_token_id,) if stop_ids is None else tuple(stop_ids)
+        B = cache.batch
+        GEN, CLOSE, DONE = 0, 1, 2
+        state = [GEN] * B
+        tok = torch.full((B,), cfg.bos_token_id, device=self.device)
+        ids, logps, stops = [[] for _ in range(B)], [[] for _ in range(B)], [None] * B
+        for step in range(max_new_tokens + 2):
+            feed = torch.tensor([s != DONE for s in state], device=self.device)
+            if not bool(feed.any()):
+                break
+            h = self.extend(cache, self.language_model.model.embed_tokens(tok)[:, None], cache.ropes[:, None], n_valid=feed.long())
+            cache.ropes = cache.ropes + feed.long()  # BAGEL: +1 RoPE and +1 KV slot per decoded token
+            state = [DONE if s == CLOSE else s for s in state]
+            if GEN not in state:
+                break
+            if step == max_new_tokens:  # out of budget: close the still-open rows with <|im_end|>
+                tok = torch.full_like(tok, cfg.eos_token_id)
+                state = [CLOSE if s == GEN else s for s in state]
+                continue
+            new, logp = sample_token(self.logits(h[:, -1]), temperature, top_p, generator)
+            for b in range(B):
+                if state[b] != GEN:
+                    continue
+                t = int(new[b])
+                logps[b].append(float(logp[b]))
+                if t in stop_ids:
+                    stops[b], state[b] = t, CLOSE
+                else:
+                    ids[b].append(t)
+            tok = new
+        return ids, logps, stops
+
+    def encode_image(self, pixels: torch.Tensor, generator=None, sample=False):
+        """Pixels [3, H, W] (H, W multiples of latent_downsample) -> latent tokens [h*w, p^2 z] and grid (h, w)."""
+        s = self.cfg.latent_downsample
+        if pixels.shape[-1] % s or pixels.shape[-2] % s:
+            raise ValueError(f"image {tuple(pixels.shape[-2:])}: sides must be multiples of {s} for the autoencoder")
+        z = self.vae.encode(pixels[None].to(self.device, self.dtype), generator, sample)[0]
+        grid = (pixels.shape[-2] // s, pixels.shape[-1] // s)
+        return patchify(z, self.cfg.latent_patch_size), grid
+
+    def decode_latent(self, tokens: torch.Tensor, grid: tuple) -> torch.Tensor:
+        """Latent tokens [h*w, p^2 z] -> pixels [3, H, W] (float, unclamped) (BAGEL: decode_image)."""
+        z = unpatchify(tokens.to(self.device, self.dtype), grid, self.cfg.latent_patch_size)
+        return self.vae.decode(z[None])[0]
+
+    @torch.no_grad()
+    def generate_image(self, cache: KVCache, grid: tuple, noise: torch.Tensor, num_timesteps: int = 50, shift: float = 3.0,
+                       cfg_text_cache: KVCache | None = None, cfg_img_cache: KVCache | None = None,
+                       cfg_text_scale: float = 1.0, cfg_img_scale: float = 1.0, cfg_interval=(0.4, 1.0),
+                       cfg_renorm_type: str = "global", cfg_renorm_min: float = 0.0, trajectory: list | None = None):
+        """Euler ODE sampling with classifier-free guidance (BAGEL: generate_image + _forward_flow).
+
+        noise [B, N, D] is x at t=1; the three guidance branches (full context, text-unconditional, image-
+        unconditional) run as rows of one batched forward. trajectory, if a list, receives (x_t, t, v) per step.
+        """
+        B = cache.batch
+        branches = [cache]
+        if cfg_text_scale > 1.0:
+            branches.append(cfg_text_cache)
+            if cfg_img_scale > 1.0:
+                branches.append(cfg_img_cache)
+        if any(c is None for c in branches):
+            raise ValueError("CFG needs cfg_text_cache (and cfg_img_cache when cfg_img_scale > 1)")
+        both = KVCache.stack(branches) if len(branches) > 1 else cache
+        x = noise.float().to(self.device)
+        ts = flow_timesteps(num_timesteps, shift, self.device)
+        for i in range(num_timesteps - 1):
+            t = float(ts[i])
+            guided = cfg_interval[0] < t <= cfg_interval[1] and len(branches) > 1  # BAGEL: CFG only inside the interval
+            ctx = both if guided else cache  # outside the interval only the full-context branch runs
+            v_all = self.velocity(ctx, x.repeat(len(branches) if guided else 1, 1, 1), t, grid)
+            if guided:
+                vs = v_all.split(B)
+                v = cfg_combine(vs[0], vs[1], vs[2] if len(vs) > 2 else None, cfg_text_scale,
+                                cfg_img_scale if len(vs) > 2 else 1.0, cfg_renorm_type, cfg_renorm_min)
+            else:
+                v = v_all
+            if trajectory is not None:
+                trajectory.append((x.clone(), t, v.clone()))
+            x = x - v * (ts[i] - ts[i + 1])  # v points from data to noise
+        return x
+
+    def sample_sde(self, cache: KVCache, grid: tuple, noise: torch.Tensor, num_timesteps: int = 20, shift: float = 3.0,
+                   sigma: float = 0.3, generator: torch.Generator | None = None):
+        """Stochastic sampler of CLEAR's rollouts (§3.4): no CFG; records every step for Flow-GRPO.
+
+        Returns x0 [B, N, D] and a list of steps dict(x_t, x_next, t, dt, logprob [B]).
+        """
+        x = noise.float().to(self.device)
+        ts = flow_timesteps(num_timesteps, shift, self.device)
+        steps = []
+        for i in range(num_timesteps - 1):
+            t, dt = float(ts[i]), float(ts[i] - ts[i + 1])
+            v = self.velocity(cache, x, t, grid)
+            mean = sde_step_mean(x, v, t, dt, sigma)
+            z = torch.randn(x.shape, generator=generator, device=x.device if generator is None else generator.device).to(x.device)
+            x_next = mean + sigma * math.sqrt(dt) * z  # CLEAR: x_next = x_t - drift dt + sigma sqrt(dt) z
+            steps.append(dict(x_t=x, x_next=x_next, t=t, dt=dt, logprob=sde_step_logprob(x_next, mean, sigma, dt)))
+            x = x_next
+        return x, steps
+
+
+def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator=None):
+    """Greedy (T=0) or nucleus sampling; returns token ids [B] and their log-prob under softmax(logits / T)."""
+    if temperature <= 0:
+        tok = logits.argmax(-1)
+        return tok, torch.zeros(len(tok), device=logits.device)
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    probs = logp.exp()
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    tok = torch.multinomial(probs.cpu() if generator is not None and generator.device.type == "cpu" else probs, 1,
+                            generator=generator).squeeze(1).to(logits.device)
+    return tok, logp.gather(1, tok[:, None]).squeeze(1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# BAGEL-format folders: ema.safetensors, ae.safetensors, llm_config.json, vit_config.json, tokenizer.json, nanoclear.json
+
+BAGEL_DEFAULTS = dict(  # what BAGEL's app.py / load_ae pass in code for BAGEL-7B-MoT (no json holds them)
+    latent_patch_size=2, max_latent_size=64, vit_max_num_patch_per_side=70, connector_act="gelu_pytorch_tanh",
+    timestep_shift=1.0, ae_ch=128, ae_ch_mult=(1, 2, 4, 4), ae_num_res_blocks=2, ae_z_channels=16,
+    ae_scale_factor=0.3611, ae_shift_factor=0.1159)
+SPECIAL_TOKENS = {"bos_token_id": "<|im_start|>", "eos_token_id": "<|im_end|>",
+                  "start_of_image_id": "<|vision_start|>", "end_of_image_id": "<|vision_end|>"}
+LLM_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "rms_norm_eps", "rope_theta", "max_position_embeddings")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing: a BAGEL-format folder holds llm_config.json, vit_config.json, ema.safetensors and ae.safetensors") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); restore the file from the original checkpoint") from None
+
+
+def special_token_ids(tokenizer_file: Path) -> dict:
+    """Look the four BAGEL special tokens up by text in tokenizer.json (BAGEL: add_special_tokens)."""
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    ids = {k: tok.token_to_id(text) for k, text in SPECIAL_TOKENS.items()}
+    missing = [SPECIAL_TOKENS[k] for k, v in ids.items() if v is None]
+    if missing:
+        raise ValueError(f"{tokenizer_file} lacks the special tokens {missing}; use BAGEL's Qwen2 tokenizer.json or one saved by nanoCLEAR")
+    return ids
+
+
+def config_from_folder(folder, overrides: dict | None = None) -> ModelConfig:
+    """ModelConfig from a BAGEL-format folder: llm/vit json, then nanoclear.json (or BAGEL-7B-MoT's code values), then overrides."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder: pass a BAGEL-format checkpoint folder (e.g. out/sft or BAGEL-7B-MoT)")
+    llm, vit = read_json(folder / "llm_config.json"), read_json(folder / "vit_config.json")
+    if llm.get("rope_scaling") not in (None, {}):
+        raise ValueError(f"{folder}/llm_config.json: rope_scaling {llm['rope_scaling']} is not supported (BAGEL uses none)")
+    if llm.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{folder}/llm_config.json: hidden_act {llm['hidden_act']!r}; the Qwen2 MLP here is SwiGLU (silu)")
+    if vit.get("rope", False):
+        raise ValueError(f"{folder}/vit_config.json: rope=true; BAGEL's loader forces rope=False and so do we")
+    kw = {k: llm[k] for k in LLM_KEYS if k in llm}
+    kw.update(vit_hidden_size=vit["hidden_size"], vit_intermediate_size=vit["intermediate_size"],
+              vit_num_hidden_layers=vit["num_hidden_layers"] - 1,  # BAGEL: num_hidden_layers -= 1 at load
+              vit_num_attention_heads=vit["num_attention_heads"], vit_patch_size=vit["patch_size"],
+              vit_image_size=vit["image_size"], vit_layer_norm_eps=vit.get("layer_norm_eps", 1e-6),
+              vit_hidden_act=vit.get("hidden_act", "gelu_pytorch_tanh"))
+    ours = folder / "nanoclear.json"
+    base = read_json(ours)["model"] if ours.exists() else BAGEL_DEFAULTS
+    kw.update({k: v for k, v in base.items() if k in BAGEL_DEFAULTS})
+    if (folder / "tokenizer.json").exists():
+        kw.update(special_token_ids(folder / "tokenizer.json"))
+    elif ours.exists():
+        kw.update({k: base[k] for k in SPECIAL_TOKENS})
+    kw.update(overrides or {})
+    return ModelConfig(**kw)
+
+
+def open_safetensors(path: Path, device):
+    from safetensors import safe_open
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: a BAGEL-format folder holds ema.safetensors and ae.safetensors")
+    try:
+        return safe_open(str(path), framework="pt", device=str(device))
+    except Exception as e:  # safetensors raises its own error type for truncated or foreign files
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); re-download or re-save the checkpoint") from None
+
+
+def load_pretrained(folder, device="cpu", dtype=torch.float32, overrides: dict | None = None) -> Bagel:
+    """Load a BAGEL-format folder strictly, without materialising random weights first (meta device + assign)."""
+    folder = Path(folder)
+    cfg = config_from_folder(folder, overrides)
+    with torch.device("meta"):
+        model = Bagel(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    state, problems = {}, []
+    for file, prefix in (("ema.safetensors", ""), ("ae.safetensors", "vae.")):
+        with open_safetensors(folder / file, device) as f:
+            for key in f.keys():
+                name = prefix + key
+                if name.startswith(f"vit_model.vision_model.encoder.layers.{cfg.vit_num_hidden_layers}."):
+                    continue  # BAGEL: the loader drops the ViT's last layer (num_hidden_layers - 1)
+                t = f.get_tensor(key)
+                if name == "vit_model.vision_model.embeddings.patch_embedding.weight" and t.dim() == 4:
+                    t = t.permute(0, 2, 3, 1).reshape(t.shape[0], -1)  # BAGEL: convert_conv2d_to_linear
+                if name not in expected:
+                    problems.append(f"unexpected {file}:{key} {tuple(t.shape)}")
+                elif t.shape != expected[name]:
+                    problems.append(f"mis-shaped {file}:{key} {tuple(t.shape)}, config wants {tuple(expected[name])}")
+                else:
+                    state[name] = t.to(dtype) if t.is_floating_point() else t
+    problems += [f"missing {k} {tuple(s)}" for k, s in expected.items() if k not in state and not any(k in p for p in problems)]
+    if problems:
+        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise ValueError(f"{folder} does not match its config ({len(problems)} problems):\n  {shown}\n"
+                         "Check that llm_config.json / vit_config.json (and nanoclear.json) belong to these weights.")
+    model.load_state_dict(state, strict=True, assign=True)
+    for p in (model.vit_pos_embed.pos_embed, model.latent_pos_embed.pos_embed):
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def atomic_write_folder(folder, write: Callable[[Path], None]):
+    """Write a folder via a temporary sibling and a rename, so a failure never leaves a half-written checkpoint."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        write(tmp)
+        if folder.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
+            os.replace(folder, old / folder.name)
+            os.replace(tmp, folder)
+            remove_tree(old)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        remove_tree(tmp)
+        raise
+
+
+def remove_tree(path: Path):
+    import shutil
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def save_pretrained(model: Bagel, folder, tokenizer=None, meta: dict | None = None, extra: Callable[[Path], None] | None = None):
+    """Write a BAGEL-format folder the official loader reads, plus nanoclear.json (our config and run metadata).
+
+    tokenizer: a `tokenizers.Tokenizer` (saved as tokenizer.json) or None. extra(tmp) may add files (resume state).
+    """
+    from safetensors.torch import save_file
+    cfg = model.cfg
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    llm = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu", "rope_scaling": None,
+           "tie_word_embeddings": False, "qk_norm": True, "layer_module": "Qwen2MoTDecoderLayer",
+           "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, **{k: getattr(cfg, k) for k in LLM_KEYS}}
+    vit = {"model_type": "siglip_vision_model", "hidden_size": cfg.vit_hidden_size, "intermediate_size": cfg.vit_intermediate_size,
+           "num_hidden_layers": cfg.vit_num_hidden_layers + 1,  # BAGEL's loader subtracts one
+           "num_attention_heads": cfg.vit_num_attention_heads, "patch_size": cfg.vit_patch_size,
+           "image_size": cfg.vit_image_size, "layer_norm_eps": cfg.vit_layer_norm_eps, "hidden_act": cfg.vit_hidden_act}
+
+    def write(tmp: Path):
+        save_file({k: v for k, v in sd.items() if not k.startswith("vae.")}, str(tmp / "ema.safetensors"))
+        save_file({k[4:]: v for k, v in sd.items() if k.startswith("vae.")}, str(tmp / "ae.safetensors"))
+        (tmp / "llm_config.json").write_text(json.dumps(llm, indent=2))
+        (tmp / "vit_config.json").write_text(json.dumps(vit, indent=2))
+        if tokenizer is not None:
+            tokenizer.save(str(tmp / "tokenizer.json"))
+        (tmp / "nanoclear.json").write_text(json.dumps({"model": asdict(cfg), **(meta or {})}, indent=2))
+        if extra is not None:
+            extra(tmp)
+
+    atomic_write_folder(folder, write)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Device and dtype
+
+
+def pick_device(name: str = "auto") -> tuple[torch.device, str]:
+    """'auto' -> cuda, then mps, then cpu; returns the device and the reason (printed by every stage)."""
+    if name != "auto":
+        return torch.device(name), "asked for"
+    if torch.cuda.is_available():
+        return torch.device("cuda"), f"auto: CUDA {torch.cuda.get_device_name()}"
+    if torch.backends.mps.is_available():
+        return torch.device("mps"), "auto: Apple MPS"
+    return torch.device("cpu"), "auto: no accelerator found"
+
+
+def pick_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str]:
+    """'auto' -> bf16 on GPUs that support it, else float32."""
+    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+             "fp16": torch.float16, "float16": torch.float16}
+    if name != "auto":
+        if name not in table:
+            raise ValueError(f"--dtype must be auto or one of {sorted(table)}, not {name!r}")
+        return table[name], "asked for"
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16, "auto: bf16 supported on this GPU"
+    return torch.float32, f"auto: float32 on {device.type}"
