@@ -600,6 +600,25 @@ def sde_step_logprob(x_next, mean, sigma: float, dt):
     return -((x_next.float() - mean.float()) ** 2).flatten(1).mean(1) / (2 * sigma ** 2 * dt)
 
 
+def distill_layer_weights(num_layers: int, stride: int = 1) -> dict:
+    """Layers {stride-1, 2 stride-1, ...} plus the last, weighted (l+1)/sum (CLEAR §3.3, per_layer_kl)."""
+    layers = sorted(set(range(stride - 1, num_layers, stride)) | {num_layers - 1})
+    total = sum(l + 1 for l in layers)
+    return {l: (l + 1) / total for l in layers}
+
+
+def distill_kl(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(softmax(stopgrad(teacher)) || softmax(student)) over the hidden dim (CLEAR §3.3)."""
+    log_p = torch.log_softmax(teacher.detach().float(), dim=-1)
+    log_q = torch.log_softmax(student.float(), dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()  # = F.kl_div(log_q, log_p, log_target=True, 'batchmean')
+
+
+def distill_final_mse(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """MSE between mean-pooled final hidden states, teacher detached (CLEAR release: final_mse)."""
+    return (teacher.detach().float().mean(0) - student.float().mean(0)).pow(2).mean()
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Images <-> tensors (BAGEL: data/transforms.py ImageTransform, data_utils.patchify, inferencer.decode_image)
 
@@ -1022,13 +1041,18 @@ class Bagel(nn.Module):
             cache.lens = old + n_valid
         return h
 
-    def add_text(self, cache: KVCache, ids: list[list[int]], wrap: bool = True):
-        """Prefill a text block per row (<|im_start|> ids <|im_end|> if wrap); returns hidden states [B, n, H]."""
+    def add_text(self, cache: KVCache, ids: list[list[int]], wrap: bool = True, active=None):
+        """Prefill a text block per row (<|im_start|> ids <|im_end|> if wrap); returns hidden states [B, n, H].
+
+        Rows where `active` [B] is False are left unchanged (their ids are ignored).
+        """
         cfg = self.cfg
         rows = [([cfg.bos_token_id] + list(r) + [cfg.eos_token_id]) if wrap else list(r) for r in ids]
         n = max(len(r) for r in rows)
         tok = torch.tensor([r + [cfg.eos_token_id] * (n - len(r)) for r in rows], device=self.device)
         n_valid = torch.tensor([len(r) for r in rows], device=self.device)
+        if active is not None:
+            n_valid = n_valid * active.to(self.device)
         pos = cache.ropes[:, None] + torch.arange(n, device=self.device)
         h = self.extend(cache, self.language_model.model.embed_tokens(tok), pos, causal=True, n_valid=n_valid)
         cache.ropes = cache.ropes + n_valid  # BAGEL: text advances RoPE by its length
@@ -1042,7 +1066,7 @@ class Bagel(nn.Module):
         pos = cache.ropes[:, None].expand(B, N + 2)  # BAGEL: every token of an image block shares one RoPE id
         return x, pos
 
-    def add_vit_image(self, cache: KVCache, pixels: torch.Tensor):
+    def add_vit_image(self, cache: KVCache, pixels: torch.Tensor, active=None):
         """Prefill a ViT block, one image [3, H, W] or one per row [B, 3, H, W]; returns its hidden states (BAGEL: forward_cache_update_vit)."""
         P = self.cfg.vit_patch_size
         pixels = pixels.expand(cache.batch, *pixels.shape[-3:]) if pixels.dim() == 3 else pixels
@@ -1051,8 +1075,13 @@ class Bagel(nn.Module):
         patches = torch.cat([patchify(p, P) for p in pixels]).to(self.device)
         emb = self.embed_vit(patches, ids.repeat(len(pixels)), [h * w] * len(pixels)).view(len(pixels), h * w, -1)
         x, pos = self.image_block(cache, emb)
-        h = self.extend(cache, x, pos, causal=False)  # und expert, full attention
-        cache.ropes = cache.ropes + 1  # BAGEL: an image advances RoPE by 1
+        return self.commit_block(cache, x, pos, None, active)  # und expert, full attention
+
+    def commit_block(self, cache: KVCache, x, pos, gen_mask, active):
+        """Prefill an image block (full attention) in the rows where `active` (all if None), then advance their RoPE."""
+        keep = torch.ones(cache.batch, dtype=torch.long, device=self.device) if active is None else active.long().to(self.device)
+        h = self.extend(cache, x, pos, gen_mask, causal=False, n_valid=keep * x.shape[1])
+        cache.ropes = cache.ropes + keep  # BAGEL: an image advances RoPE by 1
         return h
 
     def latent_block(self, cache: KVCache, tokens, t, grid):
@@ -1066,16 +1095,14 @@ class Bagel(nn.Module):
         gen_mask[0] = gen_mask[-1] = False  # BAGEL: the two markers go through the und expert
         return x, pos, gen_mask
 
-    def add_latent(self, cache: KVCache, tokens: torch.Tensor, grid: tuple):
+    def add_latent(self, cache: KVCache, tokens: torch.Tensor, grid: tuple, active=None):
         """Prefill clean latent tokens [B, N, p^2 z] at t=0 through the gen expert, one full-attention block.
 
         Used for VAE conditioning images (BAGEL: forward_cache_update_vae) and for CLEAR's Latent Representation
         Bridge: a denoised x0 enters as vae2llm(x0) + time_embedder(0) + latent_pos_embed (CLEAR §3.3).
         """
         x, pos, gen_mask = self.latent_block(cache, tokens, 0.0, grid)
-        h = self.extend(cache, x, pos, gen_mask, causal=False)
-        cache.ropes = cache.ropes + 1
-        return h
+        return self.commit_block(cache, x, pos, gen_mask, active)
 
     def add_vae_image(self, cache: KVCache, pixels: torch.Tensor):
         """Encode pixels [3, H, W] with the autoencoder (posterior mean) and prefill them as a clean latent block."""
@@ -1092,19 +1119,20 @@ class Bagel(nn.Module):
         return self.language_model.lm_head(h).float()
 
     def decode_text(self, cache: KVCache, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                    stop_ids: tuple | None = None, generator: torch.Generator | None = None):
+                    stop_ids: tuple | None = None, generator: torch.Generator | None = None, active=None):
         """Generate text per row from <|im_start|> at the row's RoPE id (BAGEL: prepare_start_tokens + generate_text).
 
         Greedy when temperature == 0, else softmax(logits / T) with nucleus top_p. A row ends at a stop token
         (default <|im_end|>), which is fed to close the block, so the cache holds <|im_start|> ids <stop> exactly as a
         prefilled text block; a row that runs out of tokens is closed with <|im_end|>. Returns (ids per row without
         start and stop tokens, log-probs per sampled token including the stop token, stop token per row or None).
+        Rows where `active` is False are left unchanged.
         """
         cfg = self.cfg
         stop_ids = (cfg.eos_token_id,) if stop_ids is None else tuple(stop_ids)
         B = cache.batch
         GEN, CLOSE, DONE = 0, 1, 2
-        state = [GEN] * B
+        state = [GEN if active is None or bool(active[b]) else DONE for b in range(B)]
         tok = torch.full((B,), cfg.bos_token_id, device=self.device)
         ids, logps, stops = [[] for _ in range(B)], [[] for _ in range(B)], [None] * B
         for step in range(max_new_tokens + 2):

@@ -16,8 +16,7 @@ from PIL import Image
 
 import model as M
 
-ROOT = Path(__file__).resolve().parent.parent
-REF = Path(os.environ.get("NANOCLEAR_CONFORMANCE", ROOT.parent / "shared" / "conformance" / "bagel_tiny"))
+REF = Path(os.environ.get("NANOCLEAR_CONFORMANCE", "../shared/conformance/bagel_tiny"))
 pytestmark = pytest.mark.skipif(not (REF / "cases.safetensors").exists(),
                                 reason=f"no conformance folder at {REF} (set NANOCLEAR_CONFORMANCE to run these tests)")
 TOL = 1e-4  # cases.json: floats of O(1), float32, different kernels

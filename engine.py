@@ -1,0 +1,179 @@
+"""
+CLEAR inference: generate-then-answer with the KV cache, batched over rows (CLEAR §3.1, §3.3; official
+inferencer.py interleave_reason_tool_condition), used by evaluation, RL rollouts, the stages' summary tables and demos.
+
+A row is one question. Its prefix (system prompt, degraded image as VAE + ViT tokens, question) is prefilled; then up
+to `max_rounds` text segments are decoded. A segment holding <answer>...</answer> ends the row; one ending in
+<image_restore> makes the model denoise a restored image, which re-enters the context through ONE switch:
+  * `bridge`: the denoised latent x0 goes in directly, vae2llm(x0) + time_embedder(0) + pos (CLEAR §3.3);
+  * `decode_reencode`: x0 -> VAE decoder -> 8-bit pixels -> ViT (the detour the bridge replaces);
+  * `decode_reencode_vae`: the same, re-encoded through the VAE as well as the ViT (BAGEL's update_context_image).
+Images are sampled by the Euler ODE with classifier-free guidance (evaluation) or by the SDE without guidance,
+recording every step (RL rollouts, CLEAR §3.4).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+import model as M
+
+RESTORE = "<image_restore>"
+ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+REENTRY = ("bridge", "decode_reencode", "decode_reencode_vae")
+
+
+@dataclass
+class InferenceConfig:
+    reentry: str = "bridge"  # how a restored image re-enters the context (see module docstring)
+    allow_restore: bool = True  # False: one text segment, no restoration (direct / text-only reasoning)
+    force_restore: bool = False  # restore before anything else ("perception enhancement")
+    max_rounds: int = 3  # text segments per question (official max_inter_num)
+    max_text_tokens: int = 64  # per segment (official max_think_token_n 4096)
+    temperature: float = 0.0  # 0 = greedy (official evaluation)
+    top_p: float = 1.0
+    sampler: str = "ode"  # ode: Euler + CFG (evaluation) | sde: stochastic, recorded, no CFG (RL rollouts)
+    num_timesteps: int = 50
+    timestep_shift: float = 3.0
+    cfg_text_scale: float = 3.0
+    cfg_img_scale: float = 1.5
+    cfg_interval: tuple = (0.4, 1.0)
+    cfg_renorm_type: str = "text_channel"
+    cfg_renorm_min: float = 0.0
+    sde_sigma: float = 0.3
+    vit_transform: tuple = (980, 224, 14)  # (max, min, stride) for re-encoded ViT images (BAGEL app values)
+
+    def __post_init__(self):
+        if self.reentry not in REENTRY:
+            raise ValueError(f"reentry must be one of {REENTRY}, not {self.reentry!r}")
+        if self.sampler not in ("ode", "sde"):
+            raise ValueError(f"sampler must be 'ode' or 'sde', not {self.sampler!r}")
+
+
+@dataclass
+class Trace:
+    """Everything one row produced, in context order, so a forward can replay exactly the sampled context."""
+    texts: list = field(default_factory=list)  # decoded strings, one per segment
+    ids: list = field(default_factory=list)  # token ids per segment (without <|im_start|> and the stop token)
+    logps: list = field(default_factory=list)  # log-prob of each sampled token, stop token included
+    stopped: list = field(default_factory=list)  # did the segment end with <|im_end|> (else truncated)
+    latents: list = field(default_factory=list)  # restored x0 tokens [N, D] per restoration
+    steps: list = field(default_factory=list)  # SDE steps per restoration (sampler == 'sde')
+    grid: tuple = ()
+    answer: str | None = None
+
+    @property
+    def restored(self) -> bool:
+        return len(self.latents) > 0
+
+
+def extract_answer(text: str) -> str | None:
+    m = ANSWER_RE.search(text)
+    return m.group(1).strip() if m else None
+
+
+def prefill(model: M.Bagel, cache: M.KVCache, prefixes: list[list], texts_only: bool = False):
+    """Prefill each row's prefix segments; rows must share the segment structure (same kinds, image grids)."""
+    kinds = [[type(s).__name__ for s in p] for p in prefixes]
+    if any(k != kinds[0] for k in kinds):
+        raise ValueError("rows of one batch need prefixes of the same structure (segment kinds in the same order)")
+    for i, seg in enumerate(prefixes[0]):
+        segs = [p[i] for p in prefixes]
+        if isinstance(seg, M.Text):
+            model.add_text(cache, [s.ids for s in segs])
+        elif texts_only:
+            continue
+        elif isinstance(seg, M.VitImage):
+            model.add_vit_image(cache, torch.stack([s.pixels for s in segs]))
+        elif isinstance(seg, M.VaeImage):
+            model.add_latent(cache, torch.stack([s.tokens for s in segs]), seg.grid)
+
+
+@torch.no_grad()
+def reason(model: M.Bagel, tokenizer, prefixes: list[list], cfg: InferenceConfig,
+           generator: torch.Generator | None = None) -> list[Trace]:
+    """Run CLEAR's interleaved reasoning loop on a batch of prefixes; returns one Trace per row."""
+    B = len(prefixes)
+    grid = next((s.grid for s in prefixes[0] if isinstance(s, M.VaeImage)), None)
+    cache = model.new_cache(B)
+    prefill(model, cache, prefixes)
+    guided = cfg.sampler == "ode" and cfg.cfg_text_scale > 1.0 and cfg.allow_restore
+    img_cache = None
+    if guided and cfg.cfg_img_scale > 1.0:  # official: the image-unconditional context holds the texts only
+        img_cache = model.new_cache(B)
+        prefill(model, img_cache, prefixes, texts_only=True)
+    traces = [Trace(grid=grid) for _ in range(B)]
+    active = torch.ones(B, dtype=torch.bool)
+    for round_ in range(1, cfg.max_rounds + 1):
+        text_cache = cache.copy() if guided else None  # official: context before the last text (consider_think)
+        if cfg.force_restore and round_ == 1:
+            ids = [tokenizer.encode(RESTORE)] * B
+            model.add_text(cache, ids, active=active)
+            logps, stops = [[] for _ in range(B)], [model.cfg.eos_token_id] * B
+        else:
+            ids, logps, stops = model.decode_text(cache, cfg.max_text_tokens, cfg.temperature, cfg.top_p,
+                                                  generator=generator, active=active)
+        if img_cache is not None:
+            model.add_text(img_cache, ids, active=active)
+        want = torch.zeros(B, dtype=torch.bool)
+        for b in range(B):
+            if not active[b]:
+                continue
+            tr, text = traces[b], tokenizer.decode(ids[b])
+            tr.texts.append(text), tr.ids.append(ids[b]), tr.logps.append(logps[b])
+            tr.stopped.append(stops[b] == model.cfg.eos_token_id)
+            tr.answer = extract_answer(text)
+            if tr.answer is None and RESTORE in text and cfg.allow_restore and round_ < cfg.max_rounds and grid:
+                want[b] = True  # official: restore only while rounds remain
+        if not want.any():
+            break
+        rows = want.nonzero().squeeze(1)
+        x0, steps = restore(model, cache.rows(rows), grid, cfg, generator,
+                            text_cache.rows(rows) if guided else None, img_cache.rows(rows) if img_cache is not None else None)
+        full = torch.zeros(B, *x0.shape[1:])
+        full[rows] = x0.cpu()
+        reenter(model, cache, full, grid, want, cfg)
+        for j, b in enumerate(rows.tolist()):
+            traces[b].latents.append(x0[j].cpu())
+            traces[b].steps.append([{k: (v[j].cpu() if torch.is_tensor(v) else v) for k, v in s.items()} for s in steps])
+        if img_cache is not None:
+            img_cache = cache.copy()  # official: both CFG contexts become copies of the context after restoration
+        active = want
+    return traces
+
+
+def restore(model: M.Bagel, cache: M.KVCache, grid: tuple, cfg: InferenceConfig, generator, text_cache, img_cache):
+    """Denoise a restored latent for each row of `cache` (its rows all asked for <image_restore>)."""
+    N = grid[0] * grid[1]
+    dev = generator.device if generator is not None else torch.device("cpu")
+    noise = torch.randn(cache.batch, N, model.cfg.patch_latent_dim, generator=generator, device=dev)
+    if cfg.sampler == "sde":  # CLEAR §3.4: SDE sampler, CFG off, every step recorded for Flow-GRPO
+        return model.sample_sde(cache, grid, noise, cfg.num_timesteps, cfg.timestep_shift, cfg.sde_sigma, generator)
+    x0 = model.generate_image(cache, grid, noise, cfg.num_timesteps, cfg.timestep_shift, cfg_text_cache=text_cache,
+                              cfg_img_cache=img_cache, cfg_text_scale=cfg.cfg_text_scale if text_cache is not None else 1.0,
+                              cfg_img_scale=cfg.cfg_img_scale, cfg_interval=cfg.cfg_interval,
+                              cfg_renorm_type=cfg.cfg_renorm_type, cfg_renorm_min=cfg.cfg_renorm_min)
+    return x0, []
+
+
+def reenter(model: M.Bagel, cache: M.KVCache, x0: torch.Tensor, grid: tuple, rows: torch.Tensor, cfg: InferenceConfig):
+    """Put restored latents x0 [B, N, D] back into the context of the selected rows: the re-entry switch."""
+    if cfg.reentry == "bridge":  # CLEAR §3.3: the latent goes straight in through the gen expert
+        model.add_latent(cache, x0, grid, active=rows)
+        return
+    pixels = reencode_pixels(model, x0, grid, cfg.vit_transform)
+    if cfg.reentry == "decode_reencode_vae":  # BAGEL update_context_image: VAE block first, then ViT
+        s = model.cfg.latent_downsample
+        vae_pix = torch.stack([M.image_to_tensor(M.tensor_to_image(model.decode_latent(x, grid)), (grid[1] * s, grid[0] * s)) for x in x0])
+        tokens = torch.stack([model.encode_image(p)[0] for p in vae_pix])
+        model.add_latent(cache, tokens, grid, active=rows)
+    model.add_vit_image(cache, pixels, active=rows)
+
+
+def reencode_pixels(model: M.Bagel, x0: torch.Tensor, grid: tuple, vit_transform: tuple) -> torch.Tensor:
+    """x0 -> VAE decode -> uint8 image (as the official PIL round trip) -> ViT-resized pixels [B, 3, H, W]."""
+    imgs = [M.resize_image(M.tensor_to_image(model.decode_latent(x, grid)), *vit_transform) for x in x0]
+    return torch.stack([M.image_to_tensor(im) for im in imgs])

@@ -1,0 +1,245 @@
+"""Behaviour of model.py beyond the official reference: cache vs full forward, expert routing, masks, I/O, errors."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import model as M
+
+
+def tiny_cfg(**kw):
+    base = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vit_hidden_size=32, vit_intermediate_size=48, vit_num_hidden_layers=2,
+                vit_num_attention_heads=2, vit_patch_size=8, vit_image_size=32, vit_max_num_patch_per_side=4,
+                max_latent_size=4, ae_ch=32, ae_ch_mult=(1, 1), ae_num_res_blocks=1,
+                bos_token_id=60, eos_token_id=61, start_of_image_id=62, end_of_image_id=63)
+    base.update(kw)
+    return M.ModelConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    m = M.Bagel(tiny_cfg())
+    with torch.no_grad():  # random norms and an untrained-looking llm2vae make routing mistakes visible
+        for name, p in m.named_parameters():
+            if p.requires_grad and p.dim() == 1:
+                p.add_(0.2 * torch.randn_like(p))
+            if name.startswith("llm2vae"):
+                p.normal_(0, 0.3)
+    return m.eval()
+
+
+def sample_segments(cfg, g):
+    D = cfg.patch_latent_dim
+    return [M.Text([5, 6, 7]), M.VitImage(torch.rand(3, 16, 24, generator=g) * 2 - 1),
+            M.VaeImage(torch.randn(6, D, generator=g), (2, 3)), M.Text([8, 9, 10, 11], loss=True)]
+
+
+def test_training_forward_equals_cached_inference(net):
+    """The packed training forward and the incremental KV-cache path give the same hidden states."""
+    g = torch.Generator().manual_seed(1)
+    segs = sample_segments(net.cfg, g)
+    out = net(M.pack([segs], net.cfg))
+    cache = net.new_cache(capacity=4)  # tiny capacity: also exercises cache growth
+    hs = [net.add_text(cache, [segs[0].ids])[0], net.add_vit_image(cache, segs[1].pixels)[0],
+          net.add_latent(cache, segs[2].tokens[None], segs[2].grid)[0], net.add_text(cache, [segs[3].ids])[0]]
+    torch.testing.assert_close(torch.cat(hs), out.hidden, atol=2e-5, rtol=0)
+
+
+def test_cached_decode_equals_full_forward(net):
+    """Greedy tokens from the KV cache equal argmax of a full causal forward over the same text."""
+    prompt = [3, 4, 5, 6]
+    cache = net.new_cache()
+    net.add_text(cache, [prompt])
+    ids, logps, stops = net.decode_text(cache, max_new_tokens=6, stop_ids=())
+    full = net(M.pack([[M.Text(prompt), M.Text(ids[0], loss=True)]], net.cfg))  # labels are the decoded ids
+    logits = net.logits(full.hidden)
+    start = len(prompt) + 2  # <bos> prompt <eos>, then the decoded block's <bos>
+    assert logits[start:start + 6].argmax(-1).tolist() == ids[0]
+    assert stops == [None] and int(cache.lens[0]) == len(prompt) + 2 + 1 + 6 + 1  # closed with <eos>
+
+
+def test_batched_rows_equal_single_rows(net):
+    """Rows of different lengths in one padded cache behave exactly like separate caches (CFG / RL batching)."""
+    texts = [[3, 4, 5], [6, 7, 8, 9, 10, 11]]
+    batch = net.new_cache(batch=2)
+    net.add_text(batch, texts)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 4, net.cfg.patch_latent_dim, generator=g)
+    v_batch = net.velocity(batch, x, 0.6, (2, 2))
+    for i, t in enumerate(texts):
+        single = net.new_cache()
+        net.add_text(single, [t])
+        torch.testing.assert_close(net.velocity(single, x[i:i + 1], 0.6, (2, 2))[0], v_batch[i], atol=2e-5, rtol=0)
+    ids_b, lp_b, _ = net.decode_text(batch.copy(), 5, temperature=0.0, stop_ids=())
+    for i, t in enumerate(texts):
+        single = net.new_cache()
+        net.add_text(single, [t])
+        assert net.decode_text(single, 5, stop_ids=())[0][0] == ids_b[i]
+
+
+def test_und_tokens_never_touch_gen_weights(net):
+    """Text + ViT tokens give zero gradient to every *_moe_gen weight; latent tokens give zero to und MLPs."""
+    g = torch.Generator().manual_seed(3)
+    segs = sample_segments(net.cfg, g)
+    net.zero_grad()
+    net(M.pack([[segs[0], segs[1], segs[3]]], net.cfg)).ce.sum().backward()
+    gen = {n: p.grad for n, p in net.named_parameters() if "moe_gen" in n}
+    assert gen and all(gr is None or gr.abs().max() == 0 for gr in gen.values())
+    und = [p.grad for n, p in net.named_parameters() if ".mlp.gate_proj" in n]
+    assert all(gr is not None and gr.abs().max() > 0 for gr in und)
+    net.zero_grad()
+    target = torch.randn(6, net.cfg.patch_latent_dim, generator=g)
+    noised = M.VaeImage(segs[2].tokens, (2, 3), t=0.5, target=target)
+    out = net(M.pack([[noised]], net.cfg))  # markers (und) + latents (gen); the loss reads only latent rows
+    out.mse.sum().backward()
+    layer = net.language_model.model.layers[-1]
+    assert layer.mlp_moe_gen.gate_proj.weight.grad.abs().max() > 0
+    assert layer.mlp.gate_proj.weight.grad is None or layer.mlp.gate_proj.weight.grad.abs().max() == 0
+    net.zero_grad()
+
+
+def test_attention_rule_matrix():
+    """Causal text, full image, noised block seen by nobody after it, samples never see each other."""
+    cfg = tiny_cfg()
+    D = cfg.patch_latent_dim
+    s1 = [M.Text([1]), M.VaeImage(torch.zeros(1, D), (1, 1), t=0.5, target=torch.zeros(1, D)),
+          M.VaeImage(torch.zeros(1, D), (1, 1)), M.Text([2])]
+    s2 = [M.Text([])]
+    p = M.pack([s1, s2], cfg)
+    # sample 1: text [0,1,2] causal, noise [3,4,5], clean [6,7,8], text [9,10,11]; sample 2: text [12,13]
+    assert [s[1:] for s in p.splits] == [(0, 3, "causal"), (3, 3, "noise"), (6, 3, "full"), (9, 3, "causal"), (12, 2, "causal")]
+    allowed = set()
+    for q in range(12):
+        for k in range(12):
+            same_split = [s for s in p.splits if s[1] <= q < s[1] + s[2] and s[1] <= k < s[1] + s[2]]
+            if same_split:
+                ok = same_split[0][3] != "causal" or k <= q
+            else:
+                ok = k < q and not 3 <= k < 6
+            if ok:
+                allowed.add((q, k))
+    allowed |= {(12, 12), (13, 12), (13, 13)}
+    expected = torch.zeros(14, 14, dtype=torch.bool)
+    for q, k in allowed:
+        expected[q, k] = True
+    assert torch.equal(M.attention_mask(p.splits, p.length), expected)
+    # RoPE: text 0..2, noise block at 3 (not advancing), clean block at 3, text 4..6; sample 2 restarts at 0
+    assert p.position_ids.tolist() == [0, 1, 2, 3, 3, 3, 3, 3, 3, 4, 5, 6, 0, 1]
+
+
+def test_dropout_keeps_rope_for_images():
+    """A dropped image still takes its RoPE id, a dropped text does not (BAGEL pack_sequence)."""
+    cfg = tiny_cfg()
+    segs = [M.Text([1, 2]), M.VitImage(torch.zeros(3, 8, 8)), M.Text([3], droppable=False)]
+    p = M.pack([segs], cfg, dropout=(0.0, 1.0, 0.0))
+    assert p.position_ids.tolist() == [0, 1, 2, 3, 5, 6, 7]
+    p = M.pack([segs], cfg, dropout=(1.0, 0.0, 0.0))
+    assert p.position_ids.tolist() == [0, 0, 0, 1, 2, 3] and p.length == 6
+
+
+def test_cfg_batched_equals_branch_by_branch(net):
+    """generate_image's batched CFG rows equal three separate velocity calls combined by cfg_combine."""
+    g = torch.Generator().manual_seed(4)
+    full, txt, img = net.new_cache(), net.new_cache(), net.new_cache()
+    net.add_text(full, [[3, 4, 5]])
+    net.add_text(img, [[3, 4, 5]])
+    net.add_text(full, [[6, 7]])
+    noise = torch.randn(1, 4, net.cfg.patch_latent_dim, generator=g)
+    traj = []
+    net.generate_image(full, (2, 2), noise, num_timesteps=3, shift=3.0, cfg_text_cache=txt, cfg_img_cache=img,
+                       cfg_text_scale=4.0, cfg_img_scale=1.5, cfg_interval=(0.0, 1.0), trajectory=traj)
+    x, t, v = traj[0]
+    vs = [net.velocity(c, x, t, (2, 2)) for c in (full, txt, img)]
+    torch.testing.assert_close(v, M.cfg_combine(*vs, 4.0, 1.5, "global"), atol=2e-5, rtol=0)
+
+
+def test_save_load_roundtrip_bit_identical(net, tmp_path):
+    """A saved folder has the official key names and loads back bit-identically."""
+    from tokenizers import Tokenizer, models
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(60)} | {t: 60 + i for i, t in enumerate(M.SPECIAL_TOKENS.values())}, unk_token="w0"))
+    M.save_pretrained(net, tmp_path / "ckpt", tokenizer=tok, meta={"stage": "test"})
+    files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert files == ["ae.safetensors", "ema.safetensors", "llm_config.json", "nanoclear.json", "tokenizer.json", "vit_config.json"]
+    back = M.load_pretrained(tmp_path / "ckpt")
+    assert back.cfg == net.cfg
+    a, b = net.state_dict(), back.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "ckpt" / "ema.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "language_model.model.layers.1.self_attn.q_proj_moe_gen.weight" in keys and "latent_pos_embed.pos_embed" in keys
+    assert json.loads((tmp_path / "ckpt" / "vit_config.json").read_text())["num_hidden_layers"] == net.cfg.vit_num_hidden_layers + 1
+
+
+def test_bad_checkpoints_are_refused_clearly(net, tmp_path):
+    """Wrong folder, missing file, corrupt safetensors and config/weight mismatch give messages naming the problem."""
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        M.load_pretrained(tmp_path / "nope")
+    M.save_pretrained(net, tmp_path / "c")
+    (tmp_path / "c" / "ae.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        M.load_pretrained(tmp_path / "c")
+    M.save_pretrained(net, tmp_path / "c")
+    (tmp_path / "c" / "ema.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="ema.safetensors is missing"):
+        M.load_pretrained(tmp_path / "c")
+    M.save_pretrained(net, tmp_path / "c")
+    cfg = json.loads((tmp_path / "c" / "llm_config.json").read_text())
+    cfg["intermediate_size"] = 40
+    (tmp_path / "c" / "llm_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="mis-shaped .*mlp"):
+        M.load_pretrained(tmp_path / "c")
+
+
+def test_failed_save_leaves_nothing(net, tmp_path):
+    """An exception while writing leaves neither a half-written folder nor temporary files."""
+    def boom(_):
+        raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError):
+        M.save_pretrained(net, tmp_path / "c", extra=boom)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_inputs(net):
+    """Too-large grids, positions past the limit and mis-sized images raise clear errors."""
+    cfg = net.cfg
+    with pytest.raises(ValueError, match="exceeds the position table"):
+        M.pack([[M.VaeImage(torch.zeros(25, cfg.patch_latent_dim), (5, 5))]], cfg)
+    with pytest.raises(ValueError, match="multiples of the patch"):
+        M.pack([[M.VitImage(torch.zeros(3, 12, 16))]], cfg)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        M.pack([[M.Text(list(range(3)) * 2000)]], cfg)
+    with pytest.raises(ValueError, match="multiples of"):
+        net.encode_image(torch.zeros(3, 10, 16))
+    with pytest.raises(ValueError, match="num_attention_heads"):
+        tiny_cfg(num_attention_heads=3)
+
+
+def test_image_helpers_odd_modes():
+    """Any PIL mode becomes RGB (alpha on white); fit_size keeps sides on the stride."""
+    rgba = Image.new("RGBA", (10, 10), (255, 0, 0, 0))
+    assert M.to_rgb(rgba).getpixel((0, 0)) == (255, 255, 255)
+    for mode in ("L", "P", "CMYK", "I;16", "F", "LA"):
+        assert M.to_rgb(Image.new(mode, (5, 5))).mode == "RGB"
+    assert M.fit_size(1000, 300, 980, 224, 14) == (980, 294) and M.fit_size(100, 60, 980, 224, 14) == (378, 224)
+    x = torch.rand(3, 16, 24) * 2 - 1
+    assert torch.equal(M.unpatchify(M.patchify(x, 8), (2, 3), 8), x)
+
+
+def test_sde_logprob_is_gaussian_density():
+    """The recorded SDE step log-prob equals the Gaussian log-density (mean over elements, constants dropped)."""
+    g = torch.Generator().manual_seed(5)
+    x, v = torch.randn(2, 4, 8, generator=g), torch.randn(2, 4, 8, generator=g)
+    t, dt, sigma = 0.7, 0.05, 0.3
+    mean = M.sde_step_mean(x, v, t, dt, sigma)
+    x_next = mean + sigma * dt ** 0.5 * torch.randn(2, 4, 8, generator=g)
+    dist = torch.distributions.Normal(mean, sigma * dt ** 0.5)
+    const = -torch.log(torch.tensor(sigma * dt ** 0.5)) - 0.5 * torch.log(torch.tensor(2 * torch.pi))
+    expected = (dist.log_prob(x_next) - const).flatten(1).mean(1)
+    torch.testing.assert_close(M.sde_step_logprob(x_next, mean, sigma, dt), expected)
+    eps_hat = x + (1 - t) * v
+    torch.testing.assert_close(mean, x - (v + 0.5 * sigma ** 2 * eps_hat / t) * dt)
