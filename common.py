@@ -1,5 +1,6 @@
 """
-Shared plumbing of the training stages (pretrain.py, sft.py, bridge.py, rl.py), written once.
+Shared plumbing of the training stages (pretrain.py, sft.py, bridge.py, rl.py), written once, and the fine-tuning loop
+of Stages 1 and 2 (Stage 2 is Stage 1's objective plus the bridge distillation, CLEAR §3.2-3.3).
 
 Run setup (device, dtype, seeds, torchrun/DDP), AdamW + cosine schedule with warmup to a floor, EMA, one log line per
 step plus a JSONL log, and checkpoints: a BAGEL-format folder (ema.safetensors = the EMA weights, as BAGEL/CLEAR
@@ -11,11 +12,14 @@ replays exactly the steps an uninterrupted run would take: the same loss curve.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import math
 import os
 import random
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +30,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import data as D
+import engine as E
 import model as M
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -231,7 +237,7 @@ class LoopConfig:
     ema: float
     grad_clip: float
     seed: int
-    save_every: int
+    save_every: int  # 0 = never save (a phase whose result the caller keeps)
     log_every: int
 
 
@@ -257,9 +263,201 @@ def train_loop(run: Run, raw: M.Bagel, model: torch.nn.Module, optimizer, ema: E
         if run.main and (step % loop.log_every == 0 or step == loop.steps - 1):
             log({"step": step + 1, "loss": float(loss), **metrics, "lr": optimizer.param_groups[0]["lr"],
                  "gnorm": gnorm, "ms": round(1000 * (time.time() - t0))}, bar)
-        if (step + 1) % loop.save_every == 0 or step + 1 == loop.steps:
+        if loop.save_every and ((step + 1) % loop.save_every == 0 or step + 1 == loop.steps):
             if run.main:
                 save_checkpoint(out, raw, ema, optimizer, tokenizer, step + 1, {**meta, "stage": stage})
             if run.world > 1:
                 dist.barrier()
     bar.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Losses
+
+
+def sft_loss(out: M.TrainOutput, n_ce: float, n_mse: float, ce_weight: float, mse_weight: float):
+    """CE summed over assistant tokens / global token count + MSE summed over target tokens / global count (BAGEL)."""
+    ce = out.ce.sum() / max(n_ce, 1.0)
+    mse = out.mse.sum() / max(n_mse, 1.0)
+    return ce_weight * ce + mse_weight * mse, ce, mse
+
+
+def distill_loss(model: M.Bagel, packed: M.Packed, mode: str, stride: int):
+    """Returns (hidden_hook, finish): collect per-layer KL during the forward, or the final-state MSE after it."""
+    pairs = packed.pairs
+    terms = []
+    if mode == "per_layer_kl":
+        weights = M.distill_layer_weights(model.cfg.num_hidden_layers, stride)
+
+        def hook(layer, h):  # CLEAR §3.3: after every decoder layer, ViT tokens teach VAE tokens of the same picture
+            if layer in weights:
+                terms.append(weights[layer] * sum(M.distill_kl(h[v], h[a]) for v, a in pairs))
+
+        return hook, lambda out: sum(terms)
+    if mode == "final_mse":
+        return None, lambda out: sum(M.distill_final_mse(out.hidden[v], out.hidden[a]) for v, a in pairs)
+    raise ValueError(f"distill mode must be per_layer_kl or final_mse, not {mode!r}")
+
+
+def step_loss(model, packed: M.Packed, args, run: Run, raw: M.Bagel):
+    """The Stage 1 (and Stage 2) objective for one packed batch, normalised by global token / pair counts."""
+    n_ce = all_reduce_sum(packed.ce_idx.numel(), run)
+    n_mse = all_reduce_sum(int(packed.mse_mask.sum()), run)
+    hook, finish = (None, None)
+    if args.distill_weight > 0 and packed.pairs:
+        hook, finish = distill_loss(raw, packed, args.distill_mode, args.distill_stride)
+    out = model(packed, hidden_hook=hook) if hook else model(packed)
+    loss, ce, mse = sft_loss(out, n_ce, n_mse, args.ce_weight, args.mse_weight)
+    metrics = {"ce": float(ce.detach()) * run.world, "mse": float(mse.detach()) * run.world}
+    if finish is not None:
+        n_pairs = all_reduce_sum(len(packed.pairs), run)
+        distill = finish(out) / max(n_pairs, 1.0)  # CLEAR: normalised by the global number of pairs
+        loss = loss + args.distill_weight * distill
+        metrics["distill"] = float(distill.detach()) * run.world
+    elif args.distill_weight > 0:
+        loss = loss + 0 * out.hidden.sum()
+    return loss * run.world, metrics  # DDP averages gradients over ranks; the counts above are global
+
+
+def sample_tokens(sample: list, patch: int) -> int:
+    """Tokens a sample will take when packed (text blocks + 2 markers per image)."""
+    n = 0
+    for s in sample:
+        if isinstance(s, M.Text):
+            n += len(s.ids) + 2
+        elif isinstance(s, M.VitImage):
+            n += (s.pixels.shape[1] // patch) * (s.pixels.shape[2] // patch) + 2
+        else:
+            n += s.tokens.shape[0] + 2
+    return n
+
+
+def make_batch_fn(args, cfg: M.ModelConfig, tok, encode, stream_fn, device):
+    """Samples until the step's token budget is reached, packed into rows (BAGEL: expected_num_tokens per rank)."""
+    def batch_fn(step, rng, gen):
+        stream = stream_fn(rng)
+        samples, tokens = [], 0
+        while tokens < args.tokens_per_step:
+            examples = [next(stream) for _ in range(4)]
+            text_only = [rng.random() < args.text_reason_rate for _ in examples]
+            built = D.build_batch([ex for ex, t in zip(examples, text_only) if not t], tok, encode, gen, args.system)
+            built += [D.text_reason_sample(ex, tok) for ex, t in zip(examples, text_only) if t]
+            samples += built
+            tokens += sum(sample_tokens(s, cfg.vit_patch_size) for s in built)
+        dropout = (args.text_dropout, args.vit_dropout, args.vae_dropout)
+        return M.pack(samples, cfg, dropout, gen, row_tokens=args.row_tokens).to(device)
+    return batch_fn
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def add_finetune_args(p: argparse.ArgumentParser, steps: int, lr: float, distill_weight: float, init: str | None, out: str):
+    """Flags shared by sft.py and bridge.py (Stage 2 is Stage 1's objective plus the distillation term)."""
+    g = p.add_argument_group("data")
+    g.add_argument("--init", default=init, help="BAGEL-format folder to start from (default: the toy base, built if missing)")
+    g.add_argument("--data", default=None, help="LLaVA-style JSONL for real data (default: the toy world)")
+    g.add_argument("--images", default=None, help="image folder of --data")
+    g.add_argument("--system", default="toy", choices=sorted(D.SYSTEM_PROMPTS), help="system prompt (official: 'official')")
+    g.add_argument("--text-reason-rate", type=float, default=0.15, help="fraction of text-only reasoning samples")
+    g.add_argument("--world-seed", type=int, default=0, help="toy world seed")
+    g = p.add_argument_group("objective")
+    g.add_argument("--ce-weight", type=float, default=1.0, help="CE weight (official 1.0)")
+    g.add_argument("--mse-weight", type=float, default=1.0, help="flow-matching MSE weight (official 1.0)")
+    g.add_argument("--distill-weight", type=float, default=distill_weight, help="ViT->VAE distillation weight (official 0.4, release 0.1)")
+    g.add_argument("--distill-mode", default="per_layer_kl", choices=["per_layer_kl", "final_mse"], help="distillation variant (official HEAD / release)")
+    g.add_argument("--distill-stride", type=int, default=1, help="per_layer_kl: every stride-th layer plus the last")
+    g.add_argument("--text-dropout", type=float, default=0.1, help="text condition dropout (official 0.1)")
+    g.add_argument("--vit-dropout", type=float, default=0.4, help="ViT condition dropout (official 0.4)")
+    g.add_argument("--vae-dropout", type=float, default=0.0, help="VAE condition dropout (official 0)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=steps, help="optimiser steps (official 8000)")
+    g.add_argument("--lr", type=float, default=lr, help="peak learning rate (official 1e-5)")
+    g.add_argument("--min-lr", type=float, default=lr / 10, help="cosine floor (official 1e-7)")
+    g.add_argument("--warmup", type=int, default=30, help="warmup steps (official 500)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (official 0.01)")
+    g.add_argument("--ema", type=float, default=0.99, help="EMA decay of the saved weights (official 0.995)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (official 1.0)")
+    g.add_argument("--tokens-per-step", type=int, default=4096, help="token budget per step and process (official 30000)")
+    g.add_argument("--row-tokens", type=int, default=512, help="pack samples into rows of at most this many tokens")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default=out, help="output checkpoint folder")
+    g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False, help="continue from --out's train_state")
+    g.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (atomic)")
+    g.add_argument("--seed", type=int, default=0, help="training seed")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    g.add_argument("--dtype", default="auto", help="auto | fp32 | bf16")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
+    g.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=False, help="FSDP2 + activation checkpointing (multi-GPU, real weights)")
+    g = p.add_argument_group("summary table")
+    g.add_argument("--eval-n", type=int, default=96, help="held-out toy questions per severity (0 = skip the table)")
+    g.add_argument("--eval-seed", type=int, default=0, help="held-out split seed")
+    g.add_argument("--eval-steps", type=int, default=10, help="denoising steps when restoring (official 50)")
+    g.add_argument("--reentry", default="bridge", choices=E.REENTRY, help="how the restored image re-enters the context")
+    g.add_argument("--max-text-tokens", type=int, default=48, help="tokens per decoded segment (official 4096)")
+    g.add_argument("--cfg-text-scale", type=float, default=1.0, help="text CFG when restoring (official 3.0)")
+    g.add_argument("--cfg-img-scale", type=float, default=1.0, help="image CFG when restoring (official 1.5)")
+    g.add_argument("--base-steps", type=int, default=700, help="Stage 0 steps when the toy base must be built (pretrain.py --steps)")
+
+
+def load_start(args, run: Run) -> tuple[M.Bagel, D.Tokenizer, str]:
+    """The model to fine-tune: --init, or the toy base (built by pretrain.py if out/base/ is missing)."""
+    init = args.init
+    if init is None:
+        init = "out/base"
+        if not (Path(init) / "ema.safetensors").exists():
+            if run.world > 1:
+                raise SystemExit("build the toy base first (python pretrain.py), then launch torchrun")
+            print("No --init and no out/base/: building the toy base model first (python pretrain.py, Stage 0).")
+            cmd = [sys.executable, "pretrain.py", "--out", init, "--steps", str(args.base_steps), "--seed", str(args.seed),
+                   "--world-seed", str(args.world_seed), "--device", args.device, "--dtype", args.dtype]
+            subprocess.run(cmd, check=True)
+    model = M.load_pretrained(init, run.device, run.dtype)
+    return model, D.Tokenizer.from_folder(init), init
+
+
+def finetune(args, stage: str) -> tuple[M.Bagel, M.Bagel, D.Tokenizer]:
+    """Fine-tune with CE + MSE (+ distillation); returns (start model, fine-tuned EMA model, tokenizer)."""
+    run = setup_run(args.device, args.dtype, args.seed)
+    t0 = time.time()
+    model, tok, init = load_start(args, run)
+    start = M.load_pretrained(init, run.device, run.dtype) if run.main and args.eval_n else None
+    model.requires_grad_(True)
+    for frozen in (model.vit_model, model.vae, model.vit_pos_embed, model.latent_pos_embed):  # official: frozen ViT/VAE
+        frozen.requires_grad_(False)
+    encode = model.encode_pixels
+    if args.data:
+        rows, problems = D.read_jsonl(args.data, args.images)
+        if run.main:
+            print(f"{args.data}: {len(rows)} rows, {len(problems)} skipped" + (f" (first: {problems[:5]})" if problems else ""))
+        stream_fn = lambda rng: (D.jsonl_example(rows[int(i)], rng) for i in iter(lambda: rng.integers(len(rows)), None))  # noqa: E731
+    else:
+        world = D.ToyWorld(args.world_seed)
+        stream_fn = world.stream
+    opt = make_optimizer(model, args.lr, weight_decay=args.weight_decay)
+    ema = EMA(model, args.ema)
+    out = Path(args.out)
+    start_step = load_resume_state(out, model, ema, opt, stage) if args.resume else 0
+    wrapped = model
+    if run.world > 1:
+        wrapped = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    if args.compile:
+        wrapped = torch.compile(wrapped)
+    loop = LoopConfig(args.steps, args.lr, args.warmup, args.min_lr, args.ema, args.grad_clip, args.seed,
+                      args.save_every, 1)
+    batch_fn = make_batch_fn(args, model.cfg, tok, encode, stream_fn, run.device)
+    train_loop(run, model, wrapped, opt, ema, loop, out, stage, batch_fn,
+               lambda m, packed: step_loss(m, packed, args, run, model), tok.tk, {"args": vars(args), "init": init})
+    if run.main:
+        print(f"{stage} finished in {time.time() - t0:.0f} s -> {out}")
+    if run.world > 1:
+        dist.destroy_process_group()
+    return start, ema.model, tok
+
+
+def summary_table(args, tok, models: dict, modes: dict) -> str:
+    """The held-out toy table printed at the end of a stage."""
+    split = D.ToyWorld(args.world_seed).eval_split(args.eval_n, seed=args.eval_seed)
+    icfg = E.InferenceConfig(reentry=args.reentry, max_text_tokens=args.max_text_tokens, num_timesteps=args.eval_steps,
+                             cfg_text_scale=args.cfg_text_scale, cfg_img_scale=args.cfg_img_scale)
+    return E.toy_table(models, modes, tok, split, icfg, args.eval_seed, args.system)

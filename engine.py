@@ -14,16 +14,16 @@ recording every step (RL rollouts, CLEAR §3.4).
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 
 import torch
 
+import data as D
 import model as M
 
-RESTORE = "<image_restore>"
-ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 REENTRY = ("bridge", "decode_reencode", "decode_reencode_vae")
+MODES = ("direct", "text", "interleave", "always_restore")  # answer at once | text-only reasoning | CLEAR | restore first
 
 
 @dataclass
@@ -44,7 +44,7 @@ class InferenceConfig:
     cfg_renorm_type: str = "text_channel"
     cfg_renorm_min: float = 0.0
     sde_sigma: float = 0.3
-    vit_transform: tuple = (980, 224, 14)  # (max, min, stride) for re-encoded ViT images (BAGEL app values)
+    vit_transform: tuple = D.TOY_SIZES.vit  # (max, min, stride) of re-encoded ViT images (BAGEL app: 980, 224, 14)
 
     def __post_init__(self):
         if self.reentry not in REENTRY:
@@ -68,11 +68,6 @@ class Trace:
     @property
     def restored(self) -> bool:
         return len(self.latents) > 0
-
-
-def extract_answer(text: str) -> str | None:
-    m = ANSWER_RE.search(text)
-    return m.group(1).strip() if m else None
 
 
 def prefill(model: M.Bagel, cache: M.KVCache, prefixes: list[list], texts_only: bool = False):
@@ -110,7 +105,7 @@ def reason(model: M.Bagel, tokenizer, prefixes: list[list], cfg: InferenceConfig
     for round_ in range(1, cfg.max_rounds + 1):
         text_cache = cache.copy() if guided else None  # official: context before the last text (consider_think)
         if cfg.force_restore and round_ == 1:
-            ids = [tokenizer.encode(RESTORE)] * B
+            ids = [tokenizer.encode(D.RESTORE_TOKEN)] * B
             model.add_text(cache, ids, active=active)
             logps, stops = [[] for _ in range(B)], [model.cfg.eos_token_id] * B
         else:
@@ -125,8 +120,8 @@ def reason(model: M.Bagel, tokenizer, prefixes: list[list], cfg: InferenceConfig
             tr, text = traces[b], tokenizer.decode(ids[b])
             tr.texts.append(text), tr.ids.append(ids[b]), tr.logps.append(logps[b])
             tr.stopped.append(stops[b] == model.cfg.eos_token_id)
-            tr.answer = extract_answer(text)
-            if tr.answer is None and RESTORE in text and cfg.allow_restore and round_ < cfg.max_rounds and grid:
+            tr.answer = D.extract_answer(text)
+            if tr.answer is None and D.requests_restore(text) and cfg.allow_restore and round_ < cfg.max_rounds and grid:
                 want[b] = True  # official: restore only while rounds remain
         if not want.any():
             break
@@ -164,16 +159,78 @@ def reenter(model: M.Bagel, cache: M.KVCache, x0: torch.Tensor, grid: tuple, row
     if cfg.reentry == "bridge":  # CLEAR §3.3: the latent goes straight in through the gen expert
         model.add_latent(cache, x0, grid, active=rows)
         return
-    pixels = reencode_pixels(model, x0, grid, cfg.vit_transform)
+    idx = rows.nonzero().squeeze(1).tolist()
+    images = {b: decode_image(model, x0[b], grid) for b in idx}  # official: VAE decode -> 8-bit picture
     if cfg.reentry == "decode_reencode_vae":  # BAGEL update_context_image: VAE block first, then ViT
-        s = model.cfg.latent_downsample
-        vae_pix = torch.stack([M.image_to_tensor(M.tensor_to_image(model.decode_latent(x, grid)), (grid[1] * s, grid[0] * s)) for x in x0])
-        tokens = torch.stack([model.encode_image(p)[0] for p in vae_pix])
+        tokens = torch.zeros(x0.shape)
+        tokens[idx] = model.encode_pixels(torch.stack([M.image_to_tensor(images[b]) for b in idx]))[0]
         model.add_latent(cache, tokens, grid, active=rows)
+    vit = [M.image_to_tensor(M.resize_image(images[b], *cfg.vit_transform)) for b in idx]
+    pixels = torch.zeros(len(x0), *vit[0].shape)
+    pixels[idx] = torch.stack(vit)
     model.add_vit_image(cache, pixels, active=rows)
 
 
-def reencode_pixels(model: M.Bagel, x0: torch.Tensor, grid: tuple, vit_transform: tuple) -> torch.Tensor:
-    """x0 -> VAE decode -> uint8 image (as the official PIL round trip) -> ViT-resized pixels [B, 3, H, W]."""
-    imgs = [M.resize_image(M.tensor_to_image(model.decode_latent(x, grid)), *vit_transform) for x in x0]
-    return torch.stack([M.image_to_tensor(im) for im in imgs])
+def decode_image(model: M.Bagel, x0: torch.Tensor, grid: tuple):
+    """Restored latent tokens -> the 8-bit PIL picture (BAGEL decode_image)."""
+    return M.tensor_to_image(model.decode_latent(x0, grid))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The toy benchmark (what sft.py, bridge.py and rl.py print at the end; evaluate.py builds the full tables on it)
+
+
+def mode_config(mode: str, base: InferenceConfig) -> InferenceConfig:
+    """Reasoning modes of the paper's comparison (BAGEL / BAGEL-RE / CLEAR / BAGEL-PE)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    if mode in ("direct", "text"):
+        return replace(base, allow_restore=False, force_restore=False, max_rounds=1)
+    return replace(base, allow_restore=True, force_restore=mode == "always_restore")
+
+
+def mode_prefixes(mode: str, examples: list, tok, encode, system: str = "toy") -> list[list]:
+    """What the model is shown in each mode: direct = BAGEL's understanding format (ViT image, question); text = a
+    reasoning prompt with the ViT image (official text_reason); interleave / always_restore = CLEAR's prefix."""
+    if mode == "direct":
+        return [[M.VitImage(M.image_to_tensor(ex.degraded)), M.Text(tok.encode(ex.question))] for ex in examples]
+    if mode == "text":
+        return [[M.Text(tok.encode(D.TEXT_REASON_SYSTEM_PROMPT)), M.VitImage(M.image_to_tensor(ex.degraded)),
+                 M.Text(tok.encode(ex.question))] for ex in examples]
+    return D.inference_prefix(examples, tok, encode, system)
+
+
+def final_text(trace: Trace) -> str:
+    """The reply that is scored: the <answer> content if any, else the last decoded text (official VLMEvalKit)."""
+    return trace.texts[-1] if trace.texts else ""
+
+
+def benchmark(model: M.Bagel, tok, split: dict, mode: str, cfg: InferenceConfig, encode, batch_size: int = 32,
+              seed: int = 0, system: str = "toy") -> dict:
+    """Accuracy and restore rate per severity on aligned example lists {severity: [Example]} (same questions)."""
+    cfg = mode_config(mode, cfg)
+    gen = torch.Generator().manual_seed(seed)
+    result = {}
+    for sev, examples in split.items():
+        t0, correct, restored, traces = time.time(), 0, 0, []
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i:i + batch_size]
+            traces += reason(model, tok, mode_prefixes(mode, chunk, tok, encode, system), cfg, gen)
+        for ex, tr in zip(examples, traces):
+            correct += D.is_correct(final_text(tr), ex)
+            restored += tr.restored
+        result[sev] = {"acc": correct / len(examples), "restore": restored / len(examples),
+                       "seconds": time.time() - t0, "traces": traces}
+    return result
+
+
+def toy_table(models: dict, modes: dict, tok, split: dict, cfg: InferenceConfig, seed: int = 0, system: str = "toy") -> str:
+    """Markdown table: accuracy per severity and restore rate on the held-out toy split, one row per checkpoint."""
+    lines = ["| model | mode | clean | low | mid | hard | restore low / mid / hard | seconds |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, model in models.items():
+        res = benchmark(model, tok, split, modes[name], cfg, model.encode_pixels, seed=seed, system=system)
+        accs = " | ".join(f"{100 * res[s]['acc']:.1f}" for s in ("clean", "low", "mid", "hard"))
+        rr = " / ".join(f"{100 * res[s]['restore']:.0f}%" for s in ("low", "mid", "hard"))
+        lines.append(f"| {name} | {modes[name]} | {accs} | {rr} | {sum(r['seconds'] for r in res.values()):.0f} |")
+    return "\n".join(lines)

@@ -85,6 +85,7 @@ class ModelConfig:
     ae_z_channels: int = 16
     ae_scale_factor: float = 0.3611
     ae_shift_factor: float = 0.1159
+    ae_norm_groups: int = 32  # FLUX always uses 32; the toy uses fewer so 32 channels keep colour (see pretrain.py)
     # special tokens, looked up by text in tokenizer.json (never hard-coded for real weights)
     bos_token_id: int = 0  # <|im_start|>
     eos_token_id: int = 1  # <|im_end|>
@@ -101,7 +102,7 @@ class ModelConfig:
             (self.vit_hidden_size % self.vit_num_attention_heads == 0, "vit_hidden_size must be divisible by its heads"),
             (self.vit_image_size // self.vit_patch_size >= self.vit_max_num_patch_per_side,
              "vit_image_size / vit_patch_size must be >= vit_max_num_patch_per_side (ViT ids index the learned table)"),
-            (all((self.ae_ch * m) % 32 == 0 for m in self.ae_ch_mult), "autoencoder channels must be multiples of 32 (GroupNorm 32)"),
+            (all((self.ae_ch * m) % self.ae_norm_groups == 0 for m in self.ae_ch_mult), "autoencoder channels must be multiples of ae_norm_groups"),
             (self.connector_act in ACTIVATIONS and self.vit_hidden_act in ACTIVATIONS, f"activations must be one of {sorted(ACTIVATIONS)}"),
         ]
         for ok, msg in checks:
@@ -272,10 +273,10 @@ class SiglipAttention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(dim, dim) for _ in range(4))
 
     def forward(self, x, mask):
-        N, D = x.shape
-        q, k, v = (p(x).view(N, self.heads, -1).transpose(0, 1) for p in (self.q_proj, self.k_proj, self.v_proj))
+        B, L, D = x.shape
+        q, k, v = (p(x).view(B, L, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # BAGEL: full attention within each image
-        return self.out_proj(out.transpose(0, 1).reshape(N, D))
+        return self.out_proj(out.transpose(1, 2).reshape(B, L, D))
 
 
 class SiglipMLP(nn.Module):
@@ -326,10 +327,13 @@ class SiglipVisionTransformer(nn.Module):
         """patches [N, 3p^2] of several images packed back to back -> [N, D] after post_layernorm."""
         # BAGEL: rope=False, learned position embedding indexed by row * vit_max_num_patch_per_side + col
         x = self.embeddings.patch_embedding(patches) + self.embeddings.position_embedding(pos_ids)
-        mask = block_diagonal_mask(image_lens, x.device) if len(image_lens) > 1 else None
+        L = max(image_lens)
+        keep = torch.arange(L, device=x.device)[None, :] < torch.tensor(image_lens, device=x.device)[:, None]  # [n, L]
+        rows = x.new_zeros(len(image_lens), L, x.shape[-1]).masked_scatter(keep[..., None], x)  # one image per row
+        mask = None if all(n == L for n in image_lens) else keep[:, None, None, :]  # BAGEL: attention within an image
         for layer in self.encoder.layers:
-            x = layer(x, mask)
-        return self.post_layernorm(x)
+            rows = layer(rows, mask)
+        return self.post_layernorm(rows[keep])
 
 
 class VitModel(nn.Module):
@@ -345,11 +349,6 @@ class MLPConnector(nn.Module):
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))  # BAGEL: MLPconnector
-
-
-def block_diagonal_mask(lens: list[int], device) -> torch.Tensor:
-    ids = torch.repeat_interleave(torch.arange(len(lens), device=device), torch.tensor(lens, device=device))
-    return ids[:, None] == ids[None, :]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -407,15 +406,15 @@ def swish(x):
     return x * torch.sigmoid(x)
 
 
-def group_norm(c):
-    return nn.GroupNorm(32, c, eps=1e-6, affine=True)  # FLUX: 32 groups always
+def group_norm(c, groups):
+    return nn.GroupNorm(groups, c, eps=1e-6, affine=True)  # FLUX: 32 groups
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, cin: int, cout: int):
+    def __init__(self, cin: int, cout: int, groups: int):
         super().__init__()
-        self.norm1, self.conv1 = group_norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2, self.conv2 = group_norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.norm1, self.conv1 = group_norm(cin, groups), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = group_norm(cout, groups), nn.Conv2d(cout, cout, 3, padding=1)
         if cin != cout:
             self.nin_shortcut = nn.Conv2d(cin, cout, 1)
 
@@ -425,9 +424,9 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    def __init__(self, c: int):
+    def __init__(self, c: int, groups: int):
         super().__init__()
-        self.norm = group_norm(c)
+        self.norm = group_norm(c, groups)
         self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
 
     def forward(self, x):
@@ -467,9 +466,9 @@ class Level(nn.Module):
 
 
 class Mid(nn.Module):
-    def __init__(self, c: int):
+    def __init__(self, c: int, groups: int):
         super().__init__()
-        self.block_1, self.attn_1, self.block_2 = ResnetBlock(c, c), AttnBlock(c), ResnetBlock(c, c)
+        self.block_1, self.attn_1, self.block_2 = ResnetBlock(c, c, groups), AttnBlock(c, groups), ResnetBlock(c, c, groups)
 
     def forward(self, x):
         return self.block_2(self.attn_1(self.block_1(x)))
@@ -478,15 +477,15 @@ class Mid(nn.Module):
 class Encoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        ch, mult, n = cfg.ae_ch, cfg.ae_ch_mult, cfg.ae_num_res_blocks
+        ch, mult, n, g = cfg.ae_ch, cfg.ae_ch_mult, cfg.ae_num_res_blocks, cfg.ae_norm_groups
         self.conv_in = nn.Conv2d(3, ch, 3, padding=1)
         self.down, cin = nn.ModuleList(), ch
         for i, m in enumerate(mult):
-            blocks = [ResnetBlock(cin if j == 0 else ch * m, ch * m) for j in range(n)]
+            blocks = [ResnetBlock(cin if j == 0 else ch * m, ch * m, g) for j in range(n)]
             cin = ch * m
             self.down.append(Level(blocks, Downsample(cin) if i < len(mult) - 1 else None, "downsample"))
-        self.mid = Mid(cin)
-        self.norm_out, self.conv_out = group_norm(cin), nn.Conv2d(cin, 2 * cfg.ae_z_channels, 3, padding=1)
+        self.mid = Mid(cin, g)
+        self.norm_out, self.conv_out = group_norm(cin, g), nn.Conv2d(cin, 2 * cfg.ae_z_channels, 3, padding=1)
 
     def forward(self, x):
         h = self.conv_in(x)
@@ -501,17 +500,17 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        ch, mult, n = cfg.ae_ch, cfg.ae_ch_mult, cfg.ae_num_res_blocks
+        ch, mult, n, g = cfg.ae_ch, cfg.ae_ch_mult, cfg.ae_num_res_blocks, cfg.ae_norm_groups
         cin = ch * mult[-1]
         self.conv_in = nn.Conv2d(cfg.ae_z_channels, cin, 3, padding=1)
-        self.mid = Mid(cin)
+        self.mid = Mid(cin, g)
         levels = []
         for i in reversed(range(len(mult))):  # FLUX: n+1 blocks per level, up[i] is level i
-            blocks = [ResnetBlock(cin if j == 0 else ch * mult[i], ch * mult[i]) for j in range(n + 1)]
+            blocks = [ResnetBlock(cin if j == 0 else ch * mult[i], ch * mult[i], g) for j in range(n + 1)]
             cin = ch * mult[i]
             levels.insert(0, Level(blocks, Upsample(cin) if i > 0 else None, "upsample"))
         self.up = nn.ModuleList(levels)
-        self.norm_out, self.conv_out = group_norm(cin), nn.Conv2d(cin, 3, 3, padding=1)
+        self.norm_out, self.conv_out = group_norm(cin, g), nn.Conv2d(cin, 3, 3, padding=1)
 
     def forward(self, z):
         h = self.mid(self.conv_in(z))
@@ -717,9 +716,10 @@ class VaeImage:
 
 @dataclass
 class Packed:
-    """Several samples flattened into one sequence, with everything the forward needs."""
-    length: int
-    position_ids: torch.Tensor  # [T] RoPE ids
+    """Samples laid out in B padded rows of T tokens (a row may hold several samples); indices are into B*T."""
+    rows: int
+    row_len: int
+    position_ids: torch.Tensor  # [B, T] RoPE ids
     text_ids: torch.Tensor  # [n_text] token ids at text_idx
     text_idx: torch.Tensor
     vit_patches: torch.Tensor  # [n_vit, 3 p^2]
@@ -732,11 +732,12 @@ class Packed:
     vae_idx: torch.Tensor
     ce_idx: torch.Tensor  # positions whose next token is scored
     ce_labels: torch.Tensor
+    ce_sample: torch.Tensor  # [n_ce] which sample each scored token belongs to
     flow_idx: torch.Tensor  # positions of noised latent tokens (velocity predicted)
     flow_lens: list  # tokens per noised image, in order
     mse_mask: torch.Tensor  # [n_flow] bool: has a target
     mse_target: torch.Tensor  # [n_mse, p^2 z]
-    splits: list  # (sample, start, length, mode) with mode causal | full | noise
+    splits: list  # (row, sample, start, length, mode) with mode causal | full | noise | pad
     pairs: list = field(default_factory=list)  # (vit positions, vae positions) distillation pairs
     sample_lens: list = field(default_factory=list)
 
@@ -749,121 +750,154 @@ class Packed:
         return self
 
 
-def pack(samples: list[list], cfg: ModelConfig, dropout: tuple = (0.0, 0.0, 0.0), generator: torch.Generator | None = None) -> Packed:
-    """Flatten samples (lists of Text / VitImage / VaeImage) into one Packed sequence.
-
-    dropout = (text, vit, vae) condition-dropout probabilities (BAGEL: *_cond_dropout_prob); a dropped image still
-    advances the RoPE id, a dropped text does not (BAGEL: pack_sequence).
-    """
+def layout(sample: list, cfg: ModelConfig, dropout: tuple, generator) -> dict:
+    """One sample's tokens at local positions 0..n-1 (BAGEL: pack_sequence). dropout = (text, vit, vae) probs;
+    a dropped image still advances the RoPE id, a dropped text does not."""
     p_text, p_vit, p_vae = dropout
-    pos, text_ids, text_idx, ce_idx, ce_labels = [], [], [], [], []
-    vit, vit_pos, vit_lens, vit_idx = [], [], [], []
-    vae, vae_t, vae_pos, vae_idx = [], [], [], []
-    flow_idx, flow_lens, mse_mask, mse_target, splits, sample_lens = [], [], [], [], [], []
+    L = {k: [] for k in ("pos", "text_ids", "text_idx", "ce_idx", "ce_labels", "vit", "vit_pos", "vit_lens", "vit_idx",
+                         "vae", "vae_t", "vae_pos", "vae_idx", "flow_idx", "flow_lens", "mse_mask", "mse_target", "splits")}
     pair_vit, pair_vae = {}, {}
-    T = 0
+    T, rope = 0, 0  # BAGEL: positions restart at 0 for every sample
 
     def dropped(seg, prob):
         return seg.droppable and prob > 0 and float(torch.rand((), generator=generator)) < prob
 
-    def add_markers_and(n_inner, rope):  # <|vision_start|> inner tokens <|vision_end|>, one RoPE id (BAGEL)
-        text_ids.extend([cfg.start_of_image_id, cfg.end_of_image_id])
-        text_idx.extend([T, T + n_inner + 1])
-        pos.extend([rope] * (n_inner + 2))
-        return torch.arange(T + 1, T + 1 + n_inner)
+    def image_block(n_inner):  # <|vision_start|> inner tokens <|vision_end|>, all at one RoPE id (BAGEL)
+        L["text_ids"].extend([cfg.start_of_image_id, cfg.end_of_image_id])
+        L["text_idx"].extend([T, T + n_inner + 1])
+        L["pos"].extend([rope] * (n_inner + 2))
+        return list(range(T + 1, T + 1 + n_inner))
 
-    for si, sample in enumerate(samples):
-        start, rope = T, 0  # BAGEL: positions restart at 0 for every packed sample
-        for seg in sample:
-            if isinstance(seg, Text):
-                if dropped(seg, p_text):
-                    continue
-                ids = [cfg.bos_token_id] + list(seg.ids) + [cfg.eos_token_id]
-                text_ids.extend(ids)
-                text_idx.extend(range(T, T + len(ids)))
-                pos.extend(range(rope, rope + len(ids)))
-                if seg.loss:  # BAGEL: inputs [bos] + ids, labels ids + [eos]; the trailing eos has no label
-                    ce_idx.extend(range(T, T + len(ids) - 1))
-                    ce_labels.extend(ids[1:])
-                splits.append((si, T, len(ids), "causal"))
-                T, rope = T + len(ids), rope + len(ids)
-            elif isinstance(seg, VitImage):
-                if dropped(seg, p_vit):
-                    rope += 1  # BAGEL: a dropped image still takes its RoPE id
-                    continue
-                P = cfg.vit_patch_size
-                h, w = seg.pixels.shape[1] // P, seg.pixels.shape[2] // P
-                if seg.pixels.shape[1] % P or seg.pixels.shape[2] % P:
-                    raise ValueError(f"ViT image {tuple(seg.pixels.shape)}: sides must be multiples of the patch {P}")
-                vit.append(patchify(seg.pixels, P))
-                vit_pos.append(vit_position_ids(h, w, cfg.vit_max_num_patch_per_side))
-                vit_lens.append(h * w)
-                inner = add_markers_and(h * w, rope)
-                vit_idx.append(inner)
-                if seg.pair is not None:
-                    pair_vit[(si, seg.pair)] = inner
-                splits.append((si, T, h * w + 2, "full"))
-                T, rope = T + h * w + 2, rope + 1  # BAGEL: an image block advances RoPE by 1
-            elif isinstance(seg, VaeImage):
-                noised = seg.t > 0
-                if not noised and dropped(seg, p_vae):
-                    rope += 1
-                    continue
-                h, w = seg.grid
-                if seg.tokens.shape[0] != h * w:
-                    raise ValueError(f"VaeImage has {seg.tokens.shape[0]} tokens but grid {h}x{w}")
-                vae.append(seg.tokens)
-                vae_t.append(torch.full((h * w,), float(seg.t)))
-                vae_pos.append(vit_position_ids(h, w, cfg.max_latent_size))
-                inner = add_markers_and(h * w, rope)
-                vae_idx.append(inner)
-                if noised:  # BAGEL: a noised block takes the current RoPE id without advancing it
-                    flow_idx.append(inner)
-                    flow_lens.append(h * w)
-                    mse_mask.append(torch.full((h * w,), seg.target is not None))
-                    if seg.target is not None:
-                        mse_target.append(seg.target)
-                elif seg.pair is not None:
-                    pair_vae[(si, seg.pair)] = inner
-                splits.append((si, T, h * w + 2, "noise" if noised else "full"))
-                T, rope = T + h * w + 2, rope + (0 if noised else 1)
-            else:
-                raise TypeError(f"a sample holds Text, VitImage or VaeImage segments, not {type(seg).__name__}")
-        sample_lens.append(T - start)
-    if T > 0 and max(pos) >= cfg.max_position_embeddings:
-        raise ValueError(f"a sample reaches RoPE position {max(pos)} >= max_position_embeddings {cfg.max_position_embeddings}")
+    for seg in sample:
+        if isinstance(seg, Text):
+            if dropped(seg, p_text):
+                continue
+            ids = [cfg.bos_token_id] + list(seg.ids) + [cfg.eos_token_id]
+            L["text_ids"].extend(ids)
+            L["text_idx"].extend(range(T, T + len(ids)))
+            L["pos"].extend(range(rope, rope + len(ids)))
+            if seg.loss:  # BAGEL: inputs [bos] + ids, labels ids + [eos]; the trailing eos has no label
+                L["ce_idx"].extend(range(T, T + len(ids) - 1))
+                L["ce_labels"].extend(ids[1:])
+            L["splits"].append((T, len(ids), "causal"))
+            T, rope = T + len(ids), rope + len(ids)
+        elif isinstance(seg, VitImage):
+            if dropped(seg, p_vit):
+                rope += 1  # BAGEL: a dropped image still takes its RoPE id
+                continue
+            P = cfg.vit_patch_size
+            if seg.pixels.shape[1] % P or seg.pixels.shape[2] % P:
+                raise ValueError(f"ViT image {tuple(seg.pixels.shape)}: sides must be multiples of the patch {P}")
+            h, w = seg.pixels.shape[1] // P, seg.pixels.shape[2] // P
+            L["vit"].append(patchify(seg.pixels, P))
+            L["vit_pos"].append(vit_position_ids(h, w, cfg.vit_max_num_patch_per_side))
+            L["vit_lens"].append(h * w)
+            inner = image_block(h * w)
+            L["vit_idx"].extend(inner)
+            if seg.pair is not None:
+                pair_vit[seg.pair] = inner
+            L["splits"].append((T, h * w + 2, "full"))
+            T, rope = T + h * w + 2, rope + 1  # BAGEL: an image block advances RoPE by 1
+        elif isinstance(seg, VaeImage):
+            noised = seg.t > 0
+            if not noised and dropped(seg, p_vae):
+                rope += 1
+                continue
+            h, w = seg.grid
+            if seg.tokens.shape[0] != h * w:
+                raise ValueError(f"VaeImage has {seg.tokens.shape[0]} tokens but grid {h}x{w}")
+            L["vae"].append(seg.tokens)
+            L["vae_t"].append(torch.full((h * w,), float(seg.t)))
+            L["vae_pos"].append(vit_position_ids(h, w, cfg.max_latent_size))
+            inner = image_block(h * w)
+            L["vae_idx"].extend(inner)
+            if noised:  # BAGEL: a noised block takes the current RoPE id without advancing it
+                L["flow_idx"].extend(inner)
+                L["flow_lens"].append(h * w)
+                L["mse_mask"].append(torch.full((h * w,), seg.target is not None))
+                if seg.target is not None:
+                    L["mse_target"].append(seg.target)
+            elif seg.pair is not None:
+                pair_vae[seg.pair] = inner
+            L["splits"].append((T, h * w + 2, "noise" if noised else "full"))
+            T, rope = T + h * w + 2, rope + (0 if noised else 1)
+        else:
+            raise TypeError(f"a sample holds Text, VitImage or VaeImage segments, not {type(seg).__name__}")
+    if T and max(L["pos"]) >= cfg.max_position_embeddings:
+        raise ValueError(f"a sample reaches RoPE position {max(L['pos'])} >= max_position_embeddings {cfg.max_position_embeddings}")
+    L["pairs"] = [(pair_vit[k], pair_vae[k]) for k in pair_vit if k in pair_vae]  # CLEAR: only if neither was dropped
+    L["length"] = T
+    return L
 
+
+def pack(samples: list[list], cfg: ModelConfig, dropout: tuple = (0.0, 0.0, 0.0), generator: torch.Generator | None = None,
+         row_tokens: int | None = None) -> Packed:
+    """Lay samples (lists of Text / VitImage / VaeImage) out in padded rows: one sample per row, or, with row_tokens,
+    several samples per row (first fit) that never attend to each other (BAGEL's packed sequences)."""
+    lays = [layout(s, cfg, dropout, generator) for s in samples]
+    rows, fill = [], []
+    for i, lay in enumerate(lays):
+        r = next((j for j, f in enumerate(fill) if row_tokens and f + lay["length"] <= row_tokens), None)
+        if r is None:
+            rows.append([]), fill.append(0)
+            r = len(rows) - 1
+        rows[r].append(i)
+        fill[r] += lay["length"]
+    T = max(max(fill), 1)
+    out = {k: [] for k in ("text_ids", "text_idx", "ce_idx", "ce_labels", "ce_sample", "vit", "vit_pos", "vit_lens",
+                           "vit_idx", "vae", "vae_t", "vae_pos", "vae_idx", "flow_idx", "flow_lens", "mse_mask",
+                           "mse_target", "splits", "pairs")}
+    pos = torch.zeros(len(rows), T, dtype=torch.long)
+    for r, members in enumerate(rows):
+        start = 0
+        for i in members:
+            lay, off = lays[i], r * T + start
+            shift = lambda xs: [x + off for x in xs]  # noqa: E731
+            pos[r, start:start + lay["length"]] = torch.tensor(lay["pos"], dtype=torch.long)
+            for k in ("text_idx", "ce_idx", "vit_idx", "vae_idx", "flow_idx"):
+                out[k].extend(shift(lay[k]))
+            for k in ("text_ids", "ce_labels", "vit", "vit_pos", "vit_lens", "vae", "vae_t", "vae_pos", "flow_lens",
+                      "mse_mask", "mse_target"):
+                out[k].extend(lay[k])
+            out["ce_sample"].extend([i] * len(lay["ce_idx"]))
+            out["splits"].extend((r, i, start + s, n, mode) for s, n, mode in lay["splits"])
+            out["pairs"].extend((torch.tensor(shift(a)), torch.tensor(shift(b))) for a, b in lay["pairs"])
+            start += lay["length"]
+        if start < T:
+            out["splits"].append((r, -1, start, T - start, "pad"))
     D, P = cfg.patch_latent_dim, cfg.vit_patch_size
     cat = lambda xs, empty: torch.cat(xs) if xs else empty  # noqa: E731
     long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
     return Packed(
-        length=T, position_ids=long(pos), text_ids=long(text_ids), text_idx=long(text_idx),
-        vit_patches=cat(vit, torch.zeros(0, 3 * P * P)), vit_pos=cat(vit_pos, long([])), vit_lens=vit_lens,
-        vit_idx=cat(vit_idx, long([])), vae_tokens=cat(vae, torch.zeros(0, D)), vae_t=cat(vae_t, torch.zeros(0)),
-        vae_pos=cat(vae_pos, long([])), vae_idx=cat(vae_idx, long([])), ce_idx=long(ce_idx), ce_labels=long(ce_labels),
-        flow_idx=cat(flow_idx, long([])), flow_lens=flow_lens, mse_mask=cat(mse_mask, torch.zeros(0, dtype=torch.bool)),
-        mse_target=cat(mse_target, torch.zeros(0, D)), splits=splits,
-        pairs=[(pair_vit[k], pair_vae[k]) for k in pair_vit if k in pair_vae], sample_lens=sample_lens)
+        rows=len(rows), row_len=T, position_ids=pos, text_ids=long(out["text_ids"]), text_idx=long(out["text_idx"]),
+        vit_patches=cat(out["vit"], torch.zeros(0, 3 * P * P)), vit_pos=cat(out["vit_pos"], long([])),
+        vit_lens=out["vit_lens"], vit_idx=long(out["vit_idx"]), vae_tokens=cat(out["vae"], torch.zeros(0, D)),
+        vae_t=cat(out["vae_t"], torch.zeros(0)), vae_pos=cat(out["vae_pos"], long([])), vae_idx=long(out["vae_idx"]),
+        ce_idx=long(out["ce_idx"]), ce_labels=long(out["ce_labels"]), ce_sample=long(out["ce_sample"]),
+        flow_idx=long(out["flow_idx"]), flow_lens=out["flow_lens"],
+        mse_mask=cat(out["mse_mask"], torch.zeros(0, dtype=torch.bool)), mse_target=cat(out["mse_target"], torch.zeros(0, D)),
+        splits=out["splits"], pairs=out["pairs"], sample_lens=[lay["length"] for lay in lays])
 
 
-def attention_mask(splits: list, length: int, device=None) -> torch.Tensor:
-    """Boolean [T, T] mask, True = may attend (BAGEL: prepare_attention_mask_per_sample).
+def attention_mask(splits: list, rows: int, row_len: int, device=None) -> torch.Tensor:
+    """Boolean [B, T, T] mask, True = may attend (BAGEL: prepare_attention_mask_per_sample).
 
     Within a sample every split sees all earlier splits except noised ones; causal splits are lower-triangular inside,
-    full and noise splits bidirectional; samples never see each other.
+    full and noise splits bidirectional; samples never see each other; padding sees only itself.
     """
-    sample = torch.empty(length, dtype=torch.long)
-    split = torch.empty(length, dtype=torch.long)
-    noise = torch.zeros(length, dtype=torch.bool)
-    causal = torch.zeros(length, dtype=torch.bool)
-    for i, (s, start, n, mode) in enumerate(splits):
-        sample[start:start + n], split[start:start + n] = s, i
-        noise[start:start + n], causal[start:start + n] = mode == "noise", mode == "causal"
-    idx = torch.arange(length)
-    same_sample = sample[:, None] == sample[None, :]
-    earlier = (split[:, None] > split[None, :]) & ~noise[None, :]  # BAGEL: nobody attends to a noised split
-    inside = (split[:, None] == split[None, :]) & (~causal[:, None] | (idx[:, None] >= idx[None, :]))
-    return (same_sample & (earlier | inside)).to(device)
+    shape = (rows, row_len)
+    sample, split = torch.full(shape, -1, dtype=torch.long), torch.zeros(shape, dtype=torch.long)
+    noise, causal, pad = (torch.zeros(shape, dtype=torch.bool) for _ in range(3))
+    for i, (r, s, start, n, mode) in enumerate(splits):
+        sl = (r, slice(start, start + n))
+        sample[sl], split[sl] = s, i
+        noise[sl], causal[sl], pad[sl] = mode == "noise", mode == "causal", mode == "pad"
+    idx = torch.arange(row_len)
+    same_sample = (sample[:, :, None] == sample[:, None, :]) & ~pad[:, :, None]
+    earlier = (split[:, :, None] > split[:, None, :]) & ~noise[:, None, :]  # BAGEL: nobody attends to a noised split
+    inside = (split[:, :, None] == split[:, None, :]) & (~causal[:, :, None] | (idx[:, None] >= idx[None, :]))
+    diag = torch.eye(row_len, dtype=torch.bool)[None] & pad[:, :, None]
+    return ((same_sample & (earlier | inside)) | diag).to(device)
 
 
 @dataclass
@@ -871,7 +905,7 @@ class TrainOutput:
     ce: torch.Tensor  # [n_ce] per-token cross entropy (= -log p of each label)
     mse: torch.Tensor  # [n_mse] per-token flow-matching MSE
     v: torch.Tensor  # [n_flow, p^2 z] predicted velocity at every noised latent token
-    hidden: torch.Tensor  # [T, H] final-normed hidden states
+    hidden: torch.Tensor  # [B*T, H] final-normed hidden states of the padded rows
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -982,22 +1016,24 @@ class Bagel(nn.Module):
     # ---- training forward -------------------------------------------------------------------------------------------
 
     def forward(self, packed: Packed, temperature: float = 1.0, hidden_hook=None) -> TrainOutput:
-        """One packed sequence -> per-token CE, per-token flow MSE and velocities (BAGEL: Bagel.forward).
+        """Packed rows -> per-token CE, per-token flow MSE and velocities (BAGEL: Bagel.forward).
 
         `temperature` divides the logits before the CE (RL log-probs of tokens sampled at that temperature).
-        `hidden_hook(layer, hidden [1, T, H])` is called after every layer (CLEAR's distillation reads it).
+        `hidden_hook(layer, hidden [B*T, H])` is called after every layer (CLEAR's distillation reads it).
         """
-        lm = self.language_model
-        x = torch.zeros(packed.length, self.cfg.hidden_size, device=self.device, dtype=self.dtype)
+        lm, B, T = self.language_model, packed.rows, packed.row_len
+        x = torch.zeros(B * T, self.cfg.hidden_size, device=self.device, dtype=self.dtype)
         x = x.index_put((packed.text_idx,), lm.model.embed_tokens(packed.text_ids))
         if packed.vit_lens:
             x = x.index_put((packed.vit_idx,), self.embed_vit(packed.vit_patches, packed.vit_pos, packed.vit_lens))
         if packed.vae_idx.numel():
             x = x.index_put((packed.vae_idx,), self.embed_latent(packed.vae_tokens, packed.vae_t, packed.vae_pos))
-        gen_mask = torch.zeros(packed.length, dtype=torch.bool, device=self.device)
+        gen_mask = torch.zeros(B * T, dtype=torch.bool, device=self.device)
         gen_mask[packed.vae_idx] = True  # BAGEL: VAE tokens (clean or noised) -> gen expert; text + ViT -> und
-        mask = attention_mask(packed.splits, packed.length, self.device)
-        h = self.run_layers(x[None], packed.position_ids[None], gen_mask[None], mask[None, None], hidden_hook=hidden_hook)[0]
+        mask = attention_mask(packed.splits, B, T, self.device)[:, None]
+        hook = None if hidden_hook is None else (lambda i, h: hidden_hook(i, h.reshape(B * T, -1)))
+        h = self.run_layers(x.view(B, T, -1), packed.position_ids, gen_mask.view(B, T), mask, hidden_hook=hook)
+        h = h.reshape(B * T, -1)
         logits = lm.lm_head(h[packed.ce_idx]).float() / temperature
         ce = F.cross_entropy(logits, packed.ce_labels, reduction="none")
         v = self.llm2vae(h[packed.flow_idx])
@@ -1170,6 +1206,13 @@ class Bagel(nn.Module):
         grid = (pixels.shape[-2] // s, pixels.shape[-1] // s)
         return patchify(z, self.cfg.latent_patch_size), grid
 
+    @torch.no_grad()
+    def encode_pixels(self, pixels: torch.Tensor):
+        """Batched posterior-mean latents: pixels [N, 3, H, W] -> (tokens [N, h*w, p^2 z] on CPU, grid (h, w))."""
+        s = self.cfg.latent_downsample
+        z = self.vae.encode(pixels.to(self.device, self.dtype)).float().cpu()
+        return torch.stack([patchify(x, self.cfg.latent_patch_size) for x in z]), (pixels.shape[2] // s, pixels.shape[3] // s)
+
     def decode_latent(self, tokens: torch.Tensor, grid: tuple) -> torch.Tensor:
         """Latent tokens [h*w, p^2 z] -> pixels [3, H, W] (float, unclamped) (BAGEL: decode_image)."""
         z = unpatchify(tokens.to(self.device, self.dtype), grid, self.cfg.latent_patch_size)
@@ -1255,7 +1298,7 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generat
 BAGEL_DEFAULTS = dict(  # what BAGEL's app.py / load_ae pass in code for BAGEL-7B-MoT (no json holds them)
     latent_patch_size=2, max_latent_size=64, vit_max_num_patch_per_side=70, connector_act="gelu_pytorch_tanh",
     timestep_shift=1.0, ae_ch=128, ae_ch_mult=(1, 2, 4, 4), ae_num_res_blocks=2, ae_z_channels=16,
-    ae_scale_factor=0.3611, ae_shift_factor=0.1159)
+    ae_scale_factor=0.3611, ae_shift_factor=0.1159, ae_norm_groups=32)
 SPECIAL_TOKENS = {"bos_token_id": "<|im_start|>", "eos_token_id": "<|im_end|>",
                   "start_of_image_id": "<|vision_start|>", "end_of_image_id": "<|vision_end|>"}
 LLM_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

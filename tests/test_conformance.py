@@ -252,7 +252,7 @@ def test_training_forward_matches_inference(bagel, ref):
     seq, (a, n_img, b) = c["c2_seq_token_ids"], c["c2_split_lens"].tolist()
     sample = [M.Text(seq[1:a - 1].tolist()), M.VitImage(c["c2_pixel_values"]), M.Text(seq[a + n_img + 1:a + n_img + b - 1].tolist())]
     packed = M.pack([sample], bagel.cfg)
-    assert packed.position_ids.tolist() == c["c2_seq_position_ids"].tolist()
+    assert packed.position_ids[0].tolist() == c["c2_seq_position_ids"].tolist()
     out = bagel(packed)
     close(bagel.logits(out.hidden), c["c2_logits_all"], TOL)
     H, W = c["c3_image_hw"].tolist()

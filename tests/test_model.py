@@ -109,15 +109,16 @@ def test_attention_rule_matrix():
     s1 = [M.Text([1]), M.VaeImage(torch.zeros(1, D), (1, 1), t=0.5, target=torch.zeros(1, D)),
           M.VaeImage(torch.zeros(1, D), (1, 1)), M.Text([2])]
     s2 = [M.Text([])]
-    p = M.pack([s1, s2], cfg)
-    # sample 1: text [0,1,2] causal, noise [3,4,5], clean [6,7,8], text [9,10,11]; sample 2: text [12,13]
-    assert [s[1:] for s in p.splits] == [(0, 3, "causal"), (3, 3, "noise"), (6, 3, "full"), (9, 3, "causal"), (12, 2, "causal")]
+    p = M.pack([s1, s2], cfg, row_tokens=100)  # both samples in one row, then padding
+    # sample 0: text [0,1,2] causal, noise [3,4,5], clean [6,7,8], text [9,10,11]; sample 1: text [12,13]
+    assert p.rows == 1 and p.row_len == 14
+    assert [s[1:] for s in p.splits] == [(0, 0, 3, "causal"), (0, 3, 3, "noise"), (0, 6, 3, "full"), (0, 9, 3, "causal"), (1, 12, 2, "causal")]
     allowed = set()
     for q in range(12):
         for k in range(12):
-            same_split = [s for s in p.splits if s[1] <= q < s[1] + s[2] and s[1] <= k < s[1] + s[2]]
+            same_split = [s for s in p.splits if s[2] <= q < s[2] + s[3] and s[2] <= k < s[2] + s[3]]
             if same_split:
-                ok = same_split[0][3] != "causal" or k <= q
+                ok = same_split[0][4] != "causal" or k <= q
             else:
                 ok = k < q and not 3 <= k < 6
             if ok:
@@ -126,9 +127,23 @@ def test_attention_rule_matrix():
     expected = torch.zeros(14, 14, dtype=torch.bool)
     for q, k in allowed:
         expected[q, k] = True
-    assert torch.equal(M.attention_mask(p.splits, p.length), expected)
-    # RoPE: text 0..2, noise block at 3 (not advancing), clean block at 3, text 4..6; sample 2 restarts at 0
-    assert p.position_ids.tolist() == [0, 1, 2, 3, 3, 3, 3, 3, 3, 4, 5, 6, 0, 1]
+    assert torch.equal(M.attention_mask(p.splits, p.rows, p.row_len)[0], expected)
+    # RoPE: text 0..2, noise block at 3 (not advancing), clean block at 3, text 4..6; sample 1 restarts at 0
+    assert p.position_ids[0].tolist() == [0, 1, 2, 3, 3, 3, 3, 3, 3, 4, 5, 6, 0, 1]
+    q = M.pack([s1, s2], cfg)  # default: one sample per row, the shorter row padded
+    assert q.rows == 2 and q.splits[-1] == (1, -1, 2, 10, "pad")
+    mask = M.attention_mask(q.splits, q.rows, q.row_len)
+    assert torch.equal(mask[0], expected[:12, :12]) and mask[1, 5].tolist() == [i == 5 for i in range(12)]
+
+
+def test_rows_equal_one_long_packed_row(net):
+    """Samples in separate padded rows give the same outputs as the same samples packed into one row."""
+    g = torch.Generator().manual_seed(6)
+    segs = sample_segments(net.cfg, g)
+    samples = [segs, [segs[0], segs[3]]]
+    a, b = net(M.pack(samples, net.cfg)), net(M.pack(samples, net.cfg, row_tokens=1000))
+    torch.testing.assert_close(a.ce, b.ce, atol=1e-5, rtol=0)
+    torch.testing.assert_close(a.v, b.v, atol=1e-5, rtol=0)
 
 
 def test_dropout_keeps_rope_for_images():
@@ -136,9 +151,9 @@ def test_dropout_keeps_rope_for_images():
     cfg = tiny_cfg()
     segs = [M.Text([1, 2]), M.VitImage(torch.zeros(3, 8, 8)), M.Text([3], droppable=False)]
     p = M.pack([segs], cfg, dropout=(0.0, 1.0, 0.0))
-    assert p.position_ids.tolist() == [0, 1, 2, 3, 5, 6, 7]
+    assert p.position_ids[0].tolist() == [0, 1, 2, 3, 5, 6, 7]
     p = M.pack([segs], cfg, dropout=(1.0, 0.0, 0.0))
-    assert p.position_ids.tolist() == [0, 0, 0, 1, 2, 3] and p.length == 6
+    assert p.position_ids[0].tolist() == [0, 0, 0, 1, 2, 3] and p.row_len == 6
 
 
 def test_cfg_batched_equals_branch_by_branch(net):

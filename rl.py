@@ -1,0 +1,368 @@
+"""
+Stage 3 of CLEAR (§3.4): Interleaved GRPO — text GRPO and Flow-GRPO on the denoising steps, under answer rewards.
+
+For each degraded-image question the policy writes G interleaved rollouts: text sampled until <|im_end|>; a segment
+ending in <image_restore> makes it denoise a restored image with the SDE sampler (every step recorded), which re-enters
+through the latent bridge; then the text continues. Rewards score each rollout, advantages centre them per group, and
+
+    L = L_text + lambda * L_image
+    L_text  = token-level PPO-clip on the sampled text, + beta * KL_k3(reference || policy)
+    L_image = PPO-clip on the Gaussian log-probability of K recorded denoising steps per image (Flow-GRPO)
+
+share one backward through the same forward, whose context is exactly the one the rollout was sampled in (the
+bridged latent, not a re-encoded picture; the official code replays a different context, see clear_method §3.6).
+
+CPU (toy): python rl.py                  # from out/bridge/ (or out/sft/), ~15 min, writes out/rl/ and a before/after table
+GPU:       python rl.py --device cuda --dtype bf16 --init path/to/CLEAR-or-BAGEL --data rl.jsonl --images DIR
+           torchrun --nproc_per_node 8 rl.py ... (each process rolls out its own prompts; gradients are averaged)
+
+Differences from the official recipe (numbered):
+  1. The KL reference is a frozen copy of the starting checkpoint; the official code uses the rollout policy itself,
+     which makes the KL vanish (`--ref rollout` reproduces that).
+  2. The forward that scores a rollout replays its exact context (bridged latent, sampled token ids); officially the
+     generated image is re-encoded through VAE + ViT, so post-image log-probs see another context.
+  3. Toy-sized defaults (G=4, 10 SDE points, 48-token segments, a few hundred steps); official values in the help.
+  4. Accuracy is exact match (MC by letter) on the toy; a judge callable plugs in for open answers (no network).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import common as C
+import data as D
+import engine as E
+import model as M
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Rewards (CLEAR §3.4; official interleave_grpo.py), one pure function each
+
+
+def accuracy_reward(reply: str, example: D.Example, judge=None) -> float:
+    """1 if the reply's answer matches (exact/normalised, A-D letter for multiple choice), else 0; an optional
+    judge(question, prediction, truth) -> [0, 1] scores open answers instead (official: an LLM judge)."""
+    if judge is not None and not example.options:
+        pred = D.extract_answer(reply)
+        return float(min(1.0, max(0.0, judge(example.question, reply.strip() if pred is None else pred, example.answer))))
+    return float(D.is_correct(reply, example))
+
+
+def format_reward(texts: list[str]) -> float:
+    """0.35 for a complete <think>, 0.35 for a complete <answer>, 0.3 for think before answer (official format_reward_v2)."""
+    s = " ".join(texts)
+    r = 0.35 * bool(re.search(r"<think>.+?</think>", s, re.DOTALL)) + 0.35 * bool(re.search(r"<answer>.+?</answer>", s, re.DOTALL))
+    end_think, answer = s.find("</think>"), s.find("<answer>")
+    return r + 0.3 * (end_think > 0 and answer > end_think)
+
+
+def decision_reward(restored: bool, correct: bool, smooth: bool = False) -> float:
+    """Reward the restore decision by its outcome (official decision_reward_auto; smooth=True: 1.0/0.5/0.5/-0.2)."""
+    if correct:
+        return 1.0 if restored else (0.5 if smooth else 0.6)
+    return (0.5 if smooth else 0.4) if restored else -0.2
+
+
+def latent_quality_reward(gen: torch.Tensor | None, clean: torch.Tensor, mse_scale: float = 0.5) -> float:
+    """0.3 exp(-0.5 MSE) + 0.3 global cosine + 0.4 mean per-token cosine of generated vs clean latents (NaN if none)."""
+    if gen is None:
+        return float("nan")
+    n = min(len(gen), len(clean))
+    g, c = gen[:n].float(), clean[:n].float()
+    r_mse = math.exp(-mse_scale * float((g - c).pow(2).mean()))
+    r_cos = max(float(torch.nn.functional.cosine_similarity(g.flatten(), c.flatten(), dim=0)), 0.0)
+    r_local = float(torch.nn.functional.cosine_similarity(g, c, dim=-1).clamp(min=0).mean())
+    return 0.3 * r_mse + 0.3 * r_cos + 0.4 * r_local
+
+
+def group_advantages(rewards: torch.Tensor, group: int, scale: bool = False) -> torch.Tensor:
+    """A_i = R_i - mean of its group (official: scale_rewards=False); optionally divided by the group std."""
+    r = rewards.view(-1, group)
+    a = r - r.mean(1, keepdim=True)
+    if scale:
+        a = a / (r.std(1, keepdim=True) + 1e-4)
+    return a.reshape(-1)
+
+
+def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, eps: float = 0.2):
+    """Per-element -min(rho A, clip(rho, 1-eps, 1+eps) A) with rho = exp(logp - old); also the clipped mask."""
+    ratio = torch.exp(logp - old_logp)
+    loss = -torch.min(ratio * adv, ratio.clamp(1 - eps, 1 + eps) * adv)
+    return loss, ((ratio - 1).abs() > eps).float()
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k3 estimator of KL(policy || ref) per token: exp(ref - logp) - (ref - logp) - 1 (Schulman; TRL GRPO)."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def aggregate(per_token: torch.Tensor, seq: torch.Tensor, n_seq: int, kind: str, max_len: int) -> torch.Tensor:
+    """grpo: mean over each sequence's tokens, then over sequences; dr_grpo: sum / (sequences * max length)."""
+    if kind == "dr_grpo":
+        return per_token.sum() / (n_seq * max_len)
+    sums = torch.zeros(n_seq, device=per_token.device).index_add(0, seq, per_token)
+    counts = torch.zeros(n_seq, device=per_token.device).index_add(0, seq, torch.ones_like(per_token))
+    return (sums / counts.clamp(min=1)).mean()
+
+
+def flow_step_logprob(x_t, v, x_next, t: float, dt: float, sigma: float):
+    """Log-probability of a recorded SDE step under the current velocity (official training form: score clamp
+    +-50, and for t < 0.1 the score is blended with (1 - t) v)."""
+    if t < 0.1:
+        score = ((x_t + (1 - t) * v) / max(t, 1e-6)).clamp(-50, 50)
+        score = (t / 0.1) * score + (1 - t / 0.1) * (1 - t) * v
+        mean = x_t - (v + 0.5 * sigma ** 2 * score) * dt
+    else:
+        mean = M.sde_step_mean(x_t, v, t, dt, sigma, score_clamp=50.0)
+    return M.sde_step_logprob(x_next, mean, sigma, dt)
+
+
+def choose_steps(n_steps: int, k: int, strategy: str, counter: int, rng: np.random.Generator, ts: list) -> list[int]:
+    """K candidate steps of one trajectory (its last step excluded, as officially): round robin, random or weighted
+    by 1 / (|0.5 - t| + 0.1)."""
+    cand = list(range(max(1, n_steps - 1)))
+    k = min(k, len(cand))
+    if strategy == "round_robin":
+        return [cand[(counter + j) % len(cand)] for j in range(k)]
+    if strategy == "random":
+        return sorted(rng.choice(cand, k, replace=False).tolist())
+    w = np.array([1.0 / (abs(0.5 - ts[i]) + 0.1) for i in cand])
+    return sorted(rng.choice(cand, k, replace=False, p=w / w.sum()).tolist())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Replaying a rollout as a training sequence
+
+
+@dataclass
+class Rollout:
+    prefix: list
+    trace: E.Trace
+    example: D.Example
+    reward: float = 0.0
+    parts: dict | None = None
+
+
+def replay_sample(r: Rollout, steps_per_image: list[list[int]], reentry: str, model: M.Bagel) -> tuple[list, list]:
+    """The exact sampled context: prefix, then per round the decoded ids (CE), and per restoration the chosen noised
+    steps (nobody attends to them) followed by the re-entered image. Returns (segments, label mask per CE token)."""
+    seq, mask = list(r.prefix), []
+    tr = r.trace
+    for i, ids in enumerate(tr.ids):
+        seq.append(M.Text(ids, loss=True))
+        mask += [True] * len(ids) + [tr.stopped[i]]  # a truncated segment's closing <|im_end|> was not sampled
+        if i < len(tr.latents):
+            for s in steps_per_image[i]:
+                st = tr.steps[i][s]
+                seq.append(M.VaeImage(st["x_t"], tr.grid, t=st["t"], droppable=False))
+            if reentry == "bridge":
+                seq.append(M.VaeImage(tr.latents[i], tr.grid, droppable=False))  # CLEAR §3.3: what the rollout saw
+            else:
+                picture = M.resize_image(E.decode_image(model, tr.latents[i], tr.grid), *E.InferenceConfig().vit_transform)
+                seq.append(M.VitImage(M.image_to_tensor(picture), droppable=False))
+    return seq, mask
+
+
+def grpo_loss(model, ref: M.Bagel | None, rollouts: list[Rollout], adv: torch.Tensor, args, counter: int,
+              rng: np.random.Generator, raw: M.Bagel):
+    """One Interleaved-GRPO loss over a batch of rollouts (CLEAR §3.4)."""
+    samples, masks, chosen = [], [], []
+    for i, r in enumerate(rollouts):
+        per_image = [choose_steps(len(st), args.image_steps, args.step_strategy, counter + i, rng, [s["t"] for s in st])
+                     for st in r.trace.steps] if args.image_loss_weight > 0 else [[] for _ in r.trace.steps]
+        seq, mask = replay_sample(r, per_image, args.reentry, raw)
+        samples.append(seq), masks.append(mask)
+        chosen += [(i, img, s) for img, st in enumerate(per_image) for s in st]
+    packed = M.pack(samples, raw.cfg).to(raw.device)
+    out = model(packed, temperature=args.temperature)
+    label_mask = torch.tensor([m for ms in masks for m in ms], dtype=torch.bool, device=raw.device)
+    logp = -out.ce[label_mask]
+    seq_id = packed.ce_sample[label_mask]
+    old = logp.detach()  # one optimisation per rollout batch: ratio 1 (official num_iterations=1)
+    a_tok = adv.to(raw.device)[seq_id]
+    text_loss, clipped = ppo_clip_loss(logp, old, a_tok, args.epsilon)
+    kl = torch.zeros_like(logp)
+    if args.beta > 0:
+        if ref is not None:
+            with torch.no_grad():
+                ref_logp = -ref(packed, temperature=args.temperature).ce[label_mask]
+        else:
+            ref_logp = old  # official: the rollout policy is its own reference
+        kl = kl_k3(logp, ref_logp)
+    max_len = args.max_text_tokens * args.max_rounds
+    l_text = aggregate(text_loss + args.beta * kl, seq_id, len(rollouts), args.loss_type, max_len)
+    l_img = out.v.sum() * 0
+    if chosen:
+        vs = out.v.split(packed.flow_lens)
+        lps, olds, advs = [], [], []
+        for (i, img, s), v in zip(chosen, vs):
+            st = rollouts[i].trace.steps[img][s]
+            dev = raw.device
+            lps.append(flow_step_logprob(st["x_t"].to(dev)[None], v.float()[None], st["x_next"].to(dev)[None], st["t"], st["dt"], args.sde_sigma)[0])
+            olds.append(lps[-1].detach())  # ratio 1 at the first (and only) update, as officially
+            advs.append(adv[i])
+        img_loss, _ = ppo_clip_loss(torch.stack(lps), torch.stack(olds), torch.stack(advs).to(raw.device), args.epsilon)
+        l_img = img_loss.mean()
+    loss = l_text + args.image_loss_weight * l_img
+    stats = {"kl": float((kl.sum() / max(1, len(kl)))), "clip": float(clipped.mean()) if len(clipped) else 0.0,
+             "img_share": float(args.image_loss_weight * l_img.abs() / (loss.abs() + 1e-8)),
+             "logp_drift": float(max((abs(float(a) - b) for a, b in zip(logp.tolist(), rollout_logps(rollouts))), default=0.0))}
+    return loss, stats
+
+
+def rollout_logps(rollouts: list[Rollout]) -> list[float]:
+    """The sampler's own log-probs of the scored tokens, in CE order (the replay must reproduce them)."""
+    return [lp for r in rollouts for seg in r.trace.logps for lp in seg]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Rollouts and rewards
+
+
+def score(rollouts: list[Rollout], clean_latents: list, args, judge=None):
+    for r, clean in zip(rollouts, clean_latents):
+        reply = E.final_text(r.trace)
+        acc = accuracy_reward(reply, r.example, judge)
+        parts = {"accuracy": acc, "format": format_reward(r.trace.texts),
+                 "decision": decision_reward(r.trace.restored, acc > 0.5, args.decision_smooth),
+                 "latent": latent_quality_reward(r.trace.latents[0] if r.trace.latents else None, clean)}
+        weights = {"accuracy": args.w_accuracy, "format": args.w_format, "decision": args.w_decision, "latent": args.w_latent}
+        r.reward = sum(0.0 if math.isnan(v) else weights[k] * v for k, v in parts.items())  # official: NaN -> 0
+        r.parts = parts
+
+
+def collect(model: M.Bagel, tok, examples: list, args, encode, gen: torch.Generator) -> list[Rollout]:
+    """G rollouts per example, all rows of one batched interleaved-reasoning run (seeded, so reproducible)."""
+    icfg = E.InferenceConfig(reentry=args.reentry, max_rounds=args.max_rounds, max_text_tokens=args.max_text_tokens,
+                             temperature=args.temperature, top_p=args.top_p, sampler="sde",
+                             num_timesteps=args.sde_points, timestep_shift=args.timestep_shift, sde_sigma=args.sde_sigma)
+    prefixes = D.inference_prefix(examples, tok, encode, args.system)
+    rows = [(p, ex) for p, ex in zip(prefixes, examples) for _ in range(args.group)]
+    traces = E.reason(model, tok, [p for p, _ in rows], icfg, gen)
+    return [Rollout(p, tr, ex) for (p, ex), tr in zip(rows, traces)]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("rollouts")
+    g.add_argument("--init", default=None, help="policy to start from (default out/bridge, else out/sft)")
+    g.add_argument("--data", default=None, help="LLaVA-style JSONL of RL questions (default: the toy world)")
+    g.add_argument("--images", default=None, help="image folder of --data")
+    g.add_argument("--system", default="toy", choices=sorted(D.SYSTEM_PROMPTS), help="system prompt")
+    g.add_argument("--prompts", type=int, default=4, help="questions per step (and process)")
+    g.add_argument("--group", type=int, default=4, help="rollouts per question, G (official 8)")
+    g.add_argument("--temperature", type=float, default=1.0, help="text sampling temperature (official 1.0)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (official 1.0)")
+    g.add_argument("--max-rounds", type=int, default=3, help="text segments per rollout (official max_inter_num 3)")
+    g.add_argument("--max-text-tokens", type=int, default=48, help="tokens per segment (official 4096)")
+    g.add_argument("--sde-points", type=int, default=10, help="SDE grid points, N-1 steps (official 20)")
+    g.add_argument("--timestep-shift", type=float, default=3.0, help="timestep shift of the SDE grid (official 3)")
+    g.add_argument("--sde-sigma", type=float, default=0.3, help="constant SDE noise level (official 0.3)")
+    g.add_argument("--reentry", default="bridge", choices=E.REENTRY[:2], help="how the restored image re-enters")
+    g = p.add_argument_group("rewards (official weights 0.75 / 0.10 / 0.15 / 0.0)")
+    g.add_argument("--w-accuracy", type=float, default=0.75, help="accuracy reward weight")
+    g.add_argument("--w-format", type=float, default=0.10, help="format reward weight")
+    g.add_argument("--w-decision", type=float, default=0.15, help="decision reward weight")
+    g.add_argument("--w-latent", type=float, default=0.0, help="latent-quality reward weight")
+    g.add_argument("--decision-smooth", action=argparse.BooleanOptionalAction, default=False, help="1.0/0.5/0.5/-0.2 decision table")
+    g = p.add_argument_group("loss")
+    g.add_argument("--loss-type", default="dr_grpo", choices=["grpo", "dr_grpo"], help="token aggregation (official HEAD dr_grpo)")
+    g.add_argument("--scale-rewards", action=argparse.BooleanOptionalAction, default=False, help="divide advantages by the group std")
+    g.add_argument("--epsilon", type=float, default=0.2, help="PPO clip range")
+    g.add_argument("--beta", type=float, default=0.04, help="KL weight (k3 estimator)")
+    g.add_argument("--ref", default="frozen", choices=["frozen", "rollout"], help="KL reference: frozen start checkpoint or the rollout policy (official)")
+    g.add_argument("--image-loss-weight", type=float, default=0.5, help="lambda of the Flow-GRPO term (official 0.5)")
+    g.add_argument("--image-steps", type=int, default=1, help="denoising steps trained per image and update, K")
+    g.add_argument("--step-strategy", default="round_robin", choices=["round_robin", "random", "weighted"], help="which steps")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=120, help="optimiser steps (official 400)")
+    g.add_argument("--lr", type=float, default=2e-5, help="learning rate, cosine, no warmup (official 5e-6)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default="out/rl", help="output checkpoint folder")
+    g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False, help="continue from --out's train_state")
+    g.add_argument("--save-every", type=int, default=20, help="checkpoint every N steps")
+    g.add_argument("--seed", type=int, default=0, help="seed of the rollouts and the data")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    g.add_argument("--dtype", default="auto", help="auto | fp32 | bf16")
+    g.add_argument("--world-seed", type=int, default=0, help="toy world seed")
+    g.add_argument("--eval-n", type=int, default=96, help="held-out toy questions per severity for the final table (0 = skip)")
+    g.add_argument("--eval-seed", type=int, default=0, help="held-out split seed")
+    args = p.parse_args()
+
+    run = C.setup_run(args.device, args.dtype, args.seed)
+    init = args.init or ("out/bridge" if (Path("out/bridge") / "ema.safetensors").exists() else "out/sft")
+    if not (Path(init) / "ema.safetensors").exists():
+        raise SystemExit(f"{init} has no checkpoint: run python sft.py (and python bridge.py) first, or pass --init")
+    model = M.load_pretrained(init, run.device, run.dtype)
+    tok = D.Tokenizer.from_folder(init)
+    ref = M.load_pretrained(init, run.device, run.dtype).requires_grad_(False) if args.ref == "frozen" and args.beta > 0 else None
+    model.requires_grad_(True)
+    for frozen in (model.vit_model, model.vae, model.vit_pos_embed, model.latent_pos_embed):  # official: frozen
+        frozen.requires_grad_(False)
+    encode = model.encode_pixels
+    opt = C.make_optimizer(model, args.lr, betas=(0.9, 0.999), eps=1e-8)
+    out = Path(args.out)
+    start = C.load_resume_state(out, model, None, opt, "rl") if args.resume else 0
+    wrapped = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if run.world > 1 else model
+    if args.data:
+        rows, _ = D.read_jsonl(args.data, args.images)
+        stream_fn = lambda rng: (D.jsonl_example(rows[int(i)], rng) for i in iter(lambda: rng.integers(len(rows)), None))  # noqa: E731
+    else:
+        stream_fn = D.ToyWorld(args.world_seed).stream
+    log = C.Log(out.with_name(out.name + ".log.jsonl"), start if start else None, run.main)
+    if run.main:
+        print(f"Interleaved GRPO from {init}: {args.prompts} questions x G={args.group} rollouts per step, {args.steps} steps")
+    t_start = time.time()
+    for step in range(start, args.steps):
+        t0 = time.time()
+        rng, gen = C.step_rngs(args.seed, step, run.rank)
+        stream = stream_fn(rng)
+        examples = [next(stream) for _ in range(args.prompts)]
+        model.eval()
+        rollouts = collect(model, tok, examples, args, encode, gen)
+        clean = [encode(M.image_to_tensor(r.example.clean)[None])[0][0] if r.example.clean is not None else torch.zeros(0, 64) for r in rollouts]
+        score(rollouts, clean, args)
+        rewards = torch.tensor([r.reward for r in rollouts])
+        adv = group_advantages(rewards, args.group, args.scale_rewards)
+        model.train()
+        for g_ in opt.param_groups:
+            g_["lr"] = C.lr_at(step, args.steps, args.lr, 0, 0.0)
+        loss, stats = grpo_loss(wrapped, ref, rollouts, adv, args, step * args.prompts * args.group, rng, model)
+        loss.backward()
+        gnorm = C.clip_and_step(model, opt, args.grad_clip)
+        if run.main:
+            parts = {k: float(np.nanmean([r.parts[k] for r in rollouts])) for k in rollouts[0].parts}
+            log({"step": step + 1, "reward": float(rewards.mean()), "reward_std": float(rewards.std()), **parts,
+                 "restore": float(np.mean([r.trace.restored for r in rollouts])), **stats, "loss": float(loss),
+                 "gnorm": gnorm, "s": round(time.time() - t0, 1)})
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            if run.main:
+                C.save_checkpoint(out, model, None, opt, tok.tk, step + 1, {"stage": "rl", "args": vars(args), "init": init})
+            if run.world > 1:
+                dist.barrier()
+    if run.main:
+        print(f"RL finished in {time.time() - t_start:.0f} s -> {out}")
+        if args.eval_n:
+            split = D.ToyWorld(args.world_seed).eval_split(args.eval_n, seed=args.eval_seed)
+            icfg = E.InferenceConfig(reentry=args.reentry, max_text_tokens=args.max_text_tokens, num_timesteps=10,
+                                     cfg_text_scale=1.0)
+            before = M.load_pretrained(init, run.device, run.dtype)
+            names = {Path(init).name: before, "rl": model.eval()}
+            print(E.toy_table(names, {n: "interleave" for n in names}, tok, split, icfg, args.eval_seed, args.system))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,308 @@
+"""Tests for degrade.py: the 16 MMD-Bench corruptions, their official quirks, sampling weights and the CLI."""
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import degrade
+from degrade import CORRUPTIONS, SEVERITIES, degrade as corrupt
+
+OPS = list(CORRUPTIONS)
+RANDOM_OPS = ["motion_blur", "lens_flare", "dirty_lens", "block_exchange", "gaussian_noise", "graffiti",
+              "watermark_damage"]
+# PSNR does not fall monotonically with severity in the official formulas of these two ops:
+# color_diffusion blends 0.19·img + 0.81·(0.81-scaled smear) at hard, which is closer to the image than mid's
+# 0.595·img + 0.405·(0.2-scaled smear); atmospheric_turbulence's sine phase 5I moves with I, so the pattern is
+# not nested and its PSNR on a given image can rise or fall.
+NOT_MONOTONE = {"color_diffusion", "atmospheric_turbulence"}
+
+
+@pytest.fixture(scope="module")
+def photo():
+    return degrade.demo_image(64)
+
+
+def psnr(a, b):
+    mse = ((np.asarray(a, float) - np.asarray(b, float)) ** 2).mean()
+    return 10 * np.log10(255**2 / max(mse, 1e-12))
+
+
+def flat(value, size=(48, 40)):
+    return Image.new("RGB", size, (value,) * 3)
+
+
+def test_registry_names_order_categories():
+    """Guards the public names: other files index CORRUPTIONS/SEVERITIES by the official strings."""
+    assert list(CORRUPTIONS) == [
+        "lens_blur", "motion_blur", "lens_flare", "dirty_lens", "hsv_saturation",
+        "jpeg_compression", "block_exchange", "mean_shift", "scan_lines",
+        "dark_illumination", "atmospheric_turbulence", "gaussian_noise", "color_diffusion",
+        "sharpness_change", "graffiti", "watermark_damage"]
+    assert [CORRUPTIONS[k] for k in ("lens_blur", "jpeg_compression", "gaussian_noise", "graffiti")] == [
+        "capture", "transmission", "environment", "post-processing"]
+    assert SEVERITIES == {"low": 0.23, "mid": 0.45, "hard": 0.9}
+
+
+@pytest.mark.parametrize("kind", OPS)
+def test_deterministic_for_a_seed(photo, kind):
+    """Same image, kind, severity and seed must give bit-identical output (int seed or Generator alike)."""
+    a = np.asarray(corrupt(photo, kind, "hard", 7))
+    assert np.array_equal(a, np.asarray(corrupt(photo, kind, "hard", 7)))
+    assert np.array_equal(a, np.asarray(corrupt(photo, kind, 0.9, np.random.default_rng(7))))
+
+
+@pytest.mark.parametrize("kind", RANDOM_OPS)
+def test_different_seeds_draw_differently(kind):
+    """A random op must not ignore its seed (e.g. a global RNG or a fixed draw)."""
+    img = degrade.demo_image(128)  # big enough that flares and dirt do not cover everything
+    outs = {np.asarray(corrupt(img, kind, "low", seed)).tobytes() for seed in range(3)}
+    assert len(outs) == 3
+
+
+@pytest.mark.parametrize("kind", OPS)
+@pytest.mark.parametrize("severity", list(SEVERITIES) + [0.0, 1.0])
+def test_output_is_new_rgb_uint8_same_size(photo, kind, severity):
+    """Output must be a new RGB image of the input's size, and the input must stay untouched."""
+    before = np.asarray(photo).copy()
+    out = corrupt(photo, kind, severity, 0)
+    assert out is not photo and out.mode == "RGB" and out.size == photo.size
+    assert np.asarray(out).dtype == np.uint8
+    assert np.array_equal(np.asarray(photo), before)
+
+
+@pytest.mark.parametrize("kind", [k for k in OPS if k not in NOT_MONOTONE])
+def test_damage_grows_with_severity(photo, kind):
+    """PSNR to the clean image must not rise from low to mid to hard (mean of 3 seeds for random ops)."""
+    seeds = range(3) if kind in RANDOM_OPS else [0]
+    scores = [np.mean([psnr(photo, corrupt(photo, kind, s, seed)) for seed in seeds]) for s in SEVERITIES]
+    assert scores[0] >= scores[1] >= scores[2], scores
+
+
+@pytest.mark.parametrize("kind", OPS)
+@pytest.mark.parametrize("size", [(16, 16), (17, 23)])
+def test_small_images_work(kind, size):
+    """Ops that assume big images (blocks, 50-px rectangles, big ellipses, text) must not crash on tiny ones."""
+    img = degrade.demo_image(32).resize(size)
+    for severity in SEVERITIES:
+        out = corrupt(img, kind, severity, 1)
+        assert out.size == size and out.mode == "RGB"
+    if kind in ("block_exchange", "watermark_damage"):  # the official op fails here; ours must still degrade
+        assert not np.array_equal(np.asarray(corrupt(img, kind, "hard", 1)), np.asarray(img))
+
+
+def _odd_modes(img):
+    rgba = img.convert("RGBA")
+    p_transparent = img.convert("P")
+    p_transparent.info["transparency"] = 0
+    gray16 = Image.fromarray(np.asarray(img.convert("L")).astype(np.uint16) * 257)
+    return {"L": img.convert("L"), "LA": img.convert("LA"), "P": img.convert("P"), "P+transparency": p_transparent,
+            "RGBA": rgba, "CMYK": img.convert("CMYK"), "1": img.convert("1"), "YCbCr": img.convert("YCbCr"),
+            "I;16": gray16, "I": img.convert("I"), "F": img.convert("F")}
+
+
+@pytest.mark.parametrize("kind", OPS)
+def test_odd_modes_work(photo, kind):
+    """Every PIL mode a dataset may hold (alpha, palette, CMYK, 16-bit, float) must be accepted."""
+    for mode, img in _odd_modes(photo).items():
+        out = corrupt(img, kind, "mid", 0)
+        assert out.mode == "RGB" and out.size == photo.size, mode
+
+
+def test_to_rgb_rules():
+    """Guards the documented conversion rule: alpha on white, I;16 >> 8, F scaled, others via convert('RGB')."""
+    rgba = Image.new("RGBA", (16, 16), (10, 20, 30, 0))
+    rgba.putpixel((0, 0), (10, 20, 30, 255))
+    out = np.asarray(degrade.to_rgb(rgba))
+    assert out[0, 0].tolist() == [10, 20, 30] and out[5, 5].tolist() == [255, 255, 255]
+    assert np.asarray(degrade.to_rgb(Image.fromarray(np.full((16, 16), 51400, np.uint16))))[0, 0].tolist() == [200] * 3
+    assert np.asarray(degrade.to_rgb(Image.fromarray(np.full((16, 16), 0.5, np.float32))))[0, 0].tolist() == [128] * 3
+    assert np.asarray(degrade.to_rgb(Image.fromarray(np.full((16, 16), 300.0, np.float32))))[0, 0].tolist() == [255] * 3
+    assert np.asarray(degrade.to_rgb(Image.new("I", (16, 16), 100)))[0, 0].tolist() == [100] * 3
+    assert degrade.to_rgb(Image.new("CMYK", (16, 16))).mode == "RGB"
+
+
+def test_unknown_kind_lists_choices(photo):
+    """A typo in the corruption name must fail loudly and say what the valid names are."""
+    with pytest.raises(ValueError, match="lens_blur.*watermark_damage"):
+        corrupt(photo, "lens-blur", "hard", 0)
+
+
+@pytest.mark.parametrize("severity", [1.5, -0.1, float("nan"), "extreme", True, None])
+def test_bad_severity_lists_choices(photo, severity):
+    """A severity outside [0, 1] or an unknown name must raise and list low/mid/hard."""
+    with pytest.raises(ValueError, match="low, mid, hard"):
+        corrupt(photo, "lens_blur", severity, 0)
+
+
+def test_bad_seed_and_tiny_image_raise(photo):
+    """A seed that is not an int/Generator, or an image under 16×16, must raise a clear error."""
+    with pytest.raises(TypeError, match="seed"):
+        corrupt(photo, "lens_blur", "hard", 1.5)
+    with pytest.raises(ValueError, match="16x16"):
+        corrupt(photo.resize((15, 40)), "lens_blur", "hard", 0)
+
+
+def test_sample_corruption_benchmark_weights():
+    """Benchmark draws: each category 1/4, equal within it (post-processing 33/33/34), no severity."""
+    rng = np.random.default_rng(0)
+    draws = [degrade.sample_corruption(rng, "benchmark") for _ in range(20000)]
+    assert {severity for _, severity in draws} == {None}
+    kinds = [kind for kind, _ in draws]
+    for category in ("capture", "transmission", "environment", "post-processing"):
+        share = np.mean([CORRUPTIONS[k] == category for k in kinds])
+        assert abs(share - 0.25) < 0.015, (category, share)
+    for kind, weight in degrade.METHOD_WEIGHTS["benchmark"].items():
+        p = weight / 400
+        assert abs(kinds.count(kind) / len(kinds) - p) < 4 * np.sqrt(p * (1 - p) / len(kinds)), kind
+
+
+def test_sample_corruption_train_weights_and_severities():
+    """Training draws: the official method weights (e.g. graffiti 45/400) and severity 0.2/0.3/0.5."""
+    rng = np.random.default_rng(1)
+    draws = [degrade.sample_corruption(rng, "train") for _ in range(20000)]
+    assert degrade.METHOD_WEIGHTS["train"]["graffiti"] == 45 and sum(degrade.METHOD_WEIGHTS["train"].values()) == 400
+    for kind, weight in degrade.METHOD_WEIGHTS["train"].items():
+        p, f = weight / 400, np.mean([k == kind for k, _ in draws])
+        assert abs(f - p) < 4 * np.sqrt(p * (1 - p) / len(draws)), kind
+    for severity, p in {0.23: 0.2, 0.45: 0.3, 0.9: 0.5}.items():
+        assert abs(np.mean([s == severity for _, s in draws]) - p) < 0.015
+    with pytest.raises(ValueError, match="benchmark, train"):
+        degrade.sample_corruption(rng, "eval")
+
+
+def test_lens_blur_kernel_capped_at_101_and_brightens(monkeypatch):
+    """Kernel size min(101, int(3+300I))|1 (73, 101, 101), and weights 1-0.7I + 0.9I > 1 brighten and saturate."""
+    sizes, original = [], degrade._gaussian_kernel
+    monkeypatch.setattr(degrade, "_gaussian_kernel", lambda k, sigma: sizes.append((k, sigma)) or original(k, sigma))
+    for s in SEVERITIES:
+        corrupt(flat(100), "lens_blur", s, 0)
+    assert sizes == [(73, 0.23 * 20), (101, 0.45 * 20), (101, 0.9 * 20)]
+    monkeypatch.undo()
+    assert np.asarray(corrupt(flat(100), "lens_blur", "hard", 0)).min() > 110
+    assert np.asarray(corrupt(flat(240), "lens_blur", "hard", 0)).min() == 255
+
+
+@pytest.mark.parametrize("value", [1, 77, 200, 255])
+def test_dark_illumination_is_one_minus_i_squared(value):
+    """dark_illumination multiplies by 1 - I² and truncates (0.9 → ×0.19)."""
+    for s, i in SEVERITIES.items():
+        assert np.asarray(corrupt(flat(value), "dark_illumination", s, 0))[0, 0, 0] == int(value * (1 - i**2))
+
+
+def test_jpeg_quality_formula(photo):
+    """JPEG quality is clamp(int(100 - 95I), 5, 100): 78 / 57 / 14 at low / mid / hard."""
+    for s, quality in zip(SEVERITIES, [78, 57, 14]):
+        buffer = io.BytesIO()
+        photo.save(buffer, "JPEG", quality=quality)
+        assert np.array_equal(np.asarray(corrupt(photo, "jpeg_compression", s, 0)), np.asarray(Image.open(buffer)))
+
+
+def test_scan_lines_pattern():
+    """scan_lines darkens the first max(5, int(7I)) of every max(3, int(20/(I+0.1))) rows: 6 of 20 at hard."""
+    out = np.asarray(corrupt(flat(250, (40, 64)), "scan_lines", "hard", 0))[:, 0, 0]
+    assert out[0:6].tolist() == [2] * 6 and out[6:20].tolist() == [250] * 14 and out[20:26].tolist() == [2] * 6
+    low = np.asarray(corrupt(flat(250, (40, 64)), "scan_lines", "low", 0))[:, 0, 0]
+    assert np.flatnonzero(low == 2).tolist() == [0, 1, 2, 3, 4, 60, 61, 62, 63]  # period 60, width 5
+
+
+def test_block_exchange_permutes_32px_blocks():
+    """block_exchange only moves whole b×b grid blocks (b = 32 at hard), so pixel values are a permutation."""
+    a = np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)  # every block distinct
+    b = np.asarray(corrupt(Image.fromarray(a), "block_exchange", "hard", 3))
+    assert sorted(map(tuple, a.reshape(-1, 3))) == sorted(map(tuple, b.reshape(-1, 3)))
+    changed = np.any(a != b, -1)
+    assert changed.any() and all(changed[i:i + 32, j:j + 32].all() or not changed[i:i + 32, j:j + 32].any()
+                                 for i in range(0, 128, 32) for j in range(0, 128, 32))
+
+
+def test_saturating_quirks():
+    """sharpness_change (kernel sum 80I saturates to 255, mixed at 0.3) and color_diffusion (I²-scaled smear)."""
+    assert set(np.unique(np.asarray(corrupt(flat(100), "sharpness_change", "low", 0)))) <= {146, 147}
+    assert np.asarray(corrupt(flat(200), "color_diffusion", "mid", 0))[5, 5, 0] == 135  # 0.595·200 + 0.405·40
+    assert np.asarray(corrupt(flat(200), "hsv_saturation", 1.0, 0)).std() == 0
+
+
+def test_colour_constants_are_rgb():
+    """BGR constants must keep their look in RGB: the flare is (235,255,255)-tinted, graffiti text is red."""
+    flare = np.asarray(corrupt(flat(0, (128, 128)), "lens_flare", "hard", 0)).astype(int)
+    lit = flare.sum(-1) > 0
+    assert lit.any() and (flare[lit, 0] <= flare[lit, 1]).all() and (flare[..., 1] == flare[..., 2]).all()
+    graffiti = np.asarray(corrupt(flat(128, (256, 256)), "graffiti", "hard", 0))
+    assert (np.all(graffiti == (255, 0, 0), -1)).sum() > 500
+
+
+def test_watermark_outline_darkening_and_small_image_scaling():
+    """watermark_damage darkens rectangle outlines ×0.8 above I = 0.5, and scales rectangles below 50 px."""
+    out = np.asarray(corrupt(flat(200, (120, 90)), "watermark_damage", "hard", 0))
+    assert set(np.unique(out)) == {160, 200}
+    assert set(np.unique(np.asarray(corrupt(flat(200, (120, 90)), "watermark_damage", "mid", 0)))) == {200}
+
+
+def test_mean_shift_keeps_edges_and_flattens_noise():
+    """mean_shift must not blend colours further apart than sr across an edge, and must smooth what is within sr."""
+    img = np.zeros((64, 64, 3), np.uint8)
+    img[:, 32:] = 200
+    out = np.asarray(corrupt(Image.fromarray(img), "mean_shift", "hard", 0))
+    assert np.abs(out[2:-2].astype(int) - img[2:-2]).max() <= 3  # as in OpenCV, outer rows keep a pyrUp blend
+    noisy = np.clip(img + np.random.default_rng(0).normal(0, 6, img.shape), 0, 255).astype(np.uint8)
+    out = np.asarray(corrupt(Image.fromarray(noisy), "mean_shift", "hard", 0)).astype(float)
+    assert out[8:-8, 8:24].std() < noisy[8:-8, 8:24].std() / 2 and abs(out[8:-8, 40:56].mean() - 200) < 3
+
+
+def _write_dataset(tmp_path):
+    images = tmp_path / "imgs"
+    (images / "sub").mkdir(parents=True)
+    degrade.demo_image(48).save(images / "a.png")
+    degrade.demo_image(40).convert("L").save(images / "sub" / "b.jpg")
+    rows = [{"image": "a.png", "q": 1}, {"image": "sub/b.jpg"}, {"image": "a.png", "q": 2}]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return images
+
+
+def test_dataset_cli_writes_all_severities_and_manifest(tmp_path):
+    """The dataset CLI must write every image at every severity with one corruption each, and a manifest."""
+    images = _write_dataset(tmp_path)
+    out = tmp_path / "out"
+    degrade.main(["--jsonl", str(tmp_path / "data.jsonl"), "--images", str(images), "--out", str(out), "--seed", "3"])
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and {r["image"] for r in rows} == {"a.png", "sub/b.jpg"}
+    for name in ("a.png", "sub/b.jpg"):
+        mine = [r for r in rows if r["image"] == name]
+        assert len({r["corruption"] for r in mine}) == 1 and {r["severity"] for r in mine} == set(SEVERITIES)
+    for r in rows:
+        written = Image.open(out / r["output"])
+        assert written.size == Image.open(images / r["image"]).size
+        if r["output"].endswith(".png"):  # lossless: the manifest reproduces it exactly
+            again = corrupt(Image.open(images / r["image"]), r["corruption"], r["intensity"], r["seed"])
+            assert np.array_equal(np.asarray(written), np.asarray(again))
+    assert not list(out.rglob("*.tmp"))
+    only_low = tmp_path / "low"
+    degrade.main(["--jsonl", str(tmp_path / "data.jsonl"), "--images", str(images), "--out", str(only_low),
+                  "--seed", "3", "--severity", "low"])
+    low_rows = [json.loads(line) for line in (only_low / "manifest.jsonl").read_text().splitlines()]
+    assert low_rows == [r for r in rows if r["severity"] == "low"]
+
+
+def test_dataset_cli_errors(tmp_path):
+    """A missing image or a row without "image" must stop with a clear message and leave no manifest."""
+    images = _write_dataset(tmp_path)
+    (images / "sub" / "b.jpg").unlink()
+    with pytest.raises(SystemExit, match="sub/b.jpg"):
+        degrade.main(["--jsonl", str(tmp_path / "data.jsonl"), "--images", str(images), "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o" / "manifest.jsonl").exists()
+    (tmp_path / "bad.jsonl").write_text('{"question": "no image here"}\n')
+    with pytest.raises(SystemExit, match='line 1 has no "image"'):
+        degrade.main(["--jsonl", str(tmp_path / "bad.jsonl"), "--images", str(images), "--out", str(tmp_path / "o")])
+
+
+def test_contact_sheet_cli(tmp_path):
+    """The contact-sheet CLI must draw 16 rows × 4 columns and reject an unreadable image."""
+    degrade.demo_image(48).save(tmp_path / "in.png")
+    degrade.main([str(tmp_path / "in.png"), "--out", str(tmp_path / "sheet.png"), "--size", "48"])
+    sheet = Image.open(tmp_path / "sheet.png")
+    assert sheet.size == (170 + 4 * 96, 22 + 16 * 96)
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(SystemExit, match="cannot read image"):
+        degrade.main([str(tmp_path / "broken.png"), "--out", str(tmp_path / "x.png")])
