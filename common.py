@@ -261,7 +261,7 @@ def train_loop(run: Run, raw: M.Bagel, model: torch.nn.Module, optimizer, ema: E
         if ema is not None:
             ema.update(raw)
         if run.main and (step % loop.log_every == 0 or step == loop.steps - 1):
-            log({"step": step + 1, "loss": float(loss), **metrics, "lr": optimizer.param_groups[0]["lr"],
+            log({"step": step + 1, "loss": float(loss.detach()), **metrics, "lr": optimizer.param_groups[0]["lr"],
                  "gnorm": gnorm, "ms": round(1000 * (time.time() - t0))}, bar)
         if loop.save_every and ((step + 1) % loop.save_every == 0 or step + 1 == loop.steps):
             if run.main:
@@ -387,6 +387,7 @@ def add_finetune_args(p: argparse.ArgumentParser, steps: int, lr: float, distill
     g.add_argument("--seed", type=int, default=0, help="training seed")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     g.add_argument("--dtype", default="auto", help="auto | fp32 | bf16")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = its default)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
     g.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=False, help="FSDP2 + activation checkpointing (multi-GPU, real weights)")
     g = p.add_argument_group("summary table")
@@ -410,7 +411,7 @@ def load_start(args, run: Run) -> tuple[M.Bagel, D.Tokenizer, str]:
                 raise SystemExit("build the toy base first (python pretrain.py), then launch torchrun")
             print("No --init and no out/base/: building the toy base model first (python pretrain.py, Stage 0).")
             cmd = [sys.executable, "pretrain.py", "--out", init, "--steps", str(args.base_steps), "--seed", str(args.seed),
-                   "--world-seed", str(args.world_seed), "--device", args.device, "--dtype", args.dtype]
+                   "--world-seed", str(args.world_seed), "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads)]
             subprocess.run(cmd, check=True)
     model = M.load_pretrained(init, run.device, run.dtype)
     return model, D.Tokenizer.from_folder(init), init
@@ -418,7 +419,7 @@ def load_start(args, run: Run) -> tuple[M.Bagel, D.Tokenizer, str]:
 
 def finetune(args, stage: str) -> tuple[M.Bagel, M.Bagel, D.Tokenizer]:
     """Fine-tune with CE + MSE (+ distillation); returns (start model, fine-tuned EMA model, tokenizer)."""
-    run = setup_run(args.device, args.dtype, args.seed)
+    run = setup_run(args.device, args.dtype, args.seed, args.threads)
     t0 = time.time()
     model, tok, init = load_start(args, run)
     start = M.load_pretrained(init, run.device, run.dtype) if run.main and args.eval_n else None
@@ -447,7 +448,8 @@ def finetune(args, stage: str) -> tuple[M.Bagel, M.Bagel, D.Tokenizer]:
                       args.save_every, 1)
     batch_fn = make_batch_fn(args, model.cfg, tok, encode, stream_fn, run.device)
     train_loop(run, model, wrapped, opt, ema, loop, out, stage, batch_fn,
-               lambda m, packed: step_loss(m, packed, args, run, model), tok.tk, {"args": vars(args), "init": init})
+               lambda m, packed: step_loss(m, packed, args, run, model), tok.tk, {"args": vars(args), "init": init},
+               start_step=start_step)
     if run.main:
         print(f"{stage} finished in {time.time() - t0:.0f} s -> {out}")
     if run.world > 1:

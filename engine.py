@@ -189,15 +189,15 @@ def mode_config(mode: str, base: InferenceConfig) -> InferenceConfig:
     return replace(base, allow_restore=True, force_restore=mode == "always_restore")
 
 
-def mode_prefixes(mode: str, examples: list, tok, encode, system: str = "toy") -> list[list]:
+def mode_prefixes(mode: str, examples: list, tok, encode, system: str = "toy", sizes=D.TOY_SIZES) -> list[list]:
     """What the model is shown in each mode: direct = BAGEL's understanding format (ViT image, question); text = a
     reasoning prompt with the ViT image (official text_reason); interleave / always_restore = CLEAR's prefix."""
+    vit = lambda ex: M.VitImage(M.image_to_tensor(M.resize_image(ex.degraded, *sizes.vit)))  # noqa: E731
     if mode == "direct":
-        return [[M.VitImage(M.image_to_tensor(ex.degraded)), M.Text(tok.encode(ex.question))] for ex in examples]
+        return [[vit(ex), M.Text(tok.encode(ex.question))] for ex in examples]
     if mode == "text":
-        return [[M.Text(tok.encode(D.TEXT_REASON_SYSTEM_PROMPT)), M.VitImage(M.image_to_tensor(ex.degraded)),
-                 M.Text(tok.encode(ex.question))] for ex in examples]
-    return D.inference_prefix(examples, tok, encode, system)
+        return [[M.Text(tok.encode(D.TEXT_REASON_SYSTEM_PROMPT)), vit(ex), M.Text(tok.encode(ex.question))] for ex in examples]
+    return D.inference_prefix(examples, tok, encode, system, sizes)
 
 
 def final_text(trace: Trace) -> str:

@@ -1066,6 +1066,8 @@ class Bagel(nn.Module):
         def kv_write(layer):
             def write(k, v):  # k, v [B, nkv, n, hd]
                 rows = torch.arange(B, device=self.device)[:, None]
+                if torch.is_grad_enabled():  # keep earlier versions for autograd: write into a copy
+                    cache.k[layer], cache.v[layer] = cache.k[layer].clone(), cache.v[layer].clone()
                 cache.k[layer][rows, :, slots] = k.transpose(1, 2).to(cache.k[layer].dtype)
                 cache.v[layer][rows, :, slots] = v.transpose(1, 2).to(cache.v[layer].dtype)
                 return cache.k[layer], cache.v[layer]

@@ -198,9 +198,10 @@ def main():
     g.add_argument("--out", default="out/base", help="output checkpoint folder")
     g.add_argument("--seed", type=int, default=0, help="training seed")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = its default)")
     g.add_argument("--dtype", default="auto", help="auto | fp32 | bf16")
     args = p.parse_args()
-    run = C.setup_run(args.device, args.dtype, args.seed)
+    run = C.setup_run(args.device, args.dtype, args.seed, args.threads)
     build_base(args, run)
 
 

@@ -159,7 +159,8 @@ def replay_sample(r: Rollout, steps_per_image: list[list[int]], reentry: str, mo
     tr = r.trace
     for i, ids in enumerate(tr.ids):
         seq.append(M.Text(ids, loss=True))
-        mask += [True] * len(ids) + [tr.stopped[i]]  # a truncated segment's closing <|im_end|> was not sampled
+        n = len(tr.logps[i])  # sampled labels; a truncated segment's closing <|im_end|> (or a forced text) was not
+        mask += [True] * n + [False] * (len(ids) + 1 - n)
         if i < len(tr.latents):
             for s in steps_per_image[i]:
                 st = tr.steps[i][s]
@@ -297,12 +298,13 @@ def main():
     g.add_argument("--seed", type=int, default=0, help="seed of the rollouts and the data")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     g.add_argument("--dtype", default="auto", help="auto | fp32 | bf16")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = its default)")
     g.add_argument("--world-seed", type=int, default=0, help="toy world seed")
     g.add_argument("--eval-n", type=int, default=96, help="held-out toy questions per severity for the final table (0 = skip)")
     g.add_argument("--eval-seed", type=int, default=0, help="held-out split seed")
     args = p.parse_args()
 
-    run = C.setup_run(args.device, args.dtype, args.seed)
+    run = C.setup_run(args.device, args.dtype, args.seed, args.threads)
     init = args.init or ("out/bridge" if (Path("out/bridge") / "ema.safetensors").exists() else "out/sft")
     if not (Path(init) / "ema.safetensors").exists():
         raise SystemExit(f"{init} has no checkpoint: run python sft.py (and python bridge.py) first, or pass --init")

@@ -1,0 +1,335 @@
+"""
+MMD-Bench-style evaluation (CLEAR §4; paper_notes §4-5): the paper's tables and figures in miniature for the toy
+models, and the real VLMEvalKit TSV files (MMD-Bench) for BAGEL-format checkpoints.
+
+Toy (CPU, a few minutes):
+    python evaluate.py                 # every checkpoint under out/ (base, sft, bridge, rl) -> out/eval/
+  writes report.md + report.json with
+    1. accuracy clean / low / mid / hard and the clean->hard drop, per checkpoint x reasoning mode
+       (direct answer; text-only reasoning; interleaved with decode-reencode; interleaved with the bridge;
+       always-restore first, "perception enhancement");
+    2. per-corruption accuracy at hard (16 sets) for the best model and the base;
+    3. restore rate per severity (the paper's adaptive-triggering figure) and wall time per mode;
+    4. restoration quality: PSNR of the restored picture and of the degraded input against the clean one;
+    5. pictures: examples.png (degraded, restored, question, answer, right?) and accuracy.png (bars per severity).
+
+Real benchmarks (GPU):
+    python evaluate.py --init path/to/CLEAR --tsv MMBench_DEV_EN_V11_LOW_LEVEL_HIGH.tsv ... --device cuda --dtype bf16
+  multiple-choice rows are scored by letter (the <answer> content, plain-letter fallback); open-ended rows need a
+  judge (`--judge module:function`, called as judge(question, prediction, answer) -> score in [0, 1]); none is
+  called by default and such rows are reported as unscored. Official inference settings are the defaults.
+
+Differences from the official evaluation (numbered):
+  1. Multiple choice is scored by extracting the letter, not by VLMEvalKit's LLM-judge option matching, and MMBench's
+     circular evaluation is not applied (each row counts once).
+  2. The toy benchmark is generated (data.ToyWorld.eval_split); MMD-Bench is read from its released TSVs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+import common as C
+import data as D
+import engine as E
+import model as M
+from degrade import CORRUPTIONS
+
+SEVERITIES = ("clean", "low", "mid", "hard")
+MODES = {  # row label -> (reasoning mode, re-entry path)
+    "direct": ("direct", "bridge"),
+    "text reasoning": ("text", "bridge"),
+    "interleaved, decode-reencode": ("interleave", "decode_reencode"),
+    "interleaved, bridge": ("interleave", "bridge"),
+    "always restore": ("always_restore", "bridge"),
+}
+STAGES = ("base", "sft", "bridge", "rl")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Toy benchmark
+
+
+def per_corruption_split(world: D.ToyWorld, n: int, seed: int) -> dict:
+    """16 sets at hard: the same n held-out questions degraded by each corruption (MMD-Bench per-degradation sets)."""
+    out = {}
+    for kind in CORRUPTIONS:
+        rng = np.random.default_rng([world.seed, seed, 2])  # same questions for every corruption
+        out[kind] = [world.examples(rng, True, kind, [D.SEVERITIES["hard"]])[0] for _ in range(n)]
+    return out
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return 99.0 if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
+
+
+def restoration_quality(model: M.Bagel, examples: list, traces: list) -> dict:
+    """Mean PSNR (dB) against the clean picture of the restored picture and of the degraded input, over restorations."""
+    restored, degraded = [], []
+    for ex, tr in zip(examples, traces):
+        if tr.latents:
+            img = E.decode_image(model, tr.latents[0], tr.grid).resize(ex.clean.size, Image.BICUBIC)
+            restored.append(psnr(np.asarray(img), np.asarray(ex.clean)))
+            degraded.append(psnr(np.asarray(ex.degraded), np.asarray(ex.clean)))
+    return {"n": len(restored), "restored_psnr": float(np.mean(restored)) if restored else None,
+            "degraded_psnr": float(np.mean(degraded)) if degraded else None}
+
+
+def evaluate_checkpoint(model, tok, split, modes: dict, icfg: E.InferenceConfig, seed: int) -> dict:
+    """Every requested mode on the aligned clean/low/mid/hard split."""
+    rows = {}
+    for label, (mode, reentry) in modes.items():
+        res = E.benchmark(model, tok, split, mode, E.replace(icfg, reentry=reentry), model.encode_pixels, seed=seed)
+        rows[label] = {s: {k: v for k, v in res[s].items() if k != "traces"} for s in res}
+        rows[label]["quality"] = restoration_quality(model, split["hard"], res["hard"]["traces"])
+        rows[label]["_traces"] = {s: res[s]["traces"] for s in res}
+    return rows
+
+
+def main_table(results: dict) -> str:
+    lines = ["| checkpoint | mode | clean | low | mid | hard | drop clean->hard | restore low / mid / hard | seconds |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for ckpt, rows in results.items():
+        for label, r in rows.items():
+            acc = [100 * r[s]["acc"] for s in SEVERITIES]
+            rr = " / ".join(f"{100 * r[s]['restore']:.0f}%" for s in ("low", "mid", "hard"))
+            secs = sum(r[s]["seconds"] for s in SEVERITIES)
+            lines.append(f"| {ckpt} | {label} | " + " | ".join(f"{a:.1f}" for a in acc) + f" | {acc[0] - acc[3]:.1f} | {rr} | {secs:.0f} |")
+    return "\n".join(lines)
+
+
+def quality_table(results: dict) -> str:
+    lines = ["| checkpoint | mode | restorations (hard) | PSNR restored | PSNR degraded input |", "|---|---|---|---|---|"]
+    for ckpt, rows in results.items():
+        for label, r in rows.items():
+            q = r["quality"]
+            if q["n"]:
+                lines.append(f"| {ckpt} | {label} | {q['n']} | {q['restored_psnr']:.2f} | {q['degraded_psnr']:.2f} |")
+    return "\n".join(lines)
+
+
+def corruption_table(per: dict) -> str:
+    names = list(per)
+    lines = ["| corruption | category | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for kind, cat in CORRUPTIONS.items():
+        lines.append(f"| {kind} | {cat} | " + " | ".join(f"{100 * per[n][kind]:.1f}" for n in names) + " |")
+    return "\n".join(lines)
+
+
+def draw_examples(model, split, traces, path: Path, n: int = 8):
+    """A grid: degraded input | restored picture | question, answer, right or wrong (hard split)."""
+    cell, text_w = 96, 360
+    rows = [(ex, tr) for ex, tr in zip(split["hard"], traces["hard"]) if tr.latents][:n] or list(zip(split["hard"], traces["hard"]))[:n]
+    sheet = Image.new("RGB", (2 * cell + text_w, cell * len(rows)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (ex, tr) in enumerate(rows):
+        sheet.paste(ex.degraded.resize((cell, cell), Image.NEAREST), (0, i * cell))
+        if tr.latents:
+            sheet.paste(E.decode_image(model, tr.latents[0], tr.grid).resize((cell, cell), Image.NEAREST), (cell, i * cell))
+        reply = E.final_text(tr)
+        ok = D.is_correct(reply, ex)
+        lines = [f"{ex.corruption} (hard)", ex.question.split("\n")[0][:56], f"answer: {(D.extract_answer(reply) or reply)[:40]!r}",
+                 f"truth: {ex.answer}   {'RIGHT' if ok else 'WRONG'}"]
+        for j, line in enumerate(lines):
+            draw.text((2 * cell + 6, i * cell + 6 + 20 * j), line, fill=(0, 120, 0) if ok and j == 3 else "black")
+    sheet.save(path)
+
+
+def draw_bars(results: dict, path: Path):
+    """Accuracy by severity, one bar group per severity and one colour per checkpoint (its interleaved-bridge row, or
+    direct for the base)."""
+    palette = [(120, 120, 120), (66, 133, 244), (52, 168, 83), (234, 67, 53), (251, 188, 5)]
+    series = {c: rows.get("interleaved, bridge", rows.get("direct")) for c, rows in results.items()}
+    W, H, pad = 640, 320, 40
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    group = (W - 2 * pad) / len(SEVERITIES)
+    bar = group * 0.8 / max(1, len(series))
+    for g, sev in enumerate(SEVERITIES):
+        d.text((pad + g * group + group * 0.3, H - pad + 8), sev, fill="black")
+        for k, (name, r) in enumerate(series.items()):
+            acc = r[sev]["acc"]
+            x0 = pad + g * group + group * 0.1 + k * bar
+            d.rectangle([x0, H - pad - acc * (H - 2 * pad), x0 + bar - 2, H - pad], fill=palette[k % len(palette)])
+    for k, name in enumerate(series):
+        d.rectangle([pad + k * 110, 10, pad + k * 110 + 12, 22], fill=palette[k % len(palette)])
+        d.text((pad + k * 110 + 16, 10), name, fill="black")
+    d.line([pad, H - pad, W - pad, H - pad], fill="black")
+    d.text((4, pad - 10), "100%", fill="black")
+    img.save(path)
+
+
+def evaluate_toy(args, run: C.Run):
+    ckpts = {s: Path(args.out_root) / s for s in STAGES if (Path(args.out_root) / s / "ema.safetensors").exists()}
+    if not ckpts:
+        raise SystemExit(f"no checkpoints under {args.out_root}/ ({', '.join(STAGES)}): run python sft.py first")
+    world = D.ToyWorld(args.world_seed)
+    split = world.eval_split(args.n, seed=args.seed)
+    icfg = E.InferenceConfig(max_text_tokens=args.max_text_tokens, num_timesteps=args.steps,
+                             cfg_text_scale=args.cfg_text_scale, cfg_img_scale=args.cfg_img_scale)
+    results, models, toks, t0 = {}, {}, {}, time.time()
+    for name, folder in ckpts.items():
+        models[name] = M.load_pretrained(folder, run.device, run.dtype)
+        toks[name] = D.Tokenizer.from_folder(folder)
+        modes = {"direct": MODES["direct"]} if name == "base" else MODES  # the base never learned the CLEAR format
+        print(f"evaluating {name} ({len(modes)} modes x {len(SEVERITIES)} severities x {args.n} questions)")
+        results[name] = evaluate_checkpoint(models[name], toks[name], split, modes, icfg, args.seed)
+    best = max((c for c in results if c != "base"), key=lambda c: results[c]["interleaved, bridge"]["hard"]["acc"], default=None)
+    per = {}
+    for name, mode in (("base", "direct"), (best, "interleave")):
+        if name is None or name not in models:
+            continue
+        hard = per_corruption_split(world, args.n_corruption, args.seed)
+        res = E.benchmark(models[name], toks[name], hard, mode, icfg, models[name].encode_pixels, seed=args.seed)
+        per[f"{name} ({mode})"] = {k: v["acc"] for k, v in res.items()}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = ["# Toy MMD-Bench", "", f"`python evaluate.py --n {args.n} --seed {args.seed}` on {run.device}, "
+              f"{time.time() - t0:.0f} s in all.", "", "## Accuracy (%) and restore rate", "", main_table(results), "",
+              "## Accuracy (%) at hard per corruption", "", corruption_table(per), "",
+              "## Restoration quality at hard (PSNR against the clean picture, dB)", "", quality_table(results), ""]
+    (out / "report.md").write_text("\n".join(report))
+    clean = {c: {m: {k: v for k, v in r.items() if k != "_traces"} for m, r in rows.items()} for c, rows in results.items()}
+    (out / "report.json").write_text(json.dumps({"main": clean, "per_corruption": per, "args": vars(args)}, indent=1))
+    show = best or "base"
+    label = "interleaved, bridge" if show != "base" else "direct"
+    draw_examples(models[show], split, results[show][label]["_traces"], out / "examples.png")
+    draw_bars(results, out / "accuracy.png")
+    print("\n".join(report))
+    print(f"wrote {out}/report.md, report.json, examples.png, accuracy.png")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Real benchmarks (VLMEvalKit TSV)
+
+
+def load_judge(spec: str | None):
+    """'module:function' -> a callable judge(question, prediction, answer) -> float in [0, 1]; never a network default."""
+    if not spec:
+        return None
+    module, _, fn = spec.partition(":")
+    if not fn:
+        raise SystemExit(f"--judge wants module:function, got {spec!r}")
+    return getattr(importlib.import_module(module), fn)
+
+
+def evaluate_tsv(model, tok, path: Path, args, icfg: E.InferenceConfig, judge=None) -> dict:
+    """Score one VLMEvalKit TSV; malformed rows are counted and listed, never scored."""
+    rows, problems = D.read_tsv(path)
+    sizes = D.BAGEL_SIZES if args.sizes == "bagel" else D.TOY_SIZES
+    preds, scored, correct, unscored = [], 0, 0.0, []
+    by_cat = {}
+    gen = torch.Generator().manual_seed(args.seed)
+    cfg = E.replace(E.mode_config(args.mode, icfg), vit_transform=sizes.vit)
+    for row in rows:
+        try:
+            ex = D.tsv_example(row)
+        except Exception as e:  # an image that verified but cannot be decoded fully
+            problems.append((row["index"], f"image could not be read ({e})"))
+            continue
+        prefix = E.mode_prefixes(args.mode, [ex], tok, model.encode_pixels, args.system, sizes)
+        tr = E.reason(model, tok, prefix, cfg, gen)[0]
+        reply = E.final_text(tr)
+        if ex.options:
+            score = float(D.is_correct(reply, ex))
+        elif judge is not None:
+            pred = D.extract_answer(reply)
+            score = float(judge(ex.question, reply.strip() if pred is None else pred, ex.answer))
+        else:
+            unscored.append(row["index"])
+            score = None
+        if score is not None:
+            scored += 1
+            correct += score
+            cat = row.get("category") or "all"
+            by_cat.setdefault(cat, []).append(score)
+        preds.append({"index": row["index"], "prediction": reply, "answer": ex.answer, "score": score,
+                      "restored": tr.restored, "category": row.get("category")})
+    return {"file": str(path), "rows": len(rows), "scored": scored, "accuracy": correct / scored if scored else None,
+            "restore_rate": sum(p["restored"] for p in preds) / max(1, len(preds)),
+            "by_category": {k: sum(v) / len(v) for k, v in by_cat.items()},
+            "problems": [{"index": i, "reason": r} for i, r in problems], "unscored": unscored, "predictions": preds}
+
+
+def evaluate_real(args, run: C.Run):
+    model = M.load_pretrained(args.init, run.device, run.dtype)
+    tok = D.Tokenizer.from_folder(args.init)
+    judge = load_judge(args.judge)
+    icfg = E.InferenceConfig(reentry=args.reentry, max_text_tokens=args.max_text_tokens, num_timesteps=args.steps,
+                             timestep_shift=args.timestep_shift, cfg_text_scale=args.cfg_text_scale,
+                             cfg_img_scale=args.cfg_img_scale, cfg_interval=tuple(args.cfg_interval),
+                             cfg_renorm_type=args.cfg_renorm_type)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = []
+    for tsv in args.tsv:
+        res = evaluate_tsv(model, tok, Path(tsv), args, icfg, judge)
+        name = Path(tsv).stem
+        (out / f"{name}.json").write_text(json.dumps(res, indent=1))
+        acc = "n/a" if res["accuracy"] is None else f"{100 * res['accuracy']:.2f}"
+        summary.append(f"| {name} | {res['scored']}/{res['rows']} | {acc} | {100 * res['restore_rate']:.1f}% | "
+                       f"{len(res['problems'])} | {len(res['unscored'])} |")
+        if res["problems"]:
+            print(f"{name}: {len(res['problems'])} malformed rows skipped: "
+                  + ", ".join(f"{p['index']} ({p['reason']})" for p in res["problems"][:10]))
+    table = "\n".join(["| benchmark | scored / rows | accuracy % | restore rate | malformed | unscored (no judge) |",
+                       "|---|---|---|---|---|---|"] + summary)
+    (out / "summary.md").write_text(table + "\n")
+    print(table)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("toy benchmark (default)")
+    g.add_argument("--out-root", default="out", help="folder holding the stage checkpoints (base, sft, bridge, rl)")
+    g.add_argument("--n", type=int, default=96, help="held-out questions per severity")
+    g.add_argument("--n-corruption", type=int, default=24, help="questions per corruption in the per-corruption sets")
+    g.add_argument("--world-seed", type=int, default=0, help="toy world seed")
+    g = p.add_argument_group("real benchmarks")
+    g.add_argument("--init", default=None, help="BAGEL-format checkpoint (BAGEL-7B-MoT, CLEAR or ours)")
+    g.add_argument("--tsv", nargs="*", default=[], help="VLMEvalKit TSV files (MMD-Bench)")
+    g.add_argument("--mode", default="interleave", choices=E.MODES, help="reasoning mode for the TSVs")
+    g.add_argument("--sizes", default="bagel", choices=["bagel", "toy"], help="image transforms (bagel: VAE 1024/512, ViT 518/224)")
+    g.add_argument("--judge", default=None, help="module:function judge for open-ended rows (none by default)")
+    g.add_argument("--system", default="official", choices=sorted(D.SYSTEM_PROMPTS), help="system prompt for --tsv runs")
+    g = p.add_argument_group("inference (official evaluation values for real benchmarks)")
+    g.add_argument("--reentry", default="bridge", choices=E.REENTRY, help="how a restored image re-enters (CLEAR eval: bridge)")
+    g.add_argument("--max-text-tokens", type=int, default=None, help="tokens per segment (toy 48, official 4096)")
+    g.add_argument("--steps", type=int, default=None, help="denoising points (toy 10, official 50)")
+    g.add_argument("--timestep-shift", type=float, default=3.0, help="sampling timestep shift (official 3.0)")
+    g.add_argument("--cfg-text-scale", type=float, default=None, help="text CFG (toy 1.0, official 3.0)")
+    g.add_argument("--cfg-img-scale", type=float, default=None, help="image CFG (toy 1.0, official 1.5)")
+    g.add_argument("--cfg-interval", type=float, nargs=2, default=(0.4, 1.0), help="CFG on for t in (lo, hi]")
+    g.add_argument("--cfg-renorm-type", default="text_channel", choices=["global", "channel", "text_channel"], help="CFG renorm")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default=None, help="output folder (default out/eval, or out/eval_tsv for --tsv)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the held-out split and of any sampling")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    g.add_argument("--dtype", default="auto", help="auto | fp32 | bf16")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = its default)")
+    args = p.parse_args()
+    real = bool(args.tsv)
+    if real and not args.init:
+        raise SystemExit("--tsv needs --init PATH (a BAGEL-format checkpoint folder)")
+    defaults = dict(max_text_tokens=(4096, 48), steps=(50, 10), cfg_text_scale=(3.0, 1.0), cfg_img_scale=(1.5, 1.0))
+    for k, (official, toy) in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, official if real else toy)
+    args.out = args.out or ("out/eval_tsv" if real else "out/eval")
+    run = C.setup_run(args.device, args.dtype, args.seed, args.threads)
+    with torch.no_grad():
+        evaluate_real(args, run) if real else evaluate_toy(args, run)
+
+
+if __name__ == "__main__":
+    main()

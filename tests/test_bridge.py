@@ -1,0 +1,124 @@
+"""Stage 2 (bridge.py): the bridge embedding, the distillation losses, pair alignment, and where gradients flow."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import bridge
+import common as C
+import data as D
+import engine as E
+import model as M
+from test_model import tiny_cfg
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    m = M.Bagel(tiny_cfg())
+    torch.nn.init.normal_(m.llm2vae.weight, 0, 0.3)
+    return m
+
+
+def test_layer_weights_sum_to_one_and_grow():
+    """(l + 1) / sum over the chosen layers; the last layer is always included, whatever the stride."""
+    w = M.distill_layer_weights(28, 1)
+    assert len(w) == 28 and sum(w.values()) == pytest.approx(1.0) and w[27] == pytest.approx(28 / 406)
+    w3 = M.distill_layer_weights(8, 3)
+    assert sorted(w3) == [2, 5, 7] and sum(w3.values()) == pytest.approx(1.0)
+
+
+def test_kl_zero_iff_student_equals_teacher():
+    """KL(softmax(teacher) || softmax(student)) is 0 for equal hidden states, positive otherwise, and the teacher is detached."""
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(5, 16, generator=g, requires_grad=True)
+    assert float(M.distill_kl(t, t.detach().clone())) == pytest.approx(0.0, abs=1e-6)
+    s = torch.randn(5, 16, generator=g, requires_grad=True)
+    kl = M.distill_kl(t, s)
+    assert float(kl) > 0
+    kl.backward()
+    assert t.grad is None and s.grad.abs().sum() > 0
+    assert float(M.distill_final_mse(t, t.detach() + 0)) == 0 and float(M.distill_final_mse(t, s)) > 0
+
+
+def test_teacher_patches_align_with_vae_tokens_cell_by_cell(net):
+    """In a restore sample, ViT patch n of the teacher covers the same picture cell as latent token n of the student."""
+    cfg = net.cfg
+    grid = (3, 4)
+    side = cfg.latent_downsample
+    cells = np.arange(12).reshape(grid) * 20  # a distinct grey level per latent cell
+    picture = Image.fromarray(np.kron(cells, np.ones((side, side))).astype(np.uint8)).convert("RGB")
+    w, h = bridge.teacher_size(grid, cfg.vit_patch_size)
+    teacher = M.patchify(M.image_to_tensor(picture, (w, h)), cfg.vit_patch_size)
+    assert teacher.shape[0] == grid[0] * grid[1]
+    means = (teacher.mean(1) * 0.5 + 0.5) * 255
+    assert np.allclose(means.numpy(), cells.flatten(), atol=12)
+
+
+def test_bridge_embedding_is_the_clean_vae_input(net):
+    """b(x0) equals the embedding of a clean (t=0) VAE image: the bridge adds no parameter (CLEAR §3.3)."""
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(6, net.cfg.patch_latent_dim, generator=g)
+    b = bridge.bridge_embedding(net, x0, (2, 3))
+    packed = M.pack([[M.VaeImage(x0, (2, 3))]], net.cfg)
+    torch.testing.assert_close(b, net.embed_latent(packed.vae_tokens, packed.vae_t, packed.vae_pos))
+
+
+def answer_loss_after_restore(net, reentry: str):
+    """Denoise one step with gradients on, re-enter the result, and score an answer: returns the loss."""
+    cfg = net.cfg
+    g = torch.Generator().manual_seed(2)
+    grid = (2, 2)
+    prompt = [M.Text([5, 6, 7])]
+    cache = net.new_cache()
+    net.add_text(cache, [prompt[0].ids])
+    x_t = torch.randn(1, 4, cfg.patch_latent_dim, generator=g)
+    x0 = x_t - net.velocity(cache, x_t, 1.0, grid)  # one Euler step from t=1 to t=0, differentiable
+    if reentry == "bridge":
+        image = M.VaeImage(x0[0], grid)
+    else:
+        picture = E.decode_image(net, x0[0], grid)  # 8-bit pixels: the detour
+        image = M.VitImage(M.image_to_tensor(M.resize_image(picture, 16, 8, cfg.vit_patch_size)))
+    out = net(M.pack([prompt + [image, M.Text([8, 9], loss=True)]], cfg))
+    return out.ce.sum()
+
+
+def test_answer_gradient_reaches_the_denoiser_only_through_the_bridge(net):
+    """The answer loss reaches the denoiser's output head (llm2vae) through the bridge, not through decode-reencode."""
+    net.zero_grad()
+    answer_loss_after_restore(net, "bridge").backward()
+    assert net.llm2vae.weight.grad is not None and net.llm2vae.weight.grad.abs().sum() > 0
+    net.zero_grad()
+    answer_loss_after_restore(net, "decode_reencode").backward()
+    assert net.llm2vae.weight.grad is None or net.llm2vae.weight.grad.abs().sum() == 0
+    net.zero_grad()
+
+
+def test_per_layer_distillation_in_the_training_step(toy_ckpt):
+    """A Stage-2 step on real restore samples has one pair per sample and a positive term that trains the student."""
+    model = M.load_pretrained(toy_ckpt)
+    tok = D.Tokenizer.from_folder(toy_ckpt)
+    world = D.ToyWorld(0)
+    stream = world.stream(np.random.default_rng(3))
+    examples = [ex for ex in (next(stream) for _ in range(40)) if ex.restore][:2]
+    assert examples, "the toy stream yields restore samples"
+    samples = D.build_batch(examples, tok, model.encode_pixels, torch.Generator().manual_seed(0))
+    packed = M.pack(samples, model.cfg)
+    assert len(packed.pairs) == len(examples)
+    for v, a in packed.pairs:
+        assert len(v) == len(a)
+    hook, finish = C.distill_loss(model, packed, "per_layer_kl", 1)
+    out = model(packed, hidden_hook=hook)
+    d = finish(out)
+    assert float(d) > 0
+    model.zero_grad()
+    d.backward()
+    assert model.vae2llm.weight.grad.abs().sum() > 0  # the student (latent input path) learns
+    assert model.llm2vae.weight.grad is None or model.llm2vae.weight.grad.abs().sum() == 0  # no velocity is involved
+
+
+def test_reentry_latency_measures_all_paths(net):
+    """The latency probe times every re-entry path on the same context."""
+    lat = bridge.reentry_latency(net, (2, 2), context=12, repeats=2)
+    assert set(lat) == set(E.REENTRY) and all(v > 0 for v in lat.values())

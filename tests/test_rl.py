@@ -1,0 +1,193 @@
+"""Interleaved GRPO (rl.py): rewards, advantages, losses, rollouts and their exact replay."""
+
+import argparse
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import data as D
+import engine as E
+import model as M
+import rl
+from test_model import tiny_cfg
+
+
+def ex(answer="red", options=None):
+    from PIL import Image
+    return D.Example(Image.new("RGB", (8, 8)), "What colour?", answer, options=options)
+
+
+def test_accuracy_reward_exact_letter_and_judge():
+    """Exact/normalised match, A-D letters for MC, and a pluggable judge only for open answers."""
+    assert rl.accuracy_reward("<think>x</think><answer> Red </answer>", ex()) == 1.0
+    assert rl.accuracy_reward("<answer>blue</answer>", ex()) == 0.0
+    mc = ex("B", {"A": "red", "B": "blue", "C": "green", "D": "pink"})
+    assert rl.accuracy_reward("<answer>B</answer>", mc) == 1.0 and rl.accuracy_reward("<answer>(C)</answer>", mc) == 0.0
+    judge = lambda q, pred, truth: 0.7 if pred == "crimson" else 0.0  # noqa: E731
+    assert rl.accuracy_reward("<answer>crimson</answer>", ex(), judge) == 0.7
+    assert rl.accuracy_reward("<answer>B</answer>", mc, judge) == 1.0  # MC never goes to the judge
+
+
+def test_format_reward_parts():
+    """0.35 think + 0.35 answer + 0.3 order, on the joined completion texts (official format_reward_v2)."""
+    assert rl.format_reward(["<think>a</think>", "<answer>b</answer>"]) == pytest.approx(1.0)
+    assert rl.format_reward(["<answer>b</answer>"]) == pytest.approx(0.35)
+    assert rl.format_reward(["<think>a</think>"]) == pytest.approx(0.35)
+    assert rl.format_reward(["<answer>b</answer><think>a</think>"]) == pytest.approx(0.7)
+    assert rl.format_reward(["<think></think><answer></answer>"]) == pytest.approx(0.3)
+    assert rl.format_reward(["plain"]) == 0.0
+
+
+def test_decision_reward_table():
+    """restored&correct 1.0, direct&correct 0.6, restored&wrong 0.4, direct&wrong -0.2 (smooth 1/.5/.5/-.2)."""
+    assert [rl.decision_reward(r, c) for r, c in ((1, 1), (0, 1), (1, 0), (0, 0))] == [1.0, 0.6, 0.4, -0.2]
+    assert [rl.decision_reward(r, c, True) for r, c in ((1, 1), (0, 1), (1, 0), (0, 0))] == [1.0, 0.5, 0.5, -0.2]
+
+
+def test_latent_quality_reward():
+    """1 for the clean latent itself, lower for noise, NaN without a generated image; weights 0.3/0.3/0.4."""
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randn(6, 8, generator=g)
+    assert rl.latent_quality_reward(clean, clean) == pytest.approx(1.0)
+    assert math.isnan(rl.latent_quality_reward(None, clean))
+    noisy = rl.latent_quality_reward(torch.randn(6, 8, generator=g), clean)
+    assert 0 <= noisy < 0.7
+    opposite = rl.latent_quality_reward(-clean, clean)
+    assert opposite == pytest.approx(0.3 * math.exp(-0.5 * float((2 * clean).pow(2).mean())))
+
+
+def test_group_advantages_zero_mean():
+    """Advantages are centred within each group; with scale they are also divided by the group std."""
+    r = torch.tensor([1.0, 0.0, 0.5, 0.5, 2.0, 2.0, 2.0, 0.0])
+    a = rl.group_advantages(r, 4)
+    assert torch.allclose(a.view(2, 4).mean(1), torch.zeros(2))
+    assert torch.allclose(a[:4], torch.tensor([0.5, -0.5, 0.0, 0.0]))
+    s = rl.group_advantages(r, 4, scale=True)
+    assert torch.allclose(s.view(2, 4).mean(1), torch.zeros(2), atol=1e-6)
+
+
+def test_text_loss_at_ratio_one_is_reinforce():
+    """At ratio 1 and beta 0 the PPO-clip gradient equals the REINFORCE gradient -A * grad log p."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(5, 7, generator=g, requires_grad=True)
+    tokens = torch.tensor([1, 3, 0, 6, 2])
+    adv = torch.tensor([0.5, -1.0, 2.0, 0.0, -0.3])
+    logp = torch.log_softmax(logits, -1)[torch.arange(5), tokens]
+    loss, clipped = rl.ppo_clip_loss(logp, logp.detach(), adv)
+    (grad_ppo,) = torch.autograd.grad(loss.sum(), logits, retain_graph=True)
+    (grad_pg,) = torch.autograd.grad((-adv * logp).sum(), logits)
+    assert torch.allclose(grad_ppo, grad_pg) and clipped.sum() == 0
+    big = rl.ppo_clip_loss(logp.detach() + 1.0, logp.detach(), torch.ones(5))[0]
+    assert torch.allclose(big, torch.full((5,), -1.2))  # clipped at 1 + eps for positive advantages
+
+
+def test_kl_k3_and_aggregation():
+    """k3 is zero at equal log-probs and positive otherwise; grpo and dr_grpo normalise as documented."""
+    lp = torch.tensor([-1.0, -2.0])
+    assert torch.all(rl.kl_k3(lp, lp) == 0) and torch.all(rl.kl_k3(lp, lp - 0.5) > 0)
+    per = torch.tensor([1.0, 3.0, 2.0])
+    seq = torch.tensor([0, 0, 1])
+    assert float(rl.aggregate(per, seq, 2, "grpo", 10)) == pytest.approx((2.0 + 2.0) / 2)
+    assert float(rl.aggregate(per, seq, 2, "dr_grpo", 10)) == pytest.approx(6.0 / 20)
+
+
+def test_flow_step_logprob_matches_sampler_for_t_above_blend():
+    """The training log-prob equals the rollout's recorded one for t >= 0.1 when the score stays within +-50."""
+    g = torch.Generator().manual_seed(2)
+    x, v = torch.randn(1, 4, 8, generator=g), torch.randn(1, 4, 8, generator=g)
+    t, dt, sigma = 0.6, 0.05, 0.3
+    mean = M.sde_step_mean(x, v, t, dt, sigma)
+    x_next = mean + sigma * dt ** 0.5 * torch.randn(1, 4, 8, generator=g)
+    torch.testing.assert_close(rl.flow_step_logprob(x, v, x_next, t, dt, sigma), M.sde_step_logprob(x_next, mean, sigma, dt))
+
+
+def test_choose_steps_strategies():
+    """Round robin cycles over all but the last step; random and weighted pick distinct valid steps."""
+    ts = list(np.linspace(1, 0.1, 9))
+    assert [rl.choose_steps(9, 1, "round_robin", c, None, ts)[0] for c in range(10)] == [0, 1, 2, 3, 4, 5, 6, 7, 0, 1]
+    rng = np.random.default_rng(0)
+    for strategy in ("random", "weighted"):
+        s = rl.choose_steps(9, 3, strategy, 0, rng, ts)
+        assert len(set(s)) == 3 and max(s) < 8
+
+
+@pytest.fixture(scope="module")
+def policy():
+    torch.manual_seed(0)
+    return M.Bagel(tiny_cfg()).eval()
+
+
+class ByteTok:
+    """One token per character of a 60-letter alphabet; the CLEAR tags are plain text, as in the official tokenizer."""
+    ALPHABET = "<>/_ abcdefghijklmnopqrstuvwxyz0123456789.,?!ABCDEFGHIJKLMNOP"
+
+    def encode(self, s):
+        return [self.ALPHABET.index(c) for c in s]
+
+    def decode(self, ids):
+        return "".join(self.ALPHABET[i] if i < len(self.ALPHABET) else "" for i in ids)
+
+
+def rollout_args(**kw):
+    base = dict(reentry="bridge", max_rounds=3, max_text_tokens=6, temperature=1.0, top_p=1.0, sde_points=4,
+                timestep_shift=3.0, sde_sigma=0.3, system="toy", group=4, image_steps=1, step_strategy="round_robin",
+                image_loss_weight=0.5, epsilon=0.2, beta=0.0, loss_type="grpo")
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def forced_restore_rollouts(policy, seed):
+    """Rollouts whose first segment restores, so the image path (SDE, bridge, Flow-GRPO) is exercised."""
+    cfg = policy.cfg
+    g = torch.Generator().manual_seed(seed)
+    prefix = [M.Text([5, 6]), M.VaeImage(torch.randn(4, cfg.patch_latent_dim, generator=g), (2, 2)),
+              M.VitImage(torch.rand(3, 16, 16, generator=g) * 2 - 1), M.Text([7, 8, 9])]
+    icfg = E.InferenceConfig(max_rounds=2, max_text_tokens=5, temperature=1.0, sampler="sde", num_timesteps=4,
+                             force_restore=True, vit_transform=(16, 16, 8))
+    traces = E.reason(policy, ByteTok(), [prefix] * 4, icfg, torch.Generator().manual_seed(seed))
+    return [rl.Rollout(prefix, tr, ex()) for tr in traces]
+
+
+def test_group_rollouts_differ_and_are_reproducible(policy):
+    """The G rollouts of a group differ (own draws), and the same seed reproduces them exactly."""
+    a, b = forced_restore_rollouts(policy, 3), forced_restore_rollouts(policy, 3)
+    assert all(r.trace.restored for r in a)
+    lat = [r.trace.latents[0] for r in a]
+    assert not torch.allclose(lat[0], lat[1])
+    assert all(torch.equal(x.trace.latents[0], y.trace.latents[0]) and x.trace.ids == y.trace.ids for x, y in zip(a, b))
+    assert len({tuple(r.trace.ids[-1]) for r in a}) > 1
+
+
+def test_replay_reproduces_rollout_logprobs(policy):
+    """The training forward on the replayed context gives the sampler's own log-probs (text) and step log-probs (image)."""
+    rollouts = forced_restore_rollouts(policy, 4)
+    masks, samples, chosen = [], [], []
+    for r in rollouts:
+        seq, mask = rl.replay_sample(r, [[0, 1]], "bridge", policy)
+        samples.append(seq), masks.append(mask)
+    packed = M.pack(samples, policy.cfg)
+    out = policy(packed)
+    label_mask = torch.tensor([m for ms in masks for m in ms])
+    replay = (-out.ce[label_mask]).tolist()
+    recorded = rl.rollout_logps(rollouts)
+    assert len(replay) == len(recorded) and np.allclose(replay, recorded, atol=1e-4)
+    vs = out.v.split(packed.flow_lens)
+    for k, (r, s) in enumerate((r, s) for r in rollouts for s in (0, 1)):
+        st = r.trace.steps[0][s]
+        lp = M.sde_step_logprob(st["x_next"][None], M.sde_step_mean(st["x_t"][None], vs[k][None], st["t"], st["dt"], 0.3), 0.3, st["dt"])
+        assert float(lp) == pytest.approx(float(st["logprob"]), abs=1e-3)
+
+
+def test_grpo_loss_backward_reaches_text_and_denoiser(policy):
+    """One Interleaved-GRPO loss: finite, and its gradient reaches lm_head (text) and llm2vae (Flow-GRPO)."""
+    rollouts = forced_restore_rollouts(policy, 5)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    args = rollout_args()
+    policy.zero_grad()
+    loss, stats = rl.grpo_loss(policy, None, rollouts, adv, args, 0, np.random.default_rng(0), policy)
+    loss.backward()
+    assert torch.isfinite(loss) and stats["logp_drift"] < 1e-3
+    assert policy.llm2vae.weight.grad.abs().sum() > 0 and policy.language_model.lm_head.weight.grad.abs().sum() > 0
+    policy.zero_grad()
