@@ -1,0 +1,945 @@
+"""
+nanoCLEAR data: tokenizer, a procedurally generated toy VQA world, readers for real data, and the builders that turn
+(image, question, answer, corruption) into CLEAR's Stage-1 samples (CLEAR §3.1-3.2; shared/research/clear_method.md §1;
+official data/interleave_datasets/interleave_reason.py, corruption_datasets_create/generate_interleave_datasets_by_gpt.py).
+
+A sample is a list of model.py segments (Text / VitImage / VaeImage with loss flags) that `model.pack` flattens.
+Restore sample (pattern B), exactly as the official parse_row builds it:
+  1 system prompt | 2 degraded image as VAE latent (t=0) | 3 degraded image as ViT | 4 question
+  5 "<think>...</think>\\n<image_restore>" (CE) | 6 clean image, noised latent x_t (flow-matching MSE)
+  7 clean image, latent at t=0 (distillation student) | 8 clean image as ViT, grid = VAE grid (distillation teacher)
+  9 "\\n<think>...</think>\\n<answer>...</answer>" (CE)
+Direct sample (pattern A): 1-4, then "<think>...</think>\\n<answer>...</answer>" (CE).
+
+The toy world (why it is built this way):
+  * No download, CPU-sized: 64x64 RGB scenes (8x8 ViT patches, 8x8 latent tokens in the tiny model) with exact
+    answers from a small fixed vocabulary: 8 colours, 5 shapes, counts 1-4, 4 quadrants, digits 0-9; open questions
+    and A-D multiple choice in the official VLMEvalKit layout.
+  * Degradation must hurt: objects are small (10-18 px), colours are hue neighbours (red/orange/pink, cyan/blue/purple),
+    shapes differ only in their outline, digits are thin strokes on a small plate; blur, noise, darkness, desaturation,
+    shuffled blocks and occluders destroy exactly these cues. A perception proxy trained on clean scenes drops from 96%
+    to 53% at "hard" (the paper's backbone loses ~7 points; `python data.py --calibrate`).
+  * Restoration must be able to help: scenes come from a small generative model (this file), so a learned prior can
+    redraw a plausible clean scene from a damaged one; the proxy trained on hard images still gets 63% (chance ~18%).
+  * Questions name objects by quadrant (a position embedding finds them), so what they need is the detail that the
+    corruptions destroy, not a binding problem a tiny model would need long CPU training for.
+  * Photo-like backgrounds (soft gradients plus low-frequency texture) so the 16 corruptions act as on photos
+    (JPEG blocks on texture, blur mixing object and background, darkness crushing contrast).
+  * Scenes are rendered 4x supersampled, degraded at DEGRADE_SIZE and resized to 64 px (see the note there).
+  * Train and evaluation scenes are disjoint by construction: a hash of the scene layout picks its split.
+
+CPU usage:
+    python data.py --show 8 --out sheet.png     # toy samples at clean / low / mid / hard, with questions and answers
+    python data.py --calibrate                  # proxy-CNN accuracy per severity and question type (a few minutes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import hashlib
+import io
+import json
+import math
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+from PIL import Image, ImageDraw, ImageFont
+from tokenizers import Regex, Tokenizer as RawTokenizer, decoders, models, pre_tokenizers, trainers
+
+import model as M
+from degrade import CORRUPTIONS, SEVERITIES, degrade, sample_corruption
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Prompts and tags (official prompts.py; strings reproduced verbatim, whitespace included)
+
+RESTORE_TOKEN = "<image_restore>"  # official: ordinary text, not a special token
+CLEAR_TAGS = ("<think>", "</think>", RESTORE_TOKEN, "<answer>", "</answer>")
+
+INTERLEAVE_REASON_SYSTEM_PROMPT = """You are a specialized multimodal assistant. Your purpose is to solve visual question answering tasks by thinking step-by-step and utilizing an image restoration tool when necessary.
+
+# Skills
+
+You can trigger image restoration by generating the following special token sequence:
+<image_restore>
+
+This tool performs enhancement operations (e.g., deblurring, denoising) on the input image to reveal details that are currently obscured.
+
+# Instruction
+
+1. **Reasoning (`<think>`):** In each turn, you must start with a <think> tag. Inside, conduct a step-by-step reasoning process:
+   - **Analyze Image Quality:** Identify degradations (blur, noise, low resolution, etc.).
+   - **Assess Sufficiency:** Determine if the current image quality allows you to answer the question confidently.
+
+2. **Tool Usage:**
+   - If the degradation prevents you from seeing critical details required for the answer, you MUST trigger the restoration tool by outputting: <image_restore>.
+   - If the answer is visible despite the degradation, do NOT use the tool.
+
+3. **Answering (`<answer>`):**
+   - After reasoning (and potential restoration), provide your final response in the <answer> tag.
+   - The answer should be natural, concise, and direct.
+
+4. **Format:** Keep your output compact. Avoid unnecessary newlines between tags.
+
+The structure of your response should follow these patterns:
+
+**Scenario 1: Restoration Needed**
+<think>The image is heavily blurred, making the text unreadable. I need to restore it to extract the information.</think> <image_restore> <think>The restored image is clear. The text says "EXIT".</think><answer>The text on the sign is "EXIT".</answer>
+
+**Scenario 2: Direct Answer**
+<think>Although there is some noise, the red car is clearly visible in the foreground.</think><answer>The car is red.</answer>
+"""
+
+VLM_THINK_SYSTEM_PROMPT = """You should first think about the reasoning process in the mind and then provide the user with the answer. 
+The reasoning process is enclosed within <think> </think> tags, i.e. <think> reasoning process here </think> answer here"""
+
+TEXT_REASON_SYSTEM_PROMPT = """You are a specialized multimodal language model. Your purpose is to solve visual question answering tasks by thinking step-by-step.
+
+# Instruction
+
+1. You should first think with <think> tag. In this tag, you need to conduct a step-by-step reasoning process about the image and question.
+2. If you think that you could find the right answer, you can answer in <answer> tag. You need to provide a concise summary of your reasoning process that leads to the final answer.
+
+The structure of your response should be like this:
+<think> thinking process satisfying the Instruction 1 </think>
+<answer> answer satisfying the Instruction 2 </answer>
+"""
+
+TOY_SYSTEM_PROMPT = ("Think inside <think></think>. If degradation hides what the question needs, output <image_restore> "
+                     "to restore the image. Answer inside <answer></answer>.")
+
+SYSTEM_PROMPTS = {"toy": TOY_SYSTEM_PROMPT, "official": INTERLEAVE_REASON_SYSTEM_PROMPT}
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tokenizer (BAGEL: Qwen2 tokenizer.json + add_special_tokens; the toy: a small byte-level BPE trained here)
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the four BAGEL special tokens, looked up by text (never hard-coded)."""
+
+    def __init__(self, tk: RawTokenizer, source: str = "<in memory>"):
+        self.tk = tk
+        ids = {k: tk.token_to_id(text) for k, text in M.SPECIAL_TOKENS.items()}
+        missing = [M.SPECIAL_TOKENS[k] for k, v in ids.items() if v is None]
+        if missing:
+            raise ValueError(f"tokenizer {source} lacks the special tokens {missing}; use BAGEL's Qwen2 tokenizer.json "
+                             "or one trained by data.train_toy_tokenizer")
+        self.bos_id, self.eos_id = ids["bos_token_id"], ids["eos_token_id"]
+        self.soi_id, self.eoi_id = ids["start_of_image_id"], ids["end_of_image_id"]
+
+    @classmethod
+    def from_file(cls, path) -> "Tokenizer":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist: pass a tokenizer.json (BAGEL-7B-MoT's, or a nanoCLEAR checkpoint's)")
+        try:
+            return cls(RawTokenizer.from_file(str(path)), str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            raise ValueError(f"{path} is not a readable tokenizer.json ({e})") from None
+
+    @classmethod
+    def from_folder(cls, folder) -> "Tokenizer":
+        path = Path(folder) / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{folder} has no tokenizer.json: pass a BAGEL-format checkpoint folder, or train the "
+                                    "toy tokenizer with data.train_toy_tokenizer")
+        return cls.from_file(path)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self.tk.decode(list(ids), skip_special_tokens=False)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tk.get_vocab_size(with_added_tokens=True)
+
+
+def config_ids(tokenizer: Tokenizer) -> dict:
+    """Token fields of model.ModelConfig (for real weights llm_config.json's padded vocab_size wins instead)."""
+    return dict(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, start_of_image_id=tokenizer.soi_id,
+                end_of_image_id=tokenizer.eoi_id, vocab_size=tokenizer.vocab_size)
+
+
+# GPT-2/Qwen2-style word split, except that the CLEAR tags stay whole, so BPE can learn each as one ordinary token
+TAGS_RE = "|".join(re.escape(t) for t in CLEAR_TAGS)
+TOY_SPLIT = TAGS_RE + rf"""|'s|'t|'re|'ve|'m|'ll|'d| ?\p{{L}}+| ?\p{{N}}| ?(?:(?!{TAGS_RE})[^\s\p{{L}}\p{{N}}])+|\s+(?!\S)|\s+"""
+
+
+def train_toy_tokenizer(corpus_texts: list[str], vocab_size: int = 768) -> Tokenizer:
+    """Byte-level BPE trained in-process; the four BAGEL special tokens are its only special tokens (ids 0-3)."""
+    tk = RawTokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(TOY_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    specials = [M.SPECIAL_TOKENS[k] for k in ("bos_token_id", "eos_token_id", "start_of_image_id", "end_of_image_id")]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(corpus_texts, trainer=trainer)
+    return Tokenizer(tk)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Answer helpers (official: extract_tag_content, has_image_restore_token; VLMEvalKit answer extraction)
+
+ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+NUMBER_WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+
+
+def extract_answer(text: str) -> str | None:
+    m = ANSWER_RE.search(text)  # official inferencer: <answer>(.*?)</answer>, DOTALL
+    return m.group(1).strip() if m else None
+
+
+def has_image_restore_token(text: str) -> bool:
+    """The official (GPT data) rule: <image_restore> standing alone on a line."""
+    return re.search(r"(^|\n)\s*<image_restore>\s*(\n|$)", text) is not None
+
+
+def requests_restore(text: str) -> bool:
+    """The rollout rule: the text contains <image_restore> (the model stops right after it)."""
+    return RESTORE_TOKEN in text
+
+
+def normalize_answer(s: str) -> str:
+    """Lower case, '-' and '_' as spaces, no punctuation, no leading article, number words as digits."""
+    s = re.sub(r"[^\w\s]", "", s.lower().replace("-", " ").replace("_", " "))
+    words = s.split()
+    if words and words[0] in ("a", "an", "the"):
+        words = words[1:]
+    return " ".join(NUMBER_WORDS.get(w, w) for w in words)
+
+
+def mc_letter(text: str, options: dict | None = None) -> str | None:
+    """The option letter a reply picks: 'B', 'B.', '(B)', 'B) red', 'The answer is B', the text of one option, or
+    the only standalone option letter; None if there is none or several."""
+    letters = "".join(sorted(options)) if options else "ABCD"
+    s = text.strip()
+    m = re.match(rf"\(?([{letters}])(?:\)|[.:,]|$)", s) or re.search(rf"answer(?: is|:)\s*\(?([{letters}])\b", s, re.I)
+    if m:
+        return m.group(1)
+    if options:
+        hits = [k for k, v in options.items() if normalize_answer(v) == normalize_answer(s)]
+        if len(hits) == 1:
+            return hits[0]
+    found = {m.group(1) for m in re.finditer(rf"\b([{letters}])\b", s)
+             if not (m.group(1) == "A" and re.match(" [a-z]", s[m.end():]))}  # "A red circle": an article, not A
+    return found.pop() if len(found) == 1 else None
+
+
+def is_correct(pred: str, example: "Example") -> bool:
+    """Is the model's reply right? The <answer> content, or the whole reply without one (official VLMEvalKit)."""
+    ans = extract_answer(pred)
+    ans = pred.strip() if ans is None else ans
+    if example.options:
+        return mc_letter(ans, example.options) == example.answer
+    return normalize_answer(ans) == normalize_answer(example.answer)
+
+
+def mc_prompt(row: dict) -> str:
+    """VLMEvalKit ImageMCQDataset.build_prompt (used by BAGEL's wrapper): hint, question, options, instruction."""
+    prompt = f"Hint: {row['hint']}\n" if row.get("hint") else ""
+    prompt += f"Question: {row['question']}\n"
+    if row.get("options"):
+        prompt += "Options:\n" + "".join(f"{k}. {v}\n" for k, v in row["options"].items())
+        prompt += "Please select the correct answer from the options above. \n"  # official: trailing space kept
+    return prompt
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Examples and the think texts of the responses
+
+
+@dataclass
+class Example:
+    """One VQA item ready for CLEAR: the picture the model sees, its clean original, the question and the response."""
+    degraded: Image.Image  # what the model sees (RGB)
+    question: str  # the user text, formatted (mc_prompt for multiple choice)
+    answer: str  # ground truth; the letter for multiple choice
+    response: str = ""  # the assistant text to train on; contains <image_restore> for a restore sample
+    clean: Image.Image | None = None  # the restore target (None for benchmark rows)
+    options: dict | None = None  # {"A": "red", ...} for multiple choice
+    corruption: str | None = None
+    severity: float | None = None
+    qtype: str = "open"  # toy: colour / shape / count / position / glyph
+    id: str = ""
+
+    @property
+    def restore(self) -> bool:
+        return RESTORE_TOKEN in self.response
+
+
+CORRUPTION_PHRASES = {
+    "lens_blur": "lens blur", "lens_flare": "lens flare", "motion_blur": "motion blur", "dirty_lens": "lens dirt",
+    "hsv_saturation": "desaturation", "jpeg_compression": "JPEG artifacts", "block_exchange": "block shuffling",
+    "mean_shift": "mean-shift smearing", "scan_lines": "scan lines", "dark_illumination": "darkness",
+    "atmospheric_turbulence": "turbulence", "gaussian_noise": "noise", "color_diffusion": "colour bleeding",
+    "sharpness_change": "oversharpening", "graffiti": "graffiti", "watermark_damage": "watermark damage"}
+RESTORE_THINK = ("<think>The image has {sev} {corr}; {detail} is unclear. I need to restore it.</think>",
+                 "<think>{Sev} {corr} hides {detail}. I will restore the image first.</think>",
+                 "<think>With {sev} {corr} I cannot make out {detail}. Restore first.</think>")
+RESTORED_THINK = ("<think>The restored image is clear: {fact}.</think>", "<think>After restoration, {fact}.</think>")
+DIRECT_THINK = ("<think>Despite the {sev} {corr}, {fact}.</think>", "<think>The {corr} is {sev}, but {fact}.</think>",
+                "<think>{Sev} {corr}, yet {detail} is visible: {fact}.</think>")
+CLEAN_THINK = ("<think>The image is clear: {fact}.</think>",)
+
+
+def severity_word(severity: float) -> str:
+    return min(((0.23, "mild"), (0.45, "moderate"), (0.9, "heavy")), key=lambda p: abs(p[0] - severity))[1]
+
+
+def think_response(rng: np.random.Generator, restore: bool, answer: str, detail: str, fact: str,
+                   corruption: str | None, severity: float | None) -> str:
+    """A short templated response naming the corruption, in the official GPT layout: pattern A
+    '<think>..</think>\\n<answer>..</answer>', pattern B resp1 + '\\n' + resp2 with resp1 ending on its own
+    '<image_restore>' line (official: merged_value = f"{resp1}\\n{resp2}")."""
+    pick = lambda templates: templates[rng.integers(len(templates))]  # noqa: E731
+    words = dict(detail=detail, fact=fact)
+    if corruption is not None:
+        sev = severity_word(severity)
+        words.update(sev=sev, Sev=sev.capitalize(), corr=CORRUPTION_PHRASES[corruption])
+    final = f"\n<answer>{answer}</answer>"
+    if not restore:
+        return pick(DIRECT_THINK if corruption else CLEAN_THINK).format(**words) + final
+    return pick(RESTORE_THINK).format(**words) + f"\n{RESTORE_TOKEN}\n" + pick(RESTORED_THINK).format(**words) + final
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The adaptive restore decision
+
+
+RESTORE_THRESHOLD = 0.3  # held-out split (n=1000): restore rate 4% low, 8% mid, 39% hard (paper: 1-10, 5-18, 25-47%)
+
+
+def detail_kept(clean: np.ndarray, degraded: np.ndarray, box: tuple, colour: bool) -> float:
+    """How much of the clean detail in box (x0, y0, x1, y1) is still in the degraded image: cov(c, d) / (s_c max(s_c, s_d)).
+
+    That is the normalised cross-correlation, scaled down by the contrast ratio when contrast was lost: 1 for an
+    intact region, 0.2 for one darkened to 20%, low for noise, blur, occlusion or displacement. Structure questions
+    compare luminance, colour questions the two opponent-colour channels.
+    """
+    x0, y0, x1, y1 = box
+
+    def channels(img):
+        r, g, b = np.moveaxis(img[y0:y1, x0:x1].astype(np.float64), -1, 0)
+        feats = [r - g, b - (r + g) / 2] if colour else [0.299 * r + 0.587 * g + 0.114 * b]
+        return np.stack([f - f.mean() for f in feats])
+
+    a, b = channels(clean), channels(degraded)
+    sa, sb = math.sqrt((a * a).sum()), math.sqrt((b * b).sum())
+    return float((a * b).sum() / (sa * max(sa, sb))) if sa > 1e-6 else 1.0  # a flat region has nothing to lose
+
+
+def needs_restore(clean: np.ndarray, degraded: np.ndarray, boxes: list, colour: bool = False,
+                  threshold: float = RESTORE_THRESHOLD) -> bool:
+    """Restore when the answer-relevant detail did not survive: in the worst region less than `threshold` is kept.
+
+    Stands in for the official decision (GPT-4.1 looked at the degraded image; samples were kept when correct).
+    Images are uint8 [H, W, 3] at model resolution. The rule is blind to meaning (it restores a picture that turbulence
+    merely shifted) but rises with severity as the paper's adaptive decisions do.
+    """
+    return min(detail_kept(clean, degraded, b, colour) for b in boxes) < threshold
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The toy world
+
+MODEL_SIZE = 64  # the tiny model's image side: 8x8 ViT patches of 8 px
+SUPERSAMPLE = 256  # scenes are drawn at this side and box-filtered down (antialiasing)
+# Corruptions run at DEGRADE_SIZE, then the picture is resized to MODEL_SIZE. degrade.py applies the official pixel
+# constants at every size (hard: blur sigma 18 px, 32-px blocks, 10-50 px flare discs, noise sigma 67), so the size
+# decides how much of the scene a corruption covers, and the downsample afterwards averages per-pixel damage away.
+# Measured (detail_kept in the question's region at 64 px): at 64 px turbulence wrecks even "low" (0.04 kept) and a
+# block is half the picture; at 256 px the 4x downsample leaves hard noise (0.84) and motion blur (0.74) mild, and the
+# slow ops (inpainting, mean shift) cost 2-4x more; 128 keeps both kinds of damage (hard: noise 0.67, motion blur 0.51).
+DEGRADE_SIZE = 128
+EVAL_EVERY = 10  # one scene layout in EVAL_EVERY belongs to the held-out split
+
+COLOURS = {"red": (215, 35, 35), "orange": (240, 130, 20), "yellow": (235, 215, 35), "green": (40, 160, 55),
+           "cyan": (30, 195, 215), "blue": (35, 70, 215), "purple": (135, 45, 195), "pink": (240, 120, 185)}
+SHAPES = ("circle", "square", "triangle", "star", "cross")
+POSITIONS = ("top left", "top right", "bottom left", "bottom right")  # quadrant cells 0..3, row-major
+ANSWERS = {"colour": tuple(COLOURS), "shape": SHAPES, "count": ("1", "2", "3", "4"), "position": POSITIONS,
+           "glyph": tuple("0123456789")}
+QUESTIONS = {  # (questions, what restoring would reveal, the fact stated in the think text); objects are named by
+    # quadrant (a position embedding finds them), so what a question needs is the detail the corruptions destroy
+    "colour": (("What colour is the shape in the {position}?", "Which colour does the {position} shape have?"),
+               "the {position} shape's colour", "the {position} shape is {colour}"),
+    "shape": (("What shape is in the {position}?", "Which shape is in the {position} quadrant?"),
+              "the {position} shape", "the {position} shape is a {shape}"),
+    "count": (("How many shapes are there?", "How many objects are in the image?"), "the number of shapes", "I count {count}"),
+    "position": (("Where is the {colour} shape?", "In which quadrant is the {shape}?"), "the {colour} {shape}",
+                 "the {colour} {shape} is in the {position}"),
+    "glyph": (("Which digit is shown?", "What number is written on the sign?"), "the digit", "the digit is {glyph}"),
+}
+
+
+def _arc(cx, cy, rx, ry, a0, a1, n):  # points on an ellipse, angles in degrees, y down
+    return [(cx + rx * math.cos(math.radians(a)), cy + ry * math.sin(math.radians(a))) for a in np.linspace(a0, a1, n)]
+
+
+DIGIT_STROKES = {  # polylines in a unit box (x right, y down), drawn with round caps
+    "0": [_arc(.5, .5, .42, .5, 0, 360, 24)],
+    "1": [[(.22, .22), (.55, 0), (.55, 1)]],
+    "2": [_arc(.5, .27, .4, .27, 190, 360, 10) + _arc(.5, .27, .4, .27, 0, 60, 5)[1:] + [(.05, 1), (.95, 1)]],
+    "3": [_arc(.48, .25, .37, .25, 200, 450, 14), _arc(.48, .74, .42, .26, 270, 520, 14)],
+    "4": [[(.72, 1), (.72, 0), (.02, .68), (1, .68)]],
+    "5": [[(.9, 0), (.2, 0), (.14, .45)] + _arc(.5, .67, .42, .33, 220, 500, 14)[1:]],
+    "6": [_arc(.5, .5, .42, .5, 300, 180, 8) + _arc(.5, .7, .42, .3, 180, 540, 16)],
+    "7": [[(0, 0), (1, 0), (.35, 1)]],
+    "8": [_arc(.5, .25, .34, .25, 0, 360, 16), _arc(.5, .73, .42, .27, 0, 360, 18)],
+    "9": [_arc(.5, .3, .42, .3, 0, 360, 16) + _arc(.5, .5, .42, .5, 0, 120, 8)],
+}
+
+
+@dataclass(frozen=True)
+class Scene:
+    """Everything needed to render one picture; lengths are in MODEL_SIZE pixels."""
+    background: tuple  # (rgb0, rgb1, gradient angle, texture seed)
+    objects: tuple = ()  # ((shape, colour, cell, x, y, r, rotation), ...) at most one per quadrant
+    glyph: tuple | None = None  # (digit, rgb, plate rgb, x, y, height, slant, stroke)
+
+    def key(self) -> str:
+        """The layout, quantised to whole pixels: equal keys look the same to the model."""
+        q = lambda v: round(v) if isinstance(v, float) else v  # noqa: E731
+        return repr((tuple(tuple(q(v) for v in o) for o in self.objects), self.glyph and tuple(q(v) for v in self.glyph[3:6]),
+                     self.glyph and self.glyph[0], tuple(q(c) for c in self.background[0] + self.background[1])))
+
+    def boxes(self) -> list:
+        if self.glyph:
+            _, _, _, x, y, h, _, _ = self.glyph
+            return [_box(x, y, 0.45 * h, 0.6 * h)]
+        return [_box(o[3], o[4], 1.3 * o[5], 1.3 * o[5]) for o in self.objects]
+
+
+def _box(x, y, rx, ry):
+    clip = lambda v: int(min(max(v, 0), MODEL_SIZE))  # noqa: E731
+    return (clip(x - rx), clip(y - ry), clip(math.ceil(x + rx)), clip(math.ceil(y + ry)))
+
+
+def _hsv(rng, s_range, v_range) -> tuple:
+    h, s, v = rng.uniform(0, 1), rng.uniform(*s_range), rng.uniform(*v_range)
+    rgb = Image.new("HSV", (1, 1), (int(h * 255), int(s * 255), int(v * 255))).convert("RGB").getpixel((0, 0))
+    return tuple(int(c) for c in rgb)
+
+
+def sample_scene(rng: np.random.Generator, kind: str) -> Scene:
+    """kind 'shapes': 1-4 objects with distinct shapes, colours and quadrants; 'glyph': one digit on a plate."""
+    bg = (_hsv(rng, (0.05, 0.3), (0.3, 0.85)), _hsv(rng, (0.05, 0.3), (0.3, 0.85)), float(rng.uniform(0, 360)),
+          int(rng.integers(2 ** 31)))
+    if kind == "glyph":
+        light = rng.random() < 0.5
+        base = np.array(list(COLOURS.values())[rng.integers(len(COLOURS))])
+        ink = tuple(int(c) for c in (base * 0.55 if light else base))
+        plate = _hsv(rng, (0.0, 0.15), (0.75, 0.95) if light else (0.1, 0.25))
+        h = float(rng.uniform(20, 30))
+        return Scene(bg, glyph=(str(rng.integers(10)), ink, plate, float(32 + rng.uniform(-8, 8)), float(32 + rng.uniform(-6, 6)),
+                                h, float(rng.uniform(-0.2, 0.2)), float(rng.uniform(0.1, 0.14) * h)))
+    n = int(rng.integers(1, 5))
+    cells, shapes, colours = rng.permutation(4)[:n], rng.permutation(len(SHAPES))[:n], rng.permutation(len(COLOURS))[:n]
+    objects = []
+    for cell, s, c in zip(cells, shapes, colours):
+        r = float(rng.uniform(5, 9))
+        x0, y0 = 32 * (cell % 2), 32 * (cell // 2)
+        objects.append((SHAPES[s], list(COLOURS)[c], int(cell), float(x0 + rng.uniform(r + 1, 31 - r)),
+                        float(y0 + rng.uniform(r + 1, 31 - r)), r, float(rng.uniform(-20, 20))))
+    return Scene(bg, objects=tuple(objects))
+
+
+def _outline(shape, x, y, r, rot):
+    if shape == "square":
+        pts = [(-.85, -.85), (.85, -.85), (.85, .85), (-.85, .85)]
+    elif shape == "triangle":
+        pts = [(1.15 * math.cos(math.radians(a)), 1.15 * math.sin(math.radians(a)) + .15) for a in (-90, 30, 150)]
+    elif shape == "star":
+        pts = [((1.2 if i % 2 == 0 else .5) * math.cos(math.radians(-90 + 36 * i)),
+                (1.2 if i % 2 == 0 else .5) * math.sin(math.radians(-90 + 36 * i))) for i in range(10)]
+    else:  # cross
+        a, b = .36, 1.0
+        pts = [(-a, -b), (a, -b), (a, -a), (b, -a), (b, a), (a, a), (a, b), (-a, b), (-a, a), (-b, a), (-b, -a), (-a, -a)]
+    c, s = math.cos(math.radians(rot)), math.sin(math.radians(rot))
+    return [(x + r * (px * c - py * s), y + r * (px * s + py * c)) for px, py in pts]
+
+
+def render(scene: Scene, size: int = DEGRADE_SIZE) -> Image.Image:
+    """Draw the scene at SUPERSAMPLE px and box-filter it to size x size."""
+    S, k, B = SUPERSAMPLE, SUPERSAMPLE / MODEL_SIZE, MODEL_SIZE  # the smooth background is made at B px, then upsampled
+    rgb0, rgb1, angle, tex_seed = scene.background
+    u = np.linspace(-0.5, 0.5, B, dtype=np.float32)
+    ramp = np.clip(u[None, :] * math.cos(math.radians(angle)) + u[:, None] * math.sin(math.radians(angle)) + 0.5, 0, 1)
+    img = np.float32(rgb0) + (np.float32(rgb1) - np.float32(rgb0)) * ramp[..., None]
+    tex_rng = np.random.default_rng(tex_seed)
+    for cells, amp in ((4, 24.0), (12, 9.0)):  # soft blotches plus finer texture, like out-of-focus photo clutter
+        noise = tex_rng.normal(0, amp, (cells, cells, 1)) + tex_rng.normal(0, amp / 3, (cells, cells, 3))  # mostly brightness
+        lo = np.clip(128 + noise, 0, 255).astype(np.uint8)
+        img += np.asarray(Image.fromarray(lo).resize((B, B), Image.BICUBIC), np.float32) - 128
+    im = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).resize((S, S), Image.BICUBIC)
+    draw = ImageDraw.Draw(im)
+    for shape, colour, _, x, y, r, rot in scene.objects:
+        jitter = tex_rng.normal(0, 10, 3)
+        fill = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(COLOURS[colour], jitter))
+        if shape == "circle":
+            draw.ellipse([k * (x - r), k * (y - r), k * (x + r), k * (y + r)], fill=fill)
+        else:
+            draw.polygon([(k * px, k * py) for px, py in _outline(shape, x, y, r, rot)], fill=fill)
+    if scene.glyph:
+        digit, ink, plate, x, y, h, slant, stroke = scene.glyph
+        w = 0.6 * h
+        draw.rounded_rectangle([k * (x - 0.45 * h), k * (y - 0.6 * h), k * (x + 0.45 * h), k * (y + 0.6 * h)], k * 4, fill=plate)
+        for line in DIGIT_STROKES[digit]:
+            pts = [(k * (x + (px - .5) * w + slant * (.5 - py) * h), k * (y + (py - .5) * h)) for px, py in line]
+            draw.line(pts, fill=ink, width=int(k * stroke), joint="curve")
+            for px, py in (pts[0], pts[-1]):
+                rr = k * stroke / 2
+                draw.ellipse([px - rr, py - rr, px + rr, py + rr], fill=ink)
+    return im.reduce(S // size) if S % size == 0 else im.resize((size, size), Image.BOX)
+
+
+def ask(scene: Scene, qtype: str, rng: np.random.Generator, mc: bool) -> tuple:
+    """(question text, answer, options or None, what restoring reveals, the fact, relevant boxes) for the scene."""
+    templates, detail, fact = QUESTIONS[qtype]
+    boxes = scene.boxes()
+    if qtype == "glyph":
+        words = dict(glyph=scene.glyph[0])
+    else:
+        i = int(rng.integers(len(scene.objects)))
+        shape, colour, cell = scene.objects[i][:3]
+        words = dict(shape=shape, colour=colour, position=POSITIONS[cell], count=str(len(scene.objects)))
+        if qtype != "count":
+            boxes = [boxes[i]]
+    answer = words[qtype]
+    question = templates[rng.integers(len(templates))].format(**words)
+    detail, fact = detail.format(**words), fact.format(**words)
+    if not mc:
+        return question, answer, None, detail, fact, boxes
+    others = [a for a in ANSWERS[qtype] if a != answer]
+    choices = [answer] + [others[j] for j in rng.permutation(len(others))[:3]]
+    options = {"ABCD"[j]: choices[c] for j, c in enumerate(rng.permutation(4))}
+    letter = next(k for k, v in options.items() if v == answer)
+    return mc_prompt(dict(question=question, options=options)), letter, options, detail, f"{fact}, option {letter}", boxes
+
+
+class ToyWorld:
+    """The toy VQA world. `seed` salts the train / held-out split of scene layouts; same seed, same world."""
+
+    def __init__(self, seed: int = 0, mc_rate: float = 0.5):
+        self.seed, self.mc_rate = seed, mc_rate
+
+    def is_eval(self, scene: Scene) -> bool:
+        digest = hashlib.blake2b(f"{self.seed}:{scene.key()}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") % EVAL_EVERY == 0
+
+    def scene(self, rng: np.random.Generator, held_out: bool) -> tuple[str, Scene]:
+        qtype = list(QUESTIONS)[rng.integers(len(QUESTIONS))]
+        while True:  # rejection keeps the two splits disjoint by construction
+            scene = sample_scene(rng, "glyph" if qtype == "glyph" else "shapes")
+            if self.is_eval(scene) == held_out:
+                return qtype, scene
+
+    def examples(self, rng: np.random.Generator, held_out: bool, corruption: str | None, severities: list) -> list[Example]:
+        """One scene and question, degraded with one corruption at each severity (None = the clean picture)."""
+        qtype, scene = self.scene(rng, held_out)
+        question, answer, options, detail, fact, boxes = ask(scene, qtype, rng, rng.random() < self.mc_rate)
+        big = render(scene, DEGRADE_SIZE)
+        clean = big.resize((MODEL_SIZE, MODEL_SIZE), Image.BICUBIC)
+        clean_np = np.asarray(clean)
+        out = []
+        for sev in severities:
+            if sev is None:
+                degraded, restore, kind = clean, False, None
+            else:
+                degraded = degrade(big, corruption, sev, rng).resize((MODEL_SIZE, MODEL_SIZE), Image.BICUBIC)
+                restore, kind = needs_restore(clean_np, np.asarray(degraded), boxes, colour=qtype == "colour"), corruption
+            response = think_response(rng, restore, answer, detail, fact, kind, sev)
+            out.append(Example(degraded, question, answer, response, clean, options, kind, sev, qtype))
+        return out
+
+    def stream(self, rng: np.random.Generator | int) -> Iterator[Example]:
+        """Endless training examples: corruption and severity drawn with the official training weights."""
+        rng = np.random.default_rng(rng)
+        while True:
+            corruption, severity = sample_corruption(rng, "train")
+            yield self.examples(rng, False, corruption, [severity])[0]
+
+    def eval_split(self, n: int, seed: int = 0) -> dict[str, list[Example]]:
+        """The fixed held-out set, built like MMD-Bench: one corruption per item (benchmark weights), the same
+        corruption at low / mid / hard. Returns {"clean" | "low" | "mid" | "hard": n aligned examples}."""
+        rng = np.random.default_rng([self.seed, seed, 1])
+        levels = {"clean": None, **SEVERITIES}
+        split = {name: [] for name in levels}
+        for i in range(n):
+            for name, ex in zip(levels, self.examples(rng, True, sample_corruption(rng, "benchmark")[0], list(levels.values()))):
+                ex.id = f"toy-{self.seed}-{seed}-{i}"
+                split[name].append(ex)
+        return split
+
+
+def toy_corpus(n: int = 2000, seed: int = 0) -> list[str]:
+    """The texts the toy model reads and writes (system prompts, questions, responses), without rendering images."""
+    rng = np.random.default_rng(seed)
+    texts = [TOY_SYSTEM_PROMPT, INTERLEAVE_REASON_SYSTEM_PROMPT, TEXT_REASON_SYSTEM_PROMPT, VLM_THINK_SYSTEM_PROMPT]
+    for i in range(n):
+        qtype = list(QUESTIONS)[i % len(QUESTIONS)]
+        scene = sample_scene(rng, "glyph" if qtype == "glyph" else "shapes")
+        question, answer, _, detail, fact, _ = ask(scene, qtype, rng, mc=i % 2 == 1)
+        corruption = list(CORRUPTIONS)[i % len(CORRUPTIONS)] if i % 7 else None  # and a few clean pictures
+        texts += [question, think_response(rng, corruption is not None and i % 3 == 0, answer, detail, fact, corruption,
+                                           list(SEVERITIES.values())[i % 3])]
+    return texts
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CLEAR Stage-1 samples
+
+
+@dataclass(frozen=True)
+class ImageSizes:
+    """(max side, min side, stride) of the VAE and ViT resizes (BAGEL: ImageTransform). The strides must be multiples
+    of the model's latent_downsample and equal to its vit_patch_size (the teacher ViT image is grid x patch)."""
+    vae: tuple = (MODEL_SIZE, MODEL_SIZE, 16)
+    vit: tuple = (MODEL_SIZE, MODEL_SIZE, 8)
+
+
+TOY_SIZES = ImageSizes()
+BAGEL_SIZES = ImageSizes(vae=(1024, 512, 16), vit=(518, 224, 14))  # official corruption_mix.yaml transforms
+
+
+def encode_images(pixels: list[torch.Tensor], encode: Callable) -> list[tuple]:
+    """Call encode([N, 3, H, W]) -> (tokens [N, h*w, D], grid) once per distinct image size; one (tokens, grid) each."""
+    out, groups = [None] * len(pixels), {}
+    for i, p in enumerate(pixels):
+        groups.setdefault(tuple(p.shape), []).append(i)
+    for idx in groups.values():
+        tokens, grid = encode(torch.stack([pixels[i] for i in idx]))
+        for j, i in enumerate(idx):
+            out[i] = (tokens[j], tuple(grid))
+    return out
+
+
+def _prefix(ex: Example, tok: Tokenizer, latent: tuple, system: str, sizes: ImageSizes) -> list:
+    if system not in SYSTEM_PROMPTS:
+        raise ValueError(f"system prompt must be one of {sorted(SYSTEM_PROMPTS)}, not {system!r}")
+    tokens, grid = latent
+    return [M.Text(tok.encode(SYSTEM_PROMPTS[system])),  # official parse_row items 1-4, no loss
+            M.VaeImage(tokens, grid),  # official: the corrupted image is given as a clean VAE latent (t=0) ...
+            M.VitImage(M.image_to_tensor(M.resize_image(ex.degraded, *sizes.vit))),  # ... and as ViT patches
+            M.Text(tok.encode(ex.question.replace("<image>", "").strip()))]  # official: <image> removed, stripped
+
+
+def _vae_pixels(image: Image.Image, sizes: ImageSizes) -> torch.Tensor:
+    return M.image_to_tensor(M.resize_image(image, *sizes.vae))
+
+
+def inference_prefix(examples: list[Example], tok: Tokenizer, encode: Callable, system: str = "toy",
+                     sizes: ImageSizes = TOY_SIZES) -> list[list]:
+    """What the model is given at test time: system prompt, degraded image as VAE + ViT, question (no loss)."""
+    latents = encode_images([_vae_pixels(ex.degraded, sizes) for ex in examples], encode)
+    return [_prefix(ex, tok, lat, system, sizes) for ex, lat in zip(examples, latents)]
+
+
+def split_response(response: str) -> tuple[str, str] | None:
+    """Official parse_row: parts[0] + <image_restore> is trained before the image, parts[1] after it; later
+    occurrences are dropped. None when the response does not restore."""
+    if RESTORE_TOKEN not in response:
+        return None
+    parts = response.split(RESTORE_TOKEN)
+    return parts[0] + RESTORE_TOKEN, parts[1]
+
+
+def clear_sample(ex: Example, tok: Tokenizer, degraded_latent: tuple, clean_latent: tuple | None,
+                 generator: torch.Generator, system: str = "toy", sizes: ImageSizes = TOY_SIZES, shift: float = 1.0) -> list:
+    """One CLEAR SFT sample (CLEAR §3.1-3.3, official parse_row): the prefix, then a direct answer, or the restore
+    turn, the clean image (noised target, clean student latent, grid-aligned ViT teacher) and the final answer."""
+    if not ex.response:
+        raise ValueError(f"example {ex.id or ex.question[:40]!r} has no response to train on")
+    seq = _prefix(ex, tok, degraded_latent, system, sizes)
+    turn = split_response(ex.response)
+    if turn is None:  # pattern A: one CE text
+        return seq + [M.Text(tok.encode(ex.response), loss=True)]
+    if ex.clean is None or clean_latent is None:
+        raise ValueError(f"example {ex.id or ex.question[:40]!r} restores but has no clean image to restore to")
+    first, rest = turn
+    x0, grid = clean_latent
+    t = float(M.sample_flow_time(1, shift, generator))  # BAGEL: logit-normal t, once per image
+    noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0)
+    x_t, v = M.flow_interpolate(x0, noise, t)
+    P = sizes.vit[2]
+    seq += [M.Text(tok.encode(first), loss=True),
+            M.VaeImage(x_t, grid, t=t, target=v, droppable=False),  # official: the noised image has enable_cfg=0
+            M.VaeImage(x0, grid, pair=0),  # CLEAR §3.3 distillation student: the clean latent at t=0
+            M.VitImage(M.image_to_tensor(ex.clean, (grid[1] * P, grid[0] * P)), pair=0)]  # teacher, ViT grid == VAE grid
+    if rest.strip():  # official: parts[1] is added only when it is not blank
+        seq.append(M.Text(tok.encode(rest), loss=True))
+    return seq
+
+
+def text_reason_sample(ex: Example, tok: Tokenizer, sizes: ImageSizes = TOY_SIZES) -> list:
+    """Text-only reasoning sample (official TextReasonIterableDataset): its system prompt, the degraded image as ViT
+    only, the question, then a CoT with CE. The official CoT was written from the clean picture; here it is the direct
+    response, or for a restore response what follows <image_restore> (the reasoning on the clean picture)."""
+    turn = split_response(ex.response)
+    cot = ex.response if turn is None else turn[1].strip()
+    return [M.Text(tok.encode(TEXT_REASON_SYSTEM_PROMPT)), M.VitImage(M.image_to_tensor(M.resize_image(ex.degraded, *sizes.vit))),
+            M.Text(tok.encode(ex.question.replace("<image>", "").strip())), M.Text(tok.encode(cot), loss=True)]
+
+
+def build_batch(examples: list[Example], tok: Tokenizer, encode: Callable, generator: torch.Generator,
+                system: str = "toy", sizes: ImageSizes = TOY_SIZES, shift: float = 1.0) -> list[list]:
+    """CLEAR samples for a batch; all VAE latents (degraded inputs, clean targets) come from one encode call per size."""
+    restoring = [i for i, ex in enumerate(examples) if ex.restore and ex.clean is not None]
+    pixels = [_vae_pixels(ex.degraded, sizes) for ex in examples] + [_vae_pixels(examples[i].clean, sizes) for i in restoring]
+    latents = encode_images(pixels, encode)
+    clean = dict(zip(restoring, latents[len(examples):]))
+    return [clear_sample(ex, tok, latents[i], clean.get(i), generator, system, sizes, shift) for i, ex in enumerate(examples)]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Real data: LLaVA-style JSONL (training) and VLMEvalKit TSV (MMD-Bench evaluation)
+
+TAG_RE = re.compile(r"<think>.*?</think>|<answer>.*?</answer>", re.DOTALL)
+PANDAS_NA = {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A",
+             "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}  # VLMEvalKit reads TSVs with pandas: these become NaN
+
+
+def read_jsonl(path, images_dir) -> tuple[list[dict], list[tuple]]:
+    """LLaVA-style rows -> ([{line, image, question, response}], [(line, reason)] for the rows that were skipped).
+
+    Accepts {"image", "conversations": [{"from": "human", ...}, {"from": "gpt", ...}]} and {"image", "question",
+    "answer"}; the first human and gpt turns are used; image paths are relative to images_dir.
+    """
+    path, images_dir = Path(path), Path(images_dir)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: pass a JSONL file with one LLaVA-style record per line")
+    rows, problems = [], []
+    with open(path, encoding="utf-8", errors="replace") as f:  # a binary file fails row by row, then as a whole
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                problems.append((n, f"not JSON ({e.msg})"))
+                continue
+            if not isinstance(rec, dict) or "image" not in rec:
+                problems.append((n, "no 'image' key"))
+                continue
+            if "conversations" in rec:
+                turns = rec["conversations"] if isinstance(rec["conversations"], list) else []
+                human = next((t.get("value") for t in turns if isinstance(t, dict) and t.get("from") == "human"), None)
+                gpt = next((t.get("value") for t in turns if isinstance(t, dict) and t.get("from") == "gpt"), None)
+            else:
+                human, gpt = rec.get("question"), rec.get("answer")
+            if not isinstance(human, str) or not isinstance(gpt, str) or not human.strip() or not gpt.strip():
+                problems.append((n, "no human question and gpt answer"))
+                continue
+            image = images_dir / str(rec["image"])
+            try:
+                with Image.open(image) as im:
+                    im.verify()
+            except Exception as e:  # missing, truncated or not an image
+                problems.append((n, f"unreadable image {image} ({type(e).__name__})"))
+                continue
+            rows.append(dict(line=n, image=image, question=human.replace("<image>", "").strip(), response=gpt))
+    if not rows and problems:
+        raise ValueError(f"{path}: none of its {len(problems)} rows is usable (first: line {problems[0][0]}, "
+                         f"{problems[0][1]}); is it LLaVA-style JSONL?")
+    return rows, problems
+
+
+def jsonl_example(row: dict, rng: np.random.Generator) -> Example:
+    """Load a JSONL row and degrade it on the fly (official training weights and severities).
+
+    An answer with <image_restore> (official CLEAR SFT data) or with <think>/<answer> tags is trained as is; a
+    plain answer gets templated think texts and the restore rule, measured on the whole image at 64 px.
+    """
+    clean = M.to_rgb(Image.open(row["image"]))
+    corruption, severity = sample_corruption(rng, "train")
+    degraded = degrade(clean, corruption, severity, rng)
+    response = row["response"]  # official: the gpt value is trained verbatim
+    answer = extract_answer(response) or response.strip()
+    if RESTORE_TOKEN not in response and not TAG_RE.search(response):
+        small = [np.asarray(im.resize((MODEL_SIZE, MODEL_SIZE), Image.BICUBIC)) for im in (clean, degraded)]
+        restore = needs_restore(*small, [(0, 0, MODEL_SIZE, MODEL_SIZE)])
+        response = think_response(rng, restore, answer, "the relevant detail", "I can answer the question", corruption, severity)
+    return Example(degraded, row["question"], answer, response, clean, None, corruption, severity,
+                   id=f"{Path(row['image']).name}:{row['line']}")
+
+
+def read_tsv(path) -> tuple[list[dict], list[tuple]]:
+    """VLMEvalKit TSV -> ([{index, image (base64), question, options, answer, hint, category}], [(index, reason)]).
+
+    Rows whose image holds another row's index (MMBench circular copies) get that row's image (official:
+    ImageBaseDataset). Options are the non-empty A, B, ... columns; malformed rows are reported and skipped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: pass a VLMEvalKit TSV (e.g. MMBench_DEV_EN_LOW_LEVEL_HIGH.tsv)")
+    csv.field_size_limit(sys.maxsize)  # base64 images are far longer than csv's default field limit
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        table = list(csv.DictReader(f, delimiter="\t"))
+    columns = set(table[0]) if table else set()
+    missing = {"index", "image", "question", "answer"} - columns
+    if missing:
+        raise ValueError(f"{path} lacks the columns {sorted(missing)}: is it a VLMEvalKit TSV (tab-separated, with a header)?")
+    images = {r["index"]: r["image"] for r in table}
+    letters = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c in columns]
+    rows, problems = [], []
+    for r in table:
+        value = lambda k: None if (r.get(k) or "").strip() in PANDAS_NA else r[k]  # noqa: E731
+        image = r["image"] or ""
+        if len(image) <= 64:  # official: a short value is the index of the row that holds the image
+            image = images.get(image.strip(), "")
+        try:
+            with Image.open(io.BytesIO(base64.b64decode(image, validate=False))) as im:
+                im.verify()
+        except Exception:
+            problems.append((r["index"], "undecodable image"))
+            continue
+        options = {k: value(k) for k in letters if value(k) is not None}
+        gaps = [k for k in letters[:len(options)] if k not in options]
+        answer = (value("answer") or "").strip()
+        reason = ("no question" if value("question") is None else "no answer" if not answer
+                  else f"option {gaps[0]} missing while later options exist" if gaps
+                  else f"answer {answer!r} is not among the options {sorted(options)}" if options and answer not in options
+                  else None)
+        if reason:
+            problems.append((r["index"], reason))
+            continue
+        rows.append(dict(index=r["index"], image=image, question=r["question"], options=options or None, answer=answer,
+                         hint=value("hint"), category=value("category")))
+    return rows, problems
+
+
+def tsv_example(row: dict) -> Example:
+    """A benchmark row as an Example: its (already degraded) image, the official MC prompt, the answer letter."""
+    image = M.to_rgb(Image.open(io.BytesIO(base64.b64decode(row["image"]))))
+    question = mc_prompt(row) if row["options"] else row["question"]
+    return Example(image, question, row["answer"], options=row["options"], qtype="mc" if row["options"] else "open",
+                   id=str(row["index"]))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line: a contact sheet of toy samples, and the proxy calibration of the clean -> hard gap
+
+
+def contact_sheet(split: dict, n: int) -> Image.Image:
+    """One row per item: clean / low / mid / hard at 2x, question and answer underneath, restores marked."""
+    cell, font = 2 * MODEL_SIZE, ImageFont.load_default()
+    sheet = Image.new("RGB", (4 * cell + 300, n * (cell + 8)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i in range(n):
+        y = i * (cell + 8)
+        for j, level in enumerate(split):
+            ex = split[level][i]
+            sheet.paste(ex.degraded.resize((cell, cell), Image.NEAREST), (j * cell, y))
+            if ex.restore:
+                draw.rectangle([j * cell, y, j * cell + cell - 1, y + cell - 1], outline="red", width=2)
+        ex = split["hard"][i]
+        lines = [ex.question.splitlines()[0].removeprefix("Question: ")[:48],
+                 f"answer: {ex.answer}" + (f" ({ex.options[ex.answer]})" if ex.options else ""), ex.corruption]
+        draw.multiline_text((4 * cell + 6, y + 6), "\n".join(lines), fill="black", font=font)
+    return sheet
+
+
+def _proxy_cnn(n_out: int) -> torch.nn.Module:
+    c = torch.nn
+    return c.Sequential(c.Conv2d(3, 32, 3, 1, 1), c.ReLU(), c.MaxPool2d(2), c.Conv2d(32, 64, 3, 1, 1), c.ReLU(), c.MaxPool2d(2),
+                        c.Conv2d(64, 64, 3, 1, 1), c.ReLU(), c.AdaptiveMaxPool2d(1), c.Flatten(), c.Linear(64, n_out))
+
+
+def _quadrants(x: torch.Tensor) -> torch.Tensor:  # [3, 64, 64] -> [4, 3, 32, 32] in POSITIONS order
+    return x.reshape(3, 2, MODEL_SIZE // 2, 2, MODEL_SIZE // 2).permute(1, 3, 0, 2, 4).reshape(4, 3, MODEL_SIZE // 2, -1)
+
+
+def calibrate_world(world: ToyWorld, n_train: int = 3000, n_eval: int = 400, steps: int = 500, seed: int = 0) -> dict:
+    """Does degradation hurt, and is the signal still there? A perception proxy: small CNNs read each quadrant
+    (empty or which shape, which colour) and the digit; questions are then answered from their readings, so only
+    perception is measured. Trained on clean or on hard images; returns accuracy % per (trained on, level, qtype)."""
+    torch.manual_seed(seed)
+    rng, cols = np.random.default_rng(seed), list(COLOURS)
+    X = {"clean": ([], []), "hard": ([], [])}  # (quadrant crops, glyph images) per training condition
+    quad_y, glyph_y = [], []
+    for _ in range(n_train):
+        scene = world.scene(rng, held_out=False)[1]
+        big = render(scene)
+        hard = degrade(big, sample_corruption(rng, "benchmark")[0], SEVERITIES["hard"], rng)
+        for cond, im in (("clean", big), ("hard", hard)):
+            x = M.image_to_tensor(im, (MODEL_SIZE, MODEL_SIZE))
+            X[cond][1 if scene.glyph else 0].append(x[None] if scene.glyph else _quadrants(x))
+        cells = {o[2]: o for o in scene.objects}
+        glyph_y += [int(scene.glyph[0])] if scene.glyph else []
+        quad_y += [] if scene.glyph else [(SHAPES.index(cells[c][0]) + 1, cols.index(cells[c][1])) if c in cells else (0, -100)
+                                          for c in range(4)]
+    quad_y, glyph_y = torch.tensor(quad_y), torch.tensor(glyph_y)
+    split, results = ToyWorld(world.seed, mc_rate=0.0).eval_split(n_eval, seed), {}
+    for cond in X:
+        quads, glyphs = torch.cat(X[cond][0]), torch.cat(X[cond][1])
+        qnet, gnet = _proxy_cnn(len(SHAPES) + 1 + len(COLOURS)), _proxy_cnn(10)
+        params = [*qnet.parameters(), *gnet.parameters()]
+        opt = torch.optim.AdamW(params, 2e-3)
+        for _ in tqdm(range(steps), desc=f"proxy on {cond}", leave=False):
+            i, j = torch.randint(len(quads), (128,)), torch.randint(len(glyphs), (32,))
+            out, ce = qnet(quads[i]), torch.nn.functional.cross_entropy
+            loss = ce(out[:, :6], quad_y[i, 0]) + ce(out[:, 6:], quad_y[i, 1]) + ce(gnet(glyphs[j]), glyph_y[j])
+            opt.zero_grad(), loss.backward(), opt.step()
+        with torch.no_grad():
+            for level, exs in split.items():
+                right = {q: [] for q in [*ANSWERS, "all"]}
+                for ex in exs:
+                    x = M.image_to_tensor(ex.degraded)
+                    out = qnet(_quadrants(x))
+                    shape_p, colour_p = out[:, :6].softmax(-1), out[:, 6:].softmax(-1)
+                    words = ex.question.rstrip("?").split()
+                    cell = next((POSITIONS.index(p) for p in POSITIONS if p in ex.question), 0)
+                    pred = {"glyph": lambda: str(int(gnet(x[None]).argmax())),
+                            "count": lambda: str(int((shape_p[:, 0] < 0.5).sum().clamp(1, 4))),
+                            "colour": lambda: cols[int(colour_p[cell].argmax())],
+                            "shape": lambda: SHAPES[int(shape_p[cell, 1:].argmax())],
+                            "position": lambda: POSITIONS[int((colour_p[:, cols.index(words[3])] if words[3] in COLOURS else
+                                                               shape_p[:, 1 + SHAPES.index(words[-1])]).argmax())]}[ex.qtype]()
+                    for q in (ex.qtype, "all"):
+                        right[q].append(pred == ex.answer)
+                results.update({(cond, level, q): 100 * float(np.mean(r)) for q, r in right.items()})
+    return results
+
+
+def main():
+    ap = argparse.ArgumentParser(description="The toy VQA world of nanoCLEAR: contact sheet and calibration.")
+    ap.add_argument("--seed", type=int, default=0, help="world seed (salts the train / held-out split)")
+    ap.add_argument("--show", type=int, default=0,
+                    help="held-out items to draw at clean / low / mid / hard (at most 32 rows) and to count restores over")
+    ap.add_argument("--out", default="toy_sheet.png", help="where --show writes the contact sheet")
+    ap.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=False,
+                    help="train proxy CNNs on clean and on hard images and print accuracy per level and question type")
+    args = ap.parse_args()
+    world = ToyWorld(args.seed)
+    if not args.show and not args.calibrate:
+        ap.error("nothing to do: pass --show N and/or --calibrate")
+    if args.show:
+        split = world.eval_split(args.show, args.seed)
+        contact_sheet(split, min(args.show, 32)).save(args.out)
+        rates = {k: sum(e.restore for e in v) / len(v) for k, v in split.items()}
+        print(f"wrote {args.out}; restore rate " + ", ".join(f"{k} {100 * r:.0f}%" for k, r in rates.items()))
+    if args.calibrate:
+        t0 = time.time()
+        res = calibrate_world(world, seed=args.seed)
+        print(f"proxy CNN accuracy % (open questions, held-out split), {time.time() - t0:.0f}s")
+        print(f"{'trained on':<11}{'level':<7}" + "".join(f"{q:>9}" for q in [*ANSWERS, "all"]))
+        for trained_on in ("clean", "hard"):
+            for level in ("clean", "low", "mid", "hard"):
+                print(f"{trained_on:<11}{level:<7}" + "".join(f"{res[(trained_on, level, q)]:9.1f}" for q in [*ANSWERS, "all"]))
+        print("chance     " + " " * 7 + "".join(f"{100 / len(ANSWERS[q]):9.1f}" for q in ANSWERS))
+
+
+if __name__ == "__main__":
+    main()

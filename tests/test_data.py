@@ -1,0 +1,373 @@
+"""Behaviour of data.py: the toy world, the tokenizer, CLEAR's sample layout, answer parsing and the readers."""
+
+import base64
+import csv
+import hashlib
+import io
+import json
+from itertools import islice
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tokenizers import Tokenizer as RawTokenizer, models
+
+import data as D
+import model as M
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return D.train_toy_tokenizer(D.toy_corpus(400))
+
+
+@pytest.fixture(scope="module")
+def world():
+    return D.ToyWorld(0)
+
+
+def fake_encode(calls):
+    """encode([N, 3, H, W]) -> zeros [N, (H/8)(W/8), 64]: the tiny model's latent grid without running a VAE."""
+    def encode(px):
+        calls.append(px.shape[0])
+        N, _, H, W = px.shape
+        return torch.zeros(N, (H // 8) * (W // 8), 64), (H // 8, W // 8)
+    return encode
+
+
+def image_hash(im):
+    return hashlib.md5(im.tobytes()).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# toy world
+
+
+def test_world_stream_and_eval_split_are_deterministic(world):
+    """Same seed, same samples: a run can be replayed and the held-out set never drifts."""
+    a, b = list(islice(world.stream(3), 4)), list(islice(D.ToyWorld(0).stream(3), 4))
+    key = lambda x: (image_hash(x.degraded), x.question, x.response)  # noqa: E731
+    assert [key(x) for x in a] == [key(x) for x in b]
+    assert len({image_hash(x.degraded) for x in a}) == 4  # and the stream moves on
+    s1, s2 = world.eval_split(3, seed=1), D.ToyWorld(0).eval_split(3, seed=1)
+    assert all(image_hash(x.degraded) == image_hash(y.degraded) for k in s1 for x, y in zip(s1[k], s2[k]))
+
+
+def test_train_and_eval_scenes_are_disjoint(world):
+    """No held-out layout is ever trained on: the split is a hash of the scene, checked by rejection."""
+    rng = np.random.default_rng(0)
+    assert not any(world.is_eval(world.scene(rng, held_out=False)[1]) for _ in range(300))
+    assert all(world.is_eval(world.scene(rng, held_out=True)[1]) for _ in range(30))
+    evals = {image_hash(e.clean) for e in world.eval_split(8)["clean"]}
+    assert not evals & {image_hash(e.clean) for e in islice(world.stream(0), 40)}
+    assert D.ToyWorld(1).is_eval != world.is_eval  # the seed salts the split
+
+
+def test_eval_split_is_mmd_bench_shaped(world):
+    """One corruption per item, the same at low / mid / hard, aligned across levels, clean level undegraded."""
+    split = world.eval_split(6)
+    assert list(split) == ["clean", "low", "mid", "hard"] and all(len(v) == 6 for v in split.values())
+    for i in range(6):
+        items = [split[k][i] for k in split]
+        assert len({e.question for e in items}) == 1 and len({e.corruption for e in items[1:]}) == 1
+        assert [e.severity for e in items] == [None, 0.23, 0.45, 0.9]
+        assert items[0].corruption is None and image_hash(items[0].degraded) == image_hash(items[0].clean)
+        assert all(e.degraded.size == (D.MODEL_SIZE, D.MODEL_SIZE) for e in items)
+
+
+def test_every_question_type_is_answerable_from_the_fixed_vocabulary(world):
+    """Answers stay inside the small fixed vocabulary; MC questions hold the answer among 4 distinct options."""
+    seen = set()
+    for ex in islice(world.stream(1), 120):
+        seen.add((ex.qtype, ex.options is not None))
+        if ex.options:
+            assert sorted(ex.options) == list("ABCD") and len(set(ex.options.values())) == 4
+            assert ex.options[ex.answer] in D.ANSWERS[ex.qtype]
+            assert ex.question.startswith("Question: ") and "Please select the correct answer" in ex.question
+        else:
+            assert ex.answer in D.ANSWERS[ex.qtype]
+        assert D.extract_answer(ex.response) == ex.answer
+    assert seen == {(q, mc) for q in D.ANSWERS for mc in (False, True)}
+
+
+def test_questions_match_the_scene():
+    """The answer is what the scene shows: colour, shape, count, quadrant and digit of a hand-made scene."""
+    bg = ((120, 120, 120), (140, 140, 140), 0.0, 1)
+    scene = D.Scene(bg, objects=(("star", "blue", 3, 48.0, 48.0, 7.0, 0.0), ("circle", "red", 0, 16.0, 16.0, 7.0, 0.0)))
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        q, a, _, _, fact, boxes = D.ask(scene, "colour", rng, mc=False)  # objects are named by quadrant
+        assert a == ("blue" if "bottom right" in q else "red") and a in fact and len(boxes) == 1
+        q, a, *_ = D.ask(scene, "shape", rng, mc=False)
+        assert a == ("star" if "bottom right" in q else "circle")
+        q, a, *_ = D.ask(scene, "position", rng, mc=False)  # ... except when the quadrant is the answer
+        assert a == ("bottom right" if "star" in q or "blue" in q else "top left")
+    assert D.ask(scene, "count", rng, mc=False)[1] == "2"
+    glyph = D.Scene(bg, glyph=("7", (20, 20, 20), (230, 230, 230), 32.0, 32.0, 26.0, 0.0, 3.0))
+    assert D.ask(glyph, "glyph", rng, mc=False)[1] == "7"
+    pixels = np.asarray(D.render(scene, D.MODEL_SIZE)).astype(int)  # the renderer puts each object where it says
+    assert np.abs(pixels[16, 16] - D.COLOURS["red"]).max() < 40 and np.abs(pixels[48, 48] - D.COLOURS["blue"]).max() < 40
+
+
+def test_needs_restore_rises_with_severity(world):
+    """The restore rule fires more often as the same corruptions get stronger, and never on an intact image."""
+    rng = np.random.default_rng(0)
+    rates = {s: 0 for s in (0.23, 0.45, 0.9)}
+    for i in range(24):
+        _, scene = world.scene(rng, held_out=False)
+        big = D.render(scene)
+        clean = np.asarray(big.resize((64, 64), Image.BICUBIC))
+        kind = ("gaussian_noise", "motion_blur", "block_exchange", "dark_illumination")[i % 4]
+        assert not D.needs_restore(clean, clean, scene.boxes())
+        for s in rates:
+            deg = np.asarray(D.degrade(big, kind, s, i).resize((64, 64), Image.BICUBIC))
+            rates[s] += D.needs_restore(clean, deg, scene.boxes())
+    assert rates[0.23] <= rates[0.45] <= rates[0.9] and rates[0.9] > rates[0.23] + 4, rates
+
+
+def test_detail_kept_ignores_gain_but_not_noise():
+    """Darkening keeps the detail (gain-invariant up to the contrast cap); noise of the same energy destroys it."""
+    rng = np.random.default_rng(0)
+    clean = rng.integers(0, 255, (16, 16, 3)).astype(np.uint8)
+    box = (0, 0, 16, 16)
+    assert D.detail_kept(clean, clean, box, colour=False) == pytest.approx(1.0)
+    assert D.detail_kept(clean, (clean * 0.8).astype(np.uint8), box, colour=False) == pytest.approx(0.8, abs=0.03)
+    noisy = np.clip(clean + rng.normal(0, 80, clean.shape), 0, 255).astype(np.uint8)
+    assert D.detail_kept(clean, noisy, box, colour=False) < 0.8
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# tokenizer
+
+
+def test_toy_tokenizer_round_trips_and_keeps_specials_special(tok):
+    """Text survives encode/decode; the 4 BAGEL specials are special tokens, the CLEAR tags ordinary single tokens."""
+    text = "<think>Heavy noise hides the digit.</think>\n<image_restore>\nçà 🎉 1.5 < 2 </b>"
+    assert tok.decode(tok.encode(text)) == text
+    assert [tok.bos_id, tok.eos_id, tok.soi_id, tok.eoi_id] == [0, 1, 2, 3]
+    special = {t.content for t in tok.tk.get_added_tokens_decoder().values() if t.special}
+    assert special == set(M.SPECIAL_TOKENS.values())
+    for tag in D.CLEAR_TAGS:
+        assert len(tok.encode(tag)) == 1 and tag not in special
+    assert tok.encode("<|im_end|>") == [tok.eos_id]
+    assert D.config_ids(tok) == dict(bos_token_id=0, eos_token_id=1, start_of_image_id=2, end_of_image_id=3,
+                                     vocab_size=tok.vocab_size)
+
+
+def test_toy_tokenizer_is_deterministic_and_short():
+    """Same corpus, same tokenizer (a checkpoint's vocabulary can be rebuilt); think texts stay short."""
+    corpus = D.toy_corpus(300)
+    a, b = D.train_toy_tokenizer(corpus), D.train_toy_tokenizer(corpus)
+    assert a.tk.to_str() == b.tk.to_str()
+    rng = np.random.default_rng(0)
+    for sev in (0.23, 0.45, 0.9):
+        text = D.think_response(rng, True, "B", "the red star's colour", "the star is red, option B", "gaussian_noise", sev)
+        assert all(len(a.encode(part)) <= 30 for part in text.split("\n"))
+
+
+def test_tokenizer_from_file_looks_specials_up_by_text(tmp_path):
+    """A Qwen2-style tokenizer.json (specials anywhere in the vocab) loads; missing specials or files are clear errors."""
+    vocab = {"hello": 0, "<unk>": 1, "<|im_start|>": 7, "<|im_end|>": 8, "<|vision_start|>": 9, "<|vision_end|>": 5}
+    raw = RawTokenizer(models.WordLevel({k: v for k, v in vocab.items() if not k.startswith("<|")}, unk_token="<unk>"))
+    raw.add_special_tokens(["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>"])
+    raw.save(str(tmp_path / "tokenizer.json"))
+    t = D.Tokenizer.from_folder(tmp_path)
+    assert (t.bos_id, t.eos_id, t.soi_id, t.eoi_id) == tuple(raw.token_to_id(s) for s in M.SPECIAL_TOKENS.values())
+    assert M.ModelConfig(**{**D.config_ids(t), "vocab_size": 16}).eos_token_id == t.eos_id
+    plain = RawTokenizer(models.WordLevel({"hello": 0, "<unk>": 1}, unk_token="<unk>"))
+    plain.save(str(tmp_path / "plain.json"))
+    with pytest.raises(ValueError, match="lacks the special tokens"):
+        D.Tokenizer.from_file(tmp_path / "plain.json")
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        D.Tokenizer.from_folder(tmp_path / "nowhere")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CLEAR samples
+
+
+def restore_example(world, restore=True):
+    ex = next(world.stream(7))
+    ex.response = D.think_response(np.random.default_rng(0), restore, ex.answer, "the digit", "the digit is 7", "motion_blur", 0.9)
+    return ex
+
+
+def test_restore_sample_layout_is_clear_section_1_3(world, tok):
+    """Items 1-9 in order: types, loss flags, t > 0 only on the noised clean latent, pairs, teacher grid == VAE grid."""
+    ex, calls = restore_example(world), []
+    seq = D.build_batch([ex], tok, fake_encode(calls), torch.Generator().manual_seed(0))[0]
+    kinds = [type(s).__name__ for s in seq]
+    assert kinds == ["Text", "VaeImage", "VitImage", "Text", "Text", "VaeImage", "VaeImage", "VitImage", "Text"]
+    assert [s.loss for s in seq if isinstance(s, M.Text)] == [False, False, True, True]
+    assert [s.t > 0 for s in seq if isinstance(s, M.VaeImage)] == [False, True, False]
+    noised, student, teacher = seq[5], seq[6], seq[7]
+    assert noised.target is not None and not noised.droppable and noised.pair is None
+    torch.testing.assert_close(noised.tokens, (1 - noised.t) * student.tokens + noised.t * (noised.target + student.tokens))
+    assert student.pair == teacher.pair == 0 and seq[1].pair is None and seq[2].pair is None
+    P = D.TOY_SIZES.vit[2]
+    assert (teacher.pixels.shape[1] // P, teacher.pixels.shape[2] // P) == student.grid
+    assert tok.decode(seq[0].ids) == D.TOY_SYSTEM_PROMPT and tok.decode(seq[3].ids) == ex.question.strip()
+    assert tok.decode(seq[4].ids).endswith("</think>\n<image_restore>")  # official: parts[0] + token
+    assert tok.decode(seq[8].ids).startswith("\n<think>") and tok.decode(seq[8].ids).endswith("</answer>")
+    assert calls == [2]  # degraded and clean latents in one encode call
+
+
+def test_direct_sample_layout(world, tok):
+    """A direct answer is items 1-4 plus one CE text; no clean-image blocks."""
+    ex = restore_example(world, restore=False)
+    seq = D.build_batch([ex], tok, fake_encode([]), torch.Generator().manual_seed(0), system="official")[0]
+    assert [type(s).__name__ for s in seq] == ["Text", "VaeImage", "VitImage", "Text", "Text"]
+    assert seq[-1].loss and tok.decode(seq[-1].ids) == ex.response
+    assert tok.decode(seq[0].ids) == D.INTERLEAVE_REASON_SYSTEM_PROMPT
+    with pytest.raises(ValueError, match="system prompt must be one of"):
+        D.build_batch([ex], tok, fake_encode([]), torch.Generator(), system="long")
+
+
+def test_samples_pack_and_train_in_the_real_model(world, tok):
+    """pack + forward accept a mixed batch built with the model's own autoencoder: finite CE and MSE, one pair."""
+    torch.manual_seed(0)
+    cfg = M.ModelConfig(**D.config_ids(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1, vit_hidden_size=32, vit_intermediate_size=32,
+                        vit_num_hidden_layers=1)
+    net = M.Bagel(cfg).eval()
+
+    def encode(px):
+        z = net.vae.encode(px)
+        return torch.stack([M.patchify(x, cfg.latent_patch_size) for x in z]), (z.shape[2] // 2, z.shape[3] // 2)
+    batch = D.build_batch([restore_example(world), restore_example(world, False)], tok, encode, torch.Generator().manual_seed(0))
+    packed = M.pack(batch, cfg)
+    grid = batch[0][5].grid
+    assert len(packed.pairs) == 1 and packed.flow_lens == [grid[0] * grid[1]] and packed.vit_lens == [64, grid[0] * grid[1], 64]
+    with torch.no_grad():
+        out = net(packed)
+    assert out.mse.shape == (grid[0] * grid[1],) and torch.isfinite(out.ce).all() and torch.isfinite(out.mse).all()
+    assert len(out.ce) == sum(len(s.ids) + 1 for b in batch for s in b if isinstance(s, M.Text) and s.loss)
+
+
+def test_text_reason_sample_layout(world, tok):
+    """Text-only reasoning (official TextReasonIterableDataset): its prompt, ViT image only, question, CoT with CE."""
+    seq = D.text_reason_sample(restore_example(world), tok)
+    assert [type(s).__name__ for s in seq] == ["Text", "VitImage", "Text", "Text"]
+    assert [s.loss for s in seq if isinstance(s, M.Text)] == [False, False, True]
+    assert tok.decode(seq[0].ids) == D.TEXT_REASON_SYSTEM_PROMPT
+    cot = tok.decode(seq[-1].ids)
+    assert cot.startswith("<think>") and cot.endswith("</answer>") and D.RESTORE_TOKEN not in cot
+
+
+def test_inference_prefix_has_no_loss(world, tok):
+    """The test-time prefix is items 1-4 of a training sample, with no loss anywhere."""
+    exs = world.eval_split(2)["hard"]
+    prefixes = D.inference_prefix(exs, tok, fake_encode([]))
+    assert [[type(s).__name__ for s in p] for p in prefixes] == [["Text", "VaeImage", "VitImage", "Text"]] * 2
+    assert not any(s.loss for p in prefixes for s in p if isinstance(s, M.Text))
+    assert all(s.t == 0 for p in prefixes for s in p if isinstance(s, M.VaeImage))
+
+
+def test_official_response_split_keeps_whitespace():
+    """parts[0] + token before the image, parts[1] after it, later tokens dropped, blank continuation omitted."""
+    assert D.split_response("<think>a</think>\n<image_restore>\n<think>b</think>") == (
+        "<think>a</think>\n<image_restore>", "\n<think>b</think>")
+    assert D.split_response("x<image_restore>y<image_restore>z") == ("x<image_restore>", "y")
+    assert D.split_response("<think>a</think><answer>b</answer>") is None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# answers
+
+
+@pytest.mark.parametrize("text,letter", [("B", "B"), ("B.", "B"), ("(B)", "B"), ("B) blue", "B"), ("The answer is B", "B"),
+                                         ("Answer: (C)", "C"), ("  d  ", None), ("A red circle", None), ("blue", "B"),
+                                         ("I think it is B, not really", "B"), ("B or C", None), ("", None)])
+def test_mc_letter(text, letter):
+    """Reply forms seen in practice map to the right option letter, ambiguous ones to None."""
+    assert D.mc_letter(text, {"A": "red", "B": "blue", "C": "green", "D": "pink"}) == letter
+
+
+def test_answer_extraction_and_correctness():
+    """<answer> content with DOTALL, whole reply without one, normalised open answers, MC by letter."""
+    assert D.extract_answer("<think>x</think><answer> top\nleft </answer>") == "top\nleft"
+    assert D.extract_answer("no tags") is None
+    assert D.normalize_answer("The Top-Left.") == "top left" and D.normalize_answer("Three") == "3"
+    open_ex = D.Example(Image.new("RGB", (8, 8)), "Where?", "top left")
+    assert D.is_correct("<think>..</think><answer>Top left.</answer>", open_ex)
+    assert D.is_correct("top-left", open_ex) and not D.is_correct("<answer>top right</answer>", open_ex)
+    mc_ex = D.Example(Image.new("RGB", (8, 8)), "Q", "C", options={"A": "red", "B": "blue", "C": "green", "D": "pink"})
+    assert D.is_correct("<answer>C</answer>", mc_ex) and D.is_correct("<answer>green</answer>", mc_ex)
+    assert not D.is_correct("<answer>B</answer>", mc_ex)
+
+
+def test_restore_detection_official_and_relaxed():
+    """Official rule needs the token alone on a line; the rollout rule only needs it present."""
+    assert D.has_image_restore_token("<think>a</think>\n<image_restore>")
+    assert D.has_image_restore_token("<image_restore>\n<think>b</think>")
+    assert not D.has_image_restore_token("<think>a</think> <image_restore> <think>")
+    assert D.requests_restore("<think>a</think> <image_restore>") and not D.requests_restore("<answer>x</answer>")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# readers
+
+
+def test_jsonl_reader_skips_and_reports_malformed_rows(tmp_path):
+    """Good rows of all three kinds load; malformed ones are counted with their line numbers, never fatal."""
+    Image.new("RGB", (96, 80), (200, 30, 30)).save(tmp_path / "a.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    clear = "<think>Blurred.</think>\n<image_restore>\n<think>Clear now.</think>\n<answer>red</answer>"
+    lines = [
+        {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "Red."}]},
+        "{not json",
+        {"image": "a.png", "question": "What colour?", "answer": "red"},
+        {"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]},
+        {"image": "a.png", "conversations": [{"from": "human", "value": "Q"}]},
+        {"image": "missing.png", "question": "Q", "answer": "A"},
+        {"image": "broken.png", "question": "Q", "answer": "A"},
+        {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": clear}]},
+    ]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
+    rows, problems = D.read_jsonl(path, tmp_path)
+    assert [r["line"] for r in rows] == [1, 3, 8] and [p[0] for p in problems] == [2, 4, 5, 6, 7]
+    assert rows[0]["question"] == "What colour?"
+    rng = np.random.default_rng(0)
+    plain, official = D.jsonl_example(rows[0], rng), D.jsonl_example(rows[2], rng)
+    assert plain.corruption in D.CORRUPTIONS and plain.severity in (0.23, 0.45, 0.9)
+    assert D.extract_answer(plain.response) == "Red." and plain.degraded.size == (96, 80)
+    assert official.response == clear and official.restore
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        D.read_jsonl(tmp_path / "nope.jsonl", tmp_path)
+    (tmp_path / "bad.jsonl").write_text("a\tb\n1\t2\n")
+    with pytest.raises(ValueError, match="LLaVA-style"):
+        D.read_jsonl(tmp_path / "bad.jsonl", tmp_path)
+
+
+def b64_png(colour):
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 24), colour).save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_tsv_reader_resolves_references_and_reports_bad_rows(tmp_path):
+    """VLMEvalKit TSV: circular rows borrow an image by index; undecodable images and missing options are reported."""
+    header = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image"]
+    table = [
+        [10, "What colour is the box?", "Look closely.", "red", "blue", "green", "", "B", "colour", b64_png((0, 0, 255))],
+        [11, "What colour is the box?", "", "blue", "red", "green", "", "A", "colour", "10"],
+        [12, "Broken?", "", "x", "y", "", "", "A", "colour", "bm90IGFuIGltYWdl"],
+        [13, "Which?", "", "x", "y", "z", "", "D", "colour", b64_png((9, 9, 9))],
+        [14, "Gap?", "", "x", "", "z", "", "A", "colour", b64_png((9, 9, 9))],
+    ]
+    path = tmp_path / "MMBench_LOW_LEVEL_HIGH.tsv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f, delimiter="\t").writerows([header, *table])
+    rows, problems = D.read_tsv(path)
+    assert [r["index"] for r in rows] == ["10", "11"] and [p[0] for p in problems] == ["12", "13", "14"]
+    assert "undecodable" in problems[0][1] and "not among the options" in problems[1][1] and "missing" in problems[2][1]
+    assert rows[1]["image"] == rows[0]["image"] and rows[0]["options"] == {"A": "red", "B": "blue", "C": "green"}
+    assert D.mc_prompt(rows[0]) == ("Hint: Look closely.\nQuestion: What colour is the box?\nOptions:\nA. red\nB. blue\n"
+                                    "C. green\nPlease select the correct answer from the options above. \n")
+    ex = D.tsv_example(rows[1])
+    assert ex.degraded.getpixel((0, 0)) == (0, 0, 255) and ex.answer == "A" and ex.question.startswith("Question:")
+    with pytest.raises(ValueError, match="lacks the columns"):
+        (tmp_path / "x.tsv").write_text("a\tb\n1\t2\n")
+        D.read_tsv(tmp_path / "x.tsv")
