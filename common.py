@@ -113,17 +113,42 @@ def lr_at(step: int, total: int, peak: float, warmup: int, floor: float) -> floa
 
 
 class EMA:
-    """Exponential moving average of the trainable weights (BAGEL fsdp_ema_update; CLEAR SFT decay 0.995)."""
+    """Exponential moving average of the trainable weights (BAGEL fsdp_ema_update; CLEAR SFT decay 0.995).
+
+    The shadow copies keep their parameters' own layout, so the same code serves plain and FSDP-sharded models.
+    """
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.shadow = {n: p.detach().clone() for n, p in model.named_parameters()}
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module):
-        for (_, e), (_, p) in zip(self.model.named_parameters(), model.named_parameters()):
+        for n, p in model.named_parameters():
             if p.requires_grad:
-                e.lerp_(p.detach(), 1 - self.decay)
+                self.shadow[n].lerp_(p.detach(), 1 - self.decay)
+
+    @torch.no_grad()
+    def copy_to(self, model: torch.nn.Module):
+        for n, p in model.named_parameters():
+            p.copy_(self.shadow[n])
+
+
+def full_state(tensors: dict) -> dict:
+    """Whole tensors on the CPU from plain or FSDP-sharded ones (a collective call when sharded: every rank calls)."""
+    from torch.distributed.tensor import DTensor
+    return {n: (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu() for n, t in tensors.items()}
+
+
+def shard(model: M.Bagel, dtype: torch.dtype):
+    """FSDP2: each decoder layer and then the rest sharded across ranks (the frozen autoencoder stays whole, as the
+    data pipeline calls it), compute in `dtype`, gradients reduced in float32, layers recomputed in the backward."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for layer in model.language_model.model.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp, ignored_params=set(model.vae.parameters()))
+    model.gradient_checkpointing = True
 
 
 def clip_and_step(model, optimizer, max_norm: float) -> float:
@@ -137,14 +162,22 @@ def clip_and_step(model, optimizer, max_norm: float) -> float:
 # Checkpoints: BAGEL-format folder + train_state/ for --resume
 
 
-def save_checkpoint(folder, raw: M.Bagel, ema: EMA | None, optimizer, tokenizer, step: int, meta: dict):
-    """Write folder atomically: ema.safetensors holds the EMA weights (or the raw ones without EMA)."""
+def save_checkpoint(folder, raw: M.Bagel, ema: EMA | None, optimizer, tokenizer, step: int, meta: dict, run: "Run"):
+    """Write folder atomically: ema.safetensors holds the EMA weights (or the raw ones without EMA). With --fsdp every
+    rank takes part in gathering the shards and rank 0 writes; the resume state is written without FSDP only."""
     from safetensors.torch import save_file
+    weights = full_state(dict(raw.named_parameters()))
+    saved = full_state(ema.shadow) if ema is not None else weights
+    sharded = raw.gradient_checkpointing and run.world > 1  # FSDP
+    if not run.main:
+        return
 
     def train_state(tmp: Path):
+        if sharded:
+            return
         d = tmp / "train_state"
         d.mkdir()
-        save_file({n: p.detach().contiguous().cpu() for n, p in raw.named_parameters()}, str(d / "model.safetensors"))
+        save_file({n: w.contiguous() for n, w in weights.items()}, str(d / "model.safetensors"))
         names = {id(p): n for n, p in raw.named_parameters()}
         tensors, scalars = {}, {}
         for p, state in optimizer.state.items():
@@ -156,8 +189,8 @@ def save_checkpoint(folder, raw: M.Bagel, ema: EMA | None, optimizer, tokenizer,
         save_file(tensors, str(d / "optimizer.safetensors"))
         (d / "state.json").write_text(json.dumps({"step": step, "optimizer_scalars": scalars, "stage": meta.get("stage")}))
 
-    M.save_pretrained(ema.model if ema is not None else raw, folder, tokenizer=tokenizer,
-                      meta={**meta, "step": step}, extra=train_state)
+    M.save_pretrained(raw, folder, tokenizer=tokenizer, meta={**meta, "step": step}, extra=train_state,
+                      state=saved)
 
 
 def load_resume_state(folder, raw: M.Bagel, ema: EMA | None, optimizer, stage: str) -> int:
@@ -185,9 +218,8 @@ def load_resume_state(folder, raw: M.Bagel, ema: EMA | None, optimizer, stage: s
         for n, p in raw.named_parameters():
             p.copy_(weights[n])
         if ema is not None:
-            e = M.load_pretrained(folder, device=raw.device, dtype=raw.dtype)
-            for (_, pe), (_, pl) in zip(ema.model.named_parameters(), e.named_parameters()):
-                pe.copy_(pl)
+            for n, t in M.read_weights(folder, raw.cfg, raw.device, raw.dtype).items():
+                ema.shadow[n].copy_(t)
     by_name = dict(raw.named_parameters())
     for key, v in opt_tensors.items():
         n, k = key.split("::")
@@ -264,8 +296,7 @@ def train_loop(run: Run, raw: M.Bagel, model: torch.nn.Module, optimizer, ema: E
             log({"step": step + 1, "loss": float(loss.detach()), **metrics, "lr": optimizer.param_groups[0]["lr"],
                  "gnorm": gnorm, "ms": round(1000 * (time.time() - t0))}, bar)
         if loop.save_every and ((step + 1) % loop.save_every == 0 or step + 1 == loop.steps):
-            if run.main:
-                save_checkpoint(out, raw, ema, optimizer, tokenizer, step + 1, {**meta, "stage": stage})
+            save_checkpoint(out, raw, ema, optimizer, tokenizer, step + 1, {**meta, "stage": stage}, run)
             if run.world > 1:
                 dist.barrier()
     bar.close()
@@ -401,6 +432,24 @@ def add_finetune_args(p: argparse.ArgumentParser, steps: int, lr: float, distill
     g.add_argument("--base-steps", type=int, default=700, help="Stage 0 steps when the toy base must be built (pretrain.py --steps)")
 
 
+def load_for_training(init, run: Run, fsdp: bool) -> M.Bagel:
+    """The checkpoint as a trainable model: whole on every process, or (--fsdp) built on the meta device, sharded,
+    and filled from rank 0's copy of the weights, so no process ever holds more than its shard plus one file read."""
+    if not fsdp:
+        return M.load_pretrained(init, run.device, run.dtype)
+    if run.world < 2:
+        raise SystemExit("--fsdp shards the model over processes: launch with torchrun --nproc_per_node N (N > 1)")
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    cfg = M.config_from_folder(init)
+    with torch.device("meta"):
+        model = M.Bagel(cfg)
+    shard(model, run.dtype)
+    model.to_empty(device=run.device)
+    weights = M.read_weights(init, cfg, "cpu", torch.float32) if run.main else {}
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model
+
+
 def load_start(args, run: Run) -> tuple[M.Bagel, D.Tokenizer, str]:
     """The model to fine-tune: --init, or the toy base (built by pretrain.py if out/base/ is missing)."""
     init = args.init
@@ -413,8 +462,7 @@ def load_start(args, run: Run) -> tuple[M.Bagel, D.Tokenizer, str]:
             cmd = [sys.executable, "pretrain.py", "--out", init, "--steps", str(args.base_steps), "--seed", str(args.seed),
                    "--world-seed", str(args.world_seed), "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads)]
             subprocess.run(cmd, check=True)
-    model = M.load_pretrained(init, run.device, run.dtype)
-    return model, D.Tokenizer.from_folder(init), init
+    return load_for_training(init, run, args.fsdp), D.Tokenizer.from_folder(init), init
 
 
 def finetune(args, stage: str) -> tuple[M.Bagel, M.Bagel, D.Tokenizer]:
@@ -422,7 +470,7 @@ def finetune(args, stage: str) -> tuple[M.Bagel, M.Bagel, D.Tokenizer]:
     run = setup_run(args.device, args.dtype, args.seed, args.threads)
     t0 = time.time()
     model, tok, init = load_start(args, run)
-    start = M.load_pretrained(init, run.device, run.dtype) if run.main and args.eval_n else None
+    start = M.load_pretrained(init, run.device, run.dtype) if run.main and args.eval_n and not args.fsdp else None
     model.requires_grad_(True)
     for frozen in (model.vit_model, model.vae, model.vit_pos_embed, model.latent_pos_embed):  # official: frozen ViT/VAE
         frozen.requires_grad_(False)
@@ -438,9 +486,11 @@ def finetune(args, stage: str) -> tuple[M.Bagel, M.Bagel, D.Tokenizer]:
     opt = make_optimizer(model, args.lr, weight_decay=args.weight_decay)
     ema = EMA(model, args.ema)
     out = Path(args.out)
+    if args.resume and args.fsdp:
+        raise SystemExit("--resume is implemented for single-process and DDP runs; an FSDP run restarts from its last --init")
     start_step = load_resume_state(out, model, ema, opt, stage) if args.resume else 0
     wrapped = model
-    if run.world > 1:
+    if run.world > 1 and not args.fsdp:
         wrapped = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     if args.compile:
         wrapped = torch.compile(wrapped)
@@ -452,9 +502,10 @@ def finetune(args, stage: str) -> tuple[M.Bagel, M.Bagel, D.Tokenizer]:
                start_step=start_step)
     if run.main:
         print(f"{stage} finished in {time.time() - t0:.0f} s -> {out}")
+    ema.copy_to(model)
     if run.world > 1:
         dist.destroy_process_group()
-    return start, ema.model, tok
+    return start, model.eval(), tok
 
 
 def summary_table(args, tok, models: dict, modes: dict) -> str:

@@ -61,11 +61,8 @@ STAGES = ("base", "sft", "bridge", "rl")
 
 def per_corruption_split(world: D.ToyWorld, n: int, seed: int) -> dict:
     """16 sets at hard: the same n held-out questions degraded by each corruption (MMD-Bench per-degradation sets)."""
-    out = {}
-    for kind in CORRUPTIONS:
-        rng = np.random.default_rng([world.seed, seed, 2])  # same questions for every corruption
-        out[kind] = [world.examples(rng, True, kind, [D.SEVERITIES["hard"]])[0] for _ in range(n)]
-    return out
+    return {kind: [world.examples(np.random.default_rng([world.seed, seed, 2, i]), True, kind, [D.SEVERITIES["hard"]])[0]
+                   for i in range(n)] for kind in CORRUPTIONS}  # question i: its own seed, so every set asks the same
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -967,6 +967,8 @@ class KVCache:
 class Bagel(nn.Module):
     """BAGEL-7B-MoT-style unified model; parameter names equal the official ema.safetensors keys (+ `vae.` = ae)."""
 
+    gradient_checkpointing = False  # recompute each decoder layer in the backward pass (set for FSDP fine-tuning)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -999,7 +1001,10 @@ class Bagel(nn.Module):
         route = Route(gen_mask.reshape(-1) if gen_mask is not None else None)
         lm = self.language_model.model
         for i, layer in enumerate(lm.layers):
-            x = layer(x, route, cos, sin, mask, None if kv_write is None else kv_write(i))
+            if self.gradient_checkpointing and torch.is_grad_enabled() and kv_write is None:  # recompute in backward
+                x = torch.utils.checkpoint.checkpoint(layer, x, route, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, route, cos, sin, mask, None if kv_write is None else kv_write(i))
             if hidden_hook is not None:
                 hidden_hook(i, x)  # CLEAR: distill_fn(layer_idx, hidden) after every decoder layer
         B, T, H = x.shape
@@ -1366,13 +1371,12 @@ def open_safetensors(path: Path, device):
         raise ValueError(f"{path} is not a readable safetensors file ({e}); re-download or re-save the checkpoint") from None
 
 
-def load_pretrained(folder, device="cpu", dtype=torch.float32, overrides: dict | None = None) -> Bagel:
-    """Load a BAGEL-format folder strictly, without materialising random weights first (meta device + assign)."""
+def read_weights(folder, cfg: ModelConfig, device="cpu", dtype=torch.float32) -> dict:
+    """The state dict of a BAGEL-format folder (ema.safetensors + ae.safetensors as `vae.*`), checked strictly against
+    the shapes `cfg` implies: a missing, unexpected or mis-shaped tensor stops with a message listing them."""
     folder = Path(folder)
-    cfg = config_from_folder(folder, overrides)
     with torch.device("meta"):
-        model = Bagel(cfg)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
+        expected = {k: v.shape for k, v in Bagel(cfg).state_dict().items()}
     state, problems = {}, []
     for file, prefix in (("ema.safetensors", ""), ("ae.safetensors", "vae.")):
         with open_safetensors(folder / file, device) as f:
@@ -1394,7 +1398,15 @@ def load_pretrained(folder, device="cpu", dtype=torch.float32, overrides: dict |
         shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
         raise ValueError(f"{folder} does not match its config ({len(problems)} problems):\n  {shown}\n"
                          "Check that llm_config.json / vit_config.json (and nanoclear.json) belong to these weights.")
-    model.load_state_dict(state, strict=True, assign=True)
+    return state
+
+
+def load_pretrained(folder, device="cpu", dtype=torch.float32, overrides: dict | None = None) -> Bagel:
+    """Load a BAGEL-format folder strictly, without materialising random weights first (meta device + assign)."""
+    cfg = config_from_folder(folder, overrides)
+    with torch.device("meta"):
+        model = Bagel(cfg)
+    model.load_state_dict(read_weights(folder, cfg, device, dtype), strict=True, assign=True)
     for p in (model.vit_pos_embed.pos_embed, model.latent_pos_embed.pos_embed):
         p.requires_grad_(False)
     return model.eval()
@@ -1424,14 +1436,16 @@ def remove_tree(path: Path):
     shutil.rmtree(path, ignore_errors=True)
 
 
-def save_pretrained(model: Bagel, folder, tokenizer=None, meta: dict | None = None, extra: Callable[[Path], None] | None = None):
+def save_pretrained(model: Bagel, folder, tokenizer=None, meta: dict | None = None, extra: Callable[[Path], None] | None = None,
+                    state: dict | None = None):
     """Write a BAGEL-format folder the official loader reads, plus nanoclear.json (our config and run metadata).
 
     tokenizer: a `tokenizers.Tokenizer` (saved as tokenizer.json) or None. extra(tmp) may add files (resume state).
+    state: the weights to write instead of model.state_dict() (e.g. gathered from FSDP shards, or an EMA).
     """
     from safetensors.torch import save_file
     cfg = model.cfg
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    sd = {k: v.detach().contiguous().cpu() for k, v in (model.state_dict() if state is None else state).items()}
     llm = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu", "rope_scaling": None,
            "tie_word_embeddings": False, "qk_norm": True, "layer_module": "Qwen2MoTDecoderLayer",
            "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, **{k: getattr(cfg, k) for k in LLM_KEYS}}

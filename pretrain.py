@@ -49,13 +49,20 @@ def toy_config(tok: D.Tokenizer) -> M.ModelConfig:
 
 
 def init_weights(model: M.Bagel, std: float = 0.02):
-    """From-scratch init: Qwen2-style N(0, 0.02) linears and embeddings, zero biases, unit norms, llm2vae zero (BAGEL);
-    the autoencoder keeps PyTorch's default conv init; the sin-cos tables stay as computed."""
+    """From-scratch init: Qwen2-style N(0, 0.02) for the LLM and ViT, zero biases, unit norms, llm2vae zero (BAGEL).
+
+    The modules that feed the LLM from the fixed 2-D sin-cos tables (connector, vae2llm, time_embedder) get
+    N(0, 1/fan_in) instead, so picture content enters at the same scale as the unit-size position code added to it;
+    at 0.02 the position code drowns it and the model learns to ignore pictures (BAGEL inherits these weights
+    pretrained, so its recipe never meets this). The autoencoder keeps PyTorch's default conv init.
+    """
+    feeders = ("connector", "vae2llm", "time_embedder")
     for name, mod in model.named_modules():
-        if name.startswith("vae"):
+        if name.startswith("vae.") or name == "vae":
             continue
         if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)):
-            torch.nn.init.normal_(mod.weight, 0.0, std)
+            fan_in = mod.weight.shape[1]
+            torch.nn.init.normal_(mod.weight, 0.0, fan_in ** -0.5 if name.startswith(feeders) else std)
             if getattr(mod, "bias", None) is not None:
                 torch.nn.init.zeros_(mod.bias)
     torch.nn.init.zeros_(model.llm2vae.weight)  # BAGEL: llm2vae starts at zero
@@ -98,25 +105,98 @@ def latent_stats(ae: M.AutoEncoder, x: torch.Tensor) -> tuple[float, float]:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Phase 2: understanding and generation
+# Phase 2: the vision encoder (the SigLIP stand-in)
+
+
+def scene_labels(scenes: list[D.Scene]) -> dict:
+    """What the vision encoder must see in each picture: shape, colour, count, digit, occupied quadrants."""
+    none_shape, none_colour = len(D.SHAPES), len(D.COLOURS)
+    out = {"shape": [], "colour": [], "count": [], "digit": [], "quadrants": []}
+    for sc in scenes:
+        objs = sc.objects
+        out["shape"].append(D.SHAPES.index(objs[0][0]) if objs else none_shape)
+        out["colour"].append(list(D.COLOURS).index(objs[0][1]) if objs else none_colour)
+        out["count"].append(len(objs))
+        out["digit"].append(int(sc.glyph[0]) if sc.glyph else 10)
+        out["quadrants"].append([float(any(o[2] == q for o in objs)) for q in range(4)])
+    return {k: torch.tensor(v) for k, v in out.items()}
+
+
+class VisionProbe(torch.nn.Module):
+    """Linear heads on pooled ViT features; used to train the encoder in Stage 0, then thrown away."""
+
+    def __init__(self, dim: int, grid: int):
+        super().__init__()
+        self.heads = torch.nn.ModuleDict(dict(shape=torch.nn.Linear(dim, len(D.SHAPES) + 1),
+                                              colour=torch.nn.Linear(dim, len(D.COLOURS) + 1),
+                                              count=torch.nn.Linear(dim, 5), digit=torch.nn.Linear(dim, 11),
+                                              quadrants=torch.nn.Linear(dim, 1)))
+        half = (torch.arange(grid) >= grid // 2).long()
+        self.register_buffer("quadrant", (2 * half[:, None] + half[None, :]).flatten(), persistent=False)  # patch -> quadrant
+
+    def forward(self, h: torch.Tensor, labels: dict):
+        """h [N, patches, D] -> summed cross-entropies of the attribute heads, and their accuracies."""
+        pooled = h.mean(1)
+        quads = torch.stack([h[:, self.quadrant == q].mean(1) for q in range(4)], 1)
+        loss, acc = 0.0, {}
+        for k in ("shape", "colour", "count", "digit"):
+            logits = self.heads[k](pooled)
+            loss = loss + F.cross_entropy(logits, labels[k])
+            acc[k] = float((logits.argmax(-1) == labels[k]).float().mean())
+        occ = self.heads["quadrants"](quads).squeeze(-1)
+        loss = loss + F.binary_cross_entropy_with_logits(occ, labels["quadrants"])
+        return loss, acc
+
+
+def vision_batch(world: D.ToyWorld, rng: np.random.Generator, n: int):
+    """Pictures (half clean, half degraded) and the attributes of their scenes."""
+    stream = world.stream(rng)
+    exs = [next(stream) for _ in range(n)]
+    return torch.stack([M.image_to_tensor(ex.clean if i % 2 else ex.degraded) for i, ex in enumerate(exs)]), scene_labels([ex.scene for ex in exs])
+
+
+def vision_loss(model: M.Bagel, probe: VisionProbe, pixels: torch.Tensor, labels: dict):
+    P = model.cfg.vit_patch_size
+    n, gh, gw = len(pixels), pixels.shape[2] // P, pixels.shape[3] // P
+    ids = M.vit_position_ids(gh, gw, model.cfg.vit_max_num_patch_per_side, model.device)
+    patches = torch.cat([M.patchify(x, P) for x in pixels]).to(model.device)
+    h = model.vit_model.vision_model(patches, ids.repeat(n), [gh * gw] * n).view(n, gh * gw, -1)
+    return probe(h, {k: v.to(model.device) for k, v in labels.items()})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Phase 3: understanding and generation
+
+
+def scene_questions(scene: D.Scene, rng: np.random.Generator) -> list[tuple[str, str]]:
+    """Every question type the scene supports, each open or multiple choice at random: (question, answer) pairs."""
+    kinds = ["glyph"] if scene.glyph else ["colour", "shape", "count"] + (["position"] if len(scene.objects) == 1 else [])
+    return [D.ask(scene, k, rng, mc=bool(rng.random() < 0.5))[:2] for k in kinds]
 
 
 def base_samples(examples: list[D.Example], tok: D.Tokenizer, encode, rng: np.random.Generator, gen: torch.Generator) -> list:
-    """Plain VQA (BAGEL's understanding format, no CLEAR tags) on the degraded or the clean picture, and picture
-    reconstruction through the generation expert."""
-    pictures = [ex.clean if rng.random() < 0.3 else ex.degraded for ex in examples]
-    latents = D.encode_images([M.image_to_tensor(p) for p in pictures], encode)
+    """A mix of what a base unified model does (BAGEL's understanding and generation formats, no CLEAR tags):
+    captioning and plain VQA on the clean or the degraded picture, text-to-image, and picture reconstruction."""
+    pictures = [ex.clean if rng.random() < 0.4 else ex.degraded for ex in examples]
+    latents = D.encode_images([M.image_to_tensor(p) for p in pictures + [ex.clean for ex in examples]], encode)
     samples = []
-    for ex, pic, (x0, grid) in zip(examples, pictures, latents):
+    for i, (ex, pic) in enumerate(zip(examples, pictures)):
+        (x0, grid), (c0, _) = latents[i], latents[len(examples) + i]
         vit = M.VitImage(M.image_to_tensor(pic))
-        if rng.random() < 0.75:  # understanding: answer the question about the picture
-            seen = [M.VaeImage(x0, grid), vit] if rng.random() < 0.5 else [vit]
-            samples.append(seen + [M.Text(tok.encode(ex.question)), M.Text(tok.encode(ex.answer), loss=True)])
-        else:  # generation: draw the picture seen in the context again
+        seen = [M.VaeImage(x0, grid), vit] if rng.random() < 0.5 else [vit]
+        task = rng.random()
+        if task < 0.25:  # captioning: describe the (clean) scene
+            samples.append(seen + [M.Text(tok.encode("Describe the picture.")), M.Text(tok.encode(ex.caption), loss=True)])
+        elif task < 0.8:  # VQA: every question the scene supports, as turns of one conversation (LLaVA-style)
+            turns = [M.Text(tok.encode(ex.question)), M.Text(tok.encode(ex.answer), loss=True)]
+            for question, answer in scene_questions(ex.scene, rng):
+                turns += [M.Text(tok.encode(question)), M.Text(tok.encode(answer), loss=True)]
+            samples.append(seen + turns)
+        else:  # generation: text-to-image, or draw the picture in the context again
             t = float(M.sample_flow_time(1, 1.0, gen))
-            x_t, v = M.flow_interpolate(x0, torch.randn(x0.shape, generator=gen), t)
-            samples.append([M.VaeImage(x0, grid), vit, M.Text(tok.encode("Draw this picture again.")),
-                            M.VaeImage(x_t, grid, t=t, target=v)])
+            x_t, v = M.flow_interpolate(c0, torch.randn(c0.shape, generator=gen), t)
+            prompt = [M.Text(tok.encode(ex.caption))] if task < 0.9 else [M.VaeImage(c0, grid), M.VitImage(M.image_to_tensor(ex.clean)), M.Text(tok.encode("Draw this picture again."))]
+            samples.append(prompt + [M.VaeImage(x_t, grid, t=t, target=v)])
     return samples
 
 
@@ -140,7 +220,7 @@ def build_base(args, run: C.Run) -> M.Bagel:
     print(f"Stage 0: building the toy base model in {out} (BAGEL's pretraining stand-in). Model: "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {tok.vocab_size}.")
 
-    print(f"Phase 1/2: autoencoder, {args.ae_steps} steps on {args.ae_crop}px crops of clean and degraded pictures.")
+    print(f"Phase 1/3: autoencoder, {args.ae_steps} steps on {args.ae_crop}px crops of clean and degraded pictures.")
     model.requires_grad_(False).vae.requires_grad_(True)
     opt = C.make_optimizer(model, args.ae_lr, betas=(0.9, 0.99), eps=1e-8)
     loop = C.LoopConfig(args.ae_steps, args.ae_lr, args.ae_steps // 20, args.ae_lr / 20, 0.0, 1.0, args.seed, 0,
@@ -155,10 +235,20 @@ def build_base(args, run: C.Run) -> M.Bagel:
     model.vae.shift, model.vae.scale = shift, scale
     print(f"  latent shift {shift:.4f}, scale {scale:.4f} (so latents are ~N(0, 1))")
 
-    print(f"Phase 2/2: unified model, {args.steps} steps of plain VQA (clean + degraded) and picture reconstruction.")
-    model.requires_grad_(True).vae.requires_grad_(False)
-    for p in (model.vit_pos_embed.pos_embed, model.latent_pos_embed.pos_embed):
-        p.requires_grad_(False)
+    print(f"Phase 2/3: vision encoder (the SigLIP stand-in), {args.vit_steps} steps of scene attributes.")
+    model.requires_grad_(False).vit_model.requires_grad_(True)
+    probe = VisionProbe(model.cfg.vit_hidden_size, model.cfg.vit_image_size // model.cfg.vit_patch_size).to(run.device)
+    opt = torch.optim.AdamW([p for _, p in C.trainable(model)] + list(probe.parameters()), lr=args.vit_lr, betas=(0.9, 0.99))
+    loop = C.LoopConfig(args.vit_steps, args.vit_lr, args.vit_steps // 20, args.vit_lr / 20, 0.0, 1.0, args.seed, 0,
+                        max(1, args.vit_steps // 10))
+    C.train_loop(run, model, model, opt, None, loop, out.with_name(out.name + "_vit"), "pretrain-vit",
+                 lambda step, rng, gen: vision_batch(world, rng, args.vit_batch),
+                 lambda m, batch: vision_loss(m, probe, *batch), tok.tk, {"args": vars(args)})
+
+    print(f"Phase 3/3: unified model, {args.steps} steps of captioning, VQA (clean + degraded) and generation.")
+    model.requires_grad_(True)
+    for frozen in (model.vae, model.vit_model, model.vit_pos_embed, model.latent_pos_embed):
+        frozen.requires_grad_(False)
     encode = model.encode_pixels
     opt = C.make_optimizer(model, args.lr)
     ema = C.EMA(model, args.ema)
@@ -172,16 +262,20 @@ def build_base(args, run: C.Run) -> M.Bagel:
     C.train_loop(run, model, model, opt, ema, loop, out, "pretrain", batch_fn, unified_loss, tok.tk,
                  {"args": vars(args), "seconds": round(time.time() - t_start)})
     print(f"Stage 0 done in {time.time() - t_start:.0f} s: {out}")
-    return ema.model
+    ema.copy_to(model)
+    return model.eval()
 
 
 def add_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("Stage 0 (toy base model)")
-    g.add_argument("--ae-steps", type=int, default=500, help="autoencoder training steps")
+    g.add_argument("--ae-steps", type=int, default=300, help="autoencoder training steps")
     g.add_argument("--ae-batch", type=int, default=16, help="pictures per autoencoder step")
     g.add_argument("--ae-crop", type=int, default=32, help="crop side for autoencoder training (fully convolutional)")
     g.add_argument("--ae-lr", type=float, default=2e-3, help="autoencoder peak learning rate")
     g.add_argument("--ae-kl", type=float, default=1e-5, help="KL weight of the autoencoder")
+    g.add_argument("--vit-steps", type=int, default=500, help="vision-encoder training steps")
+    g.add_argument("--vit-batch", type=int, default=32, help="pictures per vision-encoder step")
+    g.add_argument("--vit-lr", type=float, default=2e-3, help="vision-encoder peak learning rate")
     g.add_argument("--world-seed", type=int, default=0, help="toy world seed (train / held-out split salt)")
 
 
@@ -189,7 +283,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_args(p)
     g = p.add_argument_group("unified pretraining")
-    g.add_argument("--steps", type=int, default=700, help="unified-model training steps")
+    g.add_argument("--steps", type=int, default=600, help="unified-model training steps")
     g.add_argument("--batch", type=int, default=16, help="samples per step")
     g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     g.add_argument("--warmup", type=int, default=50, help="warmup steps")

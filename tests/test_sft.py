@@ -86,3 +86,13 @@ def test_ddp_two_processes_on_gloo(toy_ckpt, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "ranks in sync" in proc.stdout
     assert (tmp_path / "ddp" / "ema.safetensors").exists()
+
+
+def test_fsdp_two_processes_on_gloo(toy_ckpt, tmp_path):
+    """--fsdp: meta-device build, sharded load from rank 0, FSDP2 steps with distillation, gathered atomic save."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(ROOT / "tests" / "fsdp_check.py"), str(toy_ckpt), str(tmp_path / "fsdp")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "fsdp saved and reloaded" in proc.stdout

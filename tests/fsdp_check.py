@@ -1,0 +1,25 @@
+"""Run by test_sft.py under torchrun (2 CPU processes, gloo): two FSDP2 fine-tuning steps, then the saved folder
+must load whole and equal the gathered EMA weights of the sharded model."""
+
+import argparse
+import sys
+
+import torch
+import torch.distributed as dist
+
+import common as C
+import model as M
+
+p = argparse.ArgumentParser()
+C.add_finetune_args(p, steps=2, lr=1e-3, distill_weight=0.4, init=sys.argv[1], out=sys.argv[2])
+args = p.parse_args(["--tokens-per-step", "300", "--eval-n", "0", "--warmup", "1", "--threads", "1", "--fsdp"])
+real_destroy = dist.destroy_process_group
+dist.destroy_process_group = lambda: None  # keep the group alive for the check below
+_, tuned, _ = C.finetune(args, "sft")
+gathered = C.full_state(dict(tuned.named_parameters()))
+dist.barrier()
+if dist.get_rank() == 0:
+    saved = M.load_pretrained(sys.argv[2]).state_dict()
+    assert all(torch.equal(saved[k], gathered[k]) for k in saved), "saved weights differ from the sharded model"
+    print("fsdp saved and reloaded")
+real_destroy()
