@@ -334,6 +334,7 @@ def step_loss(model, packed: M.Packed, args, run: Run, raw: M.Bagel):
     """The Stage 1 (and Stage 2) objective for one packed batch, normalised by global token / pair counts."""
     n_ce = all_reduce_sum(packed.ce_idx.numel(), run)
     n_mse = all_reduce_sum(int(packed.mse_mask.sum()), run)
+    n_pairs = all_reduce_sum(len(packed.pairs), run) if args.distill_weight > 0 else 0  # every rank joins the sum
     hook, finish = (None, None)
     if args.distill_weight > 0 and packed.pairs:
         hook, finish = distill_loss(raw, packed, args.distill_mode, args.distill_stride)
@@ -341,7 +342,6 @@ def step_loss(model, packed: M.Packed, args, run: Run, raw: M.Bagel):
     loss, ce, mse = sft_loss(out, n_ce, n_mse, args.ce_weight, args.mse_weight)
     metrics = {"ce": float(ce.detach()) * run.world, "mse": float(mse.detach()) * run.world}
     if finish is not None:
-        n_pairs = all_reduce_sum(len(packed.pairs), run)
         distill = finish(out) / max(n_pairs, 1.0)  # CLEAR: normalised by the global number of pairs
         loss = loss + args.distill_weight * distill
         metrics["distill"] = float(distill.detach()) * run.world
@@ -421,6 +421,7 @@ def add_finetune_args(p: argparse.ArgumentParser, steps: int, lr: float, distill
     g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = its default)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
     g.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=False, help="FSDP2 + activation checkpointing (multi-GPU, real weights)")
+    g.add_argument("--flex-attention", action=argparse.BooleanOptionalAction, default=False, help="FlexAttention block masks instead of dense masks (long rows on GPU; no CPU backward)")
     g = p.add_argument_group("summary table")
     g.add_argument("--eval-n", type=int, default=96, help="held-out toy questions per severity (0 = skip the table)")
     g.add_argument("--eval-seed", type=int, default=0, help="held-out split seed")
@@ -474,6 +475,7 @@ def finetune(args, stage: str) -> tuple[M.Bagel, M.Bagel, D.Tokenizer]:
     model.requires_grad_(True)
     for frozen in (model.vit_model, model.vae, model.vit_pos_embed, model.latent_pos_embed):  # official: frozen ViT/VAE
         frozen.requires_grad_(False)
+    model.flex_attention = args.flex_attention
     encode = model.encode_pixels
     if args.data:
         rows, problems = D.read_jsonl(args.data, args.images)

@@ -15,7 +15,7 @@ The toy world (why it is built this way):
   * No download, CPU-sized: 64x64 RGB scenes (8x8 ViT patches, 8x8 latent tokens in the tiny model) with exact
     answers from a small fixed vocabulary: 8 colours, 5 shapes, counts 1-4, 4 quadrants, digits 0-9; open questions
     and A-D multiple choice in the official VLMEvalKit layout.
-  * Degradation must hurt: objects are small (14-22 px), colours are hue neighbours (red/orange/pink, cyan/blue/purple),
+  * Degradation must hurt: objects are small (18-26 px), colours are hue neighbours (red/orange/pink, cyan/blue/purple),
     shapes differ only in their outline, digits are strokes on a small plate; blur, noise, darkness, desaturation,
     shuffled blocks and occluders destroy exactly these cues. A perception proxy trained on clean scenes drops from 96%
     to 53% at "hard" (the paper's backbone loses ~7 points; `python data.py --calibrate`).
@@ -452,7 +452,7 @@ def sample_scene(rng: np.random.Generator, kind: str, n: int | None = None) -> S
     shape, colour = SHAPES[rng.integers(len(SHAPES))], list(COLOURS)[rng.integers(len(COLOURS))]
     objects = []
     for cell in rng.permutation(4)[:n]:
-        r = float(rng.uniform(7, 11))
+        r = float(rng.uniform(9, 13))
         x0, y0 = 32 * (cell % 2), 32 * (cell // 2)
         objects.append((shape, colour, int(cell), float(x0 + rng.uniform(r + 1, 31 - r)),
                         float(y0 + rng.uniform(r + 1, 31 - r)), r, float(rng.uniform(-20, 20))))

@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from torch.nn.attention.flex_attention import flex_attention
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Configuration
@@ -54,7 +55,7 @@ ACTIVATIONS = {
 @dataclass
 class ModelConfig:
     # language model: Qwen2 + Mixture-of-Transformers (llm_config.json)
-    vocab_size: int = 512
+    vocab_size: int = 768
     hidden_size: int = 128
     intermediate_size: int = 384
     num_hidden_layers: int = 4
@@ -62,10 +63,10 @@ class ModelConfig:
     num_key_value_heads: int = 2
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1e6
-    max_position_embeddings: int = 4096  # longest RoPE position we accept (RoPE itself has no table)
+    max_position_embeddings: int = 2048  # longest RoPE position we accept (RoPE itself has no table)
     # vision encoder: SigLIP-NaViT (vit_config.json; layers = the json value - 1, as BAGEL's loader does)
     vit_hidden_size: int = 64
-    vit_intermediate_size: int = 128
+    vit_intermediate_size: int = 192
     vit_num_hidden_layers: int = 2
     vit_num_attention_heads: int = 2
     vit_patch_size: int = 8
@@ -80,12 +81,12 @@ class ModelConfig:
     timestep_shift: float = 1.0  # training-time shift of the logit-normal t (BagelConfig.timestep_shift)
     # FLUX autoencoder (ae.safetensors; BAGEL's load_ae hard-codes the 7B values)
     ae_ch: int = 32
-    ae_ch_mult: tuple = (1, 2, 2, 2)
+    ae_ch_mult: tuple = (1, 2, 2)
     ae_num_res_blocks: int = 1
     ae_z_channels: int = 16
     ae_scale_factor: float = 0.3611
     ae_shift_factor: float = 0.1159
-    ae_norm_groups: int = 32  # FLUX always uses 32; the toy uses fewer so 32 channels keep colour (see pretrain.py)
+    ae_norm_groups: int = 8  # FLUX always uses 32; at 32 channels that normalises colour away (see pretrain.py)
     # special tokens, looked up by text in tokenizer.json (never hard-coded for real weights)
     bos_token_id: int = 0  # <|im_start|>
     eos_token_id: int = 1  # <|im_end|>
@@ -116,12 +117,12 @@ class ModelConfig:
 
 
 PRESETS = {
-    "tiny": ModelConfig(),  # the CPU toy model of sft.py / rl.py (vocab set by the toy tokenizer)
+    "tiny": ModelConfig(),  # the CPU toy model: 64 px pictures -> 8x8 ViT patches and 8x8 latent tokens
     "bagel-7b-mot": ModelConfig(  # BAGEL-7B-MoT: llm_config.json, vit_config.json, app.py, load_ae
         vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
         num_key_value_heads=4, max_position_embeddings=32768, vit_hidden_size=1152, vit_intermediate_size=4304,
         vit_num_hidden_layers=26, vit_num_attention_heads=16, vit_patch_size=14, vit_image_size=980,
-        max_latent_size=64, vit_max_num_patch_per_side=70, ae_ch=128, ae_ch_mult=(1, 2, 4, 4), ae_num_res_blocks=2,
+        max_latent_size=64, vit_max_num_patch_per_side=70, ae_ch=128, ae_ch_mult=(1, 2, 4, 4), ae_num_res_blocks=2, ae_norm_groups=32,
         bos_token_id=151644, eos_token_id=151645, start_of_image_id=151652, end_of_image_id=151653),
 }
 
@@ -220,7 +221,10 @@ class MoTAttention(nn.Module):
         if kv_write is not None:  # inference: new keys go into the cache, queries attend to the whole cache
             k, v = kv_write(k, v)
         # BAGEL: GQA head h reads kv head h // (nh / nkv); scale 1/sqrt(hd); one softmax over und + gen tokens
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.nkv != self.nh)
+        if isinstance(mask, torch.Tensor) or mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.nkv != self.nh)
+        else:  # a FlexAttention BlockMask (long packed training rows)
+            out = flex_attention(q, k, v, block_mask=mask, enable_gqa=self.nkv != self.nh)
         out = out.transpose(1, 2).reshape(B * T, -1)
         return route(out, self.o_proj, self.o_proj_moe_gen).view(B, T, -1)
 
@@ -879,25 +883,41 @@ def pack(samples: list[list], cfg: ModelConfig, dropout: tuple = (0.0, 0.0, 0.0)
         splits=out["splits"], pairs=out["pairs"], sample_lens=[lay["length"] for lay in lays])
 
 
-def attention_mask(splits: list, rows: int, row_len: int, device=None) -> torch.Tensor:
-    """Boolean [B, T, T] mask, True = may attend (BAGEL: prepare_attention_mask_per_sample).
-
-    Within a sample every split sees all earlier splits except noised ones; causal splits are lower-triangular inside,
-    full and noise splits bidirectional; samples never see each other; padding sees only itself.
-    """
+def split_tables(splits: list, rows: int, row_len: int, device=None) -> dict:
+    """Per-token sample id, split id and split kind ([B, T] each) from the (row, sample, start, length, mode) splits."""
     shape = (rows, row_len)
-    sample, split = torch.full(shape, -1, dtype=torch.long), torch.zeros(shape, dtype=torch.long)
-    noise, causal, pad = (torch.zeros(shape, dtype=torch.bool) for _ in range(3))
+    t = {"sample": torch.full(shape, -1, dtype=torch.long), "split": torch.zeros(shape, dtype=torch.long)}
+    t.update({k: torch.zeros(shape, dtype=torch.bool) for k in ("noise", "causal", "pad")})
     for i, (r, s, start, n, mode) in enumerate(splits):
         sl = (r, slice(start, start + n))
-        sample[sl], split[sl] = s, i
-        noise[sl], causal[sl], pad[sl] = mode == "noise", mode == "causal", mode == "pad"
-    idx = torch.arange(row_len)
-    same_sample = (sample[:, :, None] == sample[:, None, :]) & ~pad[:, :, None]
-    earlier = (split[:, :, None] > split[:, None, :]) & ~noise[:, None, :]  # BAGEL: nobody attends to a noised split
-    inside = (split[:, :, None] == split[:, None, :]) & (~causal[:, :, None] | (idx[:, None] >= idx[None, :]))
-    diag = torch.eye(row_len, dtype=torch.bool)[None] & pad[:, :, None]
-    return ((same_sample & (earlier | inside)) | diag).to(device)
+        t["sample"][sl], t["split"][sl] = s, i
+        t["noise"][sl], t["causal"][sl], t["pad"][sl] = mode == "noise", mode == "causal", mode == "pad"
+    return {k: v.to(device) for k, v in t.items()}
+
+
+def may_attend(t: dict, b, q, k):
+    """The attention rule for query q and key k of row b (BAGEL: prepare_attention_mask_per_sample): within a sample
+    every split sees all earlier splits except noised ones; causal splits are lower-triangular inside, full and noise
+    splits bidirectional; samples never see each other; padding sees only itself."""
+    same = (t["sample"][b, q] == t["sample"][b, k]) & ~t["pad"][b, q]
+    earlier = (t["split"][b, q] > t["split"][b, k]) & ~t["noise"][b, k]  # BAGEL: nobody attends to a noised split
+    inside = (t["split"][b, q] == t["split"][b, k]) & (~t["causal"][b, q] | (q >= k))
+    return (same & (earlier | inside)) | (t["pad"][b, q] & (q == k))
+
+
+def attention_mask(splits: list, rows: int, row_len: int, device=None) -> torch.Tensor:
+    """Boolean [B, T, T] mask of may_attend, True = may attend."""
+    t = split_tables(splits, rows, row_len, device)
+    b = torch.arange(rows, device=device)[:, None, None]
+    i = torch.arange(row_len, device=device)
+    return may_attend(t, b, i[None, :, None], i[None, None, :])
+
+
+def block_mask(splits: list, rows: int, row_len: int, device=None):
+    """The same rule as a FlexAttention BlockMask: no dense [T, T] mask, and fully masked blocks are skipped."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    t = split_tables(splits, rows, row_len, device)
+    return create_block_mask(lambda b, h, q, k: may_attend(t, b, q, k), rows, None, row_len, row_len, device=device)
 
 
 @dataclass
@@ -968,6 +988,7 @@ class Bagel(nn.Module):
     """BAGEL-7B-MoT-style unified model; parameter names equal the official ema.safetensors keys (+ `vae.` = ae)."""
 
     gradient_checkpointing = False  # recompute each decoder layer in the backward pass (set for FSDP fine-tuning)
+    flex_attention = False  # training forward: FlexAttention block masks instead of a dense mask (long rows on GPU)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -1035,7 +1056,10 @@ class Bagel(nn.Module):
             x = x.index_put((packed.vae_idx,), self.embed_latent(packed.vae_tokens, packed.vae_t, packed.vae_pos))
         gen_mask = torch.zeros(B * T, dtype=torch.bool, device=self.device)
         gen_mask[packed.vae_idx] = True  # BAGEL: VAE tokens (clean or noised) -> gen expert; text + ViT -> und
-        mask = attention_mask(packed.splits, B, T, self.device)[:, None]
+        if self.flex_attention:  # no dense [T, T] mask: FlexAttention skips the blocks nobody may attend to
+            mask = block_mask(packed.splits, B, T, self.device)
+        else:
+            mask = attention_mask(packed.splits, B, T, self.device)[:, None]
         hook = None if hidden_hook is None else (lambda i, h: hidden_hook(i, h.reshape(B * T, -1)))
         h = self.run_layers(x.view(B, T, -1), packed.position_ids, gen_mask.view(B, T), mask, hidden_hook=hook)
         h = h.reshape(B * T, -1)

@@ -36,16 +36,9 @@ import common as C
 import data as D
 import model as M
 
-TOY_MODEL = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, vit_hidden_size=64, vit_intermediate_size=192, vit_num_hidden_layers=2,
-                 vit_num_attention_heads=2, vit_patch_size=8, vit_image_size=64, vit_max_num_patch_per_side=8,
-                 max_latent_size=8, ae_ch=32, ae_ch_mult=(1, 2, 2), ae_num_res_blocks=1, ae_norm_groups=8,
-                 max_position_embeddings=2048)
-
-
 def toy_config(tok: D.Tokenizer) -> M.ModelConfig:
-    """The tiny preset sized for the toy world (64 px pictures -> 8x8 ViT patches and 8x8 latent tokens)."""
-    return replace(M.PRESETS["tiny"], **TOY_MODEL, **D.config_ids(tok))
+    """The tiny preset with the toy tokenizer's vocabulary and special-token ids."""
+    return replace(M.PRESETS["tiny"], **D.config_ids(tok))
 
 
 def init_weights(model: M.Bagel, std: float = 0.02):
@@ -175,8 +168,9 @@ def scene_questions(scene: D.Scene, rng: np.random.Generator) -> list[tuple[str,
 
 
 def base_samples(examples: list[D.Example], tok: D.Tokenizer, encode, rng: np.random.Generator, gen: torch.Generator) -> list:
-    """A mix of what a base unified model does (BAGEL's understanding and generation formats, no CLEAR tags):
-    captioning and plain VQA on the clean or the degraded picture, text-to-image, and picture reconstruction."""
+    """A mix of what a base unified model does (BAGEL's understanding and generation formats, no CLEAR tags): text
+    questions about a description (BAGEL's LLM arrives pretrained on language, ours learns it here), captioning and
+    plain VQA on the clean or the degraded picture, text-to-image, and picture reconstruction."""
     pictures = [ex.clean if rng.random() < 0.4 else ex.degraded for ex in examples]
     latents = D.encode_images([M.image_to_tensor(p) for p in pictures + [ex.clean for ex in examples]], encode)
     samples = []
@@ -185,9 +179,14 @@ def base_samples(examples: list[D.Example], tok: D.Tokenizer, encode, rng: np.ra
         vit = M.VitImage(M.image_to_tensor(pic))
         seen = [M.VaeImage(x0, grid), vit] if rng.random() < 0.5 else [vit]
         task = rng.random()
-        if task < 0.25:  # captioning: describe the (clean) scene
+        if task < 0.3:  # language: questions answered from a text description (the toy LLM has no pretrained language)
+            turns = [M.Text(tok.encode(ex.caption))]
+            for question, answer in scene_questions(ex.scene, rng):
+                turns += [M.Text(tok.encode(question)), M.Text(tok.encode(answer), loss=True)]
+            samples.append(turns)
+        elif task < 0.45:  # captioning: describe the (clean) scene
             samples.append(seen + [M.Text(tok.encode("Describe the picture.")), M.Text(tok.encode(ex.caption), loss=True)])
-        elif task < 0.8:  # VQA: every question the scene supports, as turns of one conversation (LLaVA-style)
+        elif task < 0.85:  # VQA: every question the scene supports, as turns of one conversation (LLaVA-style)
             turns = [M.Text(tok.encode(ex.question)), M.Text(tok.encode(ex.answer), loss=True)]
             for question, answer in scene_questions(ex.scene, rng):
                 turns += [M.Text(tok.encode(question)), M.Text(tok.encode(answer), loss=True)]
@@ -195,7 +194,7 @@ def base_samples(examples: list[D.Example], tok: D.Tokenizer, encode, rng: np.ra
         else:  # generation: text-to-image, or draw the picture in the context again
             t = float(M.sample_flow_time(1, 1.0, gen))
             x_t, v = M.flow_interpolate(c0, torch.randn(c0.shape, generator=gen), t)
-            prompt = [M.Text(tok.encode(ex.caption))] if task < 0.9 else [M.VaeImage(c0, grid), M.VitImage(M.image_to_tensor(ex.clean)), M.Text(tok.encode("Draw this picture again."))]
+            prompt = [M.Text(tok.encode(ex.caption))] if task < 0.95 else [M.VaeImage(c0, grid), M.VitImage(M.image_to_tensor(ex.clean)), M.Text(tok.encode("Draw this picture again."))]
             samples.append(prompt + [M.VaeImage(x_t, grid, t=t, target=v)])
     return samples
 
@@ -273,7 +272,7 @@ def add_args(p: argparse.ArgumentParser):
     g.add_argument("--ae-crop", type=int, default=32, help="crop side for autoencoder training (fully convolutional)")
     g.add_argument("--ae-lr", type=float, default=2e-3, help="autoencoder peak learning rate")
     g.add_argument("--ae-kl", type=float, default=1e-5, help="KL weight of the autoencoder")
-    g.add_argument("--vit-steps", type=int, default=500, help="vision-encoder training steps")
+    g.add_argument("--vit-steps", type=int, default=600, help="vision-encoder training steps")
     g.add_argument("--vit-batch", type=int, default=32, help="pictures per vision-encoder step")
     g.add_argument("--vit-lr", type=float, default=2e-3, help="vision-encoder peak learning rate")
     g.add_argument("--world-seed", type=int, default=0, help="toy world seed (train / held-out split salt)")
@@ -283,9 +282,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_args(p)
     g = p.add_argument_group("unified pretraining")
-    g.add_argument("--steps", type=int, default=600, help="unified-model training steps")
-    g.add_argument("--batch", type=int, default=16, help="samples per step")
-    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    g.add_argument("--steps", type=int, default=700, help="unified-model training steps")
+    g.add_argument("--batch", type=int, default=12, help="samples per step")
+    g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     g.add_argument("--warmup", type=int, default=50, help="warmup steps")
     g.add_argument("--ema", type=float, default=0.99, help="EMA decay of the saved weights")
     g = p.add_argument_group("run")

@@ -351,8 +351,7 @@ def main():
                  "restore": float(np.mean([r.trace.restored for r in rollouts])), **stats, "loss": float(loss),
                  "gnorm": gnorm, "s": round(time.time() - t0, 1)})
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            if run.main:
-                C.save_checkpoint(out, model, None, opt, tok.tk, step + 1, {"stage": "rl", "args": vars(args), "init": init})
+            C.save_checkpoint(out, model, None, opt, tok.tk, step + 1, {"stage": "rl", "args": vars(args), "init": init}, run)
             if run.world > 1:
                 dist.barrier()
     if run.main:
