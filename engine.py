@@ -14,6 +14,7 @@ recording every step (RL rollouts, CLEAR §3.4).
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field, replace
 
@@ -207,11 +208,14 @@ def final_text(trace: Trace) -> str:
 
 def benchmark(model: M.Bagel, tok, split: dict, mode: str, cfg: InferenceConfig, encode, batch_size: int = 32,
               seed: int = 0, system: str = "toy") -> dict:
-    """Accuracy and restore rate per severity on aligned example lists {severity: [Example]} (same questions)."""
+    """Accuracy and restore rate per severity on aligned example lists {severity: [Example]} (same questions).
+    Each set samples from its own generator, seeded by (seed, set name): a set's numbers do not depend on which
+    other sets are evaluated with it."""
     cfg = mode_config(mode, cfg)
-    gen = torch.Generator().manual_seed(seed)
     result = {}
     for sev, examples in split.items():
+        digest = hashlib.blake2b(f"{seed}:{sev}".encode(), digest_size=8).digest()
+        gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") % 2**63)
         t0, correct, restored, traces = time.time(), 0, 0, []
         for i in range(0, len(examples), batch_size):
             chunk = examples[i:i + batch_size]

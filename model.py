@@ -164,16 +164,16 @@ class Route:
     def __init__(self, gen_mask: torch.Tensor | None):
         self.gen = None if gen_mask is None or not bool(gen_mask.any()) else gen_mask.nonzero().squeeze(1)
         self.und = None if self.gen is None else (~gen_mask).nonzero().squeeze(1)
+        if self.gen is not None:  # und rows then gen rows -> original order
+            self.unsort = torch.cat([self.und, self.gen]).argsort()
 
     def __call__(self, x: torch.Tensor, und: Callable, gen: Callable) -> torch.Tensor:
-        """Apply `und` to und rows and `gen` to gen rows of x [N, ...] (BAGEL: packed_und/gen_token_indexes)."""
+        """Apply `und` to und rows and `gen` to gen rows of x [N, ...] (BAGEL: packed_und/gen_token_indexes).
+        Gathers are index_select (its backward is a fast index_add, unlike the accumulating index_put of x[idx])."""
         if self.gen is None:
             return und(x)
-        y_und, y_gen = und(x[self.und]), gen(x[self.gen])
-        y = y_und.new_empty((x.shape[0],) + y_und.shape[1:])
-        y[self.und] = y_und
-        y[self.gen] = y_gen
-        return y
+        y = torch.cat([und(x.index_select(0, self.und)), gen(x.index_select(0, self.gen))])
+        return y.index_select(0, self.unsort)
 
 
 class SwiGLU(nn.Module):

@@ -102,15 +102,14 @@ def latent_stats(ae: M.AutoEncoder, x: torch.Tensor) -> tuple[float, float]:
 
 
 def scene_labels(scenes: list[D.Scene]) -> dict:
-    """What the vision encoder must see in each picture: shape, colour, count, digit, occupied quadrants."""
+    """What the vision encoder must see in each picture: shape, colour, count, occupied quadrants."""
     none_shape, none_colour = len(D.SHAPES), len(D.COLOURS)
-    out = {"shape": [], "colour": [], "count": [], "digit": [], "quadrants": []}
+    out = {"shape": [], "colour": [], "count": [], "quadrants": []}
     for sc in scenes:
         objs = sc.objects
         out["shape"].append(D.SHAPES.index(objs[0][0]) if objs else none_shape)
         out["colour"].append(list(D.COLOURS).index(objs[0][1]) if objs else none_colour)
         out["count"].append(len(objs))
-        out["digit"].append(int(sc.glyph[0]) if sc.glyph else 10)
         out["quadrants"].append([float(any(o[2] == q for o in objs)) for q in range(4)])
     return {k: torch.tensor(v) for k, v in out.items()}
 
@@ -122,7 +121,7 @@ class VisionProbe(torch.nn.Module):
         super().__init__()
         self.heads = torch.nn.ModuleDict(dict(shape=torch.nn.Linear(dim, len(D.SHAPES) + 1),
                                               colour=torch.nn.Linear(dim, len(D.COLOURS) + 1),
-                                              count=torch.nn.Linear(dim, 5), digit=torch.nn.Linear(dim, 11),
+                                              count=torch.nn.Linear(dim, 5),
                                               quadrants=torch.nn.Linear(dim, 1)))
         half = (torch.arange(grid) >= grid // 2).long()
         self.register_buffer("quadrant", (2 * half[:, None] + half[None, :]).flatten(), persistent=False)  # patch -> quadrant
@@ -132,7 +131,7 @@ class VisionProbe(torch.nn.Module):
         pooled = h.mean(1)
         quads = torch.stack([h[:, self.quadrant == q].mean(1) for q in range(4)], 1)
         loss, acc = 0.0, {}
-        for k in ("shape", "colour", "count", "digit"):
+        for k in ("shape", "colour", "count"):
             logits = self.heads[k](pooled)
             loss = loss + F.cross_entropy(logits, labels[k])
             acc[k] = float((logits.argmax(-1) == labels[k]).float().mean())
@@ -162,9 +161,9 @@ def vision_loss(model: M.Bagel, probe: VisionProbe, pixels: torch.Tensor, labels
 
 
 def scene_questions(scene: D.Scene, rng: np.random.Generator) -> list[tuple[str, str]]:
-    """Every question type the scene supports, each open or multiple choice at random: (question, answer) pairs."""
-    kinds = ["glyph"] if scene.glyph else ["colour", "shape", "count"] + (["position"] if len(scene.objects) == 1 else [])
-    return [D.ask(scene, k, rng, mc=bool(rng.random() < 0.5))[:2] for k in kinds]
+    """Every question type the scene supports, as open questions: (question, answer) pairs."""
+    kinds = ["colour", "shape", "count"] + (["position"] if len(scene.objects) == 1 else [])
+    return [D.ask(scene, k, rng, mc=False)[:2] for k in kinds]
 
 
 def base_samples(examples: list[D.Example], tok: D.Tokenizer, encode, rng: np.random.Generator, gen: torch.Generator) -> list:

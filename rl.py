@@ -214,8 +214,9 @@ def grpo_loss(model, ref: M.Bagel | None, rollouts: list[Rollout], adv: torch.Te
         img_loss, _ = ppo_clip_loss(torch.stack(lps), torch.stack(olds), torch.stack(advs).to(raw.device), args.epsilon)
         l_img = img_loss.mean()
     loss = l_text + args.image_loss_weight * l_img
-    stats = {"kl": float((kl.sum() / max(1, len(kl)))), "clip": float(clipped.mean()) if len(clipped) else 0.0,
-             "img_share": float(args.image_loss_weight * l_img.abs() / (loss.abs() + 1e-8)),
+    img = float(args.image_loss_weight * abs(float(l_img)))
+    stats = {"kl": float(kl.detach().sum() / max(1, len(kl))), "clip": float(clipped.mean()) if len(clipped) else 0.0,
+             "img_share": img / (abs(float(l_text)) + img + 1e-8),  # |lambda L_image| / (|L_text| + |lambda L_image|)
              "logp_drift": float(max((abs(float(a) - b) for a, b in zip(logp.tolist(), rollout_logps(rollouts))), default=0.0))}
     return loss, stats
 
@@ -239,6 +240,12 @@ def score(rollouts: list[Rollout], clean_latents: list, args, judge=None):
         weights = {"accuracy": args.w_accuracy, "format": args.w_format, "decision": args.w_decision, "latent": args.w_latent}
         r.reward = sum(0.0 if math.isnan(v) else weights[k] * v for k, v in parts.items())  # official: NaN -> 0
         r.parts = parts
+
+
+def mean_defined(values: list) -> float:
+    """Mean over the rollouts where a reward part is defined (the latent part needs a restored image); NaN if none."""
+    values = [v for v in values if not math.isnan(v)]
+    return sum(values) / len(values) if values else float("nan")
 
 
 def collect(model: M.Bagel, tok, examples: list, args, encode, gen: torch.Generator) -> list[Rollout]:
@@ -346,7 +353,7 @@ def main():
         loss.backward()
         gnorm = C.clip_and_step(model, opt, args.grad_clip)
         if run.main:
-            parts = {k: float(np.nanmean([r.parts[k] for r in rollouts])) for k in rollouts[0].parts}
+            parts = {k: mean_defined([r.parts[k] for r in rollouts]) for k in rollouts[0].parts}
             log({"step": step + 1, "reward": float(rewards.mean()), "reward_std": float(rewards.std()), **parts,
                  "restore": float(np.mean([r.trace.restored for r in rollouts])), **stats, "loss": float(loss),
                  "gnorm": gnorm, "s": round(time.time() - t0, 1)})

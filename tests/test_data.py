@@ -76,10 +76,10 @@ def test_eval_split_is_mmd_bench_shaped(world):
         assert all(e.degraded.size == (D.MODEL_SIZE, D.MODEL_SIZE) for e in items)
 
 
-def test_every_question_type_is_answerable_from_the_fixed_vocabulary(world):
+def test_every_question_type_is_answerable_from_the_fixed_vocabulary():
     """Answers stay inside the small fixed vocabulary; MC questions hold the answer among 4 distinct options."""
     seen = set()
-    for ex in islice(world.stream(1), 120):
+    for ex in islice(D.ToyWorld(0, mc_rate=0.5).stream(1), 120):
         seen.add((ex.qtype, ex.options is not None))
         if ex.options:
             assert sorted(ex.options) == list("ABCD") and len(set(ex.options.values())) == 4
@@ -104,8 +104,6 @@ def test_questions_match_the_scene():
         assert D.ask(one, "position", rng, mc=False)[1] == "bottom left"
     assert D.ask(two, "count", rng, mc=False)[1] == "2"
     assert D.caption(two) == "2 blue stars." and D.caption(one) == "One red circle in the bottom left."
-    glyph = D.Scene(bg, glyph=("7", (20, 20, 20), (230, 230, 230), 32.0, 32.0, 26.0, 0.0, 3.0))
-    assert D.ask(glyph, "glyph", rng, mc=False)[1] == "7"
     pixels = np.asarray(D.render(one, D.MODEL_SIZE)).astype(int)  # the renderer puts each object where it says
     assert np.abs(pixels[48, 16] - D.COLOURS["red"]).max() < 40 and np.abs(pixels[16, 48] - D.COLOURS["red"]).max() > 40
 

@@ -105,3 +105,15 @@ def test_toy_report_end_to_end(toy_ckpt, tmp_path):
     assert set(report["main"]["sft"]) == set(evaluate.MODES)
     assert (tmp_path / "eval" / "examples.png").exists() and (tmp_path / "eval" / "accuracy.png").exists()
     assert "per corruption" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_a_sets_numbers_do_not_depend_on_the_other_sets(toy_ckpt):
+    """Each set samples from its own (seed, name) generator: hard alone equals hard evaluated after mid."""
+    model, tok = M.load_pretrained(toy_ckpt), D.Tokenizer.from_folder(toy_ckpt)
+    split = D.ToyWorld(0).eval_split(3, seed=0)
+    cfg = E.InferenceConfig(max_text_tokens=4, num_timesteps=3, temperature=1.0)
+    with torch.no_grad():
+        both = E.benchmark(model, tok, {"mid": split["mid"], "hard": split["hard"]}, "always_restore", cfg, model.encode_pixels)
+        alone = E.benchmark(model, tok, {"hard": split["hard"]}, "always_restore", cfg, model.encode_pixels)
+    for a, b in zip(both["hard"]["traces"], alone["hard"]["traces"]):
+        assert a.texts == b.texts and all(torch.equal(x, y) for x, y in zip(a.latents, b.latents))
