@@ -166,9 +166,11 @@ def save_checkpoint(folder, raw: M.Bagel, ema: EMA | None, optimizer, tokenizer,
     """Write folder atomically: ema.safetensors holds the EMA weights (or the raw ones without EMA). With --fsdp every
     rank takes part in gathering the shards and rank 0 writes; the resume state is written without FSDP only."""
     from safetensors.torch import save_file
-    weights = full_state(dict(raw.named_parameters()))
-    saved = full_state(ema.shadow) if ema is not None else weights
-    sharded = raw.gradient_checkpointing and run.world > 1  # FSDP
+    from torch.distributed.tensor import DTensor
+    sharded = any(isinstance(p, DTensor) for p in raw.parameters())  # FSDP: gathering is a collective
+    if not (run.main or sharded):
+        return
+    saved = full_state(ema.shadow if ema is not None else dict(raw.named_parameters()))
     if not run.main:
         return
 
@@ -177,7 +179,7 @@ def save_checkpoint(folder, raw: M.Bagel, ema: EMA | None, optimizer, tokenizer,
             return
         d = tmp / "train_state"
         d.mkdir()
-        save_file({n: w.contiguous() for n, w in weights.items()}, str(d / "model.safetensors"))
+        save_file({n: p.detach().contiguous().cpu() for n, p in raw.named_parameters()}, str(d / "model.safetensors"))
         names = {id(p): n for n, p in raw.named_parameters()}
         tensors, scalars = {}, {}
         for p, state in optimizer.state.items():

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from torch.nn.attention.flex_attention import flex_attention
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Configuration
@@ -915,7 +915,6 @@ def attention_mask(splits: list, rows: int, row_len: int, device=None) -> torch.
 
 def block_mask(splits: list, rows: int, row_len: int, device=None):
     """The same rule as a FlexAttention BlockMask: no dense [T, T] mask, and fully masked blocks are skipped."""
-    from torch.nn.attention.flex_attention import create_block_mask
     t = split_tables(splits, rows, row_len, device)
     return create_block_mask(lambda b, h, q, k: may_attend(t, b, q, k), rows, None, row_len, row_len, device=device)
 

@@ -77,22 +77,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_two_processes_on_gloo(toy_ckpt, tmp_path):
-    """torchrun-style launch of 2 CPU processes (gloo): both ranks train on their own data and stay in sync."""
+def torchrun(script: str, ckpt, out, cwd) -> subprocess.CompletedProcess:
+    """Launch tests/<script> on 2 CPU processes (gloo) the way torchrun does; fails the test on a non-zero exit."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(ROOT / "tests" / "ddp_check.py"), str(toy_ckpt), str(tmp_path / "ddp")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+           str(ROOT / "tests" / script), str(ckpt), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=cwd)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_ddp_two_processes_on_gloo(toy_ckpt, tmp_path):
+    """torchrun-style launch of 2 CPU processes (gloo): both ranks train on their own data and stay in sync."""
+    proc = torchrun("ddp_check.py", toy_ckpt, tmp_path / "ddp", tmp_path)
     assert "ranks in sync" in proc.stdout
     assert (tmp_path / "ddp" / "ema.safetensors").exists()
 
 
 def test_fsdp_two_processes_on_gloo(toy_ckpt, tmp_path):
     """--fsdp: meta-device build, sharded load from rank 0, FSDP2 steps with distillation, gathered atomic save."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(ROOT / "tests" / "fsdp_check.py"), str(toy_ckpt), str(tmp_path / "fsdp")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    proc = torchrun("fsdp_check.py", toy_ckpt, tmp_path / "fsdp", tmp_path)
     assert "fsdp saved and reloaded" in proc.stdout
