@@ -373,7 +373,8 @@ def make_batch_fn(args, cfg: M.ModelConfig, tok, encode, stream_fn, device):
         while tokens < args.tokens_per_step:
             examples = [next(stream) for _ in range(4)]
             text_only = [rng.random() < args.text_reason_rate for _ in examples]
-            built = D.build_batch([ex for ex, t in zip(examples, text_only) if not t], tok, encode, gen, args.system)
+            built = D.build_batch([ex for ex, t in zip(examples, text_only) if not t], tok, encode, gen, args.system,
+                                  shift=cfg.timestep_shift)
             built += [D.text_reason_sample(ex, tok) for ex, t in zip(examples, text_only) if t]
             samples += built
             tokens += sum(sample_tokens(s, cfg.vit_patch_size) for s in built)
@@ -425,7 +426,7 @@ def add_finetune_args(p: argparse.ArgumentParser, steps: int, lr: float, distill
     g.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=False, help="FSDP2 + activation checkpointing (multi-GPU, real weights)")
     g.add_argument("--flex-attention", action=argparse.BooleanOptionalAction, default=False, help="FlexAttention block masks instead of dense masks (long rows on GPU; no CPU backward)")
     g = p.add_argument_group("summary table")
-    g.add_argument("--eval-n", type=int, default=96, help="held-out toy questions per severity (0 = skip the table)")
+    g.add_argument("--eval-n", type=int, default=192, help="held-out toy questions per severity (0 = skip the table)")
     g.add_argument("--eval-seed", type=int, default=0, help="held-out split seed")
     g.add_argument("--eval-steps", type=int, default=10, help="denoising steps when restoring (official 50)")
     g.add_argument("--reentry", default="bridge", choices=E.REENTRY, help="how the restored image re-enters the context")

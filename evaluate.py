@@ -289,7 +289,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("toy benchmark (default)")
     g.add_argument("--out-root", default="out", help="folder holding the stage checkpoints (base, sft, bridge, rl)")
-    g.add_argument("--n", type=int, default=96, help="held-out questions per severity")
+    g.add_argument("--n", type=int, default=192, help="held-out questions per severity")
     g.add_argument("--n-corruption", type=int, default=24, help="questions per corruption in the per-corruption sets")
     g.add_argument("--world-seed", type=int, default=0, help="toy world seed")
     g = p.add_argument_group("real benchmarks")

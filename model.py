@@ -67,7 +67,7 @@ class ModelConfig:
     # vision encoder: SigLIP-NaViT (vit_config.json; layers = the json value - 1, as BAGEL's loader does)
     vit_hidden_size: int = 64
     vit_intermediate_size: int = 192
-    vit_num_hidden_layers: int = 2
+    vit_num_hidden_layers: int = 4
     vit_num_attention_heads: int = 2
     vit_patch_size: int = 8
     vit_image_size: int = 64  # learned position table is (image_size / patch_size)^2
@@ -117,7 +117,10 @@ class ModelConfig:
 
 
 PRESETS = {
-    "tiny": ModelConfig(),  # the CPU toy model: 64 px pictures -> 8x8 ViT patches and 8x8 latent tokens
+    # the CPU toy model: 64 px pictures -> 8x8 ViT patches and 8x8 latent tokens. It trains t with the shift its
+    # sampler uses (3): at BAGEL's 1.0 a minutes-trained toy almost never trains the high-noise t where its sampler
+    # spends most steps and a picture's layout is decided
+    "tiny": ModelConfig(timestep_shift=3.0),
     "bagel-7b-mot": ModelConfig(  # BAGEL-7B-MoT: llm_config.json, vit_config.json, app.py, load_ae
         vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
         num_key_value_heads=4, max_position_embeddings=32768, vit_hidden_size=1152, vit_intermediate_size=4304,

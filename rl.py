@@ -295,7 +295,7 @@ def main():
     g.add_argument("--image-steps", type=int, default=1, help="denoising steps trained per image and update, K")
     g.add_argument("--step-strategy", default="round_robin", choices=["round_robin", "random", "weighted"], help="which steps")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=120, help="optimiser steps (official 400)")
+    g.add_argument("--steps", type=int, default=300, help="optimiser steps (official 400)")
     g.add_argument("--lr", type=float, default=2e-5, help="learning rate, cosine, no warmup (official 5e-6)")
     g.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip")
     g = p.add_argument_group("run")
@@ -307,7 +307,7 @@ def main():
     g.add_argument("--dtype", default="auto", help="auto | fp32 | bf16")
     g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = its default)")
     g.add_argument("--world-seed", type=int, default=0, help="toy world seed")
-    g.add_argument("--eval-n", type=int, default=96, help="held-out toy questions per severity for the final table (0 = skip)")
+    g.add_argument("--eval-n", type=int, default=192, help="held-out toy questions per severity for the final table (0 = skip)")
     g.add_argument("--eval-seed", type=int, default=0, help="held-out split seed")
     args = p.parse_args()
 

@@ -79,7 +79,7 @@ def test_eval_split_is_mmd_bench_shaped(world):
 def test_every_question_type_is_answerable_from_the_fixed_vocabulary():
     """Answers stay inside the small fixed vocabulary; MC questions hold the answer among 4 distinct options."""
     seen = set()
-    for ex in islice(D.ToyWorld(0, mc_rate=0.5).stream(1), 120):
+    for ex in islice(D.ToyWorld(0, mc_rate=0.5, qtypes=tuple(D.QUESTIONS)).stream(1), 120):
         seen.add((ex.qtype, ex.options is not None))
         if ex.options:
             assert sorted(ex.options) == list("ABCD") and len(set(ex.options.values())) == 4
@@ -89,6 +89,9 @@ def test_every_question_type_is_answerable_from_the_fixed_vocabulary():
             assert ex.answer in D.ANSWERS[ex.qtype]
         assert D.extract_answer(ex.response) == ex.answer
     assert seen == {(q, mc) for q in D.ANSWERS for mc in (False, True)}
+    assert {ex.qtype for ex in islice(D.ToyWorld(0).stream(1), 60)} == set(D.TOY_QTYPES)  # what the toy asks by default
+    with pytest.raises(ValueError, match="qtypes"):
+        D.ToyWorld(0, qtypes=("colour", "digit"))
 
 
 def test_questions_match_the_scene():

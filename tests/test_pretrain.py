@@ -1,0 +1,69 @@
+"""Stage 0 (pretrain.py): what the toy base model is shown, and how its vision encoder is taught."""
+
+from collections import Counter
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data as D
+import model as M
+import pretrain as P
+
+
+def pooled_encode(pixels):
+    """A stand-in autoencoder: 8x8 average pooling, so a latent tells which picture it came from."""
+    return F.avg_pool2d(pixels, 8).flatten(2).transpose(1, 2).contiguous(), (8, 8)
+
+
+def test_stage0_understanding_sees_clean_pictures_only_and_restoration_maps_degraded_to_clean(toy_tok):
+    stream = D.ToyWorld(0).stream(3)
+    examples = [next(stream) for _ in range(40)]
+    samples = P.base_samples(examples, toy_tok, pooled_encode, np.random.default_rng(0), torch.Generator().manual_seed(0), 3.0)
+    assert len(samples) == len(examples)
+    kinds = Counter()
+    for ex, sample in zip(examples, samples):
+        clean, degraded = M.image_to_tensor(ex.clean), M.image_to_tensor(ex.degraded)
+        noised = [s for s in sample if isinstance(s, M.VaeImage) and s.t > 0]
+        shown = [s.pixels for s in sample if isinstance(s, M.VitImage)]
+        if any(isinstance(s, M.Text) and s.loss for s in sample):  # understanding: text answers are trained
+            assert not noised and all(torch.equal(p, clean) for p in shown)
+            latents = [s.tokens for s in sample if isinstance(s, M.VaeImage)]
+            assert all(torch.equal(z, pooled_encode(clean[None])[0][0]) for z in latents)
+            kinds["understanding"] += 1
+            continue
+        (target,) = noised  # generation: the clean picture is always what is drawn
+        x0 = target.tokens - target.t * target.target  # x_t = (1 - t) x0 + t n and v = n - x0
+        assert torch.allclose(x0, pooled_encode(clean[None])[0][0], atol=1e-5)
+        if shown and torch.equal(shown[0], degraded):
+            kinds["restore"] += 1
+    assert kinds["understanding"] >= 10 and kinds["restore"] >= 3, kinds
+
+
+def test_vision_probe_reads_shape_and_colour_from_occupied_quadrants_only():
+    probe = P.VisionProbe(dim=4, grid=8)
+    with torch.no_grad():
+        for head in probe.heads.values():
+            head.weight.zero_(), head.bias.zero_()
+        probe.heads["shape"].weight[0, 0] = probe.heads["shape"].weight[1, 1] = 1.0
+        probe.heads["colour"].weight[2, 0] = probe.heads["colour"].weight[3, 1] = 1.0
+    h = torch.zeros(1, 64, 4)
+    h[0, probe.quadrant == 0, 0] = 1.0  # the object's quadrant says shape 0, colour 2
+    h[0, probe.quadrant != 0, 1] = 10.0  # the empty quadrants say shape 1, colour 3, louder
+    labels = {"count": torch.tensor([1]), "occupied": torch.tensor([[1.0, 0, 0, 0]]),
+              "shape": torch.tensor([0]), "colour": torch.tensor([2])}
+    _, acc = probe(h, labels)
+    assert acc["shape"] == 1.0 and acc["colour"] == 1.0
+    labels["occupied"] = torch.tensor([[0.0, 1, 1, 1]])  # the same features read through the other quadrants
+    _, acc = probe(h, labels)
+    assert acc["shape"] == 0.0 and acc["colour"] == 0.0
+
+
+def test_scene_labels_match_the_scene():
+    scene = D.sample_scene(np.random.default_rng(5), 3)
+    labels = P.scene_labels([scene])
+    assert labels["count"].tolist() == [3]
+    assert labels["occupied"].sum().item() == 3
+    assert all(labels["occupied"][0, o[2]] == 1 for o in scene.objects)
+    assert D.SHAPES[labels["shape"][0]] == scene.objects[0][0]
+    assert list(D.COLOURS)[labels["colour"][0]] == scene.objects[0][1]
