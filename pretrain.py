@@ -7,7 +7,7 @@ this file builds one in a few minutes, in three phases:
      latent shift and scale are then measured so latents have zero mean and unit variance (what FLUX's constants do);
   2. the vision encoder (the SigLIP stand-in) learns scene attributes from clean pictures;
   3. the unified model (connector, both MoT experts, the generation heads) learns, with autoencoder and ViT frozen:
-       * language, captioning and plain VQA on clean pictures: [image as ViT (and sometimes VAE) tokens, question] -> answer;
+       * language, captioning and plain VQA on clean pictures: [ViT (and sometimes VAE) tokens, question] -> answer;
        * generation of a clean picture from its caption, from itself, or from a degraded copy ("Restore this
          picture." — an edit, as BAGEL is pretrained on editing).
 Degraded pictures are never shown to understanding here (BAGEL's understanding data are clean photos), so the base
@@ -23,6 +23,7 @@ Differences from BAGEL's pretraining (numbered):
   2. The autoencoder is trained here (BAGEL reuses FLUX's), with L1 + L2 + a small KL, on 32x32 crops for speed, and
      GroupNorm with fewer groups than FLUX's 32 (at 32 channels, 32 groups normalise away every colour).
   3. No text-only or interleaved web data: the language the toy needs is its own question/answer vocabulary.
+  4. Flow time t is drawn with the tiny preset's shift 3 (BAGEL trains at 1.0; see model.PRESETS).
 """
 
 from __future__ import annotations
