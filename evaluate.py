@@ -10,7 +10,8 @@ Toy (CPU, a few minutes):
        always-restore first, "perception enhancement");
     2. per-corruption accuracy at hard (16 sets) for the best model and the base;
     3. restore rate per severity (the paper's adaptive-triggering figure) and wall time per mode;
-    4. restoration quality: PSNR of the restored picture and of the degraded input against the clean one;
+    4. restoration quality: PSNR of the restored picture and of the degraded input against the clean one, and the
+       generator's flow-matching error at fixed t beside copying the degraded latent;
     5. pictures: examples.png (degraded, restored, question, answer, right?) and accuracy.png (bars per severity).
 
 Real benchmarks (GPU):
@@ -80,6 +81,45 @@ def restoration_quality(model: M.Bagel, examples: list, traces: list) -> dict:
             degraded.append(psnr(np.asarray(ex.degraded), np.asarray(ex.clean)))
     return {"n": len(restored), "restored_psnr": float(np.mean(restored)) if restored else None,
             "degraded_psnr": float(np.mean(degraded)) if degraded else None}
+
+
+FLOW_CHECK_T = (0.3, 0.6, 0.9, 1.0)
+FLOW_CHECK_N = 64  # hard questions in the generator check
+
+
+@torch.no_grad()
+def flow_error_by_t(model: M.Bagel, tok, examples: list, ts=FLOW_CHECK_T, seed: int = 0) -> dict:
+    """Can the generator restore? Flow-matching MSE of the clean latent at fixed t, in the CLEAR restore context
+    (prefix, then <image_restore>, as in always-restore mode), next to two references that need no model: copying
+    the degraded latent (v = noise - degraded) and predicting the mean latent (v = noise). A generator that restores
+    beats the copy at high t, where sampling starts and a picture's layout is decided."""
+    prefixes = D.inference_prefix(examples, tok, model.encode_pixels)
+    clean = D.encode_images([M.image_to_tensor(ex.clean) for ex in examples], model.encode_pixels)
+    degraded = [next(s for s in p if isinstance(s, M.VaeImage)).tokens for p in prefixes]
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for t in ts:
+        samples, copy, mean = [], [], []
+        for prefix, (x0, grid), d0 in zip(prefixes, clean, degraded):
+            noise = torch.randn(x0.shape, generator=gen)
+            x_t, v = M.flow_interpolate(x0, noise, t)
+            samples.append(prefix + [M.Text(tok.encode(D.RESTORE_TOKEN)), M.VaeImage(x_t, grid, t=t, target=v)])
+            copy.append(float(((noise - d0) - v).pow(2).mean()))
+            mean.append(float((noise - v).pow(2).mean()))
+        mse = model(M.pack(samples, model.cfg).to(model.device)).mse
+        out[t] = {"model": float(mse.float().mean()), "copy": float(np.mean(copy)), "mean": float(np.mean(mean))}
+    return out
+
+
+def flow_table(flow: dict) -> str:
+    ts = FLOW_CHECK_T
+    lines = ["| predictor | " + " | ".join(f"t = {t}" for t in ts) + " |", "|---|" + "---|" * len(ts)]
+    for ckpt, by_t in flow.items():
+        lines.append(f"| {ckpt} | " + " | ".join(f"{by_t[t]['model']:.3f}" for t in ts) + " |")
+    first = next(iter(flow.values()))
+    lines.append("| copy the degraded latent | " + " | ".join(f"{first[t]['copy']:.3f}" for t in ts) + " |")
+    lines.append("| predict the mean latent (0) | " + " | ".join(f"{first[t]['mean']:.3f}" for t in ts) + " |")
+    return "\n".join(lines)
 
 
 def evaluate_checkpoint(model, tok, split, modes: dict, icfg: E.InferenceConfig, seed: int) -> dict:
@@ -189,15 +229,20 @@ def evaluate_toy(args, run: C.Run):
         hard = per_corruption_split(world, args.n_corruption, args.seed)
         res = E.benchmark(models[name], toks[name], hard, mode, icfg, models[name].encode_pixels, seed=args.seed)
         per[f"{name} ({mode})"] = {k: v["acc"] for k, v in res.items()}
+    flow_set = split["hard"][:FLOW_CHECK_N]
+    flow = {name: flow_error_by_t(models[name], toks[name], flow_set, seed=args.seed) for name in models if name != "base"}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = ["# Toy MMD-Bench", "", f"`python evaluate.py --n {args.n} --seed {args.seed}` on {run.device}, "
               f"{time.time() - t0:.0f} s in all.", "", "## Accuracy (%) and restore rate", "", main_table(results), "",
               "## Accuracy (%) at hard per corruption", "", corruption_table(per), "",
               "## Restoration quality at hard (PSNR against the clean picture, dB)", "", quality_table(results), ""]
+    if flow:
+        report += [f"## Generator check at hard (flow-matching MSE of the clean latent at fixed t, {len(flow_set)} questions, "
+                   "restore context)", "", flow_table(flow), ""]
     (out / "report.md").write_text("\n".join(report))
     clean = {c: {m: {k: v for k, v in r.items() if k != "_traces"} for m, r in rows.items()} for c, rows in results.items()}
-    (out / "report.json").write_text(json.dumps({"main": clean, "per_corruption": per, "args": vars(args)}, indent=1))
+    (out / "report.json").write_text(json.dumps({"main": clean, "per_corruption": per, "flow_check": flow, "args": vars(args)}, indent=1))
     show = best or "base"
     label = "interleaved, bridge" if show != "base" else "direct"
     draw_examples(models[show], split, results[show][label]["_traces"], out / "examples.png")

@@ -117,3 +117,18 @@ def test_a_sets_numbers_do_not_depend_on_the_other_sets(toy_ckpt):
         alone = E.benchmark(model, tok, {"hard": split["hard"]}, "always_restore", cfg, model.encode_pixels)
     for a, b in zip(both["hard"]["traces"], alone["hard"]["traces"]):
         assert a.texts == b.texts and all(torch.equal(x, y) for x, y in zip(a.latents, b.latents))
+
+
+def test_generator_check_references_and_a_zero_velocity_head(toy_ckpt):
+    """The copy and mean references are exact functions of the latents; the fixture's llm2vae is zero (BAGEL's init),
+    so its error is E[(noise - x0)^2] = 1 + E[x0^2] at every t."""
+    model, tok = M.load_pretrained(toy_ckpt), D.Tokenizer.from_folder(toy_ckpt)
+    examples = D.ToyWorld(0).eval_split(6, seed=3)["hard"]
+    res = evaluate.flow_error_by_t(model, tok, examples, ts=(0.5, 1.0))
+    x0 = torch.stack([model.encode_pixels(M.image_to_tensor(ex.clean)[None])[0][0] for ex in examples])
+    d0 = torch.stack([model.encode_pixels(M.image_to_tensor(ex.degraded)[None])[0][0] for ex in examples])
+    for t in (0.5, 1.0):
+        assert res[t]["copy"] == pytest.approx(float((x0 - d0).pow(2).mean()), rel=1e-4)
+        assert res[t]["mean"] == pytest.approx(float(x0.pow(2).mean()), rel=1e-4)
+        assert res[t]["model"] == pytest.approx(1 + float(x0.pow(2).mean()), abs=0.05)
+    assert "copy the degraded latent" in evaluate.flow_table({"sft": {t: res[1.0] for t in evaluate.FLOW_CHECK_T}})
