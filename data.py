@@ -14,7 +14,7 @@ Direct sample (pattern A): 1-4, then "<think>...</think>\\n<answer>...</answer>"
 The toy world (why it is built this way):
   * No download, CPU-sized: 64x64 RGB scenes (8x8 ViT patches, 8x8 latent tokens in the tiny model) with exact
     answers from a small fixed vocabulary: the colour (8) and the count (1-4) of the objects by default (TOY_QTYPES);
-    shape (5) and quadrant (4) questions are built too, but the tiny model answers them at chance after its minutes
+    shape (5) and quadrant (4) questions are built too, but the tiny model answers them near chance after its minutes
     of training, so they only added noise to the tables. Open questions (A-D multiple choice in the official
     VLMEvalKit layout is built too, mc_rate > 0, but a CPU-minutes model does not learn the letter indirection).
   * Degradation must hurt: objects are small (18-26 px) and colours are hue neighbours (red/orange/pink,
@@ -487,7 +487,7 @@ def ask(scene: Scene, qtype: str, rng: np.random.Generator, mc: bool) -> tuple:
 
 
 # What the toy asks by default. Shape and quadrant questions are built and tested too, but the tiny model answers
-# them at chance after its CPU-minutes of training, clean or degraded (an LLM of width 128 that reads 64 ViT tokens
+# them near chance after its CPU-minutes of training, clean or degraded (an LLM of width 128 that reads 64 ViT tokens
 # does not learn to pick one object's outline or place in minutes), so they would only add noise to every table.
 TOY_QTYPES = ("colour", "count")
 
