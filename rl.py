@@ -12,7 +12,7 @@ through the latent bridge; then the text continues. Rewards score each rollout, 
 share one backward through the same forward, whose context is exactly the one the rollout was sampled in (the
 bridged latent, not a re-encoded picture; the official code replays a different context, see clear_method §3.6).
 
-CPU (toy): python rl.py                  # from out/bridge/ (or out/sft/), ~15 min, writes out/rl/ and a before/after table
+CPU (toy): python rl.py                  # from out/bridge/ (or out/sft/), ~6 min on 2 cores, writes out/rl/ and a before/after table
 GPU:       python rl.py --device cuda --dtype bf16 --init path/to/CLEAR-or-BAGEL --data rl.jsonl --images DIR
            torchrun --nproc_per_node 8 rl.py ... (each process rolls out its own prompts; gradients are averaged)
 
