@@ -117,7 +117,7 @@ def scene_labels(scenes: list[D.Scene]) -> dict:
 class VisionProbe(torch.nn.Module):
     """Linear heads on ViT features, used to train the encoder in Stage 0, then thrown away. Shape and colour are read
     from each occupied quadrant's own patches: pooled over the whole picture, one object's outline drowns in the
-    background (a mean-pooled shape head stayed near chance), the very locality the LLM's attention gets for free."""
+    background (a mean-pooled shape head stayed near chance); the LLM's attention can make the same local read."""
 
     def __init__(self, dim: int, grid: int):
         super().__init__()
