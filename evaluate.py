@@ -96,18 +96,18 @@ def flow_error_by_t(model: M.Bagel, tok, examples: list, ts=FLOW_CHECK_T, seed: 
     prefixes = D.inference_prefix(examples, tok, model.encode_pixels)
     clean = D.encode_images([M.image_to_tensor(ex.clean) for ex in examples], model.encode_pixels)
     degraded = [next(s for s in p if isinstance(s, M.VaeImage)).tokens for p in prefixes]
+    # with v = noise - x0 the references' errors do not depend on t or the noise: |x0 - degraded|^2 and |x0|^2
+    copy = float(np.mean([float((x0 - d0).pow(2).mean()) for (x0, _), d0 in zip(clean, degraded)]))
+    mean = float(np.mean([float(x0.pow(2).mean()) for x0, _ in clean]))
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for t in ts:
-        samples, copy, mean = [], [], []
-        for prefix, (x0, grid), d0 in zip(prefixes, clean, degraded):
-            noise = torch.randn(x0.shape, generator=gen)
-            x_t, v = M.flow_interpolate(x0, noise, t)
+        samples = []
+        for prefix, (x0, grid) in zip(prefixes, clean):
+            x_t, v = M.flow_interpolate(x0, torch.randn(x0.shape, generator=gen), t)
             samples.append(prefix + [M.Text(tok.encode(D.RESTORE_TOKEN)), M.VaeImage(x_t, grid, t=t, target=v)])
-            copy.append(float(((noise - d0) - v).pow(2).mean()))
-            mean.append(float((noise - v).pow(2).mean()))
         mse = model(M.pack(samples, model.cfg).to(model.device)).mse
-        out[t] = {"model": float(mse.float().mean()), "copy": float(np.mean(copy)), "mean": float(np.mean(mean))}
+        out[t] = {"model": float(mse.float().mean()), "copy": copy, "mean": mean}
     return out
 
 
@@ -222,11 +222,10 @@ def evaluate_toy(args, run: C.Run):
         print(f"evaluating {name} ({len(modes)} modes x {len(SEVERITIES)} severities x {args.n} questions)")
         results[name] = evaluate_checkpoint(models[name], toks[name], split, modes, icfg, args.seed)
     best = max((c for c in results if c != "base"), key=lambda c: results[c]["interleaved, bridge"]["hard"]["acc"], default=None)
-    per = {}
+    per, hard = {}, per_corruption_split(world, args.n_corruption, args.seed)
     for name, mode in (("base", "direct"), (best, "interleave")):
         if name is None or name not in models:
             continue
-        hard = per_corruption_split(world, args.n_corruption, args.seed)
         res = E.benchmark(models[name], toks[name], hard, mode, icfg, models[name].encode_pixels, seed=args.seed)
         per[f"{name} ({mode})"] = {k: v["acc"] for k, v in res.items()}
     flow_set = split["hard"][:FLOW_CHECK_N]
