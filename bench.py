@@ -28,6 +28,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
+import common as C
 import model as M
 
 DATASHEET = {"H100": (3.35e12, 989e12), "H200": (4.8e12, 989e12)}  # HBM bytes/s, dense bf16 FLOP/s
@@ -251,6 +252,7 @@ def bench_train_overhead(cfg, device, dtype) -> list[dict]:
     """The tiny toy training step (packed CLEAR samples: masks, routing, images) vs a plain transformer on as many tokens."""
     import data as D
     import pretrain
+    import sft
     tok = D.train_toy_tokenizer(D.toy_corpus(n=300))
     tiny = pretrain.toy_config(tok)
     model = M.Bagel(tiny).to(device, dtype).train()
@@ -259,7 +261,7 @@ def bench_train_overhead(cfg, device, dtype) -> list[dict]:
     world = D.ToyWorld(0)
     import numpy as np
     stream = world.stream(np.random.default_rng(0))
-    samples = D.build_batch([next(stream) for _ in range(12)], tok, model.encode_pixels, torch.Generator().manual_seed(0))
+    samples = sft.build_batch([next(stream) for _ in range(12)], tok, model.encode_pixels, torch.Generator().manual_seed(0))
     packed = M.pack(samples, tiny, row_tokens=512).to(device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
@@ -330,8 +332,8 @@ def main():
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--dtype", default="auto", help="auto | fp32 | bf16")
     args = p.parse_args()
-    device, why = M.pick_device(args.device)
-    dtype, why_dt = M.pick_dtype(args.dtype, device)
+    device, why = C.pick_device(args.device)
+    dtype, why_dt = C.pick_dtype(args.dtype, device)
     cfg = M.PRESETS[args.preset]
     print(f"device {device} ({why}), dtype {dtype} ({why_dt}), torch {torch.__version__}, preset {args.preset}")
     for name in args.only or SECTIONS:

@@ -61,7 +61,46 @@ from PIL import Image, ImageDraw, ImageFont
 from tokenizers import Regex, Tokenizer as RawTokenizer, decoders, models, pre_tokenizers, trainers
 
 import model as M
-from degrade import CORRUPTIONS, SEVERITIES, degrade, sample_corruption
+from degrade import CORRUPTIONS, SEVERITIES, degrade, sample_corruption, to_rgb
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pictures <-> tensors (BAGEL: data/transforms.py ImageTransform, inferencer.decode_image; RGB by degrade.to_rgb)
+
+
+def fit_size(w: int, h: int, max_size: int, min_size: int, stride: int, max_pixels: int = 14 * 14 * 9 * 1024):
+    """Target (w, h): long edge <= max, short edge >= min, both multiples of stride (BAGEL: MaxLongEdgeMinShortEdgeResize)."""
+    def apply(w, h, s):
+        return tuple(max(stride, int(round(round(d * s) / stride) * stride)) for d in (w, h))  # Python round: half-even
+
+    w2, h2 = apply(w, h, max(min(max_size / max(w, h), 1.0), min_size / min(w, h)))
+    if w2 * h2 > max_pixels:  # BAGEL applies the area ratio as a linear factor; reproduced as is
+        w2, h2 = apply(w2, h2, max_pixels / (w2 * h2))
+    if max(w2, h2) > max_size:
+        w2, h2 = apply(w2, h2, max_size / max(w2, h2))
+    return w2, h2
+
+
+def resize_image(image: Image.Image, max_size: int, min_size: int, stride: int) -> Image.Image:
+    """RGB image resized by fit_size with PIL bicubic (antialiased), as BAGEL's ImageTransform resizes."""
+    image = to_rgb(image)
+    size = fit_size(*image.size, max_size, min_size, stride)
+    return image if image.size == size else image.resize(size, Image.BICUBIC)
+
+
+def image_to_tensor(image: Image.Image, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """RGB PIL image -> [3, H, W] in [-1, 1], resized (PIL bicubic, antialiased) to size=(w, h) if given."""
+    image = to_rgb(image)
+    if size is not None and image.size != tuple(size):
+        image = image.resize(tuple(size), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+    return (x - 0.5) / 0.5
+
+
+def tensor_to_image(x: torch.Tensor) -> Image.Image:
+    """[3, H, W] in [-1, 1] -> uint8 PIL image, truncating like BAGEL's decode_image."""
+    x = ((x.float() * 0.5 + 0.5).clamp(0, 1) * 255).to(torch.uint8)
+    return Image.fromarray(x.permute(1, 2, 0).cpu().numpy())
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Prompts and tags (official prompts.py; strings reproduced verbatim, whitespace included)
@@ -132,11 +171,7 @@ class Tokenizer:
 
     def __init__(self, tk: RawTokenizer, source: str = "<in memory>"):
         self.tk = tk
-        ids = {k: tk.token_to_id(text) for k, text in M.SPECIAL_TOKENS.items()}
-        missing = [M.SPECIAL_TOKENS[k] for k, v in ids.items() if v is None]
-        if missing:
-            raise ValueError(f"tokenizer {source} lacks the special tokens {missing}; use BAGEL's Qwen2 tokenizer.json "
-                             "or one trained by data.train_toy_tokenizer")
+        ids = M.special_token_ids(tk, f"tokenizer {source}")
         self.bos_id, self.eos_id = ids["bos_token_id"], ids["eos_token_id"]
         self.soi_id, self.eoi_id = ids["start_of_image_id"], ids["end_of_image_id"]
 
@@ -573,7 +608,7 @@ def toy_corpus(n: int = 2000, seed: int = 0) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# CLEAR Stage-1 samples
+# What the model is shown: picture sizes and CLEAR's prefix (sft.py builds the rest of a training sample)
 
 
 @dataclass(frozen=True)
@@ -600,81 +635,27 @@ def encode_images(pixels: list[torch.Tensor], encode: Callable) -> list[tuple]:
     return out
 
 
-def _prefix(ex: Example, tok: Tokenizer, latent: tuple, system: str, sizes: ImageSizes) -> list:
+def clear_prefix(ex: Example, tok: Tokenizer, latent: tuple, system: str, sizes: ImageSizes) -> list:
+    """CLEAR's prefix (official parse_row items 1-4): system prompt, degraded picture as VAE latent and as ViT, question."""
     if system not in SYSTEM_PROMPTS:
         raise ValueError(f"system prompt must be one of {sorted(SYSTEM_PROMPTS)}, not {system!r}")
     tokens, grid = latent
     return [M.Text(tok.encode(SYSTEM_PROMPTS[system])),  # official parse_row items 1-4, no loss
             M.VaeImage(tokens, grid),  # official: the corrupted image is given as a clean VAE latent (t=0) ...
-            M.VitImage(M.image_to_tensor(M.resize_image(ex.degraded, *sizes.vit))),  # ... and as ViT patches
+            M.VitImage(image_to_tensor(resize_image(ex.degraded, *sizes.vit))),  # ... and as ViT patches
             M.Text(tok.encode(ex.question.replace("<image>", "").strip()))]  # official: <image> removed, stripped
 
 
-def _vae_pixels(image: Image.Image, sizes: ImageSizes) -> torch.Tensor:
-    return M.image_to_tensor(M.resize_image(image, *sizes.vae))
+def vae_pixels(image: Image.Image, sizes: ImageSizes) -> torch.Tensor:
+    """A picture resized for the autoencoder (BAGEL vae_transform) as [3, H, W] in [-1, 1]."""
+    return image_to_tensor(resize_image(image, *sizes.vae))
 
 
 def inference_prefix(examples: list[Example], tok: Tokenizer, encode: Callable, system: str = "toy",
                      sizes: ImageSizes = TOY_SIZES) -> list[list]:
     """What the model is given at test time: system prompt, degraded image as VAE + ViT, question (no loss)."""
-    latents = encode_images([_vae_pixels(ex.degraded, sizes) for ex in examples], encode)
-    return [_prefix(ex, tok, lat, system, sizes) for ex, lat in zip(examples, latents)]
-
-
-def split_response(response: str) -> tuple[str, str] | None:
-    """Official parse_row: parts[0] + <image_restore> is trained before the image, parts[1] after it; later
-    occurrences are dropped. None when the response does not restore."""
-    if RESTORE_TOKEN not in response:
-        return None
-    parts = response.split(RESTORE_TOKEN)
-    return parts[0] + RESTORE_TOKEN, parts[1]
-
-
-def clear_sample(ex: Example, tok: Tokenizer, degraded_latent: tuple, clean_latent: tuple | None,
-                 generator: torch.Generator, system: str = "toy", sizes: ImageSizes = TOY_SIZES, shift: float = 1.0) -> list:
-    """One CLEAR SFT sample (CLEAR §3.1-3.3, official parse_row): the prefix, then a direct answer, or the restore
-    turn, the clean image (noised target, clean student latent, grid-aligned ViT teacher) and the final answer."""
-    if not ex.response:
-        raise ValueError(f"example {ex.id or ex.question[:40]!r} has no response to train on")
-    seq = _prefix(ex, tok, degraded_latent, system, sizes)
-    turn = split_response(ex.response)
-    if turn is None:  # pattern A: one CE text
-        return seq + [M.Text(tok.encode(ex.response), loss=True)]
-    if ex.clean is None or clean_latent is None:
-        raise ValueError(f"example {ex.id or ex.question[:40]!r} restores but has no clean image to restore to")
-    first, rest = turn
-    x0, grid = clean_latent
-    t = float(M.sample_flow_time(1, shift, generator))  # BAGEL: logit-normal t, once per image
-    noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0)
-    x_t, v = M.flow_interpolate(x0, noise, t)
-    P = sizes.vit[2]
-    seq += [M.Text(tok.encode(first), loss=True),
-            M.VaeImage(x_t, grid, t=t, target=v, droppable=False),  # official: the noised image has enable_cfg=0
-            M.VaeImage(x0, grid, pair=0),  # CLEAR §3.3 distillation student: the clean latent at t=0
-            M.VitImage(M.image_to_tensor(ex.clean, (grid[1] * P, grid[0] * P)), pair=0)]  # teacher, ViT grid == VAE grid
-    if rest.strip():  # official: parts[1] is added only when it is not blank
-        seq.append(M.Text(tok.encode(rest), loss=True))
-    return seq
-
-
-def text_reason_sample(ex: Example, tok: Tokenizer, sizes: ImageSizes = TOY_SIZES) -> list:
-    """Text-only reasoning sample (official TextReasonIterableDataset): its system prompt, the degraded image as ViT
-    only, the question, then a CoT with CE. The official CoT was written from the clean picture; here it is the direct
-    response, or for a restore response what follows <image_restore> (the reasoning on the clean picture)."""
-    turn = split_response(ex.response)
-    cot = ex.response if turn is None else turn[1].strip()
-    return [M.Text(tok.encode(TEXT_REASON_SYSTEM_PROMPT)), M.VitImage(M.image_to_tensor(M.resize_image(ex.degraded, *sizes.vit))),
-            M.Text(tok.encode(ex.question.replace("<image>", "").strip())), M.Text(tok.encode(cot), loss=True)]
-
-
-def build_batch(examples: list[Example], tok: Tokenizer, encode: Callable, generator: torch.Generator,
-                system: str = "toy", sizes: ImageSizes = TOY_SIZES, shift: float = 1.0) -> list[list]:
-    """CLEAR samples for a batch; all VAE latents (degraded inputs, clean targets) come from one encode call per size."""
-    restoring = [i for i, ex in enumerate(examples) if ex.restore and ex.clean is not None]
-    pixels = [_vae_pixels(ex.degraded, sizes) for ex in examples] + [_vae_pixels(examples[i].clean, sizes) for i in restoring]
-    latents = encode_images(pixels, encode)
-    clean = dict(zip(restoring, latents[len(examples):]))
-    return [clear_sample(ex, tok, latents[i], clean.get(i), generator, system, sizes, shift) for i, ex in enumerate(examples)]
+    latents = encode_images([vae_pixels(ex.degraded, sizes) for ex in examples], encode)
+    return [clear_prefix(ex, tok, lat, system, sizes) for ex, lat in zip(examples, latents)]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -736,7 +717,7 @@ def jsonl_example(row: dict, rng: np.random.Generator) -> Example:
     An answer with <image_restore> (official CLEAR SFT data) or with <think>/<answer> tags is trained as is; a
     plain answer gets templated think texts and the restore rule, measured on the whole image at 64 px.
     """
-    clean = M.to_rgb(Image.open(row["image"]))
+    clean = to_rgb(Image.open(row["image"]))
     corruption, severity = sample_corruption(rng, "train")
     degraded = degrade(clean, corruption, severity, rng)
     response = row["response"]  # official: the gpt value is trained verbatim
@@ -796,7 +777,7 @@ def read_tsv(path) -> tuple[list[dict], list[tuple]]:
 
 def tsv_example(row: dict) -> Example:
     """A benchmark row as an Example: its (already degraded) image, the official MC prompt, the answer letter."""
-    image = M.to_rgb(Image.open(io.BytesIO(base64.b64decode(row["image"]))))
+    image = to_rgb(Image.open(io.BytesIO(base64.b64decode(row["image"]))))
     question = mc_prompt(row) if row["options"] else row["question"]
     return Example(image, question, row["answer"], options=row["options"], qtype="mc" if row["options"] else "open",
                    id=str(row["index"]))
@@ -848,7 +829,7 @@ def calibrate_world(world: ToyWorld, n_train: int = 3000, n_eval: int = 400, ste
         big = render(scene)
         hard = degrade(big, sample_corruption(rng, "benchmark")[0], SEVERITIES["hard"], rng)
         for cond, im in (("clean", big), ("hard", hard)):
-            x = M.image_to_tensor(im, (MODEL_SIZE, MODEL_SIZE))
+            x = image_to_tensor(im, (MODEL_SIZE, MODEL_SIZE))
             X[cond].append(_quadrants(x))
         cells = {o[2]: o for o in scene.objects}
         quad_y += [(SHAPES.index(cells[c][0]) + 1, cols.index(cells[c][1])) if c in cells else (0, -100) for c in range(4)]
@@ -866,7 +847,7 @@ def calibrate_world(world: ToyWorld, n_train: int = 3000, n_eval: int = 400, ste
             for level, exs in split.items():
                 right = {q: [] for q in [*world.qtypes, "all"]}
                 for ex in exs:
-                    x = M.image_to_tensor(ex.degraded)
+                    x = image_to_tensor(ex.degraded)
                     out = qnet(_quadrants(x))
                     shape_p, colour_p = out[:, :6].softmax(-1), out[:, 6:].softmax(-1)
                     words = ex.question.rstrip("?").split()

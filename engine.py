@@ -4,10 +4,8 @@ inferencer.py interleave_reason_tool_condition), used by evaluation, RL rollouts
 
 A row is one question. Its prefix (system prompt, degraded image as VAE + ViT tokens, question) is prefilled; then up
 to `max_rounds` text segments are decoded. A segment holding <answer>...</answer> ends the row; one ending in
-<image_restore> makes the model denoise a restored image, which re-enters the context through ONE switch:
-  * `bridge`: the denoised latent x0 goes in directly, vae2llm(x0) + time_embedder(0) + pos (CLEAR §3.3);
-  * `decode_reencode`: x0 -> VAE decoder -> 8-bit pixels -> ViT (the detour the bridge replaces);
-  * `decode_reencode_vae`: the same, re-encoded through the VAE as well as the ViT (BAGEL's update_context_image).
+<image_restore> makes the model denoise a restored image, which re-enters the context through bridge.reenter, the
+switch between the Latent Representation Bridge (CLEAR §3.3) and the decode-reencode detour it replaces.
 Images are sampled by the Euler ODE with classifier-free guidance (evaluation) or by the SDE without guidance,
 recording every step (RL rollouts, CLEAR §3.4).
 """
@@ -20,10 +18,10 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+import bridge
 import data as D
 import model as M
 
-REENTRY = ("bridge", "decode_reencode", "decode_reencode_vae")
 MODES = ("direct", "text", "interleave", "always_restore")  # answer at once | text-only reasoning | CLEAR | restore first
 
 
@@ -48,8 +46,8 @@ class InferenceConfig:
     vit_transform: tuple = D.TOY_SIZES.vit  # (max, min, stride) of re-encoded ViT images (BAGEL app: 980, 224, 14)
 
     def __post_init__(self):
-        if self.reentry not in REENTRY:
-            raise ValueError(f"reentry must be one of {REENTRY}, not {self.reentry!r}")
+        if self.reentry not in bridge.REENTRY:
+            raise ValueError(f"reentry must be one of {bridge.REENTRY}, not {self.reentry!r}")
         if self.sampler not in ("ode", "sde"):
             raise ValueError(f"sampler must be 'ode' or 'sde', not {self.sampler!r}")
 
@@ -131,7 +129,7 @@ def reason(model: M.Bagel, tokenizer, prefixes: list[list], cfg: InferenceConfig
                             text_cache.rows(rows) if guided else None, img_cache.rows(rows) if img_cache is not None else None)
         full = torch.zeros(B, *x0.shape[1:])
         full[rows] = x0.cpu()
-        reenter(model, cache, full, grid, want, cfg)
+        bridge.reenter(model, cache, full, grid, want, cfg.reentry, cfg.vit_transform)
         for j, b in enumerate(rows.tolist()):
             traces[b].latents.append(x0[j].cpu())
             traces[b].steps.append([{k: (v[j].cpu() if torch.is_tensor(v) else v) for k, v in s.items()} for s in steps])
@@ -148,33 +146,11 @@ def restore(model: M.Bagel, cache: M.KVCache, grid: tuple, cfg: InferenceConfig,
     noise = torch.randn(cache.batch, N, model.cfg.patch_latent_dim, generator=generator, device=dev)
     if cfg.sampler == "sde":  # CLEAR §3.4: SDE sampler, CFG off, every step recorded for Flow-GRPO
         return model.sample_sde(cache, grid, noise, cfg.num_timesteps, cfg.timestep_shift, cfg.sde_sigma, generator)
-    x0 = model.generate_image(cache, grid, noise, cfg.num_timesteps, cfg.timestep_shift, cfg_text_cache=text_cache,
+    x0, _ = model.generate_image(cache, grid, noise, cfg.num_timesteps, cfg.timestep_shift, cfg_text_cache=text_cache,
                               cfg_img_cache=img_cache, cfg_text_scale=cfg.cfg_text_scale if text_cache is not None else 1.0,
                               cfg_img_scale=cfg.cfg_img_scale, cfg_interval=cfg.cfg_interval,
                               cfg_renorm_type=cfg.cfg_renorm_type, cfg_renorm_min=cfg.cfg_renorm_min)
     return x0, []
-
-
-def reenter(model: M.Bagel, cache: M.KVCache, x0: torch.Tensor, grid: tuple, rows: torch.Tensor, cfg: InferenceConfig):
-    """Put restored latents x0 [B, N, D] back into the context of the selected rows: the re-entry switch."""
-    if cfg.reentry == "bridge":  # CLEAR §3.3: the latent goes straight in through the gen expert
-        model.add_latent(cache, x0, grid, active=rows)
-        return
-    idx = rows.nonzero().squeeze(1).tolist()
-    images = {b: decode_image(model, x0[b], grid) for b in idx}  # official: VAE decode -> 8-bit picture
-    if cfg.reentry == "decode_reencode_vae":  # BAGEL update_context_image: VAE block first, then ViT
-        tokens = torch.zeros(x0.shape)
-        tokens[idx] = model.encode_pixels(torch.stack([M.image_to_tensor(images[b]) for b in idx]))[0]
-        model.add_latent(cache, tokens, grid, active=rows)
-    vit = [M.image_to_tensor(M.resize_image(images[b], *cfg.vit_transform)) for b in idx]
-    pixels = torch.zeros(len(x0), *vit[0].shape)
-    pixels[idx] = torch.stack(vit)
-    model.add_vit_image(cache, pixels, active=rows)
-
-
-def decode_image(model: M.Bagel, x0: torch.Tensor, grid: tuple):
-    """Restored latent tokens -> the 8-bit PIL picture (BAGEL decode_image)."""
-    return M.tensor_to_image(model.decode_latent(x0, grid))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -193,7 +169,7 @@ def mode_config(mode: str, base: InferenceConfig) -> InferenceConfig:
 def mode_prefixes(mode: str, examples: list, tok, encode, system: str = "toy", sizes=D.TOY_SIZES) -> list[list]:
     """What the model is shown in each mode: direct = BAGEL's understanding format (ViT image, question); text = a
     reasoning prompt with the ViT image (official text_reason); interleave / always_restore = CLEAR's prefix."""
-    vit = lambda ex: M.VitImage(M.image_to_tensor(M.resize_image(ex.degraded, *sizes.vit)))  # noqa: E731
+    vit = lambda ex: M.VitImage(D.image_to_tensor(D.resize_image(ex.degraded, *sizes.vit)))  # noqa: E731
     if mode == "direct":
         return [[vit(ex), M.Text(tok.encode(ex.question))] for ex in examples]
     if mode == "text":
@@ -202,7 +178,8 @@ def mode_prefixes(mode: str, examples: list, tok, encode, system: str = "toy", s
 
 
 def final_text(trace: Trace) -> str:
-    """The reply that is scored: the <answer> content if any, else the last decoded text (official VLMEvalKit)."""
+    """The reply that is scored: the last decoded text (official: output_list[-1]); scoring (data.is_correct) then
+    reads its <answer> content, or the whole reply when it has none (official VLMEvalKit)."""
     return trace.texts[-1] if trace.texts else ""
 
 

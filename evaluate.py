@@ -28,21 +28,23 @@ Differences from the official evaluation (numbered):
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+import bridge
 import common as C
 import data as D
 import engine as E
 import model as M
+from common import flag
 from degrade import CORRUPTIONS
 
 SEVERITIES = ("clean", "low", "mid", "hard")
@@ -76,7 +78,7 @@ def restoration_quality(model: M.Bagel, examples: list, traces: list) -> dict:
     restored, degraded = [], []
     for ex, tr in zip(examples, traces):
         if tr.latents:
-            img = E.decode_image(model, tr.latents[0], tr.grid).resize(ex.clean.size, Image.BICUBIC)
+            img = bridge.decode_image(model, tr.latents[0], tr.grid).resize(ex.clean.size, Image.BICUBIC)
             restored.append(psnr(np.asarray(img), np.asarray(ex.clean)))
             degraded.append(psnr(np.asarray(ex.degraded), np.asarray(ex.clean)))
     return {"n": len(restored), "restored_psnr": float(np.mean(restored)) if restored else None,
@@ -94,7 +96,7 @@ def flow_error_by_t(model: M.Bagel, tok, examples: list, ts=FLOW_CHECK_T, seed: 
     the degraded latent (v = noise - degraded) and predicting the mean latent (v = noise). A generator that restores
     beats the copy at high t, where sampling starts and a picture's layout is decided."""
     prefixes = D.inference_prefix(examples, tok, model.encode_pixels)
-    clean = D.encode_images([M.image_to_tensor(ex.clean) for ex in examples], model.encode_pixels)
+    clean = D.encode_images([D.image_to_tensor(ex.clean) for ex in examples], model.encode_pixels)
     degraded = [next(s for s in p if isinstance(s, M.VaeImage)).tokens for p in prefixes]
     # with v = noise - x0 the references' errors do not depend on t or the noise: |x0 - degraded|^2 and |x0|^2
     copy = float(np.mean([float((x0 - d0).pow(2).mean()) for (x0, _), d0 in zip(clean, degraded)]))
@@ -172,7 +174,7 @@ def draw_examples(model, split, traces, path: Path, n: int = 8):
     for i, (ex, tr) in enumerate(rows):
         sheet.paste(ex.degraded.resize((cell, cell), Image.NEAREST), (0, i * cell))
         if tr.latents:
-            sheet.paste(E.decode_image(model, tr.latents[0], tr.grid).resize((cell, cell), Image.NEAREST), (cell, i * cell))
+            sheet.paste(bridge.decode_image(model, tr.latents[0], tr.grid).resize((cell, cell), Image.NEAREST), (cell, i * cell))
         reply = E.final_text(tr)
         ok = D.is_correct(reply, ex)
         lines = [f"{ex.corruption} (hard)", ex.question.split("\n")[0][:56], f"answer: {(D.extract_answer(reply) or reply)[:40]!r}",
@@ -206,33 +208,32 @@ def draw_bars(results: dict, path: Path):
     img.save(path)
 
 
-def evaluate_toy(args, run: C.Run):
-    ckpts = {s: Path(args.out_root) / s for s in STAGES if (Path(args.out_root) / s / "ema.safetensors").exists()}
+def evaluate_toy(cfg: "EvalConfig", run: C.Run):
+    ckpts = {s: Path(cfg.out_root) / s for s in STAGES if (Path(cfg.out_root) / s / "ema.safetensors").exists()}
     if not ckpts:
-        raise SystemExit(f"no checkpoints under {args.out_root}/ ({', '.join(STAGES)}): run python sft.py first")
-    world = D.ToyWorld(args.world_seed)
-    split = world.eval_split(args.n, seed=args.seed)
-    icfg = E.InferenceConfig(max_text_tokens=args.max_text_tokens, num_timesteps=args.steps,
-                             cfg_text_scale=args.cfg_text_scale, cfg_img_scale=args.cfg_img_scale)
+        raise SystemExit(f"no checkpoints under {cfg.out_root}/ ({', '.join(STAGES)}): run python sft.py first")
+    world = D.ToyWorld(cfg.world_seed)
+    split = world.eval_split(cfg.n, seed=cfg.seed)
+    icfg = inference_config(cfg)
     results, models, toks, t0 = {}, {}, {}, time.time()
     for name, folder in ckpts.items():
         models[name] = M.load_pretrained(folder, run.device, run.dtype)
         toks[name] = D.Tokenizer.from_folder(folder)
         modes = {"direct": MODES["direct"]} if name == "base" else MODES  # the base never learned the CLEAR format
-        print(f"evaluating {name} ({len(modes)} modes x {len(SEVERITIES)} severities x {args.n} questions)")
-        results[name] = evaluate_checkpoint(models[name], toks[name], split, modes, icfg, args.seed)
+        print(f"evaluating {name} ({len(modes)} modes x {len(SEVERITIES)} severities x {cfg.n} questions)")
+        results[name] = evaluate_checkpoint(models[name], toks[name], split, modes, icfg, cfg.seed)
     best = max((c for c in results if c != "base"), key=lambda c: results[c]["interleaved, bridge"]["hard"]["acc"], default=None)
-    per, hard = {}, per_corruption_split(world, args.n_corruption, args.seed)
-    for name, mode in (("base", "direct"), (best, "interleave")):
+    per, hard = {}, per_corruption_split(world, cfg.n_corruption, cfg.seed)
+    for name, mode in (("base", "direct"), (best, "interleave")) if cfg.n_corruption else ():
         if name is None or name not in models:
             continue
-        res = E.benchmark(models[name], toks[name], hard, mode, icfg, models[name].encode_pixels, seed=args.seed)
+        res = E.benchmark(models[name], toks[name], hard, mode, icfg, models[name].encode_pixels, seed=cfg.seed)
         per[f"{name} ({mode})"] = {k: v["acc"] for k, v in res.items()}
     flow_set = split["hard"][:FLOW_CHECK_N]
-    flow = {name: flow_error_by_t(models[name], toks[name], flow_set, seed=args.seed) for name in models if name != "base"}
-    out = Path(args.out)
+    flow = {name: flow_error_by_t(models[name], toks[name], flow_set, seed=cfg.seed) for name in models if name != "base"}
+    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = ["# Toy MMD-Bench", "", f"`python evaluate.py --n {args.n} --seed {args.seed}` on {run.device}, "
+    report = ["# Toy MMD-Bench", "", f"`python evaluate.py --n {cfg.n} --seed {cfg.seed}` on {run.device}, "
               f"{time.time() - t0:.0f} s in all.", "", "## Accuracy (%) and restore rate", "", main_table(results), "",
               "## Accuracy (%) at hard per corruption", "", corruption_table(per), "",
               "## Restoration quality at hard (PSNR against the clean picture, dB)", "", quality_table(results), ""]
@@ -241,7 +242,7 @@ def evaluate_toy(args, run: C.Run):
                    "restore context)", "", flow_table(flow), ""]
     (out / "report.md").write_text("\n".join(report))
     clean = {c: {m: {k: v for k, v in r.items() if k != "_traces"} for m, r in rows.items()} for c, rows in results.items()}
-    (out / "report.json").write_text(json.dumps({"main": clean, "per_corruption": per, "flow_check": flow, "args": vars(args)}, indent=1))
+    (out / "report.json").write_text(json.dumps({"main": clean, "per_corruption": per, "flow_check": flow, "args": vars(cfg)}, indent=1))
     show = best or "base"
     label = "interleaved, bridge" if show != "base" else "direct"
     draw_examples(models[show], split, results[show][label]["_traces"], out / "examples.png")
@@ -264,21 +265,21 @@ def load_judge(spec: str | None):
     return getattr(importlib.import_module(module), fn)
 
 
-def evaluate_tsv(model, tok, path: Path, args, icfg: E.InferenceConfig, judge=None) -> dict:
-    """Score one VLMEvalKit TSV; malformed rows are counted and listed, never scored."""
+def evaluate_tsv(model, tok, path: Path, mode: str, sizes: D.ImageSizes, system: str, seed: int, icfg: E.InferenceConfig,
+                 judge=None) -> dict:
+    """Score one VLMEvalKit TSV in one reasoning mode; malformed rows are counted and listed, never scored."""
     rows, problems = D.read_tsv(path)
-    sizes = D.BAGEL_SIZES if args.sizes == "bagel" else D.TOY_SIZES
     preds, scored, correct, unscored = [], 0, 0.0, []
     by_cat = {}
-    gen = torch.Generator().manual_seed(args.seed)
-    cfg = E.replace(E.mode_config(args.mode, icfg), vit_transform=sizes.vit)
+    gen = torch.Generator().manual_seed(seed)
+    cfg = E.replace(E.mode_config(mode, icfg), vit_transform=sizes.vit)
     for row in rows:
         try:
             ex = D.tsv_example(row)
         except Exception as e:  # an image that verified but cannot be decoded fully
             problems.append((row["index"], f"image could not be read ({e})"))
             continue
-        prefix = E.mode_prefixes(args.mode, [ex], tok, model.encode_pixels, args.system, sizes)
+        prefix = E.mode_prefixes(mode, [ex], tok, model.encode_pixels, system, sizes)
         tr = E.reason(model, tok, prefix, cfg, gen)[0]
         reply = E.final_text(tr)
         if ex.options:
@@ -302,19 +303,24 @@ def evaluate_tsv(model, tok, path: Path, args, icfg: E.InferenceConfig, judge=No
             "problems": [{"index": i, "reason": r} for i, r in problems], "unscored": unscored, "predictions": preds}
 
 
-def evaluate_real(args, run: C.Run):
-    model = M.load_pretrained(args.init, run.device, run.dtype)
-    tok = D.Tokenizer.from_folder(args.init)
-    judge = load_judge(args.judge)
-    icfg = E.InferenceConfig(reentry=args.reentry, max_text_tokens=args.max_text_tokens, num_timesteps=args.steps,
-                             timestep_shift=args.timestep_shift, cfg_text_scale=args.cfg_text_scale,
-                             cfg_img_scale=args.cfg_img_scale, cfg_interval=tuple(args.cfg_interval),
-                             cfg_renorm_type=args.cfg_renorm_type)
-    out = Path(args.out)
+def inference_config(cfg: "EvalConfig") -> E.InferenceConfig:
+    return E.InferenceConfig(reentry=cfg.reentry, max_text_tokens=cfg.max_text_tokens, num_timesteps=cfg.steps,
+                             timestep_shift=cfg.timestep_shift, cfg_text_scale=cfg.cfg_text_scale,
+                             cfg_img_scale=cfg.cfg_img_scale, cfg_interval=tuple(cfg.cfg_interval),
+                             cfg_renorm_type=cfg.cfg_renorm_type)
+
+
+def evaluate_real(cfg: "EvalConfig", run: C.Run):
+    model = M.load_pretrained(cfg.init, run.device, run.dtype)
+    tok = D.Tokenizer.from_folder(cfg.init)
+    judge = load_judge(cfg.judge)
+    icfg = inference_config(cfg)
+    sizes = D.BAGEL_SIZES if cfg.sizes == "bagel" else D.TOY_SIZES
+    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = []
-    for tsv in args.tsv:
-        res = evaluate_tsv(model, tok, Path(tsv), args, icfg, judge)
+    for tsv in cfg.tsv:
+        res = evaluate_tsv(model, tok, Path(tsv), cfg.mode, sizes, cfg.system, cfg.seed, icfg, judge)
         name = Path(tsv).stem
         (out / f"{name}.json").write_text(json.dumps(res, indent=1))
         acc = "n/a" if res["accuracy"] is None else f"{100 * res['accuracy']:.2f}"
@@ -329,47 +335,54 @@ def evaluate_real(args, run: C.Run):
     print(table)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("toy benchmark (default)")
-    g.add_argument("--out-root", default="out", help="folder holding the stage checkpoints (base, sft, bridge, rl)")
-    g.add_argument("--n", type=int, default=192, help="held-out questions per severity")
-    g.add_argument("--n-corruption", type=int, default=24, help="questions per corruption in the per-corruption sets")
-    g.add_argument("--world-seed", type=int, default=0, help="toy world seed")
-    g = p.add_argument_group("real benchmarks")
-    g.add_argument("--init", default=None, help="BAGEL-format checkpoint (BAGEL-7B-MoT, CLEAR or ours)")
-    g.add_argument("--tsv", nargs="*", default=[], help="VLMEvalKit TSV files (MMD-Bench)")
-    g.add_argument("--mode", default="interleave", choices=E.MODES, help="reasoning mode for the TSVs")
-    g.add_argument("--sizes", default="bagel", choices=["bagel", "toy"], help="image transforms (bagel: VAE 1024/512, ViT 518/224)")
-    g.add_argument("--judge", default=None, help="module:function judge for open-ended rows (none by default)")
-    g.add_argument("--system", default="official", choices=sorted(D.SYSTEM_PROMPTS), help="system prompt for --tsv runs")
-    g = p.add_argument_group("inference (official evaluation values for real benchmarks)")
-    g.add_argument("--reentry", default="bridge", choices=E.REENTRY, help="how a restored image re-enters (CLEAR eval: bridge)")
-    g.add_argument("--max-text-tokens", type=int, default=None, help="tokens per segment (toy 48, official 4096)")
-    g.add_argument("--steps", type=int, default=None, help="denoising points (toy 10, official 50)")
-    g.add_argument("--timestep-shift", type=float, default=3.0, help="sampling timestep shift (official 3.0)")
-    g.add_argument("--cfg-text-scale", type=float, default=None, help="text CFG (toy 1.0, official 3.0)")
-    g.add_argument("--cfg-img-scale", type=float, default=None, help="image CFG (toy 1.0, official 1.5)")
-    g.add_argument("--cfg-interval", type=float, nargs=2, default=(0.4, 1.0), help="CFG on for t in (lo, hi]")
-    g.add_argument("--cfg-renorm-type", default="text_channel", choices=["global", "channel", "text_channel"], help="CFG renorm")
-    g = p.add_argument_group("run")
-    g.add_argument("--out", default=None, help="output folder (default out/eval, or out/eval_tsv for --tsv)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the held-out split and of any sampling")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    g.add_argument("--dtype", default="auto", help="auto | fp32 | bf16")
-    g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = its default)")
-    args = p.parse_args()
-    real = bool(args.tsv)
-    if real and not args.init:
-        raise SystemExit("--tsv needs --init PATH (a BAGEL-format checkpoint folder)")
+TOY, REAL = "toy benchmark (default)", "real benchmarks"
+INFER = "inference (official evaluation values for real benchmarks)"
+
+
+@dataclass
+class EvalConfig:
+    out_root: str = flag("out", "folder holding the stage checkpoints (base, sft, bridge, rl)", group=TOY)
+    n: int = flag(192, "held-out questions per severity", "[1, inf)", group=TOY)
+    n_corruption: int = flag(24, "questions per corruption in the per-corruption sets (0 = skip them)", "[0, inf)", group=TOY)
+    world_seed: int = flag(0, "toy world seed", group=TOY)
+    init: str | None = flag(None, "BAGEL-format checkpoint (BAGEL-7B-MoT, CLEAR or ours)", group=REAL)
+    tsv: tuple = flag((), "VLMEvalKit TSV files (MMD-Bench)", group=REAL, nargs="*")
+    mode: str = flag("interleave", "reasoning mode for the TSVs", choices=E.MODES, group=REAL)
+    sizes: str = flag("bagel", "image transforms (bagel: VAE 1024/512, ViT 518/224)", choices=["bagel", "toy"], group=REAL)
+    judge: str | None = flag(None, "module:function judge for open-ended rows (none by default)", group=REAL)
+    system: str = flag("official", "system prompt for --tsv runs", choices=sorted(D.SYSTEM_PROMPTS), group=REAL)
+    reentry: str = flag("bridge", "how a restored image re-enters (CLEAR eval: bridge)", choices=bridge.REENTRY, group=REAL)
+    max_text_tokens: int | None = flag(None, "tokens per segment (toy 48, official 4096)", "[1, inf)", group=INFER, type=int)
+    steps: int | None = flag(None, "denoising points (toy 10, official 50)", "[2, inf)", group=INFER, type=int)
+    timestep_shift: float = flag(3.0, "sampling timestep shift (official 3.0)", "(0, inf)", group=INFER)
+    cfg_text_scale: float | None = flag(None, "text CFG (toy 1.0, official 3.0)", "[0, inf)", group=INFER, type=float)
+    cfg_img_scale: float | None = flag(None, "image CFG (toy 1.0, official 1.5)", "[0, inf)", group=INFER, type=float)
+    cfg_interval: tuple = flag((0.4, 1.0), "CFG on for t in (lo, hi]", "[0, 1]", group=INFER)
+    cfg_renorm_type: str = flag("text_channel", "CFG renorm", choices=["global", "channel", "text_channel"], group=INFER)
+    out: str | None = flag(None, "output folder (default out/eval, or out/eval_tsv for --tsv)")
+    seed: int = flag(0, "seed of the held-out split and of any sampling")
+    device: str = flag("auto", "auto | cpu | cuda | mps")
+    dtype: str = flag("auto", "auto | fp32 | bf16", choices=["auto", *C.DTYPES])
+    threads: int = flag(0, "CPU threads for torch (0 = its default)", "[0, inf)")
+
+
+def main(argv=None):
+    cfg, prog, given = C.parse_flags(EvalConfig, __doc__, argv)
+    real = bool(cfg.tsv)
+    if real:
+        if not cfg.init:
+            C.refuse(prog, "--tsv needs --init PATH (a BAGEL-format checkpoint folder)")
+        C.refuse_given(prog, given, ("out_root", "n", "n_corruption", "world_seed"), "with --tsv (toy benchmark flags)")
+    else:
+        C.refuse_given(prog, given, ("init", "mode", "sizes", "judge", "system", "reentry"),
+                       "on the toy benchmark (it runs every mode and re-entry path; pass --tsv for a real benchmark)")
     defaults = dict(max_text_tokens=(4096, 48), steps=(50, 10), cfg_text_scale=(3.0, 1.0), cfg_img_scale=(1.5, 1.0))
-    for k, (official, toy) in defaults.items():
-        if getattr(args, k) is None:
-            setattr(args, k, official if real else toy)
-    args.out = args.out or ("out/eval_tsv" if real else "out/eval")
-    run = C.setup_run(args.device, args.dtype, args.seed, args.threads)
+    cfg = E.replace(cfg, out=cfg.out or ("out/eval_tsv" if real else "out/eval"),
+                    **{k: (official if real else toy) if getattr(cfg, k) is None else getattr(cfg, k)
+                       for k, (official, toy) in defaults.items()})
+    run = C.setup_run(cfg.device, cfg.dtype, cfg.seed, cfg.threads)
     with torch.no_grad():
-        evaluate_real(args, run) if real else evaluate_toy(args, run)
+        evaluate_real(cfg, run) if real else evaluate_toy(cfg, run)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
@@ -35,7 +33,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -535,11 +532,10 @@ class AutoEncoder(nn.Module):
         self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
         self.scale, self.shift = cfg.ae_scale_factor, cfg.ae_shift_factor
 
-    def encode(self, x, generator: torch.Generator | None = None, sample: bool = False):
-        """Pixels [B,3,H,W] in [-1,1] -> scaled latent [B,z,H/8,W/8]: the posterior mean, or a sample if asked."""
-        mean, logvar = self.encoder(x).chunk(2, dim=1)
-        if sample:  # BAGEL's default (DiagonalGaussian(sample=True)); the mean is ours, for reproducibility
-            mean = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    def encode(self, x):
+        """Pixels [B,3,H,W] in [-1,1] -> scaled latent [B,z,H/8,W/8], the posterior mean (BAGEL samples from the
+        posterior, DiagonalGaussian(sample=True); the mean makes latents reproducible)."""
+        mean = self.encoder(x).chunk(2, dim=1)[0]
         return self.scale * (mean - self.shift)  # FLUX: z = scale * (z - shift)
 
     def decode(self, z):
@@ -606,71 +602,8 @@ def sde_step_logprob(x_next, mean, sigma: float, dt):
     return -((x_next.float() - mean.float()) ** 2).flatten(1).mean(1) / (2 * sigma ** 2 * dt)
 
 
-def distill_layer_weights(num_layers: int, stride: int = 1) -> dict:
-    """Layers {stride-1, 2 stride-1, ...} plus the last, weighted (l+1)/sum (CLEAR §3.3, per_layer_kl)."""
-    layers = sorted(set(range(stride - 1, num_layers, stride)) | {num_layers - 1})
-    total = sum(l + 1 for l in layers)
-    return {l: (l + 1) / total for l in layers}
-
-
-def distill_kl(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of KL(softmax(stopgrad(teacher)) || softmax(student)) over the hidden dim (CLEAR §3.3)."""
-    log_p = torch.log_softmax(teacher.detach().float(), dim=-1)
-    log_q = torch.log_softmax(student.float(), dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()  # = F.kl_div(log_q, log_p, log_target=True, 'batchmean')
-
-
-def distill_final_mse(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
-    """MSE between mean-pooled final hidden states, teacher detached (CLEAR release: final_mse)."""
-    return (teacher.detach().float().mean(0) - student.float().mean(0)).pow(2).mean()
-
-
 # ----------------------------------------------------------------------------------------------------------------------
-# Images <-> tensors (BAGEL: data/transforms.py ImageTransform, data_utils.patchify, inferencer.decode_image)
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Alpha composited on white, everything else converted to RGB (BAGEL: pil_img2rgb)."""
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def fit_size(w: int, h: int, max_size: int, min_size: int, stride: int, max_pixels: int = 14 * 14 * 9 * 1024):
-    """Target (w, h): long edge <= max, short edge >= min, both multiples of stride (BAGEL: MaxLongEdgeMinShortEdgeResize)."""
-    def apply(w, h, s):
-        return tuple(max(stride, int(round(round(d * s) / stride) * stride)) for d in (w, h))  # Python round: half-even
-
-    w2, h2 = apply(w, h, max(min(max_size / max(w, h), 1.0), min_size / min(w, h)))
-    if w2 * h2 > max_pixels:  # BAGEL applies the area ratio as a linear factor; reproduced as is
-        w2, h2 = apply(w2, h2, max_pixels / (w2 * h2))
-    if max(w2, h2) > max_size:
-        w2, h2 = apply(w2, h2, max_size / max(w2, h2))
-    return w2, h2
-
-
-def resize_image(image: Image.Image, max_size: int, min_size: int, stride: int) -> Image.Image:
-    """RGB image resized by fit_size with PIL bicubic (antialiased), as BAGEL's ImageTransform resizes."""
-    image = to_rgb(image)
-    size = fit_size(*image.size, max_size, min_size, stride)
-    return image if image.size == size else image.resize(size, Image.BICUBIC)
-
-
-def image_to_tensor(image: Image.Image, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """RGB PIL image -> [3, H, W] in [-1, 1], resized (PIL bicubic, antialiased) to size=(w, h) if given."""
-    image = to_rgb(image)
-    if size is not None and image.size != tuple(size):
-        image = image.resize(tuple(size), Image.BICUBIC)
-    x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
-    return (x - 0.5) / 0.5
-
-
-def tensor_to_image(x: torch.Tensor) -> Image.Image:
-    """[3, H, W] in [-1, 1] -> uint8 PIL image, truncating like BAGEL's decode_image."""
-    x = ((x.float() * 0.5 + 0.5).clamp(0, 1) * 255).to(torch.uint8)
-    return Image.fromarray(x.permute(1, 2, 0).cpu().numpy())
+# Patches (BAGEL: data_utils.patchify; the picture transforms live in data.py)
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -721,32 +654,39 @@ class VaeImage:
     droppable: bool = True
 
 
+def _part(kind: str, dtype=torch.long, width=None):
+    """A Packed field filled sample by sample: `index` (positions, shifted into the batch), `tensor` (concatenated,
+    an empty one is [0] or [0, width(cfg)] of dtype), or `list` (extended as is)."""
+    return field(default=None, metadata=dict(kind=kind, dtype=dtype, width=width))
+
+
 @dataclass
 class Packed:
-    """Samples laid out in B padded rows of T tokens (a row may hold several samples); indices are into B*T."""
+    """Samples laid out in B padded rows of T tokens (a row may hold several samples); indices are into B*T.
+    `layout` fills the parts of one sample, `pack` shifts and concatenates them: this class is their only list."""
     rows: int
     row_len: int
     position_ids: torch.Tensor  # [B, T] RoPE ids
-    text_ids: torch.Tensor  # [n_text] token ids at text_idx
-    text_idx: torch.Tensor
-    vit_patches: torch.Tensor  # [n_vit, 3 p^2]
-    vit_pos: torch.Tensor  # [n_vit] learned/sin-cos table rows
-    vit_lens: list  # tokens per ViT image
-    vit_idx: torch.Tensor
-    vae_tokens: torch.Tensor  # [n_vae, p^2 z] (x_t, or x0 when t = 0)
-    vae_t: torch.Tensor  # [n_vae] flow time per token
-    vae_pos: torch.Tensor
-    vae_idx: torch.Tensor
-    ce_idx: torch.Tensor  # positions whose next token is scored
-    ce_labels: torch.Tensor
-    ce_sample: torch.Tensor  # [n_ce] which sample each scored token belongs to
-    flow_idx: torch.Tensor  # positions of noised latent tokens (velocity predicted)
-    flow_lens: list  # tokens per noised image, in order
-    mse_mask: torch.Tensor  # [n_flow] bool: has a target
-    mse_target: torch.Tensor  # [n_mse, p^2 z]
     splits: list  # (row, sample, start, length, mode) with mode causal | full | noise | pad
-    pairs: list = field(default_factory=list)  # (vit positions, vae positions) distillation pairs
-    sample_lens: list = field(default_factory=list)
+    sample_lens: list  # tokens per sample
+    pairs: list  # (vit positions, vae positions) distillation pairs (CLEAR §3.3)
+    ce_sample: torch.Tensor  # [n_ce] which sample each scored token belongs to
+    text_ids: torch.Tensor = _part("tensor")  # [n_text] token ids at text_idx
+    text_idx: torch.Tensor = _part("index")
+    vit_patches: torch.Tensor = _part("tensor", torch.float32, lambda c: 3 * c.vit_patch_size ** 2)  # [n_vit, 3 p^2]
+    vit_pos: torch.Tensor = _part("tensor")  # [n_vit] learned / sin-cos table rows
+    vit_lens: list = _part("list")  # tokens per ViT image
+    vit_idx: torch.Tensor = _part("index")
+    vae_tokens: torch.Tensor = _part("tensor", torch.float32, lambda c: c.patch_latent_dim)  # [n_vae, p^2 z]: x_t (x0 at t=0)
+    vae_t: torch.Tensor = _part("tensor", torch.float32)  # [n_vae] flow time per token
+    vae_pos: torch.Tensor = _part("tensor")
+    vae_idx: torch.Tensor = _part("index")
+    ce_idx: torch.Tensor = _part("index")  # positions whose next token is scored
+    ce_labels: torch.Tensor = _part("tensor")
+    flow_idx: torch.Tensor = _part("index")  # positions of noised latent tokens (velocity predicted)
+    flow_lens: list = _part("list")  # tokens per noised image, in order
+    mse_mask: torch.Tensor = _part("tensor", torch.bool)  # [n_flow] bool: has a target
+    mse_target: torch.Tensor = _part("tensor", torch.float32, lambda c: c.patch_latent_dim)  # [n_mse, p^2 z]
 
     def to(self, device):
         for f in fields(self):
@@ -757,12 +697,14 @@ class Packed:
         return self
 
 
+PARTS = [f for f in fields(Packed) if f.metadata]
+
+
 def layout(sample: list, cfg: ModelConfig, dropout: tuple, generator) -> dict:
-    """One sample's tokens at local positions 0..n-1 (BAGEL: pack_sequence). dropout = (text, vit, vae) probs;
-    a dropped image still advances the RoPE id, a dropped text does not."""
+    """One sample's parts (PARTS, as lists) at local positions 0..n-1 (BAGEL: pack_sequence). dropout = (text, vit,
+    vae) probs; a dropped image still advances the RoPE id, a dropped text does not."""
     p_text, p_vit, p_vae = dropout
-    L = {k: [] for k in ("pos", "text_ids", "text_idx", "ce_idx", "ce_labels", "vit", "vit_pos", "vit_lens", "vit_idx",
-                         "vae", "vae_t", "vae_pos", "vae_idx", "flow_idx", "flow_lens", "mse_mask", "mse_target", "splits")}
+    L = {f.name: [] for f in PARTS} | {"pos": [], "splits": []}
     pair_vit, pair_vae = {}, {}
     T, rope = 0, 0  # BAGEL: positions restart at 0 for every sample
 
@@ -770,7 +712,7 @@ def layout(sample: list, cfg: ModelConfig, dropout: tuple, generator) -> dict:
         return seg.droppable and prob > 0 and float(torch.rand((), generator=generator)) < prob
 
     def image_block(n_inner):  # <|vision_start|> inner tokens <|vision_end|>, all at one RoPE id (BAGEL)
-        L["text_ids"].extend([cfg.start_of_image_id, cfg.end_of_image_id])
+        L["text_ids"].append(torch.tensor([cfg.start_of_image_id, cfg.end_of_image_id]))
         L["text_idx"].extend([T, T + n_inner + 1])
         L["pos"].extend([rope] * (n_inner + 2))
         return list(range(T + 1, T + 1 + n_inner))
@@ -780,12 +722,12 @@ def layout(sample: list, cfg: ModelConfig, dropout: tuple, generator) -> dict:
             if dropped(seg, p_text):
                 continue
             ids = [cfg.bos_token_id] + list(seg.ids) + [cfg.eos_token_id]
-            L["text_ids"].extend(ids)
+            L["text_ids"].append(torch.tensor(ids))
             L["text_idx"].extend(range(T, T + len(ids)))
             L["pos"].extend(range(rope, rope + len(ids)))
             if seg.loss:  # BAGEL: inputs [bos] + ids, labels ids + [eos]; the trailing eos has no label
                 L["ce_idx"].extend(range(T, T + len(ids) - 1))
-                L["ce_labels"].extend(ids[1:])
+                L["ce_labels"].append(torch.tensor(ids[1:]))
             L["splits"].append((T, len(ids), "causal"))
             T, rope = T + len(ids), rope + len(ids)
         elif isinstance(seg, VitImage):
@@ -796,7 +738,7 @@ def layout(sample: list, cfg: ModelConfig, dropout: tuple, generator) -> dict:
             if seg.pixels.shape[1] % P or seg.pixels.shape[2] % P:
                 raise ValueError(f"ViT image {tuple(seg.pixels.shape)}: sides must be multiples of the patch {P}")
             h, w = seg.pixels.shape[1] // P, seg.pixels.shape[2] // P
-            L["vit"].append(patchify(seg.pixels, P))
+            L["vit_patches"].append(patchify(seg.pixels, P))
             L["vit_pos"].append(vit_position_ids(h, w, cfg.vit_max_num_patch_per_side))
             L["vit_lens"].append(h * w)
             inner = image_block(h * w)
@@ -813,7 +755,7 @@ def layout(sample: list, cfg: ModelConfig, dropout: tuple, generator) -> dict:
             h, w = seg.grid
             if seg.tokens.shape[0] != h * w:
                 raise ValueError(f"VaeImage has {seg.tokens.shape[0]} tokens but grid {h}x{w}")
-            L["vae"].append(seg.tokens)
+            L["vae_tokens"].append(seg.tokens)
             L["vae_t"].append(torch.full((h * w,), float(seg.t)))
             L["vae_pos"].append(vit_position_ids(h, w, cfg.max_latent_size))
             inner = image_block(h * w)
@@ -851,39 +793,34 @@ def pack(samples: list[list], cfg: ModelConfig, dropout: tuple = (0.0, 0.0, 0.0)
         rows[r].append(i)
         fill[r] += lay["length"]
     T = max(max(fill), 1)
-    out = {k: [] for k in ("text_ids", "text_idx", "ce_idx", "ce_labels", "ce_sample", "vit", "vit_pos", "vit_lens",
-                           "vit_idx", "vae", "vae_t", "vae_pos", "vae_idx", "flow_idx", "flow_lens", "mse_mask",
-                           "mse_target", "splits", "pairs")}
+    parts = {f.name: [] for f in PARTS}
     pos = torch.zeros(len(rows), T, dtype=torch.long)
+    splits, pairs, ce_sample = [], [], []
     for r, members in enumerate(rows):
         start = 0
         for i in members:
             lay, off = lays[i], r * T + start
-            shift = lambda xs: [x + off for x in xs]  # noqa: E731
             pos[r, start:start + lay["length"]] = torch.tensor(lay["pos"], dtype=torch.long)
-            for k in ("text_idx", "ce_idx", "vit_idx", "vae_idx", "flow_idx"):
-                out[k].extend(shift(lay[k]))
-            for k in ("text_ids", "ce_labels", "vit", "vit_pos", "vit_lens", "vae", "vae_t", "vae_pos", "flow_lens",
-                      "mse_mask", "mse_target"):
-                out[k].extend(lay[k])
-            out["ce_sample"].extend([i] * len(lay["ce_idx"]))
-            out["splits"].extend((r, i, start + s, n, mode) for s, n, mode in lay["splits"])
-            out["pairs"].extend((torch.tensor(shift(a)), torch.tensor(shift(b))) for a, b in lay["pairs"])
+            for f in PARTS:
+                parts[f.name].extend([x + off for x in lay[f.name]] if f.metadata["kind"] == "index" else lay[f.name])
+            ce_sample.extend([i] * len(lay["ce_idx"]))
+            splits.extend((r, i, start + s, n, mode) for s, n, mode in lay["splits"])
+            pairs.extend((torch.tensor(a) + off, torch.tensor(b) + off) for a, b in lay["pairs"])
             start += lay["length"]
         if start < T:
-            out["splits"].append((r, -1, start, T - start, "pad"))
-    D, P = cfg.patch_latent_dim, cfg.vit_patch_size
-    cat = lambda xs, empty: torch.cat(xs) if xs else empty  # noqa: E731
-    long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
-    return Packed(
-        rows=len(rows), row_len=T, position_ids=pos, text_ids=long(out["text_ids"]), text_idx=long(out["text_idx"]),
-        vit_patches=cat(out["vit"], torch.zeros(0, 3 * P * P)), vit_pos=cat(out["vit_pos"], long([])),
-        vit_lens=out["vit_lens"], vit_idx=long(out["vit_idx"]), vae_tokens=cat(out["vae"], torch.zeros(0, D)),
-        vae_t=cat(out["vae_t"], torch.zeros(0)), vae_pos=cat(out["vae_pos"], long([])), vae_idx=long(out["vae_idx"]),
-        ce_idx=long(out["ce_idx"]), ce_labels=long(out["ce_labels"]), ce_sample=long(out["ce_sample"]),
-        flow_idx=long(out["flow_idx"]), flow_lens=out["flow_lens"],
-        mse_mask=cat(out["mse_mask"], torch.zeros(0, dtype=torch.bool)), mse_target=cat(out["mse_target"], torch.zeros(0, D)),
-        splits=out["splits"], pairs=out["pairs"], sample_lens=[lay["length"] for lay in lays])
+            splits.append((r, -1, start, T - start, "pad"))
+
+    def tensor(f, values):
+        kind, dtype, width = f.metadata["kind"], f.metadata["dtype"], f.metadata["width"]
+        if kind == "list":
+            return values
+        if kind == "index":
+            return torch.tensor(values, dtype=torch.long)
+        return torch.cat(values) if values else torch.zeros((0, width(cfg)) if width else (0,), dtype=dtype)
+
+    return Packed(rows=len(rows), row_len=T, position_ids=pos, splits=splits, sample_lens=[lay["length"] for lay in lays],
+                  pairs=pairs, ce_sample=torch.tensor(ce_sample, dtype=torch.long),
+                  **{f.name: tensor(f, parts[f.name]) for f in PARTS})
 
 
 def split_tables(splits: list, rows: int, row_len: int, device=None) -> dict:
@@ -989,9 +926,6 @@ class KVCache:
 class Bagel(nn.Module):
     """BAGEL-7B-MoT-style unified model; parameter names equal the official ema.safetensors keys (+ `vae.` = ae)."""
 
-    gradient_checkpointing = False  # recompute each decoder layer in the backward pass (set for FSDP fine-tuning)
-    flex_attention = False  # training forward: FlexAttention block masks instead of a dense mask (long rows on GPU)
-
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -1017,14 +951,15 @@ class Bagel(nn.Module):
         """vae2llm(x_t) + time_embedder(t) + latent_pos_embed: LLM input rows of latent tokens (BAGEL; CLEAR's bridge at t=0)."""
         return self.vae2llm(tokens.to(self.dtype)) + self.time_embedder(t) + self.latent_pos_embed(pos_ids)
 
-    def run_layers(self, x, pos, gen_mask, mask, kv_write=None, hidden_hook=None):
-        """The MoT decoder on x [B, T, H]; returns final-normed hidden states (norm for und, norm_moe_gen for gen)."""
+    def run_layers(self, x, pos, gen_mask, mask, kv_write=None, hidden_hook=None, recompute=False):
+        """The MoT decoder on x [B, T, H]; returns final-normed hidden states (norm for und, norm_moe_gen for gen).
+        recompute: run each layer again in the backward pass instead of keeping its activations (memory for time)."""
         cfg = self.cfg
         cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, x.dtype)
         route = Route(gen_mask.reshape(-1) if gen_mask is not None else None)
         lm = self.language_model.model
         for i, layer in enumerate(lm.layers):
-            if self.gradient_checkpointing and torch.is_grad_enabled() and kv_write is None:  # recompute in backward
+            if recompute and torch.is_grad_enabled() and kv_write is None:  # BAGEL: gradient_checkpointing
                 x = torch.utils.checkpoint.checkpoint(layer, x, route, cos, sin, mask, use_reentrant=False)
             else:
                 x = layer(x, route, cos, sin, mask, None if kv_write is None else kv_write(i))
@@ -1043,11 +978,14 @@ class Bagel(nn.Module):
 
     # ---- training forward -------------------------------------------------------------------------------------------
 
-    def forward(self, packed: Packed, temperature: float = 1.0, hidden_hook=None) -> TrainOutput:
+    def forward(self, packed: Packed, temperature: float = 1.0, hidden_hook=None, flex: bool = False,
+                recompute: bool = False) -> TrainOutput:
         """Packed rows -> per-token CE, per-token flow MSE and velocities (BAGEL: Bagel.forward).
 
         `temperature` divides the logits before the CE (RL log-probs of tokens sampled at that temperature).
         `hidden_hook(layer, hidden [B*T, H])` is called after every layer (CLEAR's distillation reads it).
+        `flex`: FlexAttention block masks instead of a dense [T, T] mask (long rows on GPU; no CPU backward).
+        `recompute`: activation checkpointing per decoder layer (FSDP fine-tuning of the real model).
         """
         lm, B, T = self.language_model, packed.rows, packed.row_len
         x = torch.zeros(B * T, self.cfg.hidden_size, device=self.device, dtype=self.dtype)
@@ -1058,12 +996,13 @@ class Bagel(nn.Module):
             x = x.index_put((packed.vae_idx,), self.embed_latent(packed.vae_tokens, packed.vae_t, packed.vae_pos))
         gen_mask = torch.zeros(B * T, dtype=torch.bool, device=self.device)
         gen_mask[packed.vae_idx] = True  # BAGEL: VAE tokens (clean or noised) -> gen expert; text + ViT -> und
-        if self.flex_attention:  # no dense [T, T] mask: FlexAttention skips the blocks nobody may attend to
+        if flex:  # no dense [T, T] mask: FlexAttention skips the blocks nobody may attend to
             mask = block_mask(packed.splits, B, T, self.device)
         else:
             mask = attention_mask(packed.splits, B, T, self.device)[:, None]
         hook = None if hidden_hook is None else (lambda i, h: hidden_hook(i, h.reshape(B * T, -1)))
-        h = self.run_layers(x.view(B, T, -1), packed.position_ids, gen_mask.view(B, T), mask, hidden_hook=hook)
+        h = self.run_layers(x.view(B, T, -1), packed.position_ids, gen_mask.view(B, T), mask, hidden_hook=hook,
+                           recompute=recompute)
         h = h.reshape(B * T, -1)
         logits = lm.lm_head(h[packed.ce_idx]).float() / temperature
         ce = F.cross_entropy(logits, packed.ce_labels, reduction="none")
@@ -1153,34 +1092,34 @@ class Bagel(nn.Module):
         cache.ropes = cache.ropes + keep  # BAGEL: an image advances RoPE by 1
         return h
 
-    def latent_block(self, cache: KVCache, tokens, t, grid):
+    def latent_embedding(self, tokens: torch.Tensor, t, grid: tuple) -> torch.Tensor:
+        """LLM input rows [B, N, H] of latent tokens [B, N, p^2 z] at flow time t on an h x w grid (BAGEL)."""
         h, w = grid
         ids = vit_position_ids(h, w, self.cfg.max_latent_size, self.device)
         B, N = tokens.shape[0], h * w
         t = torch.as_tensor(t, dtype=torch.float32, device=self.device).reshape(-1).expand(B)
-        emb = self.embed_latent(tokens.reshape(B * N, -1).to(self.device), t.repeat_interleave(N), ids.repeat(B)).view(B, N, -1)
+        return self.embed_latent(tokens.reshape(B * N, -1).to(self.device), t.repeat_interleave(N), ids.repeat(B)).view(B, N, -1)
+
+    def latent_block(self, cache: KVCache, emb: torch.Tensor):
+        """Framed latent rows at one RoPE id, and the mask routing them (not the markers) to the gen expert."""
         x, pos = self.image_block(cache, emb)
-        gen_mask = torch.ones(N + 2, dtype=torch.bool, device=self.device)
+        gen_mask = torch.ones(emb.shape[1] + 2, dtype=torch.bool, device=self.device)
         gen_mask[0] = gen_mask[-1] = False  # BAGEL: the two markers go through the und expert
         return x, pos, gen_mask
 
     def add_latent(self, cache: KVCache, tokens: torch.Tensor, grid: tuple, active=None):
-        """Prefill clean latent tokens [B, N, p^2 z] at t=0 through the gen expert, one full-attention block.
+        """Prefill clean latent tokens [B, N, p^2 z] at t=0: a VAE conditioning image (BAGEL: forward_cache_update_vae)."""
+        return self.add_latent_embedding(cache, self.latent_embedding(tokens, 0.0, grid), active)
 
-        Used for VAE conditioning images (BAGEL: forward_cache_update_vae) and for CLEAR's Latent Representation
-        Bridge: a denoised x0 enters as vae2llm(x0) + time_embedder(0) + latent_pos_embed (CLEAR §3.3).
-        """
-        x, pos, gen_mask = self.latent_block(cache, tokens, 0.0, grid)
+    def add_latent_embedding(self, cache: KVCache, emb: torch.Tensor, active=None):
+        """Prefill embedded latent rows [B, N, H] as one full-attention block through the gen expert (CLEAR:
+        forward_cache_update_vae_from_packed_latent, how bridge.py puts a restored latent back into the context)."""
+        x, pos, gen_mask = self.latent_block(cache, emb)
         return self.commit_block(cache, x, pos, gen_mask, active)
-
-    def add_vae_image(self, cache: KVCache, pixels: torch.Tensor):
-        """Encode pixels [3, H, W] with the autoencoder (posterior mean) and prefill them as a clean latent block."""
-        tokens, grid = self.encode_image(pixels)
-        return self.add_latent(cache, tokens[None].expand(cache.batch, -1, -1), grid)
 
     def velocity(self, cache: KVCache, x_t: torch.Tensor, t, grid: tuple) -> torch.Tensor:
         """Predicted v for noised tokens x_t [B, N, D] at time t against each row's context (BAGEL: _forward_flow)."""
-        x, pos, gen_mask = self.latent_block(cache, x_t, t, grid)
+        x, pos, gen_mask = self.latent_block(cache, self.latent_embedding(x_t, t, grid))
         h = self.extend(cache, x, pos, gen_mask, causal=False, commit=False)  # BAGEL: update_past_key_values=False
         return self.llm2vae(h[:, 1:-1]).float()
 
@@ -1230,19 +1169,12 @@ class Bagel(nn.Module):
             tok = new
         return ids, logps, stops
 
-    def encode_image(self, pixels: torch.Tensor, generator=None, sample=False):
-        """Pixels [3, H, W] (H, W multiples of latent_downsample) -> latent tokens [h*w, p^2 z] and grid (h, w)."""
-        s = self.cfg.latent_downsample
-        if pixels.shape[-1] % s or pixels.shape[-2] % s:
-            raise ValueError(f"image {tuple(pixels.shape[-2:])}: sides must be multiples of {s} for the autoencoder")
-        z = self.vae.encode(pixels[None].to(self.device, self.dtype), generator, sample)[0]
-        grid = (pixels.shape[-2] // s, pixels.shape[-1] // s)
-        return patchify(z, self.cfg.latent_patch_size), grid
-
     @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor):
         """Batched posterior-mean latents: pixels [N, 3, H, W] -> (tokens [N, h*w, p^2 z] on CPU, grid (h, w))."""
         s = self.cfg.latent_downsample
+        if pixels.shape[-1] % s or pixels.shape[-2] % s:
+            raise ValueError(f"image {tuple(pixels.shape[-2:])}: sides must be multiples of {s} for the autoencoder")
         z = self.vae.encode(pixels.to(self.device, self.dtype)).float().cpu()
         return torch.stack([patchify(x, self.cfg.latent_patch_size) for x in z]), (pixels.shape[2] // s, pixels.shape[3] // s)
 
@@ -1255,11 +1187,12 @@ class Bagel(nn.Module):
     def generate_image(self, cache: KVCache, grid: tuple, noise: torch.Tensor, num_timesteps: int = 50, shift: float = 3.0,
                        cfg_text_cache: KVCache | None = None, cfg_img_cache: KVCache | None = None,
                        cfg_text_scale: float = 1.0, cfg_img_scale: float = 1.0, cfg_interval=(0.4, 1.0),
-                       cfg_renorm_type: str = "global", cfg_renorm_min: float = 0.0, trajectory: list | None = None):
+                       cfg_renorm_type: str = "global", cfg_renorm_min: float = 0.0):
         """Euler ODE sampling with classifier-free guidance (BAGEL: generate_image + _forward_flow).
 
         noise [B, N, D] is x at t=1; the three guidance branches (full context, text-unconditional, image-
-        unconditional) run as rows of one batched forward. trajectory, if a list, receives (x_t, t, v) per step.
+        unconditional) run as rows of one batched forward. Returns x0 [B, N, D] and the steps, dict(x_t, t, v) each,
+        as the SDE sampler does.
         """
         B = cache.batch
         branches = [cache]
@@ -1272,6 +1205,7 @@ class Bagel(nn.Module):
         both = KVCache.stack(branches) if len(branches) > 1 else cache
         x = noise.float().to(self.device)
         ts = flow_timesteps(num_timesteps, shift, self.device)
+        steps = []
         for i in range(num_timesteps - 1):
             t = float(ts[i])
             guided = cfg_interval[0] < t <= cfg_interval[1] and len(branches) > 1  # BAGEL: CFG only inside the interval
@@ -1283,10 +1217,9 @@ class Bagel(nn.Module):
                                 cfg_img_scale if len(vs) > 2 else 1.0, cfg_renorm_type, cfg_renorm_min)
             else:
                 v = v_all
-            if trajectory is not None:
-                trajectory.append((x.clone(), t, v.clone()))
+            steps.append(dict(x_t=x, t=t, v=v))
             x = x - v * (ts[i] - ts[i + 1])  # v points from data to noise
-        return x
+        return x, steps
 
     def sample_sde(self, cache: KVCache, grid: tuple, noise: torch.Tensor, num_timesteps: int = 20, shift: float = 3.0,
                    sigma: float = 0.3, generator: torch.Generator | None = None):
@@ -1328,10 +1261,11 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generat
 # ----------------------------------------------------------------------------------------------------------------------
 # BAGEL-format folders: ema.safetensors, ae.safetensors, llm_config.json, vit_config.json, tokenizer.json, nanoclear.json
 
-BAGEL_DEFAULTS = dict(  # what BAGEL's app.py / load_ae pass in code for BAGEL-7B-MoT (no json holds them)
-    latent_patch_size=2, max_latent_size=64, vit_max_num_patch_per_side=70, connector_act="gelu_pytorch_tanh",
-    timestep_shift=1.0, ae_ch=128, ae_ch_mult=(1, 2, 4, 4), ae_num_res_blocks=2, ae_z_channels=16,
-    ae_scale_factor=0.3611, ae_shift_factor=0.1159, ae_norm_groups=32)
+# What BAGEL's app.py / load_ae pass in code (no json holds them): read from nanoclear.json for our checkpoints, and
+# from the bagel-7b-mot preset for a folder without one
+CODE_KEYS = ("latent_patch_size", "max_latent_size", "vit_max_num_patch_per_side", "connector_act", "timestep_shift",
+             "ae_ch", "ae_ch_mult", "ae_num_res_blocks", "ae_z_channels", "ae_scale_factor", "ae_shift_factor",
+             "ae_norm_groups")
 SPECIAL_TOKENS = {"bos_token_id": "<|im_start|>", "eos_token_id": "<|im_end|>",
                   "start_of_image_id": "<|vision_start|>", "end_of_image_id": "<|vision_end|>"}
 LLM_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -1347,19 +1281,18 @@ def read_json(path: Path) -> dict:
         raise ValueError(f"{path} is not valid JSON ({e}); restore the file from the original checkpoint") from None
 
 
-def special_token_ids(tokenizer_file: Path) -> dict:
-    """Look the four BAGEL special tokens up by text in tokenizer.json (BAGEL: add_special_tokens)."""
-    from tokenizers import Tokenizer
-    tok = Tokenizer.from_file(str(tokenizer_file))
-    ids = {k: tok.token_to_id(text) for k, text in SPECIAL_TOKENS.items()}
+def special_token_ids(tk, source: str) -> dict:
+    """The four BAGEL special tokens of a `tokenizers.Tokenizer`, looked up by text (BAGEL: add_special_tokens)."""
+    ids = {k: tk.token_to_id(text) for k, text in SPECIAL_TOKENS.items()}
     missing = [SPECIAL_TOKENS[k] for k, v in ids.items() if v is None]
     if missing:
-        raise ValueError(f"{tokenizer_file} lacks the special tokens {missing}; use BAGEL's Qwen2 tokenizer.json or one saved by nanoCLEAR")
+        raise ValueError(f"{source} lacks the special tokens {missing}; use BAGEL's Qwen2 tokenizer.json or one saved by nanoCLEAR")
     return ids
 
 
 def config_from_folder(folder, overrides: dict | None = None) -> ModelConfig:
     """ModelConfig from a BAGEL-format folder: llm/vit json, then nanoclear.json (or BAGEL-7B-MoT's code values), then overrides."""
+    from tokenizers import Tokenizer
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder: pass a BAGEL-format checkpoint folder (e.g. out/sft or BAGEL-7B-MoT)")
@@ -1377,10 +1310,10 @@ def config_from_folder(folder, overrides: dict | None = None) -> ModelConfig:
               vit_image_size=vit["image_size"], vit_layer_norm_eps=vit.get("layer_norm_eps", 1e-6),
               vit_hidden_act=vit.get("hidden_act", "gelu_pytorch_tanh"))
     ours = folder / "nanoclear.json"
-    base = read_json(ours)["model"] if ours.exists() else BAGEL_DEFAULTS
-    kw.update({k: v for k, v in base.items() if k in BAGEL_DEFAULTS})
+    base = read_json(ours)["model"] if ours.exists() else asdict(PRESETS["bagel-7b-mot"])
+    kw.update({k: base[k] for k in CODE_KEYS if k in base})
     if (folder / "tokenizer.json").exists():
-        kw.update(special_token_ids(folder / "tokenizer.json"))
+        kw.update(special_token_ids(Tokenizer.from_file(str(folder / "tokenizer.json")), str(folder / "tokenizer.json")))
     elif ours.exists():
         kw.update({k: base[k] for k in SPECIAL_TOKENS})
     kw.update(overrides or {})
@@ -1438,39 +1371,15 @@ def load_pretrained(folder, device="cpu", dtype=torch.float32, overrides: dict |
     return model.eval()
 
 
-def atomic_write_folder(folder, write: Callable[[Path], None]):
-    """Write a folder via a temporary sibling and a rename, so a failure never leaves a half-written checkpoint."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        write(tmp)
-        if folder.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
-            os.replace(folder, old / folder.name)
-            os.replace(tmp, folder)
-            remove_tree(old)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
-        remove_tree(tmp)
-        raise
-
-
-def remove_tree(path: Path):
-    import shutil
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def save_pretrained(model: Bagel, folder, tokenizer=None, meta: dict | None = None, extra: Callable[[Path], None] | None = None,
-                    state: dict | None = None):
+def save_pretrained(model: Bagel, folder, tokenizer=None, meta: dict | None = None, state: dict | None = None):
     """Write a BAGEL-format folder the official loader reads, plus nanoclear.json (our config and run metadata).
 
-    tokenizer: a `tokenizers.Tokenizer` (saved as tokenizer.json) or None. extra(tmp) may add files (resume state).
-    state: the weights to write instead of model.state_dict() (e.g. gathered from FSDP shards, or an EMA).
+    tokenizer: a `tokenizers.Tokenizer` (saved as tokenizer.json) or None. state: the weights to write instead of
+    model.state_dict() (e.g. gathered from FSDP shards, or an EMA). Writes in place: common.save_checkpoint writes
+    into a temporary folder and swaps it in.
     """
     from safetensors.torch import save_file
-    cfg = model.cfg
+    cfg, folder = model.cfg, Path(folder)
     sd = {k: v.detach().contiguous().cpu() for k, v in (model.state_dict() if state is None else state).items()}
     llm = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu", "rope_scaling": None,
            "tie_word_embeddings": False, "qk_norm": True, "layer_module": "Qwen2MoTDecoderLayer",
@@ -1479,44 +1388,11 @@ def save_pretrained(model: Bagel, folder, tokenizer=None, meta: dict | None = No
            "num_hidden_layers": cfg.vit_num_hidden_layers + 1,  # BAGEL's loader subtracts one
            "num_attention_heads": cfg.vit_num_attention_heads, "patch_size": cfg.vit_patch_size,
            "image_size": cfg.vit_image_size, "layer_norm_eps": cfg.vit_layer_norm_eps, "hidden_act": cfg.vit_hidden_act}
-
-    def write(tmp: Path):
-        save_file({k: v for k, v in sd.items() if not k.startswith("vae.")}, str(tmp / "ema.safetensors"))
-        save_file({k[4:]: v for k, v in sd.items() if k.startswith("vae.")}, str(tmp / "ae.safetensors"))
-        (tmp / "llm_config.json").write_text(json.dumps(llm, indent=2))
-        (tmp / "vit_config.json").write_text(json.dumps(vit, indent=2))
-        if tokenizer is not None:
-            tokenizer.save(str(tmp / "tokenizer.json"))
-        (tmp / "nanoclear.json").write_text(json.dumps({"model": asdict(cfg), **(meta or {})}, indent=2))
-        if extra is not None:
-            extra(tmp)
-
-    atomic_write_folder(folder, write)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Device and dtype
-
-
-def pick_device(name: str = "auto") -> tuple[torch.device, str]:
-    """'auto' -> cuda, then mps, then cpu; returns the device and the reason (printed by every stage)."""
-    if name != "auto":
-        return torch.device(name), "asked for"
-    if torch.cuda.is_available():
-        return torch.device("cuda"), f"auto: CUDA {torch.cuda.get_device_name()}"
-    if torch.backends.mps.is_available():
-        return torch.device("mps"), "auto: Apple MPS"
-    return torch.device("cpu"), "auto: no accelerator found"
-
-
-def pick_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str]:
-    """'auto' -> bf16 on GPUs that support it, else float32."""
-    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-             "fp16": torch.float16, "float16": torch.float16}
-    if name != "auto":
-        if name not in table:
-            raise ValueError(f"--dtype must be auto or one of {sorted(table)}, not {name!r}")
-        return table[name], "asked for"
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16, "auto: bf16 supported on this GPU"
-    return torch.float32, f"auto: float32 on {device.type}"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v for k, v in sd.items() if not k.startswith("vae.")}, str(folder / "ema.safetensors"))
+    save_file({k[4:]: v for k, v in sd.items() if k.startswith("vae.")}, str(folder / "ae.safetensors"))
+    (folder / "llm_config.json").write_text(json.dumps(llm, indent=2))
+    (folder / "vit_config.json").write_text(json.dumps(vit, indent=2))
+    if tokenizer is not None:
+        tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "nanoclear.json").write_text(json.dumps({"model": asdict(cfg), **(meta or {})}, indent=2))

@@ -28,9 +28,8 @@ Differences from BAGEL's pretraining (numbered):
 
 from __future__ import annotations
 
-import argparse
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +39,7 @@ import torch.nn.functional as F
 import common as C
 import data as D
 import model as M
+from common import flag
 
 def toy_config(tok: D.Tokenizer) -> M.ModelConfig:
     """The tiny preset with the toy tokenizer's vocabulary and special-token ids."""
@@ -87,7 +87,7 @@ def picture_batch(world: D.ToyWorld, rng: np.random.Generator, n: int, crop: int
     pics = []
     for i in range(n):
         ex = next(stream)
-        pics.append(M.image_to_tensor(ex.clean if i % 2 else ex.degraded))
+        pics.append(D.image_to_tensor(ex.clean if i % 2 else ex.degraded))
     x = torch.stack(pics)
     if crop < x.shape[-1]:
         i, j = (int(v) // 8 * 8 for v in rng.integers(0, x.shape[-1] - crop + 1, 2))
@@ -148,7 +148,7 @@ def vision_batch(world: D.ToyWorld, rng: np.random.Generator, n: int):
     """Clean pictures (SigLIP learned from web photos, not from our corruptions) and the attributes of their scenes."""
     stream = world.stream(rng)
     exs = [next(stream) for _ in range(n)]
-    return torch.stack([M.image_to_tensor(ex.clean) for ex in exs]), scene_labels([ex.scene for ex in exs])
+    return torch.stack([D.image_to_tensor(ex.clean) for ex in exs]), scene_labels([ex.scene for ex in exs])
 
 
 def vision_loss(model: M.Bagel, probe: VisionProbe, pixels: torch.Tensor, labels: dict):
@@ -178,11 +178,11 @@ def base_samples(examples: list[D.Example], tok: D.Tokenizer, encode, rng: np.ra
     and restore a degraded picture (BAGEL is pretrained on editing; restoring is one edit among many, the generative
     potential CLEAR unlocks). Understanding never sees a degraded picture here, as BAGEL's did not: that gap is what
     CLEAR's Stage 1 closes."""
-    latents = D.encode_images([M.image_to_tensor(p) for ex in examples for p in (ex.clean, ex.degraded)], encode)
+    latents = D.encode_images([D.image_to_tensor(p) for ex in examples for p in (ex.clean, ex.degraded)], encode)
     samples = []
     for i, ex in enumerate(examples):
         (c0, grid), (d0, _) = latents[2 * i], latents[2 * i + 1]
-        seen = [M.VaeImage(c0, grid), M.VitImage(M.image_to_tensor(ex.clean))]
+        seen = [M.VaeImage(c0, grid), M.VitImage(D.image_to_tensor(ex.clean))]
         seen = seen if rng.random() < 0.5 else seen[1:]
         task = rng.random()
         if task < 0.2:  # language: questions answered from a text description (the toy LLM has no pretrained language)
@@ -203,9 +203,9 @@ def base_samples(examples: list[D.Example], tok: D.Tokenizer, encode, rng: np.ra
             if task < 0.7:
                 prompt = [M.Text(tok.encode(ex.caption))]
             elif task < 0.75:
-                prompt = [M.VaeImage(c0, grid), M.VitImage(M.image_to_tensor(ex.clean)), M.Text(tok.encode("Draw this picture again."))]
+                prompt = [M.VaeImage(c0, grid), M.VitImage(D.image_to_tensor(ex.clean)), M.Text(tok.encode("Draw this picture again."))]
             else:
-                prompt = [M.VaeImage(d0, grid), M.VitImage(M.image_to_tensor(ex.degraded)), M.Text(tok.encode("Restore this picture."))]
+                prompt = [M.VaeImage(d0, grid), M.VitImage(D.image_to_tensor(ex.degraded)), M.Text(tok.encode("Restore this picture."))]
             samples.append(prompt + [M.VaeImage(x_t, grid, t=t, target=v)])
     return samples
 
@@ -220,7 +220,8 @@ def unified_loss(model, packed: M.Packed, mse_weight: float = 1.0):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def build_base(args, run: C.Run) -> M.Bagel:
+def build_base(args: "PretrainConfig", run: C.Run) -> M.Bagel:
+    """Stage 0's three phases; writes the base checkpoint to args.out and returns the EMA model."""
     t_start = time.time()
     world = D.ToyWorld(args.world_seed)
     tok = D.train_toy_tokenizer(D.toy_corpus(seed=args.world_seed))
@@ -277,37 +278,36 @@ def build_base(args, run: C.Run) -> M.Bagel:
     return model.eval()
 
 
-def add_args(p: argparse.ArgumentParser):
-    g = p.add_argument_group("Stage 0 (toy base model)")
-    g.add_argument("--ae-steps", type=int, default=300, help="autoencoder training steps")
-    g.add_argument("--ae-batch", type=int, default=16, help="pictures per autoencoder step")
-    g.add_argument("--ae-crop", type=int, default=32, help="crop side for autoencoder training (fully convolutional)")
-    g.add_argument("--ae-lr", type=float, default=2e-3, help="autoencoder peak learning rate")
-    g.add_argument("--ae-kl", type=float, default=1e-5, help="KL weight of the autoencoder")
-    g.add_argument("--vit-steps", type=int, default=600, help="vision-encoder training steps")
-    g.add_argument("--vit-batch", type=int, default=32, help="pictures per vision-encoder step")
-    g.add_argument("--vit-lr", type=float, default=2e-3, help="vision-encoder peak learning rate")
-    g.add_argument("--world-seed", type=int, default=0, help="toy world seed (train / held-out split salt)")
+@dataclass
+class PretrainConfig:
+    ae_steps: int = flag(300, "autoencoder training steps", "[1, inf)", group="Stage 0 (toy base model)")
+    ae_batch: int = flag(16, "pictures per autoencoder step", "[1, inf)", group="Stage 0 (toy base model)")
+    ae_crop: int = flag(32, "crop side for autoencoder training (fully convolutional; a multiple of 8)", "[8, inf)",
+                        group="Stage 0 (toy base model)")
+    ae_lr: float = flag(2e-3, "autoencoder peak learning rate", "(0, inf)", group="Stage 0 (toy base model)")
+    ae_kl: float = flag(1e-5, "KL weight of the autoencoder", "[0, inf)", group="Stage 0 (toy base model)")
+    vit_steps: int = flag(600, "vision-encoder training steps", "[1, inf)", group="Stage 0 (toy base model)")
+    vit_batch: int = flag(32, "pictures per vision-encoder step", "[1, inf)", group="Stage 0 (toy base model)")
+    vit_lr: float = flag(2e-3, "vision-encoder peak learning rate", "(0, inf)", group="Stage 0 (toy base model)")
+    world_seed: int = flag(0, "toy world seed (train / held-out split salt)", group="Stage 0 (toy base model)")
+    steps: int = flag(700, "unified-model training steps", "[1, inf)", group="unified pretraining")
+    batch: int = flag(12, "samples per step", "[1, inf)", group="unified pretraining")
+    lr: float = flag(2e-3, "peak learning rate", "(0, inf)", group="unified pretraining")
+    warmup: int = flag(50, "warmup steps", "[0, inf)", group="unified pretraining")
+    ema: float = flag(0.99, "EMA decay of the saved weights", "[0, 1)", group="unified pretraining")
+    out: str = flag("out/base", "output checkpoint folder")
+    seed: int = flag(0, "training seed")
+    device: str = flag("auto", "auto | cpu | cuda | mps")
+    threads: int = flag(0, "CPU threads for torch (0 = its default)", "[0, inf)")
+    dtype: str = flag("auto", "auto | fp32 | bf16", choices=["auto", *C.DTYPES])
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_args(p)
-    g = p.add_argument_group("unified pretraining")
-    g.add_argument("--steps", type=int, default=700, help="unified-model training steps")
-    g.add_argument("--batch", type=int, default=12, help="samples per step")
-    g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
-    g.add_argument("--warmup", type=int, default=50, help="warmup steps")
-    g.add_argument("--ema", type=float, default=0.99, help="EMA decay of the saved weights")
-    g = p.add_argument_group("run")
-    g.add_argument("--out", default="out/base", help="output checkpoint folder")
-    g.add_argument("--seed", type=int, default=0, help="training seed")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = its default)")
-    g.add_argument("--dtype", default="auto", help="auto | fp32 | bf16")
-    args = p.parse_args()
-    run = C.setup_run(args.device, args.dtype, args.seed, args.threads)
-    build_base(args, run)
+def main(argv=None):
+    cfg, prog, _ = C.parse_flags(PretrainConfig, __doc__, argv)
+    if cfg.ae_crop % 8 or cfg.ae_crop > D.MODEL_SIZE:
+        C.refuse(prog, f"--ae-crop {cfg.ae_crop}: must be a multiple of 8 and at most the picture side {D.MODEL_SIZE}")
+    run = C.setup_run(cfg.device, cfg.dtype, cfg.seed, cfg.threads)
+    build_base(cfg, run)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ Differences from the official recipe (numbered):
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
 import time
@@ -38,10 +37,81 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import bridge
 import common as C
 import data as D
 import engine as E
 import model as M
+from common import flag
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Settings
+
+
+@dataclass
+class RLConfig:
+    # rollouts
+    init: str | None = flag(None, "policy to start from (default out/bridge, else out/sft)", group="rollouts")
+    data: str | None = flag(None, "LLaVA-style JSONL of RL questions (default: the toy world)", group="rollouts")
+    images: str | None = flag(None, "image folder of --data (its image paths are relative to it)", group="rollouts")
+    system: str = flag("toy", "system prompt", choices=sorted(D.SYSTEM_PROMPTS), group="rollouts")
+    prompts: int = flag(4, "questions per step (and process)", "[1, inf)", group="rollouts")
+    group: int = flag(4, "rollouts per question, G (official 8); advantages need at least 2", "[2, inf)", group="rollouts")
+    temperature: float = flag(1.0, "text sampling temperature (official 1.0)", "(0, inf)", group="rollouts")
+    top_p: float = flag(1.0, "nucleus sampling (official 1.0)", "(0, 1]", group="rollouts")
+    max_rounds: int = flag(3, "text segments per rollout (official max_inter_num 3)", "[1, inf)", group="rollouts")
+    max_text_tokens: int = flag(48, "tokens per segment (official 4096)", "[1, inf)", group="rollouts")
+    sde_points: int = flag(10, "SDE grid points, N-1 steps (official 20)", "[2, inf)", group="rollouts")
+    timestep_shift: float = flag(3.0, "timestep shift of the SDE grid (official 3)", "(0, inf)", group="rollouts")
+    sde_sigma: float = flag(0.3, "constant SDE noise level (official 0.3)", "(0, inf)", group="rollouts")
+    reentry: str = flag("bridge", "how the restored image re-enters", choices=bridge.REENTRY[:2], group="rollouts")
+    # rewards
+    w_accuracy: float = flag(0.75, "accuracy reward weight", "[0, inf)", group="rewards (official weights 0.75 / 0.10 / 0.15 / 0.0)")
+    w_format: float = flag(0.10, "format reward weight", "[0, inf)", group="rewards (official weights 0.75 / 0.10 / 0.15 / 0.0)")
+    w_decision: float = flag(0.15, "decision reward weight", "[0, inf)", group="rewards (official weights 0.75 / 0.10 / 0.15 / 0.0)")
+    w_latent: float = flag(0.0, "latent-quality reward weight", "[0, inf)", group="rewards (official weights 0.75 / 0.10 / 0.15 / 0.0)")
+    decision_smooth: bool = flag(False, "1.0/0.5/0.5/-0.2 decision table", group="rewards (official weights 0.75 / 0.10 / 0.15 / 0.0)")
+    # loss
+    loss_type: str = flag("dr_grpo", "token aggregation (official HEAD dr_grpo)", choices=["grpo", "dr_grpo"], group="loss")
+    scale_rewards: bool = flag(False, "divide advantages by the group std", group="loss")
+    epsilon: float = flag(0.2, "PPO clip range", "(0, 1)", group="loss")
+    beta: float = flag(0.04, "KL weight (k3 estimator)", "[0, inf)", group="loss")
+    ref: str = flag("frozen", "KL reference: frozen start checkpoint or the rollout policy (official)",
+                    choices=["frozen", "rollout"], group="loss")
+    image_loss_weight: float = flag(0.5, "lambda of the Flow-GRPO term (official 0.5)", "[0, inf)", group="loss")
+    image_steps: int = flag(1, "denoising steps trained per image and update, K", "[1, inf)", group="loss")
+    step_strategy: str = flag("round_robin", "which steps", choices=["round_robin", "random", "weighted"], group="loss")
+    # optimisation
+    steps: int = flag(300, "optimiser steps (official 400)", "[1, inf)", group="optimisation")
+    lr: float = flag(2e-5, "learning rate, cosine, no warmup (official 5e-6)", "(0, inf)", group="optimisation")
+    grad_clip: float = flag(1.0, "gradient-norm clip", "(0, inf)", group="optimisation")
+    # run
+    out: str = flag("out/rl", "output checkpoint folder")
+    resume: bool = flag(False, "continue from --out's train_state")
+    save_every: int = flag(20, "checkpoint every N steps", "[1, inf)")
+    seed: int = flag(0, "seed of the rollouts and the data")
+    device: str = flag("auto", "auto | cpu | cuda | mps")
+    dtype: str = flag("auto", "auto | fp32 | bf16", choices=["auto", *C.DTYPES])
+    threads: int = flag(0, "CPU threads for torch (0 = its default)", "[0, inf)")
+    world_seed: int = flag(0, "toy world seed")
+    eval_n: int = flag(192, "held-out toy questions per severity for the final table (0 = skip)", "[0, inf)")
+    eval_seed: int = flag(0, "held-out split seed")
+
+
+def parse_config(argv=None) -> RLConfig:
+    """Flags -> RLConfig, refusing values out of range and flags that would have no effect."""
+    cfg, prog, given = C.parse_flags(RLConfig, __doc__, argv)
+    if (cfg.data is None) != (cfg.images is None):
+        C.refuse(prog, "--data and --images go together: the JSONL's image paths are relative to --images")
+    if cfg.data is not None:
+        C.refuse_given(prog, given, ("world_seed", "eval_n", "eval_seed"), "with --data (the toy world is not used)")
+    if cfg.beta == 0:
+        C.refuse_given(prog, given, ("ref",), "with --beta 0 (no KL term)")
+    if cfg.image_loss_weight == 0:
+        C.refuse_given(prog, given, ("image_steps", "step_strategy"), "with --image-loss-weight 0 (no Flow-GRPO term)")
+    if cfg.w_decision == 0:
+        C.refuse_given(prog, given, ("decision_smooth",), "with --w-decision 0")
+    return cfg
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Rewards (CLEAR §3.4; official interleave_grpo.py), one pure function each
@@ -168,39 +238,39 @@ def replay_sample(r: Rollout, steps_per_image: list[list[int]], reentry: str, mo
             if reentry == "bridge":
                 seq.append(M.VaeImage(tr.latents[i], tr.grid, droppable=False))  # CLEAR §3.3: what the rollout saw
             else:
-                picture = M.resize_image(E.decode_image(model, tr.latents[i], tr.grid), *E.InferenceConfig().vit_transform)
-                seq.append(M.VitImage(M.image_to_tensor(picture), droppable=False))
+                picture = D.resize_image(bridge.decode_image(model, tr.latents[i], tr.grid), *D.TOY_SIZES.vit)
+                seq.append(M.VitImage(D.image_to_tensor(picture), droppable=False))
     return seq, mask
 
 
-def grpo_loss(model, ref: M.Bagel | None, rollouts: list[Rollout], adv: torch.Tensor, args, counter: int,
+def grpo_loss(model, ref: M.Bagel | None, rollouts: list[Rollout], adv: torch.Tensor, cfg: RLConfig, counter: int,
               rng: np.random.Generator, raw: M.Bagel):
     """One Interleaved-GRPO loss over a batch of rollouts (CLEAR §3.4)."""
     samples, masks, chosen = [], [], []
     for i, r in enumerate(rollouts):
-        per_image = [choose_steps(len(st), args.image_steps, args.step_strategy, counter + i, rng, [s["t"] for s in st])
-                     for st in r.trace.steps] if args.image_loss_weight > 0 else [[] for _ in r.trace.steps]
-        seq, mask = replay_sample(r, per_image, args.reentry, raw)
+        per_image = [choose_steps(len(st), cfg.image_steps, cfg.step_strategy, counter + i, rng, [s["t"] for s in st])
+                     for st in r.trace.steps] if cfg.image_loss_weight > 0 else [[] for _ in r.trace.steps]
+        seq, mask = replay_sample(r, per_image, cfg.reentry, raw)
         samples.append(seq), masks.append(mask)
         chosen += [(i, img, s) for img, st in enumerate(per_image) for s in st]
     packed = M.pack(samples, raw.cfg).to(raw.device)
-    out = model(packed, temperature=args.temperature)
+    out = model(packed, temperature=cfg.temperature)
     label_mask = torch.tensor([m for ms in masks for m in ms], dtype=torch.bool, device=raw.device)
     logp = -out.ce[label_mask]
     seq_id = packed.ce_sample[label_mask]
     old = logp.detach()  # one optimisation per rollout batch: ratio 1 (official num_iterations=1)
     a_tok = adv.to(raw.device)[seq_id]
-    text_loss, clipped = ppo_clip_loss(logp, old, a_tok, args.epsilon)
+    text_loss, clipped = ppo_clip_loss(logp, old, a_tok, cfg.epsilon)
     kl = torch.zeros_like(logp)
-    if args.beta > 0:
+    if cfg.beta > 0:
         if ref is not None:
             with torch.no_grad():
-                ref_logp = -ref(packed, temperature=args.temperature).ce[label_mask]
+                ref_logp = -ref(packed, temperature=cfg.temperature).ce[label_mask]
         else:
             ref_logp = old  # official: the rollout policy is its own reference
         kl = kl_k3(logp, ref_logp)
-    max_len = args.max_text_tokens * args.max_rounds
-    l_text = aggregate(text_loss + args.beta * kl, seq_id, len(rollouts), args.loss_type, max_len)
+    max_len = cfg.max_text_tokens * cfg.max_rounds
+    l_text = aggregate(text_loss + cfg.beta * kl, seq_id, len(rollouts), cfg.loss_type, max_len)
     l_img = out.v.sum() * 0
     if chosen:
         vs = out.v.split(packed.flow_lens)
@@ -208,13 +278,13 @@ def grpo_loss(model, ref: M.Bagel | None, rollouts: list[Rollout], adv: torch.Te
         for (i, img, s), v in zip(chosen, vs):
             st = rollouts[i].trace.steps[img][s]
             dev = raw.device
-            lps.append(flow_step_logprob(st["x_t"].to(dev)[None], v.float()[None], st["x_next"].to(dev)[None], st["t"], st["dt"], args.sde_sigma)[0])
+            lps.append(flow_step_logprob(st["x_t"].to(dev)[None], v.float()[None], st["x_next"].to(dev)[None], st["t"], st["dt"], cfg.sde_sigma)[0])
             olds.append(lps[-1].detach())  # ratio 1 at the first (and only) update, as officially
             advs.append(adv[i])
-        img_loss, _ = ppo_clip_loss(torch.stack(lps), torch.stack(olds), torch.stack(advs).to(raw.device), args.epsilon)
+        img_loss, _ = ppo_clip_loss(torch.stack(lps), torch.stack(olds), torch.stack(advs).to(raw.device), cfg.epsilon)
         l_img = img_loss.mean()
-    loss = l_text + args.image_loss_weight * l_img
-    img = float(args.image_loss_weight * abs(float(l_img)))
+    loss = l_text + cfg.image_loss_weight * l_img
+    img = float(cfg.image_loss_weight * abs(float(l_img)))
     stats = {"kl": float(kl.detach().sum() / max(1, len(kl))), "clip": float(clipped.mean()) if len(clipped) else 0.0,
              "img_share": img / (abs(float(l_text)) + img + 1e-8),  # |lambda L_image| / (|L_text| + |lambda L_image|)
              "logp_drift": float(max((abs(float(a) - b) for a, b in zip(logp.tolist(), rollout_logps(rollouts))), default=0.0))}
@@ -230,14 +300,15 @@ def rollout_logps(rollouts: list[Rollout]) -> list[float]:
 # Rollouts and rewards
 
 
-def score(rollouts: list[Rollout], clean_latents: list, args, judge=None):
+def score(rollouts: list[Rollout], clean_latents: list, cfg: RLConfig, judge=None):
+    """Each rollout's reward parts and their weighted sum (official weight_map; NaN parts count 0)."""
     for r, clean in zip(rollouts, clean_latents):
         reply = E.final_text(r.trace)
         acc = accuracy_reward(reply, r.example, judge)
         parts = {"accuracy": acc, "format": format_reward(r.trace.texts),
-                 "decision": decision_reward(r.trace.restored, acc > 0.5, args.decision_smooth),
+                 "decision": decision_reward(r.trace.restored, acc > 0.5, cfg.decision_smooth),
                  "latent": latent_quality_reward(r.trace.latents[0] if r.trace.latents else None, clean)}
-        weights = {"accuracy": args.w_accuracy, "format": args.w_format, "decision": args.w_decision, "latent": args.w_latent}
+        weights = {"accuracy": cfg.w_accuracy, "format": cfg.w_format, "decision": cfg.w_decision, "latent": cfg.w_latent}
         r.reward = sum(0.0 if math.isnan(v) else weights[k] * v for k, v in parts.items())  # official: NaN -> 0
         r.parts = parts
 
@@ -248,13 +319,13 @@ def mean_defined(values: list) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def collect(model: M.Bagel, tok, examples: list, args, encode, gen: torch.Generator) -> list[Rollout]:
+def collect(model: M.Bagel, tok, examples: list, cfg: RLConfig, encode, gen: torch.Generator) -> list[Rollout]:
     """G rollouts per example, all rows of one batched interleaved-reasoning run (seeded, so reproducible)."""
-    icfg = E.InferenceConfig(reentry=args.reentry, max_rounds=args.max_rounds, max_text_tokens=args.max_text_tokens,
-                             temperature=args.temperature, top_p=args.top_p, sampler="sde",
-                             num_timesteps=args.sde_points, timestep_shift=args.timestep_shift, sde_sigma=args.sde_sigma)
-    prefixes = D.inference_prefix(examples, tok, encode, args.system)
-    rows = [(p, ex) for p, ex in zip(prefixes, examples) for _ in range(args.group)]
+    icfg = E.InferenceConfig(reentry=cfg.reentry, max_rounds=cfg.max_rounds, max_text_tokens=cfg.max_text_tokens,
+                             temperature=cfg.temperature, top_p=cfg.top_p, sampler="sde",
+                             num_timesteps=cfg.sde_points, timestep_shift=cfg.timestep_shift, sde_sigma=cfg.sde_sigma)
+    prefixes = D.inference_prefix(examples, tok, encode, cfg.system)
+    rows = [(p, ex) for p, ex in zip(prefixes, examples) for _ in range(cfg.group)]
     traces = E.reason(model, tok, [p for p, _ in rows], icfg, gen)
     return [Rollout(p, tr, ex) for (p, ex), tr in zip(rows, traces)]
 
@@ -262,114 +333,65 @@ def collect(model: M.Bagel, tok, examples: list, args, encode, gen: torch.Genera
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("rollouts")
-    g.add_argument("--init", default=None, help="policy to start from (default out/bridge, else out/sft)")
-    g.add_argument("--data", default=None, help="LLaVA-style JSONL of RL questions (default: the toy world)")
-    g.add_argument("--images", default=None, help="image folder of --data")
-    g.add_argument("--system", default="toy", choices=sorted(D.SYSTEM_PROMPTS), help="system prompt")
-    g.add_argument("--prompts", type=int, default=4, help="questions per step (and process)")
-    g.add_argument("--group", type=int, default=4, help="rollouts per question, G (official 8)")
-    g.add_argument("--temperature", type=float, default=1.0, help="text sampling temperature (official 1.0)")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (official 1.0)")
-    g.add_argument("--max-rounds", type=int, default=3, help="text segments per rollout (official max_inter_num 3)")
-    g.add_argument("--max-text-tokens", type=int, default=48, help="tokens per segment (official 4096)")
-    g.add_argument("--sde-points", type=int, default=10, help="SDE grid points, N-1 steps (official 20)")
-    g.add_argument("--timestep-shift", type=float, default=3.0, help="timestep shift of the SDE grid (official 3)")
-    g.add_argument("--sde-sigma", type=float, default=0.3, help="constant SDE noise level (official 0.3)")
-    g.add_argument("--reentry", default="bridge", choices=E.REENTRY[:2], help="how the restored image re-enters")
-    g = p.add_argument_group("rewards (official weights 0.75 / 0.10 / 0.15 / 0.0)")
-    g.add_argument("--w-accuracy", type=float, default=0.75, help="accuracy reward weight")
-    g.add_argument("--w-format", type=float, default=0.10, help="format reward weight")
-    g.add_argument("--w-decision", type=float, default=0.15, help="decision reward weight")
-    g.add_argument("--w-latent", type=float, default=0.0, help="latent-quality reward weight")
-    g.add_argument("--decision-smooth", action=argparse.BooleanOptionalAction, default=False, help="1.0/0.5/0.5/-0.2 decision table")
-    g = p.add_argument_group("loss")
-    g.add_argument("--loss-type", default="dr_grpo", choices=["grpo", "dr_grpo"], help="token aggregation (official HEAD dr_grpo)")
-    g.add_argument("--scale-rewards", action=argparse.BooleanOptionalAction, default=False, help="divide advantages by the group std")
-    g.add_argument("--epsilon", type=float, default=0.2, help="PPO clip range")
-    g.add_argument("--beta", type=float, default=0.04, help="KL weight (k3 estimator)")
-    g.add_argument("--ref", default="frozen", choices=["frozen", "rollout"], help="KL reference: frozen start checkpoint or the rollout policy (official)")
-    g.add_argument("--image-loss-weight", type=float, default=0.5, help="lambda of the Flow-GRPO term (official 0.5)")
-    g.add_argument("--image-steps", type=int, default=1, help="denoising steps trained per image and update, K")
-    g.add_argument("--step-strategy", default="round_robin", choices=["round_robin", "random", "weighted"], help="which steps")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=300, help="optimiser steps (official 400)")
-    g.add_argument("--lr", type=float, default=2e-5, help="learning rate, cosine, no warmup (official 5e-6)")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip")
-    g = p.add_argument_group("run")
-    g.add_argument("--out", default="out/rl", help="output checkpoint folder")
-    g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False, help="continue from --out's train_state")
-    g.add_argument("--save-every", type=int, default=20, help="checkpoint every N steps")
-    g.add_argument("--seed", type=int, default=0, help="seed of the rollouts and the data")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    g.add_argument("--dtype", default="auto", help="auto | fp32 | bf16")
-    g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = its default)")
-    g.add_argument("--world-seed", type=int, default=0, help="toy world seed")
-    g.add_argument("--eval-n", type=int, default=192, help="held-out toy questions per severity for the final table (0 = skip)")
-    g.add_argument("--eval-seed", type=int, default=0, help="held-out split seed")
-    args = p.parse_args()
-
-    run = C.setup_run(args.device, args.dtype, args.seed, args.threads)
-    init = args.init or ("out/bridge" if (Path("out/bridge") / "ema.safetensors").exists() else "out/sft")
+def main(argv=None):
+    cfg = parse_config(argv)
+    run = C.setup_run(cfg.device, cfg.dtype, cfg.seed, cfg.threads)
+    init = cfg.init or ("out/bridge" if (Path("out/bridge") / "ema.safetensors").exists() else "out/sft")
     if not (Path(init) / "ema.safetensors").exists():
         raise SystemExit(f"{init} has no checkpoint: run python sft.py (and python bridge.py) first, or pass --init")
     model = M.load_pretrained(init, run.device, run.dtype)
     tok = D.Tokenizer.from_folder(init)
-    ref = M.load_pretrained(init, run.device, run.dtype).requires_grad_(False) if args.ref == "frozen" and args.beta > 0 else None
-    model.requires_grad_(True)
-    for frozen in (model.vit_model, model.vae, model.vit_pos_embed, model.latent_pos_embed):  # official: frozen
-        frozen.requires_grad_(False)
+    ref = M.load_pretrained(init, run.device, run.dtype).requires_grad_(False) if cfg.ref == "frozen" and cfg.beta > 0 else None
+    C.freeze_encoders(model)
     encode = model.encode_pixels
-    opt = C.make_optimizer(model, args.lr, betas=(0.9, 0.999), eps=1e-8)
-    out = Path(args.out)
-    start = C.load_resume_state(out, model, None, opt, "rl") if args.resume else 0
+    opt = C.make_optimizer(model, cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    out = Path(cfg.out)
+    start = C.load_resume_state(out, model, None, opt, "rl") if cfg.resume else 0
     wrapped = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if run.world > 1 else model
-    if args.data:
-        rows, _ = D.read_jsonl(args.data, args.images)
+    if cfg.data:
+        rows, _ = D.read_jsonl(cfg.data, cfg.images)
         stream_fn = lambda rng: (D.jsonl_example(rows[int(i)], rng) for i in iter(lambda: rng.integers(len(rows)), None))  # noqa: E731
     else:
-        stream_fn = D.ToyWorld(args.world_seed).stream
+        stream_fn = D.ToyWorld(cfg.world_seed).stream
     log = C.Log(out.with_name(out.name + ".log.jsonl"), start if start else None, run.main)
     if run.main:
-        print(f"Interleaved GRPO from {init}: {args.prompts} questions x G={args.group} rollouts per step, {args.steps} steps")
+        print(f"Interleaved GRPO from {init}: {cfg.prompts} questions x G={cfg.group} rollouts per step, {cfg.steps} steps")
     t_start = time.time()
-    for step in range(start, args.steps):
+    for step in range(start, cfg.steps):
         t0 = time.time()
-        rng, gen = C.step_rngs(args.seed, step, run.rank)
+        rng, gen = C.step_rngs(cfg.seed, step, run.rank)
         stream = stream_fn(rng)
-        examples = [next(stream) for _ in range(args.prompts)]
+        examples = [next(stream) for _ in range(cfg.prompts)]
         model.eval()
-        rollouts = collect(model, tok, examples, args, encode, gen)
-        clean = [encode(M.image_to_tensor(r.example.clean)[None])[0][0] if r.example.clean is not None else torch.zeros(0, 64) for r in rollouts]
-        score(rollouts, clean, args)
+        rollouts = collect(model, tok, examples, cfg, encode, gen)
+        clean = [encode(D.image_to_tensor(r.example.clean)[None])[0][0] if r.example.clean is not None else torch.zeros(0, 64) for r in rollouts]
+        score(rollouts, clean, cfg)
         rewards = torch.tensor([r.reward for r in rollouts])
-        adv = group_advantages(rewards, args.group, args.scale_rewards)
+        adv = group_advantages(rewards, cfg.group, cfg.scale_rewards)
         model.train()
         for g_ in opt.param_groups:
-            g_["lr"] = C.lr_at(step, args.steps, args.lr, 0, 0.0)
-        loss, stats = grpo_loss(wrapped, ref, rollouts, adv, args, step * args.prompts * args.group, rng, model)
+            g_["lr"] = C.lr_at(step, cfg.steps, cfg.lr, 0, 0.0)
+        loss, stats = grpo_loss(wrapped, ref, rollouts, adv, cfg, step * cfg.prompts * cfg.group, rng, model)
         loss.backward()
-        gnorm = C.clip_and_step(model, opt, args.grad_clip)
+        gnorm = C.clip_and_step(model, opt, cfg.grad_clip)
         if run.main:
             parts = {k: mean_defined([r.parts[k] for r in rollouts]) for k in rollouts[0].parts}
             log({"step": step + 1, "reward": float(rewards.mean()), "reward_std": float(rewards.std()), **parts,
                  "restore": float(np.mean([r.trace.restored for r in rollouts])), **stats, "loss": float(loss),
                  "gnorm": gnorm, "s": round(time.time() - t0, 1)})
-        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            C.save_checkpoint(out, model, None, opt, tok.tk, step + 1, {"stage": "rl", "args": vars(args), "init": init}, run)
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            C.save_checkpoint(out, model, None, opt, tok.tk, step + 1, {"stage": "rl", "args": vars(cfg), "init": init}, run)
             if run.world > 1:
                 dist.barrier()
     if run.main:
         print(f"RL finished in {time.time() - t_start:.0f} s -> {out}")
-        if args.eval_n:
-            split = D.ToyWorld(args.world_seed).eval_split(args.eval_n, seed=args.eval_seed)
-            icfg = E.InferenceConfig(reentry=args.reentry, max_text_tokens=args.max_text_tokens, num_timesteps=10,
+        if cfg.eval_n and not cfg.data:
+            split = D.ToyWorld(cfg.world_seed).eval_split(cfg.eval_n, seed=cfg.eval_seed)
+            icfg = E.InferenceConfig(reentry=cfg.reentry, max_text_tokens=cfg.max_text_tokens, num_timesteps=10,
                                      cfg_text_scale=1.0)
             before = M.load_pretrained(init, run.device, run.dtype)
             names = {Path(init).name: before, "rl": model.eval()}
-            print(E.toy_table(names, {n: "interleave" for n in names}, tok, split, icfg, args.eval_seed, args.system))
+            print(E.toy_table(names, {n: "interleave" for n in names}, tok, split, icfg, cfg.eval_seed, cfg.system))
 
 
 if __name__ == "__main__":

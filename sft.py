@@ -4,9 +4,12 @@ Stage 1 of CLEAR (§3.2): supervised fine-tuning on degradation-aware data teach
 Each sample shows a degraded picture (as VAE and ViT tokens) and a question. When the answer-relevant detail did not
 survive the corruption, the target is `<think>...</think> <image_restore>`, then the CLEAN picture as the generation
 target (flow matching), the clean picture again as context (VAE and ViT tokens), then `<think>...</think><answer>`;
-otherwise it is a direct `<think>...</think><answer>...</answer>` (data.py lays both out exactly as the official code).
+otherwise it is a direct `<think>...</think><answer>...</answer>` (`clear_sample`, exactly the official layout).
 
     loss = ce_weight * CE(assistant text) + mse_weight * MSE(velocity of the restore target) [+ distill_weight * distill]
+
+with CE and MSE summed over tokens and divided by their global counts (`sft_loss`), text / ViT / VAE condition dropout
+in the packing, and the distillation term of bridge.py when --distill-weight > 0 (`step_loss`).
 
 CPU (toy, no flags; runs Stage 0 first when out/base/ is missing):
     python sft.py                      # -> out/base/ (if needed), out/sft/, then a table on the held-out toy benchmark
@@ -25,18 +28,308 @@ Differences from the official recipe (numbered):
 
 from __future__ import annotations
 
-import argparse
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
 
+import torch
+import torch.distributed as dist
+
+import bridge
 import common as C
+import data as D
+import engine as E
+import model as M
+import pretrain
+from common import flag
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    C.add_finetune_args(p, steps=600, lr=5e-4, distill_weight=0.0, init=None, out="out/sft")
-    args = p.parse_args()
-    start, tuned, tok = C.finetune(args, "sft")
+# ----------------------------------------------------------------------------------------------------------------------
+# Settings
+
+
+@dataclass
+class SFTConfig:
+    # data
+    init: str | None = flag(None, "BAGEL-format folder to start from (default: the toy base, built if missing)", group="data")
+    data: str | None = flag(None, "LLaVA-style JSONL for real data (default: the toy world)", group="data")
+    images: str | None = flag(None, "image folder of --data (its image paths are relative to it)", group="data")
+    system: str = flag("toy", "system prompt (official: 'official')", choices=sorted(D.SYSTEM_PROMPTS), group="data")
+    text_reason_rate: float = flag(0.15, "fraction of text-only reasoning samples", "[0, 1]", group="data")
+    world_seed: int = flag(0, "toy world seed", group="data")
+    # objective
+    ce_weight: float = flag(1.0, "CE weight (official 1.0)", "[0, inf)", group="objective")
+    mse_weight: float = flag(1.0, "flow-matching MSE weight (official 1.0)", "[0, inf)", group="objective")
+    distill_weight: float = flag(0.0, "ViT->VAE distillation weight, bridge.py (official 0.4, release 0.1)", "[0, inf)", group="objective")
+    distill_mode: str = flag("per_layer_kl", "distillation variant (official HEAD / release)",
+                             choices=["per_layer_kl", "final_mse"], group="objective")
+    distill_stride: int = flag(1, "per_layer_kl: every stride-th layer plus the last", "[1, inf)", group="objective")
+    text_dropout: float = flag(0.1, "text condition dropout (official 0.1)", "[0, 1]", group="objective")
+    vit_dropout: float = flag(0.4, "ViT condition dropout (official 0.4)", "[0, 1]", group="objective")
+    vae_dropout: float = flag(0.0, "VAE condition dropout (official 0)", "[0, 1]", group="objective")
+    # optimisation
+    steps: int = flag(600, "optimiser steps (official 8000)", "[1, inf)", group="optimisation")
+    lr: float = flag(5e-4, "peak learning rate (official 1e-5)", "(0, inf)", group="optimisation")
+    min_lr: float | None = flag(None, "cosine floor (default lr / 10; official 1e-7)", "[0, inf)", group="optimisation", type=float)
+    warmup: int = flag(30, "warmup steps (official 500)", "[0, inf)", group="optimisation")
+    weight_decay: float = flag(0.0, "AdamW weight decay (official 0.01)", "[0, inf)", group="optimisation")
+    ema: float = flag(0.99, "EMA decay of the saved weights (official 0.995)", "[0, 1)", group="optimisation")
+    grad_clip: float = flag(1.0, "gradient-norm clip (official 1.0)", "(0, inf)", group="optimisation")
+    tokens_per_step: int = flag(4096, "token budget per step and process (official 30000)", "[1, inf)", group="optimisation")
+    row_tokens: int = flag(512, "pack samples into rows of at most this many tokens", "[1, inf)", group="optimisation")
+    # run
+    out: str = flag("out/sft", "output checkpoint folder")
+    resume: bool = flag(False, "continue from --out's train_state")
+    save_every: int = flag(100, "checkpoint every N steps (atomic)", "[1, inf)")
+    seed: int = flag(0, "training seed")
+    device: str = flag("auto", "auto | cpu | cuda | mps")
+    dtype: str = flag("auto", "auto | fp32 | bf16", choices=["auto", *C.DTYPES])
+    threads: int = flag(0, "CPU threads for torch (0 = its default)", "[0, inf)")
+    compile: bool = flag(False, "torch.compile the model")
+    fsdp: bool = flag(False, "FSDP2 + activation checkpointing (multi-GPU, real weights)")
+    flex_attention: bool = flag(False, "FlexAttention block masks instead of dense masks (long rows on GPU; no CPU backward)")
+    # the summary table (toy world)
+    eval_n: int = flag(192, "held-out toy questions per severity (0 = skip the table)", "[0, inf)", group="summary table")
+    eval_seed: int = flag(0, "held-out split seed", group="summary table")
+    eval_steps: int = flag(10, "denoising points when restoring (official 50)", "[2, inf)", group="summary table")
+    reentry: str = flag("bridge", "how the restored image re-enters the context", choices=bridge.REENTRY, group="summary table")
+    max_text_tokens: int = flag(48, "tokens per decoded segment (official 4096)", "[1, inf)", group="summary table")
+    cfg_text_scale: float = flag(1.0, "text CFG when restoring (official 3.0)", "[0, inf)", group="summary table")
+    cfg_img_scale: float = flag(1.0, "image CFG when restoring (official 1.5)", "[0, inf)", group="summary table")
+    base_steps: int = flag(700, "Stage 0 steps when the toy base must be built (pretrain.py --steps)", "[1, inf)", group="summary table")
+
+
+TABLE_FLAGS = ("eval_n", "eval_seed", "eval_steps", "reentry", "max_text_tokens", "cfg_text_scale", "cfg_img_scale")
+
+
+def parse_config(description: str, argv=None, defaults: dict | None = None, unused: tuple = ()) -> SFTConfig:
+    """Flags -> SFTConfig, refusing values out of range and flags that would have no effect (sft.py and bridge.py)."""
+    cfg, prog, given = C.parse_flags(SFTConfig, description, argv, defaults)
+    C.refuse_given(prog, given, unused, "in this script")
+    if (cfg.data is None) != (cfg.images is None):
+        C.refuse(prog, "--data and --images go together: the JSONL's image paths are relative to --images")
+    if cfg.init is not None:
+        C.refuse_given(prog, given, ("base_steps",), "with --init (it sizes the toy base built when there is none)")
+    if cfg.data is not None:
+        C.refuse_given(prog, given, ("world_seed",), "with --data (the toy world is not used)")
+    if cfg.data is not None or cfg.fsdp:  # the summary table runs on the toy world, in one process
+        why = "with --data (the toy world is not used)" if cfg.data is not None else "with --fsdp (no summary table)"
+        C.refuse_given(prog, given - {"eval_n"} if cfg.eval_n == 0 else given, TABLE_FLAGS, why)
+        cfg = replace(cfg, eval_n=0)
+    if cfg.fsdp and cfg.resume:
+        C.refuse(prog, "--resume is implemented for single-process and DDP runs; an FSDP run restarts from its last --init")
+    if cfg.distill_weight == 0:
+        C.refuse_given(prog, given, ("distill_mode", "distill_stride"), "without --distill-weight > 0")
+    cfg = replace(cfg, min_lr=cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr)
+    if cfg.min_lr > cfg.lr:
+        C.refuse(prog, f"--min-lr {cfg.min_lr} is above --lr {cfg.lr}: the cosine goes from the peak down to the floor")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Samples (official interleave_reason.py parse_row)
+
+
+def split_response(response: str) -> tuple[str, str] | None:
+    """Official parse_row: parts[0] + <image_restore> is trained before the image, parts[1] after it; later
+    occurrences are dropped. None when the response does not restore."""
+    if D.RESTORE_TOKEN not in response:
+        return None
+    parts = response.split(D.RESTORE_TOKEN)
+    return parts[0] + D.RESTORE_TOKEN, parts[1]
+
+
+def clear_sample(ex: D.Example, tok: D.Tokenizer, degraded_latent: tuple, clean_latent: tuple | None,
+                 generator: torch.Generator, system: str = "toy", sizes: D.ImageSizes = D.TOY_SIZES, shift: float = 1.0,
+                 distill: bool = False) -> list:
+    """One CLEAR SFT sample (CLEAR §3.1-3.3, official parse_row), the items numbered as in data.py's docstring:
+    the prefix (1-4), then a direct answer, or the restore turn (5), the clean picture as the noised restore target (6),
+    as clean context (7 VAE latent, 8 ViT; with distill the pair that teaches the bridge) and the final answer (9)."""
+    if not ex.response:
+        raise ValueError(f"example {ex.id or ex.question[:40]!r} has no response to train on")
+    seq = D.clear_prefix(ex, tok, degraded_latent, system, sizes)
+    turn = split_response(ex.response)
+    if turn is None:  # pattern A: one CE text
+        return seq + [M.Text(tok.encode(ex.response), loss=True)]
+    if ex.clean is None or clean_latent is None:
+        raise ValueError(f"example {ex.id or ex.question[:40]!r} restores but has no clean image to restore to")
+    first, rest = turn
+    x0, grid = clean_latent
+    t = float(M.sample_flow_time(1, shift, generator))  # BAGEL: logit-normal t, once per image
+    noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0)
+    x_t, v = M.flow_interpolate(x0, noise, t)
+    seq += [M.Text(tok.encode(first), loss=True),
+            M.VaeImage(x_t, grid, t=t, target=v, droppable=False)]  # official: the noised image has enable_cfg=0
+    if distill:  # official enable_distill: the ViT copy is resized so its patch grid equals the latent grid
+        seq += bridge.distill_pair(ex.clean, x0, grid, sizes.vit[2])
+    else:
+        seq += [M.VaeImage(x0, grid), M.VitImage(D.image_to_tensor(D.resize_image(ex.clean, *sizes.vit)))]
+    if rest.strip():  # official: parts[1] is added only when it is not blank
+        seq.append(M.Text(tok.encode(rest), loss=True))
+    return seq
+
+
+def text_reason_sample(ex: D.Example, tok: D.Tokenizer, sizes: D.ImageSizes = D.TOY_SIZES) -> list:
+    """Text-only reasoning sample (official TextReasonIterableDataset): its system prompt, the degraded image as ViT
+    only, the question, then a CoT with CE. The official CoT was written from the clean picture; here it is the direct
+    response, or for a restore response what follows <image_restore> (the reasoning on the clean picture)."""
+    turn = split_response(ex.response)
+    cot = ex.response if turn is None else turn[1].strip()
+    return [M.Text(tok.encode(D.TEXT_REASON_SYSTEM_PROMPT)), M.VitImage(D.image_to_tensor(D.resize_image(ex.degraded, *sizes.vit))),
+            M.Text(tok.encode(ex.question.replace("<image>", "").strip())), M.Text(tok.encode(cot), loss=True)]
+
+
+def build_batch(examples: list[D.Example], tok: D.Tokenizer, encode: Callable, generator: torch.Generator,
+                system: str = "toy", sizes: D.ImageSizes = D.TOY_SIZES, shift: float = 1.0, distill: bool = False) -> list[list]:
+    """CLEAR samples for a batch; all VAE latents (degraded inputs, clean targets) come from one encode call per size."""
+    restoring = [i for i, ex in enumerate(examples) if ex.restore and ex.clean is not None]
+    pixels = [D.vae_pixels(ex.degraded, sizes) for ex in examples] + [D.vae_pixels(examples[i].clean, sizes) for i in restoring]
+    latents = D.encode_images(pixels, encode)
+    clean = dict(zip(restoring, latents[len(examples):]))
+    return [clear_sample(ex, tok, latents[i], clean.get(i), generator, system, sizes, shift, distill)
+            for i, ex in enumerate(examples)]
+
+
+def sample_tokens(sample: list, patch: int) -> int:
+    """Tokens a sample will take when packed (text blocks + 2 markers per image)."""
+    n = 0
+    for s in sample:
+        if isinstance(s, M.Text):
+            n += len(s.ids) + 2
+        elif isinstance(s, M.VitImage):
+            n += (s.pixels.shape[1] // patch) * (s.pixels.shape[2] // patch) + 2
+        else:
+            n += s.tokens.shape[0] + 2
+    return n
+
+
+def batches(cfg: SFTConfig, model_cfg: M.ModelConfig, tok: D.Tokenizer, encode: Callable, stream_fn: Callable, device):
+    """batch(step, np_rng, torch_gen): samples until the step's token budget is reached, packed into rows with the
+    condition dropouts (BAGEL: expected_num_tokens per rank; pack_sequence's text / ViT / VAE cfg dropout)."""
+    def batch(step, rng, gen):
+        stream = stream_fn(rng)
+        samples, tokens = [], 0
+        while tokens < cfg.tokens_per_step:
+            examples = [next(stream) for _ in range(4)]
+            text_only = [rng.random() < cfg.text_reason_rate for _ in examples]
+            built = build_batch([ex for ex, t in zip(examples, text_only) if not t], tok, encode, gen, cfg.system,
+                                shift=model_cfg.timestep_shift, distill=cfg.distill_weight > 0)
+            built += [text_reason_sample(ex, tok) for ex, t in zip(examples, text_only) if t]
+            samples += built
+            tokens += sum(sample_tokens(s, model_cfg.vit_patch_size) for s in built)
+        dropout = (cfg.text_dropout, cfg.vit_dropout, cfg.vae_dropout)
+        return M.pack(samples, model_cfg, dropout, gen, row_tokens=cfg.row_tokens).to(device)
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The objective and one step
+
+
+def sft_loss(out: M.TrainOutput, n_ce: float, n_mse: float, ce_weight: float, mse_weight: float):
+    """CE summed over assistant tokens / global token count + MSE summed over target tokens / global count (BAGEL)."""
+    ce = out.ce.sum() / max(n_ce, 1.0)
+    mse = out.mse.sum() / max(n_mse, 1.0)
+    return ce_weight * ce + mse_weight * mse, ce, mse
+
+
+def step_loss(model, packed: M.Packed, run: C.Run, num_layers: int, ce_weight: float, mse_weight: float,
+              distill_weight: float = 0.0, distill_mode: str = "per_layer_kl", distill_stride: int = 1,
+              flex: bool = False, recompute: bool = False):
+    """The Stage 1 (and Stage 2) objective for one packed batch, normalised by global token / pair counts."""
+    n_ce = C.all_reduce_sum(packed.ce_idx.numel(), run)
+    n_mse = C.all_reduce_sum(int(packed.mse_mask.sum()), run)
+    n_pairs = C.all_reduce_sum(len(packed.pairs), run) if distill_weight > 0 else 0  # every rank joins the sum
+    hook, finish = (None, None)
+    if distill_weight > 0 and packed.pairs:
+        hook, finish = bridge.distill_loss(packed.pairs, num_layers, distill_mode, distill_stride)
+    out = model(packed, hidden_hook=hook, flex=flex, recompute=recompute)
+    loss, ce, mse = sft_loss(out, n_ce, n_mse, ce_weight, mse_weight)
+    metrics = {"ce": float(ce.detach()) * run.world, "mse": float(mse.detach()) * run.world}
+    if finish is not None:
+        distill = finish(out) / max(n_pairs, 1.0)  # CLEAR: normalised by the global number of pairs
+        loss = loss + distill_weight * distill
+        metrics["distill"] = float(distill.detach()) * run.world
+    elif distill_weight > 0:
+        loss = loss + 0 * out.hidden.sum()  # keeps every rank's graph the same shape (official dummy pass)
+    return loss * run.world, metrics  # DDP averages gradients over ranks; the counts above are global
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The trainer (Stage 1, and Stage 2 through bridge.py)
+
+
+def load_start(cfg: SFTConfig, run: C.Run) -> tuple[M.Bagel, D.Tokenizer, str]:
+    """The model to fine-tune: --init, or the toy base (Stage 0, built in this process if out/base/ is missing)."""
+    init = cfg.init
+    if init is None:
+        init = "out/base"
+        if not (Path(init) / "ema.safetensors").exists():
+            if run.world > 1:
+                raise SystemExit("build the toy base first (python pretrain.py), then launch torchrun")
+            print("No --init and no out/base/: building the toy base model first (pretrain.py, Stage 0).")
+            C.seed_everything(cfg.seed)  # as `python pretrain.py --seed S` would
+            pretrain.build_base(pretrain.PretrainConfig(steps=cfg.base_steps, seed=cfg.seed, world_seed=cfg.world_seed,
+                                                        out=init), run)
+            C.seed_everything(cfg.seed)
+    return C.load_for_training(init, run, cfg.fsdp), D.Tokenizer.from_folder(init), init
+
+
+def finetune(cfg: SFTConfig, name: str) -> tuple[M.Bagel | None, M.Bagel, D.Tokenizer]:
+    """Fine-tune with CE + MSE (+ distillation); returns (start model for the table or None, EMA model, tokenizer).
+    `name` is the stage recorded in the checkpoint ("sft" or "bridge"), which --resume checks."""
+    run = C.setup_run(cfg.device, cfg.dtype, cfg.seed, cfg.threads)
+    t0 = time.time()
+    model, tok, init = load_start(cfg, run)
+    start = M.load_pretrained(init, run.device, run.dtype) if run.main and cfg.eval_n and not cfg.fsdp else None
+    C.freeze_encoders(model)
+    if cfg.data:
+        rows, problems = D.read_jsonl(cfg.data, cfg.images)
+        if run.main:
+            print(f"{cfg.data}: {len(rows)} rows, {len(problems)} skipped" + (f" (first: {problems[:5]})" if problems else ""))
+        stream_fn = lambda rng: (D.jsonl_example(rows[int(i)], rng) for i in iter(lambda: rng.integers(len(rows)), None))  # noqa: E731
+    else:
+        stream_fn = D.ToyWorld(cfg.world_seed).stream
+    opt = C.make_optimizer(model, cfg.lr, weight_decay=cfg.weight_decay)
+    ema = C.EMA(model, cfg.ema)
+    out = Path(cfg.out)
+    start_step = C.load_resume_state(out, model, ema, opt, name) if cfg.resume else 0
+    wrapped = model
+    if run.world > 1 and not cfg.fsdp:
+        wrapped = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    if cfg.compile:
+        wrapped = torch.compile(wrapped)
+    loop = C.LoopConfig(cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr, cfg.ema, cfg.grad_clip, cfg.seed, cfg.save_every, 1)
+    batch = batches(cfg, model.cfg, tok, model.encode_pixels, stream_fn, run.device)
+
+    def loss(m, packed):
+        return step_loss(m, packed, run, model.cfg.num_hidden_layers, cfg.ce_weight, cfg.mse_weight, cfg.distill_weight,
+                         cfg.distill_mode, cfg.distill_stride, cfg.flex_attention, cfg.fsdp)
+
+    C.train_loop(run, model, wrapped, opt, ema, loop, out, name, batch, loss, tok.tk,
+                 {"args": vars(cfg), "init": init}, start_step=start_step)
+    if run.main:
+        print(f"{name} finished in {time.time() - t0:.0f} s -> {out}")
+    ema.copy_to(model)
+    if run.world > 1:
+        dist.destroy_process_group()
+    return start, model.eval(), tok
+
+
+def summary_table(cfg: SFTConfig, tok: D.Tokenizer, models: dict, modes: dict) -> str:
+    """The held-out toy table printed at the end of the stage."""
+    split = D.ToyWorld(cfg.world_seed).eval_split(cfg.eval_n, seed=cfg.eval_seed)
+    icfg = E.InferenceConfig(reentry=cfg.reentry, max_text_tokens=cfg.max_text_tokens, num_timesteps=cfg.eval_steps,
+                             cfg_text_scale=cfg.cfg_text_scale, cfg_img_scale=cfg.cfg_img_scale)
+    return E.toy_table(models, modes, tok, split, icfg, cfg.eval_seed, cfg.system)
+
+
+def main(argv=None):
+    cfg = parse_config(__doc__, argv)
+    start, tuned, tok = finetune(cfg, "sft")
     if start is not None:
-        modes = {"base": "direct" if args.init is None else "interleave", "sft": "interleave"}
-        print(C.summary_table(args, tok, {"base": start, "sft": tuned}, modes))
+        modes = {"base": "direct" if cfg.init is None else "interleave", "sft": "interleave"}
+        print(summary_table(cfg, tok, {"base": start, "sft": tuned}, modes))
 
 
 if __name__ == "__main__":

@@ -1,20 +1,18 @@
 """Run by test_sft.py under torchrun (2 CPU processes, gloo): two fine-tuning steps, then check the ranks agree."""
 
-import argparse
 import os
 import sys
 
 import torch
 import torch.distributed as dist
 
-import common as C
+import sft
 
-p = argparse.ArgumentParser()
-C.add_finetune_args(p, steps=2, lr=1e-3, distill_weight=0.0, init=sys.argv[1], out=sys.argv[2])
-args = p.parse_args(["--tokens-per-step", "300", "--eval-n", "0", "--warmup", "1", "--threads", "1"])
+args = sft.parse_config("", ["--init", sys.argv[1], "--out", sys.argv[2], "--steps", "2", "--lr", "1e-3",
+                             "--tokens-per-step", "300", "--eval-n", "0", "--warmup", "1", "--threads", "1"])
 real_destroy = dist.destroy_process_group
 dist.destroy_process_group = lambda: None  # keep the group alive for the check below
-_, tuned, _ = C.finetune(args, "sft")
+_, tuned, _ = sft.finetune(args, "sft")
 flat = torch.cat([p.detach().flatten() for p in tuned.parameters()])
 both = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
 dist.all_gather(both, flat)

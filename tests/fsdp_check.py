@@ -1,7 +1,6 @@
 """Run by test_sft.py under torchrun (2 CPU processes, gloo): two FSDP2 fine-tuning steps, then the saved folder
 must load whole and equal the gathered EMA weights of the sharded model."""
 
-import argparse
 import os
 import sys
 
@@ -9,14 +8,14 @@ import torch
 import torch.distributed as dist
 
 import common as C
+import sft
 import model as M
 
-p = argparse.ArgumentParser()
-C.add_finetune_args(p, steps=2, lr=1e-3, distill_weight=0.4, init=sys.argv[1], out=sys.argv[2])
-args = p.parse_args(["--tokens-per-step", "300", "--eval-n", "0", "--warmup", "1", "--threads", "1", "--fsdp"])
+args = sft.parse_config("", ["--init", sys.argv[1], "--out", sys.argv[2], "--steps", "2", "--lr", "1e-3",
+                             "--tokens-per-step", "300", "--eval-n", "0", "--warmup", "1", "--threads", "1", "--fsdp", "--distill-weight", "0.4"])
 real_destroy = dist.destroy_process_group
 dist.destroy_process_group = lambda: None  # keep the group alive for the check below
-_, tuned, _ = C.finetune(args, "sft")
+_, tuned, _ = sft.finetune(args, "sft")
 gathered = C.full_state(dict(tuned.named_parameters()))
 dist.barrier()
 if dist.get_rank() == 0:

@@ -6,10 +6,9 @@ import torch
 from PIL import Image
 
 import bridge
-import common as C
 import data as D
-import engine as E
 import model as M
+import sft
 from test_model import tiny_cfg
 
 
@@ -23,9 +22,9 @@ def net():
 
 def test_layer_weights_sum_to_one_and_grow():
     """(l + 1) / sum over the chosen layers; the last layer is always included, whatever the stride."""
-    w = M.distill_layer_weights(28, 1)
+    w = bridge.distill_layer_weights(28, 1)
     assert len(w) == 28 and sum(w.values()) == pytest.approx(1.0) and w[27] == pytest.approx(28 / 406)
-    w3 = M.distill_layer_weights(8, 3)
+    w3 = bridge.distill_layer_weights(8, 3)
     assert sorted(w3) == [2, 5, 7] and sum(w3.values()) == pytest.approx(1.0)
 
 
@@ -33,13 +32,13 @@ def test_kl_zero_iff_student_equals_teacher():
     """KL(softmax(teacher) || softmax(student)) is 0 for equal hidden states, positive otherwise, and the teacher is detached."""
     g = torch.Generator().manual_seed(0)
     t = torch.randn(5, 16, generator=g, requires_grad=True)
-    assert float(M.distill_kl(t, t.detach().clone())) == pytest.approx(0.0, abs=1e-6)
+    assert float(bridge.distill_kl(t, t.detach().clone())) == pytest.approx(0.0, abs=1e-6)
     s = torch.randn(5, 16, generator=g, requires_grad=True)
-    kl = M.distill_kl(t, s)
+    kl = bridge.distill_kl(t, s)
     assert float(kl) > 0
     kl.backward()
     assert t.grad is None and s.grad.abs().sum() > 0
-    assert float(M.distill_final_mse(t, t.detach() + 0)) == 0 and float(M.distill_final_mse(t, s)) > 0
+    assert float(bridge.distill_final_mse(t, t.detach() + 0)) == 0 and float(bridge.distill_final_mse(t, s)) > 0
 
 
 def test_teacher_patches_align_with_vae_tokens_cell_by_cell(net):
@@ -50,7 +49,7 @@ def test_teacher_patches_align_with_vae_tokens_cell_by_cell(net):
     cells = np.arange(12).reshape(grid) * 20  # a distinct grey level per latent cell
     picture = Image.fromarray(np.kron(cells, np.ones((side, side))).astype(np.uint8)).convert("RGB")
     w, h = bridge.teacher_size(grid, cfg.vit_patch_size)
-    teacher = M.patchify(M.image_to_tensor(picture, (w, h)), cfg.vit_patch_size)
+    teacher = M.patchify(D.image_to_tensor(picture, (w, h)), cfg.vit_patch_size)
     assert teacher.shape[0] == grid[0] * grid[1]
     means = (teacher.mean(1) * 0.5 + 0.5) * 255
     assert np.allclose(means.numpy(), cells.flatten(), atol=12)
@@ -60,9 +59,12 @@ def test_bridge_embedding_is_the_clean_vae_input(net):
     """b(x0) equals the embedding of a clean (t=0) VAE image: the bridge adds no parameter (CLEAR §3.3)."""
     g = torch.Generator().manual_seed(1)
     x0 = torch.randn(6, net.cfg.patch_latent_dim, generator=g)
-    b = bridge.bridge_embedding(net, x0, (2, 3))
+    b = bridge.bridge_embedding(net, x0[None], (2, 3))[0]
     packed = M.pack([[M.VaeImage(x0, (2, 3))]], net.cfg)
     torch.testing.assert_close(b, net.embed_latent(packed.vae_tokens, packed.vae_t, packed.vae_pos))
+    side = net.cfg.max_latent_size  # by hand: row-major ids on the max_latent_size table, time embedding of t = 0
+    by_hand = net.vae2llm(x0) + net.time_embedder(torch.zeros(6)) + net.latent_pos_embed.pos_embed[[0, 1, 2, side, side + 1, side + 2]]
+    torch.testing.assert_close(b, by_hand)
 
 
 def answer_loss_after_restore(net, reentry: str):
@@ -78,8 +80,8 @@ def answer_loss_after_restore(net, reentry: str):
     if reentry == "bridge":
         image = M.VaeImage(x0[0], grid)
     else:
-        picture = E.decode_image(net, x0[0], grid)  # 8-bit pixels: the detour
-        image = M.VitImage(M.image_to_tensor(M.resize_image(picture, 16, 8, cfg.vit_patch_size)))
+        picture = bridge.decode_image(net, x0[0], grid)  # 8-bit pixels: the detour
+        image = M.VitImage(D.image_to_tensor(D.resize_image(picture, 16, 8, cfg.vit_patch_size)))
     out = net(M.pack([prompt + [image, M.Text([8, 9], loss=True)]], cfg))
     return out.ce.sum()
 
@@ -103,12 +105,12 @@ def test_per_layer_distillation_in_the_training_step(toy_ckpt):
     stream = world.stream(np.random.default_rng(3))
     examples = [ex for ex in (next(stream) for _ in range(40)) if ex.restore][:2]
     assert examples, "the toy stream yields restore samples"
-    samples = D.build_batch(examples, tok, model.encode_pixels, torch.Generator().manual_seed(0))
+    samples = sft.build_batch(examples, tok, model.encode_pixels, torch.Generator().manual_seed(0), distill=True)
     packed = M.pack(samples, model.cfg)
     assert len(packed.pairs) == len(examples)
     for v, a in packed.pairs:
         assert len(v) == len(a)
-    hook, finish = C.distill_loss(model, packed, "per_layer_kl", 1)
+    hook, finish = bridge.distill_loss(packed.pairs, model.cfg.num_hidden_layers, "per_layer_kl", 1)
     out = model(packed, hidden_hook=hook)
     d = finish(out)
     assert float(d) > 0
@@ -121,4 +123,11 @@ def test_per_layer_distillation_in_the_training_step(toy_ckpt):
 def test_reentry_latency_measures_all_paths(net):
     """The latency probe times every re-entry path on the same context."""
     lat = bridge.reentry_latency(net, (2, 2), context=12, repeats=2)
-    assert set(lat) == set(E.REENTRY) and all(v > 0 for v in lat.values())
+    assert set(lat) == set(bridge.REENTRY) and all(v > 0 for v in lat.values())
+
+
+def test_distill_kl_direction_by_hand():
+    """KL(P_teacher || Q_student) for P = (1/2, 1/2), Q = (1/4, 3/4): 0.5 ln 2 + 0.5 ln(2/3) (the reverse is 0.1308)."""
+    teacher, student = torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, float(np.log(3.0))]])
+    assert float(bridge.distill_kl(teacher, student)) == pytest.approx(0.5 * np.log(2) + 0.5 * np.log(2 / 3), abs=1e-6)
+    assert float(bridge.distill_final_mse(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.zeros(1, 2))) == pytest.approx((4 + 9) / 2)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data as D
 import model as M
 
 REF = Path(os.environ.get("NANOCLEAR_CONFORMANCE", "../shared/conformance/bagel_tiny"))
@@ -60,12 +61,12 @@ def bagel(ref):
 
 
 def resize(img: Image.Image, kw: dict) -> Image.Image:
-    return M.resize_image(img, kw["max_image_size"], kw["min_image_size"], kw["image_stride"])
+    return D.resize_image(img, kw["max_image_size"], kw["min_image_size"], kw["image_stride"])
 
 
 def transform(raw_u8: torch.Tensor, kw: dict) -> torch.Tensor:
     """BAGEL's ImageTransform(max, min, stride) on a uint8 HxWx3 image."""
-    return M.image_to_tensor(resize(Image.fromarray(raw_u8.numpy()), kw))
+    return D.image_to_tensor(resize(Image.fromarray(raw_u8.numpy()), kw))
 
 
 def test_text_lm_and_packed_rows(bagel, ref):
@@ -177,22 +178,21 @@ def test_autoencoder(bagel, ref):
 
 def check_generation(bagel, c, name, variant, cache, text_cache, img_cache, grid):
     a = variant["generate_image_scalar_args"]
-    traj = []
-    x0 = bagel.generate_image(cache, grid, c[f"{name}_init_noise"][None], a["num_timesteps"], a["timestep_shift"],
+    x0, traj = bagel.generate_image(cache, grid, c[f"{name}_init_noise"][None], a["num_timesteps"], a["timestep_shift"],
                               cfg_text_cache=text_cache, cfg_img_cache=img_cache, cfg_text_scale=a["cfg_text_scale"],
                               cfg_img_scale=a["cfg_img_scale"], cfg_interval=a["cfg_interval"],
-                              cfg_renorm_type=a["cfg_renorm_type"], cfg_renorm_min=a["cfg_renorm_min"], trajectory=traj)
-    close(torch.tensor([s[1] for s in traj]), c[f"{name}_step_timesteps"], 1e-6)
+                              cfg_renorm_type=a["cfg_renorm_type"], cfg_renorm_min=a["cfg_renorm_min"])
+    close(torch.tensor([s["t"] for s in traj]), c[f"{name}_step_timesteps"], 1e-6)
     lo, hi = a["cfg_interval"]
     gated = [lo < t <= hi for t in c[f"{name}_step_timesteps"].tolist()]
     assert [a["cfg_text_scale"] if g else 1.0 for g in gated] == c[f"{name}_step_cfg_text_scale"].tolist()
     assert [a["cfg_img_scale"] if g else 1.0 for g in gated] == c[f"{name}_step_cfg_img_scale"].tolist()
-    close(torch.stack([s[0][0] for s in traj]), c[f"{name}_step_x_t"])
-    close(torch.stack([s[2][0] for s in traj]), c[f"{name}_step_velocity"])
+    close(torch.stack([s["x_t"][0] for s in traj]), c[f"{name}_step_x_t"])
+    close(torch.stack([s["v"][0] for s in traj]), c[f"{name}_step_velocity"])
     close(x0[0], c[f"{name}_final_latent_tokens"])
     img = bagel.decode_latent(x0[0], grid)
     close(img[None], c[f"{name}_decoded_float"])
-    u8 = np.asarray(M.tensor_to_image(img), dtype=np.int16)
+    u8 = np.asarray(D.tensor_to_image(img), dtype=np.int16)
     assert np.abs(u8 - c[f"{name}_image_uint8"].numpy().astype(np.int16)).max() <= 1
 
 
@@ -216,12 +216,12 @@ def test_editing_generation(bagel, ref):
     cfg = bagel.cfg
     t = tiny["image_transforms_used_by_cases"]
     vae_img = resize(Image.fromarray(c["c6_raw_image_uint8"].numpy()), t["vae_transform"])
-    vae_pix = M.image_to_tensor(vae_img)
+    vae_pix = D.image_to_tensor(vae_img)
     close(vae_pix[None], c["c6_vae_padded_images"], 1e-6)
-    vit_pix = M.image_to_tensor(resize(vae_img, t["vit_transform"]))  # BAGEL: ViT re-resizes the VAE-sized image
+    vit_pix = D.image_to_tensor(resize(vae_img, t["vit_transform"]))  # BAGEL: ViT re-resizes the VAE-sized image
     close(M.patchify(vit_pix, cfg.vit_patch_size), c["c6_vit_pixel_tokens"], 2 / 255 + 1e-6)
     cache = bagel.new_cache()
-    bagel.add_vae_image(cache, vae_pix)
+    bagel.add_latent(cache, *bagel.encode_pixels(vae_pix[None]))
     bagel.add_vit_image(cache, vit_pix)
     text_cache = cache.copy()  # context before the last text
     img_cache = bagel.new_cache()  # texts only, no images

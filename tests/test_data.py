@@ -91,11 +91,11 @@ def test_every_question_type_is_answerable_from_the_fixed_vocabulary():
     assert seen == {(q, mc) for q in D.ANSWERS for mc in (False, True)}
     assert {ex.qtype for ex in islice(D.ToyWorld(0).stream(1), 60)} == set(D.TOY_QTYPES)  # what the toy asks by default
     with pytest.raises(ValueError, match="qtypes"):
-        D.ToyWorld(0, qtypes=("colour", "digit"))
+        D.ToyWorld(0, qtypes=("colour", "texture"))
 
 
 def test_questions_match_the_scene():
-    """The answer is what the scene shows: colour, shape, count, quadrant and digit of a hand-made scene."""
+    """The answer is what the scene shows: colour, shape, count and quadrant of a hand-made scene."""
     bg = ((120, 120, 120), (140, 140, 140), 0.0, 1)
     two = D.Scene(bg, objects=(("star", "blue", 3, 48.0, 48.0, 9.0, 0.0), ("star", "blue", 0, 16.0, 16.0, 9.0, 0.0)))
     one = D.Scene(bg, objects=(("circle", "red", 2, 16.0, 48.0, 9.0, 0.0),))
@@ -144,7 +144,7 @@ def test_detail_kept_ignores_gain_but_not_noise():
 
 def test_toy_tokenizer_round_trips_and_keeps_specials_special(tok):
     """Text survives encode/decode; the 4 BAGEL specials are special tokens, the CLEAR tags ordinary single tokens."""
-    text = "<think>Heavy noise hides the digit.</think>\n<image_restore>\nçà 🎉 1.5 < 2 </b>"
+    text = "<think>Heavy noise hides the colour.</think>\n<image_restore>\nçà 🎉 1.5 < 2 </b>"
     assert tok.decode(tok.encode(text)) == text
     assert [tok.bos_id, tok.eos_id, tok.soi_id, tok.eoi_id] == [0, 1, 2, 3]
     special = {t.content for t in tok.tk.get_added_tokens_decoder().values() if t.special}
@@ -185,75 +185,7 @@ def test_tokenizer_from_file_looks_specials_up_by_text(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# CLEAR samples
-
-
-def restore_example(world, restore=True):
-    ex = next(world.stream(7))
-    ex.response = D.think_response(np.random.default_rng(0), restore, ex.answer, "the digit", "the digit is 7", "motion_blur", 0.9)
-    return ex
-
-
-def test_restore_sample_layout_is_clear_section_1_3(world, tok):
-    """Items 1-9 in order: types, loss flags, t > 0 only on the noised clean latent, pairs, teacher grid == VAE grid."""
-    ex, calls = restore_example(world), []
-    seq = D.build_batch([ex], tok, fake_encode(calls), torch.Generator().manual_seed(0))[0]
-    kinds = [type(s).__name__ for s in seq]
-    assert kinds == ["Text", "VaeImage", "VitImage", "Text", "Text", "VaeImage", "VaeImage", "VitImage", "Text"]
-    assert [s.loss for s in seq if isinstance(s, M.Text)] == [False, False, True, True]
-    assert [s.t > 0 for s in seq if isinstance(s, M.VaeImage)] == [False, True, False]
-    noised, student, teacher = seq[5], seq[6], seq[7]
-    assert noised.target is not None and not noised.droppable and noised.pair is None
-    torch.testing.assert_close(noised.tokens, (1 - noised.t) * student.tokens + noised.t * (noised.target + student.tokens))
-    assert student.pair == teacher.pair == 0 and seq[1].pair is None and seq[2].pair is None
-    P = D.TOY_SIZES.vit[2]
-    assert (teacher.pixels.shape[1] // P, teacher.pixels.shape[2] // P) == student.grid
-    assert tok.decode(seq[0].ids) == D.TOY_SYSTEM_PROMPT and tok.decode(seq[3].ids) == ex.question.strip()
-    assert tok.decode(seq[4].ids).endswith("</think>\n<image_restore>")  # official: parts[0] + token
-    assert tok.decode(seq[8].ids).startswith("\n<think>") and tok.decode(seq[8].ids).endswith("</answer>")
-    assert calls == [2]  # degraded and clean latents in one encode call
-
-
-def test_direct_sample_layout(world, tok):
-    """A direct answer is items 1-4 plus one CE text; no clean-image blocks."""
-    ex = restore_example(world, restore=False)
-    seq = D.build_batch([ex], tok, fake_encode([]), torch.Generator().manual_seed(0), system="official")[0]
-    assert [type(s).__name__ for s in seq] == ["Text", "VaeImage", "VitImage", "Text", "Text"]
-    assert seq[-1].loss and tok.decode(seq[-1].ids) == ex.response
-    assert tok.decode(seq[0].ids) == D.INTERLEAVE_REASON_SYSTEM_PROMPT
-    with pytest.raises(ValueError, match="system prompt must be one of"):
-        D.build_batch([ex], tok, fake_encode([]), torch.Generator(), system="long")
-
-
-def test_samples_pack_and_train_in_the_real_model(world, tok):
-    """pack + forward accept a mixed batch built with the model's own autoencoder: finite CE and MSE, one pair."""
-    torch.manual_seed(0)
-    cfg = M.ModelConfig(**D.config_ids(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                        num_attention_heads=2, num_key_value_heads=1, vit_hidden_size=32, vit_intermediate_size=32,
-                        vit_num_hidden_layers=1)
-    net = M.Bagel(cfg).eval()
-
-    def encode(px):
-        z = net.vae.encode(px)
-        return torch.stack([M.patchify(x, cfg.latent_patch_size) for x in z]), (z.shape[2] // 2, z.shape[3] // 2)
-    batch = D.build_batch([restore_example(world), restore_example(world, False)], tok, encode, torch.Generator().manual_seed(0))
-    packed = M.pack(batch, cfg)
-    grid = batch[0][5].grid
-    assert len(packed.pairs) == 1 and packed.flow_lens == [grid[0] * grid[1]] and packed.vit_lens == [64, grid[0] * grid[1], 64]
-    with torch.no_grad():
-        out = net(packed)
-    assert out.mse.shape == (grid[0] * grid[1],) and torch.isfinite(out.ce).all() and torch.isfinite(out.mse).all()
-    assert len(out.ce) == sum(len(s.ids) + 1 for b in batch for s in b if isinstance(s, M.Text) and s.loss)
-
-
-def test_text_reason_sample_layout(world, tok):
-    """Text-only reasoning (official TextReasonIterableDataset): its prompt, ViT image only, question, CoT with CE."""
-    seq = D.text_reason_sample(restore_example(world), tok)
-    assert [type(s).__name__ for s in seq] == ["Text", "VitImage", "Text", "Text"]
-    assert [s.loss for s in seq if isinstance(s, M.Text)] == [False, False, True]
-    assert tok.decode(seq[0].ids) == D.TEXT_REASON_SYSTEM_PROMPT
-    cot = tok.decode(seq[-1].ids)
-    assert cot.startswith("<think>") and cot.endswith("</answer>") and D.RESTORE_TOKEN not in cot
+# CLEAR's prefix (sft.py builds the rest of a sample; tests/test_sft.py)
 
 
 def test_inference_prefix_has_no_loss(world, tok):
@@ -263,14 +195,6 @@ def test_inference_prefix_has_no_loss(world, tok):
     assert [[type(s).__name__ for s in p] for p in prefixes] == [["Text", "VaeImage", "VitImage", "Text"]] * 2
     assert not any(s.loss for p in prefixes for s in p if isinstance(s, M.Text))
     assert all(s.t == 0 for p in prefixes for s in p if isinstance(s, M.VaeImage))
-
-
-def test_official_response_split_keeps_whitespace():
-    """parts[0] + token before the image, parts[1] after it, later tokens dropped, blank continuation omitted."""
-    assert D.split_response("<think>a</think>\n<image_restore>\n<think>b</think>") == (
-        "<think>a</think>\n<image_restore>", "\n<think>b</think>")
-    assert D.split_response("x<image_restore>y<image_restore>z") == ("x<image_restore>", "y")
-    assert D.split_response("<think>a</think><answer>b</answer>") is None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -372,3 +296,14 @@ def test_tsv_reader_resolves_references_and_reports_bad_rows(tmp_path):
     with pytest.raises(ValueError, match="lacks the columns"):
         (tmp_path / "x.tsv").write_text("a\tb\n1\t2\n")
         D.read_tsv(tmp_path / "x.tsv")
+
+
+def test_image_helpers_odd_modes():
+    """Any PIL mode becomes RGB (alpha on white, degrade.to_rgb's rule everywhere); fit_size keeps sides on the stride."""
+    rgba = Image.new("RGBA", (10, 10), (255, 0, 0, 0))
+    assert D.to_rgb(rgba).getpixel((0, 0)) == (255, 255, 255)
+    for mode in ("L", "P", "CMYK", "I;16", "F", "LA"):
+        assert D.to_rgb(Image.new(mode, (5, 5))).mode == "RGB"
+    wide = Image.fromarray((np.arange(40 * 30) % 65536).reshape(30, 40).astype(np.uint16))  # I;16: one rule everywhere
+    assert D.image_to_tensor(wide).shape == (3, 30, 40) and np.array_equal(np.asarray(D.to_rgb(wide))[..., 0], np.asarray(wide) >> 8)
+    assert D.fit_size(1000, 300, 980, 224, 14) == (980, 294) and D.fit_size(100, 60, 980, 224, 14) == (378, 224)

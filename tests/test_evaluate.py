@@ -1,6 +1,5 @@
 """evaluate.py: VLMEvalKit TSV scoring with malformed rows, judges, and the toy report's pieces."""
 
-import argparse
 import base64
 import io
 import json
@@ -35,10 +34,8 @@ def write_tsv(path):
     return path
 
 
-def tsv_args(tmp_path, mode="direct", **kw):
-    base = dict(mode=mode, sizes="toy", system="toy", seed=0, out=str(tmp_path / "out"))
-    base.update(kw)
-    return argparse.Namespace(**base)
+def score_tsv(model, tok, path, mode="direct", judge=None):
+    return evaluate.evaluate_tsv(model, tok, path, mode, D.TOY_SIZES, "toy", 0, icfg(), judge)
 
 
 def icfg():
@@ -48,7 +45,7 @@ def icfg():
 def test_tsv_malformed_rows_counted_not_scored(toy_ckpt, tmp_path):
     """Undecodable images and option gaps are reported by index; good MC rows are scored; the run completes."""
     model, tok = M.load_pretrained(toy_ckpt), D.Tokenizer.from_folder(toy_ckpt)
-    res = evaluate.evaluate_tsv(model, tok, write_tsv(tmp_path / "bench.tsv"), tsv_args(tmp_path), icfg())
+    res = score_tsv(model, tok, write_tsv(tmp_path / "bench.tsv"))
     assert res["rows"] == 3 and {p["index"] for p in res["problems"]} == {"2", "3"}
     assert res["scored"] == 2 and res["unscored"] == ["4"]  # the open row waits for a judge
     assert len(res["predictions"]) == 3 and res["accuracy"] in (0.0, 0.5, 1.0)
@@ -58,7 +55,7 @@ def test_tsv_judge_scores_open_rows_and_interleave_mode_runs(toy_ckpt, tmp_path)
     """A pluggable judge scores open-ended rows (no network); the CLEAR interleaved mode runs on TSV rows too."""
     model, tok = M.load_pretrained(toy_ckpt), D.Tokenizer.from_folder(toy_ckpt)
     judge = lambda q, pred, truth: 1.0  # noqa: E731
-    res = evaluate.evaluate_tsv(model, tok, write_tsv(tmp_path / "b.tsv"), tsv_args(tmp_path, "interleave"), icfg(), judge)
+    res = score_tsv(model, tok, write_tsv(tmp_path / "b.tsv"), "interleave", judge)
     assert res["scored"] == 3 and res["unscored"] == [] and res["by_category"]["open"] == 1.0
 
 
@@ -96,11 +93,8 @@ def test_toy_report_end_to_end(toy_ckpt, tmp_path):
     (out_root).mkdir()
     import shutil
     shutil.copytree(toy_ckpt, out_root / "sft")
-    args = argparse.Namespace(out_root=str(out_root), n=2, n_corruption=1, world_seed=0, seed=0, max_text_tokens=3,
-                              steps=3, cfg_text_scale=1.0, cfg_img_scale=1.0, out=str(tmp_path / "eval"))
-    run = type("R", (), {"device": torch.device("cpu"), "dtype": torch.float32})()
-    with torch.no_grad():
-        evaluate.evaluate_toy(args, run)
+    evaluate.main(["--out-root", str(out_root), "--n", "2", "--n-corruption", "1", "--max-text-tokens", "3", "--steps", "3",
+                   "--out", str(tmp_path / "eval"), "--threads", "1"])
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert set(report["main"]["sft"]) == set(evaluate.MODES)
     assert (tmp_path / "eval" / "examples.png").exists() and (tmp_path / "eval" / "accuracy.png").exists()
@@ -125,8 +119,8 @@ def test_generator_check_references_and_a_zero_velocity_head(toy_ckpt):
     model, tok = M.load_pretrained(toy_ckpt), D.Tokenizer.from_folder(toy_ckpt)
     examples = D.ToyWorld(0).eval_split(6, seed=3)["hard"]
     res = evaluate.flow_error_by_t(model, tok, examples, ts=(0.5, 1.0))
-    x0 = torch.stack([model.encode_pixels(M.image_to_tensor(ex.clean)[None])[0][0] for ex in examples])
-    d0 = torch.stack([model.encode_pixels(M.image_to_tensor(ex.degraded)[None])[0][0] for ex in examples])
+    x0 = torch.stack([model.encode_pixels(D.image_to_tensor(ex.clean)[None])[0][0] for ex in examples])
+    d0 = torch.stack([model.encode_pixels(D.image_to_tensor(ex.degraded)[None])[0][0] for ex in examples])
     for t in (0.5, 1.0):
         assert res[t]["copy"] == pytest.approx(float((x0 - d0).pow(2).mean()), rel=1e-4)
         assert res[t]["mean"] == pytest.approx(float(x0.pow(2).mean()), rel=1e-4)

@@ -23,7 +23,7 @@ def test_stage0_understanding_sees_clean_pictures_only_and_restoration_maps_degr
     assert len(samples) == len(examples)
     kinds = Counter()
     for ex, sample in zip(examples, samples):
-        clean, degraded = M.image_to_tensor(ex.clean), M.image_to_tensor(ex.degraded)
+        clean, degraded = D.image_to_tensor(ex.clean), D.image_to_tensor(ex.degraded)
         noised = [s for s in sample if isinstance(s, M.VaeImage) and s.t > 0]
         shown = [s.pixels for s in sample if isinstance(s, M.VitImage)]
         if any(isinstance(s, M.Text) and s.loss for s in sample):  # understanding: text answers are trained

@@ -1,6 +1,7 @@
 """Interleaved GRPO (rl.py): rewards, advantages, losses, rollouts and their exact replay."""
 
-import argparse
+
+import json
 import math
 
 import numpy as np
@@ -131,11 +132,7 @@ class ByteTok:
 
 
 def rollout_args(**kw):
-    base = dict(reentry="bridge", max_rounds=3, max_text_tokens=6, temperature=1.0, top_p=1.0, sde_points=4,
-                timestep_shift=3.0, sde_sigma=0.3, system="toy", group=4, image_steps=1, step_strategy="round_robin",
-                image_loss_weight=0.5, epsilon=0.2, beta=0.0, loss_type="grpo")
-    base.update(kw)
-    return argparse.Namespace(**base)
+    return rl.RLConfig(max_text_tokens=6, sde_points=4, beta=0.0, loss_type="grpo", **kw)
 
 
 def forced_restore_rollouts(policy, seed):
@@ -191,3 +188,54 @@ def test_grpo_loss_backward_reaches_text_and_denoiser(policy):
     assert torch.isfinite(loss) and stats["logp_drift"] < 1e-3
     assert policy.llm2vae.weight.grad.abs().sum() > 0 and policy.language_model.lm_head.weight.grad.abs().sum() > 0
     policy.zero_grad()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Each equation pinned by a value worked out by hand
+
+
+def test_kl_k3_direction_by_hand():
+    """k3 = exp(ref - logp) - (ref - logp) - 1: at logp = -1, ref = -2 it is e^-1 (the other sign would give e - 2)."""
+    assert float(rl.kl_k3(torch.tensor([-1.0]), torch.tensor([-2.0]))) == pytest.approx(np.exp(-1.0))
+
+
+def test_ppo_clip_by_hand_both_signs():
+    """-min(rho A, clip(rho, 1 - eps, 1 + eps) A): a negative advantage is clipped from below at 1 - eps."""
+    old = torch.zeros(4)
+    logp = torch.tensor([0.5, -0.5, 0.5, -0.5])
+    adv = torch.tensor([-1.0, -1.0, 1.0, 1.0])
+    loss, clipped = rl.ppo_clip_loss(logp, old, adv, 0.2)
+    assert loss.tolist() == pytest.approx([np.exp(0.5), 0.8, -1.2, -np.exp(-0.5)])
+    assert clipped.tolist() == [1.0, 1.0, 1.0, 1.0]
+
+
+def test_latent_quality_by_hand():
+    """0.3 exp(-0.5 MSE) + 0.3 max(cos, 0) + 0.4 mean max(token cos, 0): orthogonal tokens keep only the MSE part."""
+    gen, clean = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    assert rl.latent_quality_reward(gen, clean) == pytest.approx(0.3 * np.exp(-0.5))
+
+
+def test_flow_step_logprob_by_hand():
+    """mean = x - (v + sigma^2 / 2 * s) dt with s = (x + (1 - t) v) / t; log p = -mean((x' - mean)^2) / (2 sigma^2 dt)."""
+    x, v, x_next = torch.tensor([[1.0]]), torch.tensor([[2.0]]), torch.tensor([[0.0]])
+    t, dt, sigma = 0.5, 0.1, 0.5
+    s = (1.0 + 0.5 * 2.0) / 0.5
+    mean = 1.0 - (2.0 + 0.125 * s) * dt
+    assert float(rl.flow_step_logprob(x, v, x_next, t, dt, sigma)) == pytest.approx(-mean ** 2 / (2 * 0.25 * dt))
+
+
+GOLDEN_RL = [(0.08437499403953552, 0.75), (-0.15499523282051086, 0.25), (0.05814710259437561, 0.5),
+             (-0.18185000121593475, 0.5), (2.173955181206111e-05, 0.0)]
+
+
+def test_golden_losses_of_a_tiny_rl_run(toy_ckpt, tmp_path, monkeypatch):
+    """The first five (loss, restore rate) of a fixed tiny `python rl.py` run equal the recorded ones. The untrained
+    fixture never writes a tag, so a deterministic stand-in reward and restore rule make the groups differ and the
+    image path (SDE rollouts, bridge, Flow-GRPO) run."""
+    monkeypatch.setattr(D, "requests_restore", lambda text: len(text) % 2 == 0)
+    monkeypatch.setattr(rl, "accuracy_reward", lambda reply, example, judge=None: float(len(reply) % 3) / 2)
+    rl.main(["--init", str(toy_ckpt), "--out", str(tmp_path / "rl"), "--steps", "5", "--prompts", "2", "--group", "2",
+             "--max-text-tokens", "6", "--sde-points", "3", "--eval-n", "0", "--threads", "1", "--lr", "1e-3"])
+    log = [json.loads(line) for line in (tmp_path / "rl.log.jsonl").read_text().splitlines()]
+    assert [r["restore"] for r in log] == [r for _, r in GOLDEN_RL]
+    assert [r["loss"] for r in log] == pytest.approx([loss for loss, _ in GOLDEN_RL], rel=1e-4, abs=1e-7)

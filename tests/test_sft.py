@@ -1,6 +1,5 @@
-"""Stage 1 (sft.py via common.finetune): objective, packing budget, resume, DDP on gloo."""
+"""Stage 1 (sft.py): CLEAR's sample layout, the objective, the packing budget, resume, flags, DDP/FSDP on gloo."""
 
-import argparse
 import json
 import os
 import socket
@@ -8,19 +7,110 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-import common as C
+import data as D
 import model as M
+import sft
+from test_data import fake_encode, tok, world  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# CLEAR samples (official parse_row)
+
+
+def restore_example(world, restore=True):
+    ex = next(world.stream(7))
+    ex.response = D.think_response(np.random.default_rng(0), restore, ex.answer, "their colour", "the shapes are red", "motion_blur", 0.9)
+    return ex
+
+
+def test_restore_sample_layout_is_clear_section_1_3(world, tok):
+    """Items 1-9 in order: types, loss flags, t > 0 only on the noised clean latent, pairs, teacher grid == VAE grid."""
+    ex, calls = restore_example(world), []
+    seq = sft.build_batch([ex], tok, fake_encode(calls), torch.Generator().manual_seed(0), distill=True)[0]
+    kinds = [type(s).__name__ for s in seq]
+    assert kinds == ["Text", "VaeImage", "VitImage", "Text", "Text", "VaeImage", "VaeImage", "VitImage", "Text"]
+    assert [s.loss for s in seq if isinstance(s, M.Text)] == [False, False, True, True]
+    assert [s.t > 0 for s in seq if isinstance(s, M.VaeImage)] == [False, True, False]
+    noised, student, teacher = seq[5], seq[6], seq[7]
+    assert noised.target is not None and not noised.droppable and noised.pair is None
+    torch.testing.assert_close(noised.tokens, (1 - noised.t) * student.tokens + noised.t * (noised.target + student.tokens))
+    assert student.pair == teacher.pair == 0 and seq[1].pair is None and seq[2].pair is None
+    P = D.TOY_SIZES.vit[2]
+    assert (teacher.pixels.shape[1] // P, teacher.pixels.shape[2] // P) == student.grid
+    assert tok.decode(seq[0].ids) == D.TOY_SYSTEM_PROMPT and tok.decode(seq[3].ids) == ex.question.strip()
+    assert tok.decode(seq[4].ids).endswith("</think>\n<image_restore>")  # official: parts[0] + token
+    assert tok.decode(seq[8].ids).startswith("\n<think>") and tok.decode(seq[8].ids).endswith("</answer>")
+    assert calls == [2]  # degraded and clean latents in one encode call
+
+
+def test_direct_sample_layout(world, tok):
+    """A direct answer is items 1-4 plus one CE text; no clean-image blocks."""
+    ex = restore_example(world, restore=False)
+    seq = sft.build_batch([ex], tok, fake_encode([]), torch.Generator().manual_seed(0), system="official")[0]
+    assert [type(s).__name__ for s in seq] == ["Text", "VaeImage", "VitImage", "Text", "Text"]
+    assert seq[-1].loss and tok.decode(seq[-1].ids) == ex.response
+    assert tok.decode(seq[0].ids) == D.INTERLEAVE_REASON_SYSTEM_PROMPT
+    with pytest.raises(ValueError, match="system prompt must be one of"):
+        sft.build_batch([ex], tok, fake_encode([]), torch.Generator(), system="long")
+
+
+def test_samples_pack_and_train_in_the_real_model(world, tok):
+    """pack + forward accept a mixed batch built with the model's own autoencoder: finite CE and MSE, one pair."""
+    torch.manual_seed(0)
+    cfg = M.ModelConfig(**D.config_ids(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1, vit_hidden_size=32, vit_intermediate_size=32,
+                        vit_num_hidden_layers=1)
+    net = M.Bagel(cfg).eval()
+
+    def encode(px):
+        z = net.vae.encode(px)
+        return torch.stack([M.patchify(x, cfg.latent_patch_size) for x in z]), (z.shape[2] // 2, z.shape[3] // 2)
+    batch = sft.build_batch([restore_example(world), restore_example(world, False)], tok, encode, torch.Generator().manual_seed(0),
+                            distill=True)
+    packed = M.pack(batch, cfg)
+    grid = batch[0][5].grid
+    assert len(packed.pairs) == 1 and packed.flow_lens == [grid[0] * grid[1]] and packed.vit_lens == [64, grid[0] * grid[1], 64]
+    with torch.no_grad():
+        out = net(packed)
+    assert out.mse.shape == (grid[0] * grid[1],) and torch.isfinite(out.ce).all() and torch.isfinite(out.mse).all()
+    assert len(out.ce) == sum(len(s.ids) + 1 for b in batch for s in b if isinstance(s, M.Text) and s.loss)
+
+
+def test_text_reason_sample_layout(world, tok):
+    """Text-only reasoning (official TextReasonIterableDataset): its prompt, ViT image only, question, CoT with CE."""
+    seq = sft.text_reason_sample(restore_example(world), tok)
+    assert [type(s).__name__ for s in seq] == ["Text", "VitImage", "Text", "Text"]
+    assert [s.loss for s in seq if isinstance(s, M.Text)] == [False, False, True]
+    assert tok.decode(seq[0].ids) == D.TEXT_REASON_SYSTEM_PROMPT
+    cot = tok.decode(seq[-1].ids)
+    assert cot.startswith("<think>") and cot.endswith("</answer>") and D.RESTORE_TOKEN not in cot
+
+
+def test_official_response_split_keeps_whitespace():
+    """parts[0] + token before the image, parts[1] after it, later tokens dropped, blank continuation omitted."""
+    assert sft.split_response("<think>a</think>\n<image_restore>\n<think>b</think>") == (
+        "<think>a</think>\n<image_restore>", "\n<think>b</think>")
+    assert sft.split_response("x<image_restore>y<image_restore>z") == ("x<image_restore>", "y")
+    assert sft.split_response("<think>a</think><answer>b</answer>") is None
+
+def test_without_distillation_the_clean_picture_is_plain_context(world, tok):
+    """distill=False (sft.py's default): items 7-8 are the clean latent and the clean picture through the standard ViT
+    transform, with no distillation pair."""
+    seq = sft.build_batch([restore_example(world)], tok, fake_encode([]), torch.Generator().manual_seed(0))[0]
+    student, vit = seq[6], seq[7]
+    assert student.pair is None and vit.pair is None and student.t == 0
+    assert vit.pixels.shape[1:] == (D.MODEL_SIZE, D.MODEL_SIZE)
+
+
 def finetune_args(init, out, *extra):
-    p = argparse.ArgumentParser()
-    C.add_finetune_args(p, steps=4, lr=1e-3, distill_weight=0.0, init=str(init), out=str(out))
-    return p.parse_args(["--tokens-per-step", "400", "--eval-n", "0", "--save-every", "2", "--warmup", "1", "--threads", "1", *extra])
+    return sft.parse_config("", ["--init", str(init), "--out", str(out), "--steps", "4", "--lr", "1e-3", "--tokens-per-step",
+                                 "400", "--eval-n", "0", "--save-every", "2", "--warmup", "1", "--threads", "1", *extra])
 
 
 def log_of(out: Path) -> list[dict]:
@@ -30,16 +120,16 @@ def log_of(out: Path) -> list[dict]:
 def test_sft_loss_normalisation():
     """CE and MSE are sums over tokens divided by global counts; weights scale each term."""
     out = M.TrainOutput(ce=torch.tensor([1.0, 3.0]), mse=torch.tensor([2.0]), v=torch.zeros(0), hidden=torch.zeros(0))
-    loss, ce, mse = C.sft_loss(out, 4.0, 2.0, ce_weight=1.0, mse_weight=0.5)
+    loss, ce, mse = sft.sft_loss(out, 4.0, 2.0, ce_weight=1.0, mse_weight=0.5)
     assert float(ce) == 1.0 and float(mse) == 1.0 and float(loss) == 1.5
 
 
 def test_resume_reproduces_the_loss_curve(toy_ckpt, tmp_path, monkeypatch):
     """Killed after its step-2 checkpoint and resumed, a run logs exactly the losses of an uninterrupted run."""
-    C.finetune(finetune_args(toy_ckpt, tmp_path / "a"), "sft")
+    sft.finetune(finetune_args(toy_ckpt, tmp_path / "a"), "sft")
     straight = [r["loss"] for r in log_of(tmp_path / "a")]
 
-    real = C.make_batch_fn
+    real = sft.batches
 
     def dying(*a, **k):
         fn = real(*a, **k)
@@ -50,12 +140,12 @@ def test_resume_reproduces_the_loss_curve(toy_ckpt, tmp_path, monkeypatch):
             return fn(step, rng, gen)
         return batch
 
-    monkeypatch.setattr(C, "make_batch_fn", dying)
+    monkeypatch.setattr(sft, "batches", dying)
     with pytest.raises(KeyboardInterrupt):
-        C.finetune(finetune_args(toy_ckpt, tmp_path / "b"), "sft")
-    monkeypatch.setattr(C, "make_batch_fn", real)
+        sft.finetune(finetune_args(toy_ckpt, tmp_path / "b"), "sft")
+    monkeypatch.setattr(sft, "batches", real)
     assert json.loads((tmp_path / "b" / "train_state" / "state.json").read_text())["step"] == 2
-    C.finetune(finetune_args(toy_ckpt, tmp_path / "b", "--resume"), "sft")
+    sft.finetune(finetune_args(toy_ckpt, tmp_path / "b", "--resume"), "sft")
     resumed = [r["loss"] for r in log_of(tmp_path / "b")]
     assert resumed == straight and len(straight) == 4, (resumed, straight)
     a, b = M.load_pretrained(tmp_path / "a"), M.load_pretrained(tmp_path / "b")
@@ -65,10 +155,10 @@ def test_resume_reproduces_the_loss_curve(toy_ckpt, tmp_path, monkeypatch):
 def test_resume_refuses_wrong_checkpoints(toy_ckpt, tmp_path):
     """--resume on a folder without train_state, or written by another stage, stops with a clear message."""
     with pytest.raises(FileNotFoundError, match="train_state"):
-        C.finetune(finetune_args(toy_ckpt, toy_ckpt, "--resume"), "sft")
-    C.finetune(finetune_args(toy_ckpt, tmp_path / "a", "--steps", "2"), "sft")
+        sft.finetune(finetune_args(toy_ckpt, toy_ckpt, "--resume"), "sft")
+    sft.finetune(finetune_args(toy_ckpt, tmp_path / "a", "--steps", "2"), "sft")
     with pytest.raises(ValueError, match="stage 'sft'"):
-        C.finetune(finetune_args(toy_ckpt, tmp_path / "a", "--resume"), "bridge")
+        sft.finetune(finetune_args(toy_ckpt, tmp_path / "a", "--resume"), "bridge")
 
 
 def free_port() -> int:
@@ -98,3 +188,29 @@ def test_fsdp_two_processes_on_gloo(toy_ckpt, tmp_path):
     """--fsdp: meta-device build, sharded load from rank 0, FSDP2 steps with distillation, gathered atomic save."""
     proc = torchrun("fsdp_check.py", toy_ckpt, tmp_path / "fsdp", tmp_path)
     assert "fsdp saved and reloaded" in proc.stdout
+
+
+def test_packing_fills_the_token_budget_in_bounded_rows(toy_ckpt, toy_tok):
+    """A step's batch holds at least --tokens-per-step tokens, each row at most --row-tokens (a longer sample gets
+    its own row), and every sample is packed whole."""
+    model = M.load_pretrained(toy_ckpt)
+    cfg = sft.parse_config("", ["--init", str(toy_ckpt), "--tokens-per-step", "900", "--row-tokens", "300"])
+    batch = sft.batches(cfg, model.cfg, toy_tok, model.encode_pixels, D.ToyWorld(0).stream, "cpu")
+    packed = batch(0, np.random.default_rng(0), torch.Generator().manual_seed(0))
+    assert sum(packed.sample_lens) >= 900
+    for r in range(packed.rows):
+        used = sum(n for row, s, _, n, mode in packed.splits if row == r and mode != "pad")
+        members = {s for row, s, *_ in packed.splits if row == r and s >= 0}
+        assert used <= 300 or len(members) == 1
+
+
+GOLDEN_SFT = [7.6514716148376465, 7.581887245178223, 6.492644309997559, 7.476774215698242, 6.467083930969238]
+
+
+def test_golden_losses_of_a_tiny_sft_run(toy_ckpt, tmp_path):
+    """The first five losses of a fixed tiny run equal the recorded ones (llm.c-style): a change that moves them is a
+    behaviour change and must say so (and record the new values)."""
+    cfg = sft.parse_config("", ["--init", str(toy_ckpt), "--out", str(tmp_path / "sft"), "--steps", "5", "--tokens-per-step",
+                                "600", "--eval-n", "0", "--warmup", "1", "--threads", "1", "--lr", "1e-3"])
+    sft.finetune(cfg, "sft")
+    assert [r["loss"] for r in log_of(tmp_path / "sft")] == pytest.approx(GOLDEN_SFT, rel=1e-4, abs=1e-7)
