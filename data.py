@@ -806,60 +806,95 @@ def contact_sheet(split: dict, n: int) -> Image.Image:
     return sheet
 
 
-def _proxy_cnn(n_out: int) -> torch.nn.Module:
+def probe_net() -> torch.nn.Module:
+    """The perception probe: a small CNN reading one quadrant crop -> empty-or-shape logits, colour logits."""
     c = torch.nn
     return c.Sequential(c.Conv2d(3, 32, 3, 1, 1), c.ReLU(), c.MaxPool2d(2), c.Conv2d(32, 64, 3, 1, 1), c.ReLU(), c.MaxPool2d(2),
-                        c.Conv2d(64, 64, 3, 1, 1), c.ReLU(), c.AdaptiveMaxPool2d(1), c.Flatten(), c.Linear(64, n_out))
+                        c.Conv2d(64, 64, 3, 1, 1), c.ReLU(), c.AdaptiveMaxPool2d(1), c.Flatten(),
+                        c.Linear(64, 1 + len(SHAPES) + len(COLOURS)))
 
 
-def _quadrants(x: torch.Tensor) -> torch.Tensor:  # [3, 64, 64] -> [4, 3, 32, 32] in POSITIONS order
-    return x.reshape(3, 2, MODEL_SIZE // 2, 2, MODEL_SIZE // 2).permute(1, 3, 0, 2, 4).reshape(4, 3, MODEL_SIZE // 2, -1)
+def quadrants(x: torch.Tensor) -> torch.Tensor:
+    """[3, S, S] -> [4, 3, S/2, S/2] in POSITIONS order."""
+    h = x.shape[-1] // 2
+    return x.reshape(3, 2, h, 2, h).permute(1, 3, 0, 2, 4).reshape(4, 3, h, h)
+
+
+def probe_set(world: ToyWorld, rng: np.random.Generator, n: int, hard: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quadrant crops of n training scenes (clean, or degraded at hard with the benchmark weights) and their labels
+    (0 = empty or 1 + shape index; colour index or -100 for an empty quadrant)."""
+    crops, labels, cols = [], [], list(COLOURS)
+    for _ in range(n):
+        scene = world.scene(rng, held_out=False)[1]
+        big = render(scene)
+        if hard:
+            big = degrade(big, sample_corruption(rng, "benchmark")[0], SEVERITIES["hard"], rng)
+        crops.append(quadrants(image_to_tensor(big, (MODEL_SIZE, MODEL_SIZE))))
+        cells = {o[2]: o for o in scene.objects}
+        labels += [(SHAPES.index(cells[c][0]) + 1, cols.index(cells[c][1])) if c in cells else (0, -100) for c in range(4)]
+    return torch.cat(crops), torch.tensor(labels)
+
+
+@torch.enable_grad()
+def train_probe(crops: torch.Tensor, labels: torch.Tensor, steps: int = 500, seed: int = 0) -> torch.nn.Module:
+    """The probe trained on quadrant crops and their labels (AdamW, batches of 128 crops)."""
+    torch.manual_seed(seed)
+    net, ce, k = probe_net(), torch.nn.functional.cross_entropy, 1 + len(SHAPES)
+    opt = torch.optim.AdamW(net.parameters(), 2e-3)
+    for _ in tqdm(range(steps), desc="perception probe", leave=False):
+        i = torch.randint(len(crops), (128,))
+        out = net(crops[i])
+        loss = ce(out[:, :k], labels[i, 0]) + ce(out[:, k:], labels[i, 1])
+        opt.zero_grad(), loss.backward(), opt.step()
+    return net.eval()
+
+
+@torch.no_grad()
+def probe_answers(net: torch.nn.Module, images: list[Image.Image], examples: list[Example]) -> list[str]:
+    """The probe's answer to each example's question, read off its picture quadrant by quadrant."""
+    k, cols, answers = 1 + len(SHAPES), list(COLOURS), []
+    for im, ex in zip(images, examples):
+        out = net(quadrants(image_to_tensor(im, (MODEL_SIZE, MODEL_SIZE))))
+        shape_p, colour_p = out[:, :k].softmax(-1), out[:, k:].softmax(-1)
+        words = ex.question.rstrip("?").split()
+        cell = int(shape_p[:, 0].argmin())  # the most surely occupied quadrant (one kind per picture)
+        answers.append({"count": lambda: str(int((shape_p[:, 0] < 0.5).sum().clamp(1, 4))),
+                        "colour": lambda: cols[int(colour_p[cell].argmax())],
+                        "shape": lambda: SHAPES[int(shape_p[cell, 1:].argmax())],
+                        "position": lambda: POSITIONS[int((colour_p[:, cols.index(words[3])] if words[3] in COLOURS else
+                                                           shape_p[:, 1 + SHAPES.index(words[-1])]).argmax())]}[ex.qtype]())
+    return answers
+
+
+def perception_probe(world: ToyWorld, folder: Path | None = None, n_train: int = 3000, steps: int = 500,
+                     seed: int = 0) -> torch.nn.Module:
+    """The fixed probe trained on clean pictures only (a clean-trained perception model, like BAGEL's understanding),
+    cached in `folder` (probe.safetensors + probe.json, keyed by its settings) so every evaluation reads the same one."""
+    from safetensors.torch import load_file, save_file
+    key = dict(world_seed=world.seed, qtypes=list(world.qtypes), size=MODEL_SIZE, n_train=n_train, steps=steps, seed=seed)
+    if folder is not None and (folder / "probe.json").exists() and json.loads((folder / "probe.json").read_text()) == key:
+        net = probe_net()
+        net.load_state_dict(load_file(str(folder / "probe.safetensors")))
+        return net.eval()
+    net = train_probe(*probe_set(world, np.random.default_rng([world.seed, seed, 3]), n_train, hard=False), steps, seed)
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(net.state_dict(), str(folder / "probe.safetensors"))
+        (folder / "probe.json").write_text(json.dumps(key))
+    return net
 
 
 def calibrate_world(world: ToyWorld, n_train: int = 3000, n_eval: int = 400, steps: int = 500, seed: int = 0) -> dict:
-    """Does degradation hurt, and is the signal still there? A perception proxy: small CNNs read each quadrant
-    (empty or which shape, which colour); questions are then answered from their readings, so only
-    perception is measured. Trained on clean or on hard images; returns accuracy % per (trained on, level, qtype)."""
-    torch.manual_seed(seed)
-    rng, cols = np.random.default_rng(seed), list(COLOURS)
-    X = {"clean": [], "hard": []}  # quadrant crops per training condition
-    quad_y = []
-    for _ in range(n_train):
-        scene = world.scene(rng, held_out=False)[1]
-        big = render(scene)
-        hard = degrade(big, sample_corruption(rng, "benchmark")[0], SEVERITIES["hard"], rng)
-        for cond, im in (("clean", big), ("hard", hard)):
-            x = image_to_tensor(im, (MODEL_SIZE, MODEL_SIZE))
-            X[cond].append(_quadrants(x))
-        cells = {o[2]: o for o in scene.objects}
-        quad_y += [(SHAPES.index(cells[c][0]) + 1, cols.index(cells[c][1])) if c in cells else (0, -100) for c in range(4)]
-    quad_y = torch.tensor(quad_y)
+    """Does degradation hurt, and is the signal still there? The perception probe trained on clean or on hard
+    pictures answers the held-out questions at each severity, so only perception is measured. Returns accuracy %
+    per (trained on, level, qtype)."""
     split, results = world.eval_split(n_eval, seed), {}
-    for cond in X:
-        quads, qnet = torch.cat(X[cond]), _proxy_cnn(len(SHAPES) + 1 + len(COLOURS))
-        opt = torch.optim.AdamW(qnet.parameters(), 2e-3)
-        for _ in tqdm(range(steps), desc=f"proxy on {cond}", leave=False):
-            i = torch.randint(len(quads), (128,))
-            out, ce = qnet(quads[i]), torch.nn.functional.cross_entropy
-            loss = ce(out[:, :6], quad_y[i, 0]) + ce(out[:, 6:], quad_y[i, 1])
-            opt.zero_grad(), loss.backward(), opt.step()
-        with torch.no_grad():
-            for level, exs in split.items():
-                right = {q: [] for q in [*world.qtypes, "all"]}
-                for ex in exs:
-                    x = image_to_tensor(ex.degraded)
-                    out = qnet(_quadrants(x))
-                    shape_p, colour_p = out[:, :6].softmax(-1), out[:, 6:].softmax(-1)
-                    words = ex.question.rstrip("?").split()
-                    cell = int(shape_p[:, 0].argmin())  # the most surely occupied quadrant (one kind per picture)
-                    pred = {"count": lambda: str(int((shape_p[:, 0] < 0.5).sum().clamp(1, 4))),
-                            "colour": lambda: cols[int(colour_p[cell].argmax())],
-                            "shape": lambda: SHAPES[int(shape_p[cell, 1:].argmax())],
-                            "position": lambda: POSITIONS[int((colour_p[:, cols.index(words[3])] if words[3] in COLOURS else
-                                                               shape_p[:, 1 + SHAPES.index(words[-1])]).argmax())]}[ex.qtype]()
-                    for q in (ex.qtype, "all"):
-                        right[q].append(pred == ex.answer)
-                results.update({(cond, level, q): 100 * float(np.mean(r)) for q, r in right.items()})
+    for cond in ("clean", "hard"):
+        net = train_probe(*probe_set(world, np.random.default_rng([seed, cond == "hard"]), n_train, cond == "hard"), steps, seed)
+        for level, exs in split.items():
+            hits = [a == ex.answer for a, ex in zip(probe_answers(net, [ex.degraded for ex in exs], exs), exs)]
+            for q in [*world.qtypes, "all"]:
+                results[(cond, level, q)] = 100 * float(np.mean([h for h, ex in zip(hits, exs) if q in ("all", ex.qtype)]))
     return results
 
 

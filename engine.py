@@ -193,15 +193,13 @@ def benchmark(model: M.Bagel, tok, split: dict, mode: str, cfg: InferenceConfig,
     for sev, examples in split.items():
         digest = hashlib.blake2b(f"{seed}:{sev}".encode(), digest_size=8).digest()
         gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") % 2**63)
-        t0, correct, restored, traces = time.time(), 0, 0, []
+        t0, traces = time.time(), []
         for i in range(0, len(examples), batch_size):
             chunk = examples[i:i + batch_size]
             traces += reason(model, tok, mode_prefixes(mode, chunk, tok, encode, system), cfg, gen)
-        for ex, tr in zip(examples, traces):
-            correct += D.is_correct(final_text(tr), ex)
-            restored += tr.restored
-        result[sev] = {"acc": correct / len(examples), "restore": restored / len(examples),
-                       "seconds": time.time() - t0, "traces": traces}
+        right = [D.is_correct(final_text(tr), ex) for ex, tr in zip(examples, traces)]
+        result[sev] = {"acc": sum(right) / len(examples), "restore": sum(tr.restored for tr in traces) / len(examples),
+                       "seconds": time.time() - t0, "correct": right, "traces": traces}
     return result
 
 

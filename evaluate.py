@@ -10,9 +10,13 @@ Toy (CPU, a few minutes):
        always-restore first, "perception enhancement");
     2. per-corruption accuracy at hard (16 sets) for the best model and the base;
     3. restore rate per severity (the paper's adaptive-triggering figure) and wall time per mode;
-    4. restoration quality: PSNR of the restored picture and of the degraded input against the clean one, and the
-       generator's flow-matching error at fixed t beside copying the degraded latent;
-    5. pictures: examples.png (degraded, restored, question, answer, right?) and accuracy.png (bars per severity).
+    4. does restoring help? paired differences at hard on the same questions (always restore / interleaved vs text
+       reasoning, RL vs the base) with 95% bootstrap intervals;
+    5. restoration quality: PSNR of the restored picture and of the degraded input against the clean one, the accuracy
+       of a perception probe trained on clean pictures reading each, and the generator's flow-matching error at fixed
+       t beside the same model reading another question's picture, copying the degraded latent and the mean latent;
+    6. pictures: examples.png (the SFT model restoring hard pictures: degraded, restored, clean, question, answer,
+       right?) and accuracy.png (bars per severity).
 
 Real benchmarks (GPU):
     python evaluate.py --init path/to/CLEAR --tsv MMBench_DEV_EN_V11_LOW_LEVEL_HIGH.tsv ... --device cuda --dtype bf16
@@ -73,16 +77,53 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return 99.0 if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
 
 
-def restoration_quality(model: M.Bagel, examples: list, traces: list) -> dict:
-    """Mean PSNR (dB) against the clean picture of the restored picture and of the degraded input, over restorations."""
-    restored, degraded = [], []
-    for ex, tr in zip(examples, traces):
-        if tr.latents:
-            img = bridge.decode_image(model, tr.latents[0], tr.grid).resize(ex.clean.size, Image.BICUBIC)
-            restored.append(psnr(np.asarray(img), np.asarray(ex.clean)))
-            degraded.append(psnr(np.asarray(ex.degraded), np.asarray(ex.clean)))
-    return {"n": len(restored), "restored_psnr": float(np.mean(restored)) if restored else None,
-            "degraded_psnr": float(np.mean(degraded)) if degraded else None}
+def restored_pictures(model: M.Bagel, traces: list) -> list:
+    """The first restored picture of each trace (None where it did not restore), decoded to 8-bit pixels."""
+    return [bridge.decode_image(model, tr.latents[0], tr.grid) if tr.latents else None for tr in traces]
+
+
+def restoration_quality(examples: list, pictures: list, probe) -> dict:
+    """Over the questions that restored: mean PSNR (dB) against the clean picture of the restored picture and of the
+    degraded input, and the accuracy of the clean-trained perception probe reading each (colour and count)."""
+    kept = [(ex, im.resize(ex.clean.size, Image.BICUBIC)) for ex, im in zip(examples, pictures) if im is not None]
+    if not kept:
+        return {"n": 0, "restored_psnr": None, "degraded_psnr": None, "probe_restored": None, "probe_degraded": None}
+    exs, ims = [ex for ex, _ in kept], [im for _, im in kept]
+    probe_acc = lambda pics: float(np.mean([a == ex.answer for a, ex in zip(D.probe_answers(probe, pics, exs), exs)]))  # noqa: E731
+    return {"n": len(kept), "restored_psnr": float(np.mean([psnr(np.asarray(im), np.asarray(ex.clean)) for ex, im in kept])),
+            "degraded_psnr": float(np.mean([psnr(np.asarray(ex.degraded), np.asarray(ex.clean)) for ex in exs])),
+            "probe_restored": probe_acc(ims), "probe_degraded": probe_acc([ex.degraded for ex in exs])}
+
+
+def paired_bootstrap(a, b, n_boot: int = 10000, seed: int = 0) -> dict:
+    """Mean of a - b over the same questions (1 = right, 0 = wrong) in points, with a 95% percentile bootstrap
+    interval: resample the questions with replacement n_boot times, keep the pairs together."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    means = d[np.random.default_rng(seed).integers(0, len(d), (n_boot, len(d)))].mean(1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return {"diff": 100 * float(d.mean()), "lo": 100 * float(lo), "hi": 100 * float(hi), "n": len(d)}
+
+
+# (checkpoint, mode) - (checkpoint, mode) at hard: does restoring help the answer? (CLEAR's claim, Table 1 / Fig. 4)
+COMPARISONS = [(("sft", "always restore"), ("sft", "text reasoning")), (("sft", "interleaved, bridge"), ("sft", "text reasoning")),
+               (("rl", "always restore"), ("rl", "text reasoning")), (("rl", "interleaved, bridge"), ("rl", "text reasoning")),
+               (("rl", "interleaved, bridge"), ("base", "direct"))]
+
+
+def comparisons(results: dict, severity: str = "hard", seed: int = 0) -> list:
+    out = []
+    for (ca, ma), (cb, mb) in COMPARISONS:
+        if ma in results.get(ca, {}) and mb in results.get(cb, {}):
+            out.append({"a": [ca, ma], "b": [cb, mb], "severity": severity,
+                        **paired_bootstrap(results[ca][ma][severity]["correct"], results[cb][mb][severity]["correct"], seed=seed)})
+    return out
+
+
+def comparison_table(rows: list) -> str:
+    lines = ["| comparison (hard, same questions) | difference (points) | 95% bootstrap interval |", "|---|---|---|"]
+    lines += [f"| {r['a'][0]} {r['a'][1]} - {r['b'][0]} {r['b'][1]} | {r['diff']:+.1f} | [{r['lo']:+.1f}, {r['hi']:+.1f}] |"
+              for r in rows]
+    return "\n".join(lines)
 
 
 FLOW_CHECK_T = (0.3, 0.6, 0.9, 1.0)
@@ -92,9 +133,10 @@ FLOW_CHECK_N = 64  # hard questions in the generator check
 @torch.no_grad()
 def flow_error_by_t(model: M.Bagel, tok, examples: list, ts=FLOW_CHECK_T, seed: int = 0) -> dict:
     """Can the generator restore? Flow-matching MSE of the clean latent at fixed t, in the CLEAR restore context
-    (prefix, then <image_restore>, as in always-restore mode), next to two references that need no model: copying
-    the degraded latent (v = noise - degraded) and predicting the mean latent (v = noise). A generator that restores
-    beats the copy at high t, where sampling starts and a picture's layout is decided."""
+    (prefix, then <image_restore>, as in always-restore mode), next to the same model given ANOTHER question's
+    degraded picture as context (same noise: what reading the right picture is worth) and two references that need no
+    model: copying the degraded latent (v = noise - degraded) and predicting the mean latent (v = noise). A generator
+    that restores beats the mean and the shuffled context widely at t = 1, where only the context says what to draw."""
     prefixes = D.inference_prefix(examples, tok, model.encode_pixels)
     clean = D.encode_images([D.image_to_tensor(ex.clean) for ex in examples], model.encode_pixels)
     degraded = [next(s for s in p if isinstance(s, M.VaeImage)).tokens for p in prefixes]
@@ -102,14 +144,17 @@ def flow_error_by_t(model: M.Bagel, tok, examples: list, ts=FLOW_CHECK_T, seed: 
     copy = float(np.mean([float((x0 - d0).pow(2).mean()) for (x0, _), d0 in zip(clean, degraded)]))
     mean = float(np.mean([float(x0.pow(2).mean()) for x0, _ in clean]))
     gen = torch.Generator().manual_seed(seed)
+    shuffled = prefixes[1:] + prefixes[:1]  # question i reads question i+1's degraded picture
     out = {}
     for t in ts:
-        samples = []
-        for prefix, (x0, grid) in zip(prefixes, clean):
+        noised = []
+        for x0, grid in clean:
             x_t, v = M.flow_interpolate(x0, torch.randn(x0.shape, generator=gen), t)
-            samples.append(prefix + [M.Text(tok.encode(D.RESTORE_TOKEN)), M.VaeImage(x_t, grid, t=t, target=v)])
-        mse = model(M.pack(samples, model.cfg).to(model.device)).mse
-        out[t] = {"model": float(mse.float().mean()), "copy": copy, "mean": mean}
+            noised.append([M.Text(tok.encode(D.RESTORE_TOKEN)), M.VaeImage(x_t, grid, t=t, target=v)])
+        err = {}
+        for name, context in (("model", prefixes), ("shuffled", shuffled)):
+            err[name] = float(model(M.pack([c + n for c, n in zip(context, noised)], model.cfg).to(model.device)).mse.mean())
+        out[t] = {**err, "copy": copy, "mean": mean}
     return out
 
 
@@ -118,20 +163,22 @@ def flow_table(flow: dict) -> str:
     lines = ["| predictor | " + " | ".join(f"t = {t}" for t in ts) + " |", "|---|" + "---|" * len(ts)]
     for ckpt, by_t in flow.items():
         lines.append(f"| {ckpt} | " + " | ".join(f"{by_t[t]['model']:.3f}" for t in ts) + " |")
+        lines.append(f"| {ckpt}, another question's picture as context | " + " | ".join(f"{by_t[t]['shuffled']:.3f}" for t in ts) + " |")
     first = next(iter(flow.values()))
     lines.append("| copy the degraded latent | " + " | ".join(f"{first[t]['copy']:.3f}" for t in ts) + " |")
     lines.append("| predict the mean latent (0) | " + " | ".join(f"{first[t]['mean']:.3f}" for t in ts) + " |")
     return "\n".join(lines)
 
 
-def evaluate_checkpoint(model, tok, split, modes: dict, icfg: E.InferenceConfig, seed: int) -> dict:
-    """Every requested mode on the aligned clean/low/mid/hard split."""
+def evaluate_checkpoint(model, tok, split, modes: dict, icfg: E.InferenceConfig, seed: int, probe) -> dict:
+    """Every requested mode on the aligned clean/low/mid/hard split; restoration quality of its hard restorations."""
     rows = {}
     for label, (mode, reentry) in modes.items():
         res = E.benchmark(model, tok, split, mode, E.replace(icfg, reentry=reentry), model.encode_pixels, seed=seed)
         rows[label] = {s: {k: v for k, v in res[s].items() if k != "traces"} for s in res}
-        rows[label]["quality"] = restoration_quality(model, split["hard"], res["hard"]["traces"])
-        rows[label]["_traces"] = {s: res[s]["traces"] for s in res}
+        pictures = restored_pictures(model, res["hard"]["traces"])
+        rows[label]["quality"] = restoration_quality(split["hard"], pictures, probe)
+        rows[label]["_shown"] = (res["hard"]["traces"], pictures)
     return rows
 
 
@@ -148,12 +195,14 @@ def main_table(results: dict) -> str:
 
 
 def quality_table(results: dict) -> str:
-    lines = ["| checkpoint | mode | restorations (hard) | PSNR restored | PSNR degraded input |", "|---|---|---|---|---|"]
+    lines = ["| checkpoint | mode | restorations (hard) | PSNR restored | PSNR degraded input | probe on restored | "
+             "probe on degraded input |", "|---|---|---|---|---|---|---|"]
     for ckpt, rows in results.items():
         for label, r in rows.items():
             q = r["quality"]
             if q["n"]:
-                lines.append(f"| {ckpt} | {label} | {q['n']} | {q['restored_psnr']:.2f} | {q['degraded_psnr']:.2f} |")
+                lines.append(f"| {ckpt} | {label} | {q['n']} | {q['restored_psnr']:.2f} | {q['degraded_psnr']:.2f} | "
+                             f"{100 * q['probe_restored']:.1f} | {100 * q['probe_degraded']:.1f} |")
     return "\n".join(lines)
 
 
@@ -165,22 +214,23 @@ def corruption_table(per: dict) -> str:
     return "\n".join(lines)
 
 
-def draw_examples(model, split, traces, path: Path, n: int = 8):
-    """A grid: degraded input | restored picture | question, answer, right or wrong (hard split)."""
+def draw_examples(examples: list, traces: list, pictures: list, path: Path, n: int = 8):
+    """A grid at hard: degraded input | restored picture | clean picture | question, answer, right or wrong."""
     cell, text_w = 96, 360
-    rows = [(ex, tr) for ex, tr in zip(split["hard"], traces["hard"]) if tr.latents][:n] or list(zip(split["hard"], traces["hard"]))[:n]
-    sheet = Image.new("RGB", (2 * cell + text_w, cell * len(rows)), "white")
+    rows = [i for i, im in enumerate(pictures) if im is not None][:n] or list(range(min(n, len(examples))))
+    sheet = Image.new("RGB", (3 * cell + text_w, cell * len(rows)), "white")
     draw = ImageDraw.Draw(sheet)
-    for i, (ex, tr) in enumerate(rows):
-        sheet.paste(ex.degraded.resize((cell, cell), Image.NEAREST), (0, i * cell))
-        if tr.latents:
-            sheet.paste(bridge.decode_image(model, tr.latents[0], tr.grid).resize((cell, cell), Image.NEAREST), (cell, i * cell))
+    for y, i in enumerate(rows):
+        ex, tr = examples[i], traces[i]
+        for x, im in enumerate((ex.degraded, pictures[i], ex.clean)):
+            if im is not None:
+                sheet.paste(im.resize((cell, cell), Image.NEAREST), (x * cell, y * cell))
         reply = E.final_text(tr)
         ok = D.is_correct(reply, ex)
-        lines = [f"{ex.corruption} (hard)", ex.question.split("\n")[0][:56], f"answer: {(D.extract_answer(reply) or reply)[:40]!r}",
-                 f"truth: {ex.answer}   {'RIGHT' if ok else 'WRONG'}"]
+        lines = [f"{ex.corruption} (hard): input | restored | clean", ex.question.split("\n")[0][:56],
+                 f"answer: {(D.extract_answer(reply) or reply)[:40]!r}", f"truth: {ex.answer}   {'RIGHT' if ok else 'WRONG'}"]
         for j, line in enumerate(lines):
-            draw.text((2 * cell + 6, i * cell + 6 + 20 * j), line, fill=(0, 120, 0) if ok and j == 3 else "black")
+            draw.text((3 * cell + 6, y * cell + 6 + 20 * j), line, fill=(0, 120, 0) if ok and j == 3 else "black")
     sheet.save(path)
 
 
@@ -215,13 +265,14 @@ def evaluate_toy(cfg: "EvalConfig", run: C.Run):
     world = D.ToyWorld(cfg.world_seed)
     split = world.eval_split(cfg.n, seed=cfg.seed)
     icfg = inference_config(cfg)
+    probe = D.perception_probe(world, Path(cfg.out_root) / "probe", cfg.probe_n, cfg.probe_steps)  # clean-trained, cached
     results, models, toks, t0 = {}, {}, {}, time.time()
     for name, folder in ckpts.items():
         models[name] = M.load_pretrained(folder, run.device, run.dtype)
         toks[name] = D.Tokenizer.from_folder(folder)
         modes = {"direct": MODES["direct"]} if name == "base" else MODES  # the base never learned the CLEAR format
         print(f"evaluating {name} ({len(modes)} modes x {len(SEVERITIES)} severities x {cfg.n} questions)")
-        results[name] = evaluate_checkpoint(models[name], toks[name], split, modes, icfg, cfg.seed)
+        results[name] = evaluate_checkpoint(models[name], toks[name], split, modes, icfg, cfg.seed, probe)
     best = max((c for c in results if c != "base"), key=lambda c: results[c]["interleaved, bridge"]["hard"]["acc"], default=None)
     per, hard = {}, per_corruption_split(world, cfg.n_corruption, cfg.seed)
     for name, mode in (("base", "direct"), (best, "interleave")) if cfg.n_corruption else ():
@@ -231,21 +282,24 @@ def evaluate_toy(cfg: "EvalConfig", run: C.Run):
         per[f"{name} ({mode})"] = {k: v["acc"] for k, v in res.items()}
     flow_set = split["hard"][:FLOW_CHECK_N]
     flow = {name: flow_error_by_t(models[name], toks[name], flow_set, seed=cfg.seed) for name in models if name != "base"}
+    paired = comparisons(results, seed=cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     report = ["# Toy MMD-Bench", "", f"`python evaluate.py --n {cfg.n} --seed {cfg.seed}` on {run.device}, "
               f"{time.time() - t0:.0f} s in all.", "", "## Accuracy (%) and restore rate", "", main_table(results), "",
+              "## Does restoring help the answer?", "", comparison_table(paired), "",
               "## Accuracy (%) at hard per corruption", "", corruption_table(per), "",
-              "## Restoration quality at hard (PSNR against the clean picture, dB)", "", quality_table(results), ""]
+              "## Restoration quality at hard (PSNR against the clean picture, dB; accuracy % of a perception probe "
+              "trained on clean pictures, reading each picture)", "", quality_table(results), ""]
     if flow:
         report += [f"## Generator check at hard (flow-matching MSE of the clean latent at fixed t, {len(flow_set)} questions, "
                    "restore context)", "", flow_table(flow), ""]
     (out / "report.md").write_text("\n".join(report))
-    clean = {c: {m: {k: v for k, v in r.items() if k != "_traces"} for m, r in rows.items()} for c, rows in results.items()}
-    (out / "report.json").write_text(json.dumps({"main": clean, "per_corruption": per, "flow_check": flow, "args": vars(cfg)}, indent=1))
-    show = best or "base"
-    label = "interleaved, bridge" if show != "base" else "direct"
-    draw_examples(models[show], split, results[show][label]["_traces"], out / "examples.png")
+    clean = {c: {m: {k: v for k, v in r.items() if k != "_shown"} for m, r in rows.items()} for c, rows in results.items()}
+    (out / "report.json").write_text(json.dumps({"main": clean, "comparisons": paired, "per_corruption": per,
+                                                 "flow_check": flow, "args": vars(cfg)}, indent=1))
+    show = "sft" if "sft" in results else best or "base"  # the SFT generator restoring every hard picture
+    draw_examples(split["hard"], *results[show]["always restore" if show != "base" else "direct"]["_shown"], out / "examples.png")
     draw_bars(results, out / "accuracy.png")
     print("\n".join(report))
     print(f"wrote {out}/report.md, report.json, examples.png, accuracy.png")
@@ -345,6 +399,8 @@ class EvalConfig:
     n: int = flag(192, "held-out questions per severity", "[1, inf)", group=TOY)
     n_corruption: int = flag(24, "questions per corruption in the per-corruption sets (0 = skip them)", "[0, inf)", group=TOY)
     world_seed: int = flag(0, "toy world seed", group=TOY)
+    probe_n: int = flag(3000, "training pictures of the clean-trained perception probe (cached in OUT_ROOT/probe)", "[1, inf)", group=TOY)
+    probe_steps: int = flag(500, "training steps of the perception probe", "[1, inf)", group=TOY)
     init: str | None = flag(None, "BAGEL-format checkpoint (BAGEL-7B-MoT, CLEAR or ours)", group=REAL)
     tsv: tuple = flag((), "VLMEvalKit TSV files (MMD-Bench)", group=REAL, nargs="*")
     mode: str = flag("interleave", "reasoning mode for the TSVs", choices=E.MODES, group=REAL)
@@ -372,7 +428,8 @@ def main(argv=None):
     if real:
         if not cfg.init:
             C.refuse(prog, "--tsv needs --init PATH (a BAGEL-format checkpoint folder)")
-        C.refuse_given(prog, given, ("out_root", "n", "n_corruption", "world_seed"), "with --tsv (toy benchmark flags)")
+        C.refuse_given(prog, given, ("out_root", "n", "n_corruption", "world_seed", "probe_n", "probe_steps"),
+                       "with --tsv (toy benchmark flags)")
     else:
         C.refuse_given(prog, given, ("init", "mode", "sizes", "judge", "system", "reentry"),
                        "on the toy benchmark (it runs every mode and re-entry path; pass --tsv for a real benchmark)")

@@ -94,6 +94,7 @@ def test_toy_report_end_to_end(toy_ckpt, tmp_path):
     import shutil
     shutil.copytree(toy_ckpt, out_root / "sft")
     evaluate.main(["--out-root", str(out_root), "--n", "2", "--n-corruption", "1", "--max-text-tokens", "3", "--steps", "3",
+                   "--probe-n", "20", "--probe-steps", "5",
                    "--out", str(tmp_path / "eval"), "--threads", "1"])
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert set(report["main"]["sft"]) == set(evaluate.MODES)
@@ -126,3 +127,29 @@ def test_generator_check_references_and_a_zero_velocity_head(toy_ckpt):
         assert res[t]["mean"] == pytest.approx(float(x0.pow(2).mean()), rel=1e-4)
         assert res[t]["model"] == pytest.approx(1 + float(x0.pow(2).mean()), abs=0.05)
     assert "copy the degraded latent" in evaluate.flow_table({"sft": {t: res[1.0] for t in evaluate.FLOW_CHECK_T}})
+
+
+def test_paired_bootstrap_on_known_inputs():
+    """The difference is the mean of a - b in points; the interval is the spread of resampled means (about +-1.96 SE)."""
+    ones, zeros = [1] * 100, [0] * 100
+    assert evaluate.paired_bootstrap(ones, zeros) == {"diff": 100.0, "lo": 100.0, "hi": 100.0, "n": 100}
+    assert evaluate.paired_bootstrap(ones, ones)["hi"] == 0.0
+    half = evaluate.paired_bootstrap([1] * 50 + [0] * 50, zeros)  # SE of a 0.5 mean over 100 items: 5 points
+    assert half["diff"] == 50.0 and half["lo"] == pytest.approx(40.2, abs=1.5) and half["hi"] == pytest.approx(59.8, abs=1.5)
+    paired = evaluate.paired_bootstrap([1, 0] * 50, [1, 0] * 50)  # identical per question: no spread at all
+    assert paired["lo"] == paired["hi"] == 0.0
+
+
+def test_probe_answers_on_known_readings():
+    """The probe answers count by its occupied quadrants and colour from the most surely occupied one."""
+    class Fixed(torch.nn.Module):  # quadrant readings: occupied top left (red) and bottom right (blue, surer)
+        def forward(self, quads):
+            out = torch.full((4, 1 + len(D.SHAPES) + len(D.COLOURS)), -9.0)
+            out[:, 0] = 9.0  # empty
+            out[0, 0], out[0, 1], out[0, 1 + len(D.SHAPES)] = -9.0, 9.0, 9.0
+            out[3, 0], out[3, 2], out[3, 1 + len(D.SHAPES) + 5] = -20.0, 9.0, 9.0
+            return out
+    picture = Image.new("RGB", (D.MODEL_SIZE, D.MODEL_SIZE))
+    ask = lambda q: D.Example(picture, q, "", qtype=q.split()[0].lower().replace("what", "colour").replace("how", "count"))  # noqa: E731
+    answers = D.probe_answers(Fixed(), [picture] * 2, [ask("How many shapes are there?"), ask("What colour are the shapes?")])
+    assert answers == ["2", list(D.COLOURS)[5]]
