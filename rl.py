@@ -5,24 +5,41 @@ For each degraded-image question the policy writes G interleaved rollouts: text 
 ending in <image_restore> makes it denoise a restored image with the SDE sampler (every step recorded), which re-enters
 through the latent bridge; then the text continues. Rewards score each rollout, advantages centre them per group, and
 
-    L = L_text + lambda * L_image
+    L = mean over the B completions of ( L_text + lambda * L_image )
     L_text  = token-level PPO-clip on the sampled text, + beta * KL_k3(reference || policy)
-    L_image = PPO-clip on the Gaussian log-probability of K recorded denoising steps per image (Flow-GRPO)
+    L_image = PPO-clip on the Gaussian log-probability of ONE recorded denoising step of the completion's restorations
+              (Flow-GRPO); a completion that did not restore adds 0
 
 share one backward through the same forward, whose context is exactly the one the rollout was sampled in (the
 bridged latent, not a re-encoded picture; the official code replays a different context, see clear_method §3.6).
+
+The official recipe, as presets (--recipe; a flag given explicitly overrides its preset value):
+  * head (official scripts/train_reason_interleave_grpo.sh at HEAD 411d6bd): reward = 0.75 accuracy + 0.10 format
+    (enable_reward_decision False, enable_reward_latent_quality False); loss_type dr_grpo, i.e. the text loss summed
+    over tokens / (B * max_completion_length); the image term uses the same advantages (separate_image_rewards False);
+  * release (the same script at the release a65d61f): + 0.15 decision reward; loss_type grpo (per-sequence token
+    mean); image advantages from the latent-quality reward alone (separate_image_rewards True; NaN -> 0 before the
+    group mean), which never enters the scalar reward (weight_map latent_quality 0.0).
+  Both (interleave_grpo.py and the trainer, bagel_interleave_grpo_trainer.py): image_loss_weight 0.5, G = 8,
+  epsilon 0.2, beta 0.04, temperature 1.0, top_p 1.0, SDE sigma 0.3 on a 20-point grid with shift 3 and no CFG,
+  num_iterations 1 (ratio 1), scale_rewards False, round-robin step choice excluding each trajectory's last step,
+  the training score clamped at +-50 after a blend toward (1 - t) v below t = 0.1, "restored" = <image_restore> in
+  the completion text, AdamW (0.9, 0.999) lr 5e-6 cosine without warmup, 400 (head) / 200 (release) steps.
 
 CPU (toy): python rl.py                  # from out/bridge/ (or out/sft/), ~6 min on 2 cores, writes out/rl/ and a before/after table
 GPU:       python rl.py --device cuda --dtype bf16 --init path/to/CLEAR-or-BAGEL --data rl.jsonl --images DIR
            torchrun --nproc_per_node 8 rl.py ... (each process rolls out its own prompts; gradients are averaged)
 
-Differences from the official recipe (numbered):
+Differences from the official recipe (numbered; deliberate):
   1. The KL reference is a frozen copy of the starting checkpoint; the official code uses the rollout policy itself,
      which makes the KL vanish (`--ref rollout` reproduces that).
   2. The forward that scores a rollout replays its exact context (bridged latent, sampled token ids); officially the
      generated image is re-encoded through VAE + ViT, so post-image log-probs see another context.
-  3. Toy-sized defaults (G=4, 10 SDE points, 48-token segments, a few hundred steps); official values in the help.
+  3. Toy-sized defaults: G = 4, 10 SDE points, 48-token segments, max_completion_length 144, 4 questions per step,
+     lr 2e-5, 300 steps; the official values are in each flag's help.
   4. Accuracy is exact match (MC by letter) on the toy; a judge callable plugs in for open answers (no network).
+  5. All B completions of a step form one batch for one optimiser step (officially 32 micro-steps of one completion
+     accumulate into one); the loss is the same mean over completions.
 """
 
 from __future__ import annotations
@@ -30,7 +47,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +63,12 @@ from common import flag
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Settings
+
+
+RECIPES = {  # official scripts/train_reason_interleave_grpo.sh at HEAD (411d6bd) and at the release (a65d61f)
+    "head": dict(w_decision=0.0, loss_type="dr_grpo", separate_image_rewards=False),
+    "release": dict(w_decision=0.15, loss_type="grpo", separate_image_rewards=True),
+}
 
 
 @dataclass
@@ -66,21 +89,25 @@ class RLConfig:
     sde_sigma: float = flag(0.3, "constant SDE noise level (official 0.3)", "(0, inf)", group="rollouts")
     reentry: str = flag("bridge", "how the restored image re-enters", choices=bridge.REENTRY[:2], group="rollouts")
     # rewards
-    w_accuracy: float = flag(0.75, "accuracy reward weight", "[0, inf)", group="rewards (official weights 0.75 / 0.10 / 0.15 / 0.0)")
-    w_format: float = flag(0.10, "format reward weight", "[0, inf)", group="rewards (official weights 0.75 / 0.10 / 0.15 / 0.0)")
-    w_decision: float = flag(0.15, "decision reward weight", "[0, inf)", group="rewards (official weights 0.75 / 0.10 / 0.15 / 0.0)")
-    w_latent: float = flag(0.0, "latent-quality reward weight", "[0, inf)", group="rewards (official weights 0.75 / 0.10 / 0.15 / 0.0)")
-    decision_smooth: bool = flag(False, "1.0/0.5/0.5/-0.2 decision table", group="rewards (official weights 0.75 / 0.10 / 0.15 / 0.0)")
+    recipe: str = flag("head", "official preset (module docstring): head or release", choices=list(RECIPES), group="rewards")
+    w_accuracy: float = flag(0.75, "accuracy reward weight (official 0.75)", "[0, inf)", group="rewards")
+    w_format: float = flag(0.10, "format reward weight (official 0.10)", "[0, inf)", group="rewards")
+    w_decision: float = flag(0.0, "decision reward weight (official head 0, release 0.15)", "[0, inf)", group="rewards")
+    w_latent: float = flag(0.0, "latent-quality weight in the scalar reward (official 0.0)", "[0, inf)", group="rewards")
+    decision_smooth: bool = flag(False, "1.0/0.5/0.5/-0.2 decision table (official False)", group="rewards")
+    separate_image_rewards: bool = flag(False, "image advantages from the latent-quality reward (official head False, "
+                                        "release True)", group="rewards")
     # loss
-    loss_type: str = flag("dr_grpo", "token aggregation (official HEAD dr_grpo)", choices=["grpo", "dr_grpo"], group="loss")
+    loss_type: str = flag("dr_grpo", "token aggregation (official head dr_grpo, release grpo)", choices=["grpo", "dr_grpo"], group="loss")
+    max_completion_length: int = flag(144, "Dr.GRPO denominator per completion (official 16384)", "[1, inf)", group="loss")
     scale_rewards: bool = flag(False, "divide advantages by the group std", group="loss")
     epsilon: float = flag(0.2, "PPO clip range", "(0, 1)", group="loss")
     beta: float = flag(0.04, "KL weight (k3 estimator)", "[0, inf)", group="loss")
     ref: str = flag("frozen", "KL reference: frozen start checkpoint or the rollout policy (official)",
                     choices=["frozen", "rollout"], group="loss")
     image_loss_weight: float = flag(0.5, "lambda of the Flow-GRPO term (official 0.5)", "[0, inf)", group="loss")
-    image_steps: int = flag(1, "denoising steps trained per image and update, K", "[1, inf)", group="loss")
-    step_strategy: str = flag("round_robin", "which steps", choices=["round_robin", "random", "weighted"], group="loss")
+    step_strategy: str = flag("round_robin", "which denoising step of a completion is trained (official round_robin)",
+                              choices=["round_robin", "random", "weighted"], group="loss")
     # optimisation
     steps: int = flag(300, "optimiser steps (official 400)", "[1, inf)", group="optimisation")
     lr: float = flag(2e-5, "learning rate, cosine, no warmup (official 5e-6)", "(0, inf)", group="optimisation")
@@ -99,8 +126,10 @@ class RLConfig:
 
 
 def parse_config(argv=None) -> RLConfig:
-    """Flags -> RLConfig, refusing values out of range and flags that would have no effect."""
+    """Flags -> RLConfig: the recipe's values where no flag was given; out-of-range values and flags that would have
+    no effect are refused."""
     cfg, prog, given = C.parse_flags(RLConfig, __doc__, argv)
+    cfg = replace(cfg, **{k: v for k, v in RECIPES[cfg.recipe].items() if k not in given})
     if (cfg.data is None) != (cfg.images is None):
         C.refuse(prog, "--data and --images go together: the JSONL's image paths are relative to --images")
     if cfg.data is not None:
@@ -108,7 +137,7 @@ def parse_config(argv=None) -> RLConfig:
     if cfg.beta == 0:
         C.refuse_given(prog, given, ("ref",), "with --beta 0 (no KL term)")
     if cfg.image_loss_weight == 0:
-        C.refuse_given(prog, given, ("image_steps", "step_strategy"), "with --image-loss-weight 0 (no Flow-GRPO term)")
+        C.refuse_given(prog, given, ("step_strategy", "separate_image_rewards"), "with --image-loss-weight 0 (no Flow-GRPO term)")
     if cfg.w_decision == 0:
         C.refuse_given(prog, given, ("decision_smooth",), "with --w-decision 0")
     return cfg
@@ -185,28 +214,25 @@ def aggregate(per_token: torch.Tensor, seq: torch.Tensor, n_seq: int, kind: str,
 
 
 def flow_step_logprob(x_t, v, x_next, t: float, dt: float, sigma: float):
-    """Log-probability of a recorded SDE step under the current velocity (official training form: score clamp
-    +-50, and for t < 0.1 the score is blended with (1 - t) v)."""
-    if t < 0.1:
-        score = ((x_t + (1 - t) * v) / max(t, 1e-6)).clamp(-50, 50)
-        score = (t / 0.1) * score + (1 - t / 0.1) * (1 - t) * v
-        mean = x_t - (v + 0.5 * sigma ** 2 * score) * dt
-    else:
-        mean = M.sde_step_mean(x_t, v, t, dt, sigma, score_clamp=50.0)
+    """Log-probability of a recorded SDE step under the current velocity, in the official training form: below
+    t = 0.1 the score is blended toward (1 - t) v with weight t / 0.1, then clamped to +-50 (the rollout used +-100)."""
+    score = (x_t + (1 - t) * v) / max(t, 1e-4)  # official: t_safe = max(t, 1e-4)
+    if t < 0.1:  # official: weight * (1 - t) v + (1 - weight) * standard score, weight = t / 0.1
+        w = t / 0.1
+        score = w * (1 - t) * v + (1 - w) * score
+    mean = x_t - (v + 0.5 * sigma ** 2 * score.clamp(-50.0, 50.0)) * dt  # official: clamp after the blend
     return M.sde_step_logprob(x_next, mean, sigma, dt)
 
 
-def choose_steps(n_steps: int, k: int, strategy: str, counter: int, rng: np.random.Generator, ts: list) -> list[int]:
-    """K candidate steps of one trajectory (its last step excluded, as officially): round robin, random or weighted
-    by 1 / (|0.5 - t| + 0.1)."""
-    cand = list(range(max(1, n_steps - 1)))
-    k = min(k, len(cand))
+def choose_step(ts: list, strategy: str, counter: int, rng: np.random.Generator) -> int:
+    """Which of a completion's candidate steps (times ts) is trained (official: round robin over a global counter,
+    random, or weighted by 1 / (|0.5 - t| + 0.1))."""
     if strategy == "round_robin":
-        return [cand[(counter + j) % len(cand)] for j in range(k)]
+        return counter % len(ts)
     if strategy == "random":
-        return sorted(rng.choice(cand, k, replace=False).tolist())
-    w = np.array([1.0 / (abs(0.5 - ts[i]) + 0.1) for i in cand])
-    return sorted(rng.choice(cand, k, replace=False, p=w / w.sum()).tolist())
+        return int(rng.integers(len(ts)))
+    w = np.array([1.0 / (abs(0.5 - t) + 0.1) for t in ts])
+    return int(rng.choice(len(ts), p=w / w.sum()))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -243,16 +269,21 @@ def replay_sample(r: Rollout, steps_per_image: list[list[int]], reentry: str, mo
     return seq, mask
 
 
-def grpo_loss(model, ref: M.Bagel | None, rollouts: list[Rollout], adv: torch.Tensor, cfg: RLConfig, counter: int,
-              rng: np.random.Generator, raw: M.Bagel):
-    """One Interleaved-GRPO loss over a batch of rollouts (CLEAR §3.4)."""
+def grpo_loss(model, ref: M.Bagel | None, rollouts: list[Rollout], adv: torch.Tensor, img_adv: torch.Tensor,
+              cfg: RLConfig, counter: int, rng: np.random.Generator, raw: M.Bagel):
+    """One Interleaved-GRPO loss over a batch of rollouts (CLEAR §3.4): returns (loss, stats, the step counter)."""
     samples, masks, chosen = [], [], []
     for i, r in enumerate(rollouts):
-        per_image = [choose_steps(len(st), cfg.image_steps, cfg.step_strategy, counter + i, rng, [s["t"] for s in st])
-                     for st in r.trace.steps] if cfg.image_loss_weight > 0 else [[] for _ in r.trace.steps]
+        # official: one step per completion, from all its images' steps but each trajectory's last
+        cands = [(img, s) for img, st in enumerate(r.trace.steps) for s in range(len(st) - 1)] if cfg.image_loss_weight > 0 else []
+        per_image = [[] for _ in r.trace.steps]
+        if cands:
+            img, s = cands[choose_step([r.trace.steps[a][b]["t"] for a, b in cands], cfg.step_strategy, counter, rng)]
+            counter += 1
+            per_image[img].append(s)
+            chosen.append((i, img, s))
         seq, mask = replay_sample(r, per_image, cfg.reentry, raw)
         samples.append(seq), masks.append(mask)
-        chosen += [(i, img, s) for img, st in enumerate(per_image) for s in st]
     packed = M.pack(samples, raw.cfg).to(raw.device)
     out = model(packed, temperature=cfg.temperature)
     label_mask = torch.tensor([m for ms in masks for m in ms], dtype=torch.bool, device=raw.device)
@@ -269,26 +300,24 @@ def grpo_loss(model, ref: M.Bagel | None, rollouts: list[Rollout], adv: torch.Te
         else:
             ref_logp = old  # official: the rollout policy is its own reference
         kl = kl_k3(logp, ref_logp)
-    max_len = cfg.max_text_tokens * cfg.max_rounds
-    l_text = aggregate(text_loss + cfg.beta * kl, seq_id, len(rollouts), cfg.loss_type, max_len)
+    l_text = aggregate(text_loss + cfg.beta * kl, seq_id, len(rollouts), cfg.loss_type, cfg.max_completion_length)
     l_img = out.v.sum() * 0
     if chosen:
-        vs = out.v.split(packed.flow_lens)
-        lps, olds, advs = [], [], []
+        vs, dev = out.v.split(packed.flow_lens), raw.device
+        lps = []
         for (i, img, s), v in zip(chosen, vs):
             st = rollouts[i].trace.steps[img][s]
-            dev = raw.device
             lps.append(flow_step_logprob(st["x_t"].to(dev)[None], v.float()[None], st["x_next"].to(dev)[None], st["t"], st["dt"], cfg.sde_sigma)[0])
-            olds.append(lps[-1].detach())  # ratio 1 at the first (and only) update, as officially
-            advs.append(adv[i])
-        img_loss, _ = ppo_clip_loss(torch.stack(lps), torch.stack(olds), torch.stack(advs).to(raw.device), cfg.epsilon)
-        l_img = img_loss.mean()
+        lps = torch.stack(lps)
+        a_img = img_adv.to(dev)[[i for i, _, _ in chosen]]
+        img_loss, _ = ppo_clip_loss(lps, lps.detach(), a_img, cfg.epsilon)  # ratio 1 at the only update, as officially
+        l_img = l_img + img_loss.sum() / len(rollouts)  # official: a completion without an image adds 0
     loss = l_text + cfg.image_loss_weight * l_img
     img = float(cfg.image_loss_weight * abs(float(l_img)))
     stats = {"kl": float(kl.detach().sum() / max(1, len(kl))), "clip": float(clipped.mean()) if len(clipped) else 0.0,
              "img_share": img / (abs(float(l_text)) + img + 1e-8),  # |lambda L_image| / (|L_text| + |lambda L_image|)
              "logp_drift": float(max((abs(float(a) - b) for a, b in zip(logp.tolist(), rollout_logps(rollouts))), default=0.0))}
-    return loss, stats
+    return loss, stats, counter
 
 
 def rollout_logps(rollouts: list[Rollout]) -> list[float]:
@@ -306,7 +335,8 @@ def score(rollouts: list[Rollout], clean_latents: list, cfg: RLConfig, judge=Non
         reply = E.final_text(r.trace)
         acc = accuracy_reward(reply, r.example, judge)
         parts = {"accuracy": acc, "format": format_reward(r.trace.texts),
-                 "decision": decision_reward(r.trace.restored, acc > 0.5, cfg.decision_smooth),
+                 "decision": decision_reward(any(D.requests_restore(t) for t in r.trace.texts), acc > 0.5,  # official
+                                             cfg.decision_smooth),  # restored = <image_restore> in the completion text
                  "latent": latent_quality_reward(r.trace.latents[0] if r.trace.latents else None, clean)}
         weights = {"accuracy": cfg.w_accuracy, "format": cfg.w_format, "decision": cfg.w_decision, "latent": cfg.w_latent}
         r.reward = sum(0.0 if math.isnan(v) else weights[k] * v for k, v in parts.items())  # official: NaN -> 0
@@ -356,7 +386,7 @@ def main(argv=None):
     log = C.Log(out.with_name(out.name + ".log.jsonl"), start if start else None, run.main)
     if run.main:
         print(f"Interleaved GRPO from {init}: {cfg.prompts} questions x G={cfg.group} rollouts per step, {cfg.steps} steps")
-    t_start = time.time()
+    t_start, counter = time.time(), M.read_json(out / "nanoclear.json")["counter"] if start else 0  # round-robin position
     for step in range(start, cfg.steps):
         t0 = time.time()
         rng, gen = C.step_rngs(cfg.seed, step, run.rank)
@@ -368,10 +398,14 @@ def main(argv=None):
         score(rollouts, clean, cfg)
         rewards = torch.tensor([r.reward for r in rollouts])
         adv = group_advantages(rewards, cfg.group, cfg.scale_rewards)
+        img_adv = adv
+        if cfg.separate_image_rewards:  # official release: latent quality alone, NaN (no image) -> 0 before the mean
+            quality = torch.tensor([r.parts["latent"] for r in rollouts]).nan_to_num(0.0)
+            img_adv = group_advantages(quality, cfg.group, cfg.scale_rewards)
         model.train()
         for g_ in opt.param_groups:
             g_["lr"] = C.lr_at(step, cfg.steps, cfg.lr, 0, 0.0)
-        loss, stats = grpo_loss(wrapped, ref, rollouts, adv, cfg, step * cfg.prompts * cfg.group, rng, model)
+        loss, stats, counter = grpo_loss(wrapped, ref, rollouts, adv, img_adv, cfg, counter, rng, model)
         loss.backward()
         gnorm = C.clip_and_step(model, opt, cfg.grad_clip)
         if run.main:
@@ -380,7 +414,8 @@ def main(argv=None):
                  "restore": float(np.mean([r.trace.restored for r in rollouts])), **stats, "loss": float(loss),
                  "gnorm": gnorm, "s": round(time.time() - t0, 1)})
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            C.save_checkpoint(out, model, None, opt, tok.tk, step + 1, {"stage": "rl", "args": vars(cfg), "init": init}, run)
+            C.save_checkpoint(out, model, None, opt, tok.tk, step + 1, {"stage": "rl", "args": vars(cfg), "init": init,
+                                                                        "counter": counter}, run)
             if run.world > 1:
                 dist.barrier()
     if run.main:

@@ -3,6 +3,7 @@
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -104,14 +105,14 @@ def test_flow_step_logprob_matches_sampler_for_t_above_blend():
     torch.testing.assert_close(rl.flow_step_logprob(x, v, x_next, t, dt, sigma), M.sde_step_logprob(x_next, mean, sigma, dt))
 
 
-def test_choose_steps_strategies():
-    """Round robin cycles over all but the last step; random and weighted pick distinct valid steps."""
-    ts = list(np.linspace(1, 0.1, 9))
-    assert [rl.choose_steps(9, 1, "round_robin", c, None, ts)[0] for c in range(10)] == [0, 1, 2, 3, 4, 5, 6, 7, 0, 1]
+def test_choose_step_strategies():
+    """Round robin follows the counter over a completion's candidates; random and weighted pick a valid one."""
+    ts = list(np.linspace(1, 0.1, 8))
+    assert [rl.choose_step(ts, "round_robin", c, None) for c in range(10)] == [0, 1, 2, 3, 4, 5, 6, 7, 0, 1]
     rng = np.random.default_rng(0)
-    for strategy in ("random", "weighted"):
-        s = rl.choose_steps(9, 3, strategy, 0, rng, ts)
-        assert len(set(s)) == 3 and max(s) < 8
+    picks = [rl.choose_step(ts, "weighted", 0, rng) for _ in range(400)]
+    assert all(0 <= p < 8 for p in picks) and np.bincount(picks).argmax() in (4, 5)  # t nearest 0.5 is favoured
+    assert 0 <= rl.choose_step(ts, "random", 0, rng) < 8
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +184,7 @@ def test_grpo_loss_backward_reaches_text_and_denoiser(policy):
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
     args = rollout_args()
     policy.zero_grad()
-    loss, stats = rl.grpo_loss(policy, None, rollouts, adv, args, 0, np.random.default_rng(0), policy)
+    loss, stats, counter = rl.grpo_loss(policy, None, rollouts, adv, adv, args, 0, np.random.default_rng(0), policy)
     loss.backward()
     assert torch.isfinite(loss) and stats["logp_drift"] < 1e-3
     assert policy.llm2vae.weight.grad.abs().sum() > 0 and policy.language_model.lm_head.weight.grad.abs().sum() > 0
@@ -224,8 +225,8 @@ def test_flow_step_logprob_by_hand():
     assert float(rl.flow_step_logprob(x, v, x_next, t, dt, sigma)) == pytest.approx(-mean ** 2 / (2 * 0.25 * dt))
 
 
-GOLDEN_RL = [(0.08437499403953552, 0.75), (-0.15499523282051086, 0.25), (0.05814710259437561, 0.5),
-             (-0.18185000121593475, 0.5), (2.173955181206111e-05, 0.0)]
+GOLDEN_RL = [(0.02734375, 0.75), (-0.027343150228261948, 0.25), (0.0022813910618424416, 0.75),  # recorded with the head recipe
+             (0.027346700429916382, 0.75), (2.611635409266455e-06, 0.0)]
 
 
 def test_golden_losses_of_a_tiny_rl_run(toy_ckpt, tmp_path, monkeypatch):
@@ -239,3 +240,46 @@ def test_golden_losses_of_a_tiny_rl_run(toy_ckpt, tmp_path, monkeypatch):
     log = [json.loads(line) for line in (tmp_path / "rl.log.jsonl").read_text().splitlines()]
     assert [r["restore"] for r in log] == [r for _, r in GOLDEN_RL]
     assert [r["loss"] for r in log] == pytest.approx([loss for loss, _ in GOLDEN_RL], rel=1e-4, abs=1e-7)
+
+
+def test_flow_step_small_t_blend_by_hand():
+    """Below t = 0.1 the score is w (1 - t) v + (1 - w) (x + (1 - t) v) / t with w = t / 0.1, clamped after (official)."""
+    x, v, x_next = torch.tensor([[0.01]]), torch.tensor([[0.02]]), torch.tensor([[0.0]])
+    t, dt, sigma = 0.05, 0.05, 0.3
+    score = 0.5 * 0.95 * 0.02 + 0.5 * (0.01 + 0.95 * 0.02) / 0.05
+    mean = 0.01 - (0.02 + 0.045 * score) * dt
+    assert float(rl.flow_step_logprob(x, v, x_next, t, dt, sigma)) == pytest.approx(-mean ** 2 / (2 * 0.09 * dt))
+    big = torch.tensor([[10.0]])  # a score beyond +-50 is clamped after the blend
+    mean = 10.0 - (10.0 + 0.045 * 50.0) * dt
+    assert float(rl.flow_step_logprob(big, big, x_next, t, dt, sigma)) == pytest.approx(-mean ** 2 / (2 * 0.09 * dt))
+
+
+def test_image_loss_is_per_completion_over_all_completions(policy):
+    """L = L_text + lambda * sum over restoring completions of their one step's term / B (official): doubling the
+    batch with completions that never restored halves the image term; one step per completion is trained."""
+    rollouts = forced_restore_rollouts(policy, 5)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    cfg = rollout_args(image_loss_weight=1.0)
+    _, stats, counter = rl.grpo_loss(policy, None, rollouts, adv, adv, cfg, 0, np.random.default_rng(0), policy)
+    assert counter == 4  # one chosen step per restoring completion
+    text_only = rl.grpo_loss(policy, None, rollouts, adv, adv, replace(cfg, image_loss_weight=0.0), 0, np.random.default_rng(0), policy)[0]
+    both = rl.grpo_loss(policy, None, rollouts, adv, adv, cfg, 0, np.random.default_rng(0), policy)[0]
+    plain = [rl.Rollout(r.prefix, replace(r.trace, latents=[], steps=[], ids=r.trace.ids[:1], logps=r.trace.logps[:1],
+                                          texts=r.trace.texts[:1], stopped=r.trace.stopped[:1]), r.example) for r in rollouts]
+    zero = torch.zeros(4)
+    doubled = rl.grpo_loss(policy, None, rollouts + plain, torch.cat([adv, zero]), torch.cat([adv, zero]), cfg, 0,
+                           np.random.default_rng(0), policy)[0]
+    text_doubled = rl.grpo_loss(policy, None, rollouts + plain, torch.cat([adv, zero]), torch.cat([adv, zero]),
+                                replace(cfg, image_loss_weight=0.0), 0, np.random.default_rng(0), policy)[0]
+    assert float(doubled - text_doubled) == pytest.approx(float(both - text_only) / 2, rel=1e-4, abs=1e-7)
+
+
+def test_recipes_are_the_official_presets():
+    """head: 0.75 acc + 0.1 format, dr_grpo, shared advantages; release: + 0.15 decision, grpo, latent-quality image
+    advantages; an explicit flag overrides its preset value."""
+    head, release = rl.parse_config([]), rl.parse_config(["--recipe", "release"])
+    assert (head.w_accuracy, head.w_format, head.w_decision, head.w_latent, head.loss_type, head.separate_image_rewards) == \
+        (0.75, 0.10, 0.0, 0.0, "dr_grpo", False)
+    assert (release.w_decision, release.loss_type, release.separate_image_rewards) == (0.15, "grpo", True)
+    assert rl.parse_config(["--recipe", "release", "--loss-type", "dr_grpo"]).loss_type == "dr_grpo"
+    assert head.image_loss_weight == release.image_loss_weight == 0.5
