@@ -613,14 +613,26 @@ def toy_corpus(n: int = 2000, seed: int = 0) -> list[str]:
 
 @dataclass(frozen=True)
 class ImageSizes:
-    """(max side, min side, stride) of the VAE and ViT resizes (BAGEL: ImageTransform). The strides must be multiples
-    of the model's latent_downsample and equal to its vit_patch_size (the teacher ViT image is grid x patch)."""
-    vae: tuple = (MODEL_SIZE, MODEL_SIZE, 16)
-    vit: tuple = (MODEL_SIZE, MODEL_SIZE, 8)
+    """(max side, min side, stride) of the VAE and ViT resizes (BAGEL: ImageTransform)."""
+    vae: tuple
+    vit: tuple
 
 
-TOY_SIZES = ImageSizes()
-BAGEL_SIZES = ImageSizes(vae=(1024, 512, 16), vit=(518, 224, 14))  # official corruption_mix.yaml transforms
+BAGEL_SIDES = ((1024, 512), (518, 224))  # official corruption_mix.yaml: VAE max / min side, ViT max / min side
+TOY_SIDES = ((MODEL_SIZE, MODEL_SIZE), (MODEL_SIZE, MODEL_SIZE))  # every toy picture is MODEL_SIZE square
+
+
+def image_sizes(cfg: M.ModelConfig, vae_sides: tuple = BAGEL_SIDES[0], vit_sides: tuple = BAGEL_SIDES[1]) -> ImageSizes:
+    """The one place picture sizes are decided: strides from the model (latent_downsample for the VAE, the ViT patch),
+    max sides capped by its position tables (max_latent_size and vit_max_num_patch_per_side tokens per side), min
+    sides capped by the max. BAGEL-7B-MoT: VAE (1024, 512, 16), ViT (518, 224, 14); the toy passes TOY_SIDES."""
+    s_vae, s_vit = cfg.latent_downsample, cfg.vit_patch_size
+    vae_max = min(vae_sides[0], cfg.max_latent_size * s_vae)
+    vit_max = min(vit_sides[0], cfg.vit_max_num_patch_per_side * s_vit)
+    return ImageSizes(vae=(vae_max, min(vae_sides[1], vae_max), s_vae), vit=(vit_max, min(vit_sides[1], vit_max), s_vit))
+
+
+TOY_SIZES = image_sizes(M.PRESETS["tiny"], *TOY_SIDES)
 
 
 def encode_images(pixels: list[torch.Tensor], encode: Callable) -> list[tuple]:

@@ -167,20 +167,23 @@ def mode_config(mode: str, base: InferenceConfig) -> InferenceConfig:
 
 
 def mode_prefixes(mode: str, examples: list, tok, encode, system: str = "toy", sizes=D.TOY_SIZES) -> list[list]:
-    """What the model is shown in each mode: direct = BAGEL's understanding format (ViT image, question); text = a
-    reasoning prompt with the ViT image (official text_reason); interleave / always_restore = CLEAR's prefix."""
+    """What the model is shown in each mode: direct = BAGEL's understanding format (ViT image, question); text = BAGEL's
+    thinking prompt with the image as ViT only (official text_reason, is_thinking: VLM_THINK_SYSTEM_PROMPT);
+    interleave / always_restore = CLEAR's prefix."""
     vit = lambda ex: M.VitImage(D.image_to_tensor(D.resize_image(ex.degraded, *sizes.vit)))  # noqa: E731
     if mode == "direct":
         return [[vit(ex), M.Text(tok.encode(ex.question))] for ex in examples]
     if mode == "text":
-        return [[M.Text(tok.encode(D.TEXT_REASON_SYSTEM_PROMPT)), vit(ex), M.Text(tok.encode(ex.question))] for ex in examples]
+        return [[M.Text(tok.encode(D.VLM_THINK_SYSTEM_PROMPT)), vit(ex), M.Text(tok.encode(ex.question))] for ex in examples]
     return D.inference_prefix(examples, tok, encode, system, sizes)
 
 
-def final_text(trace: Trace) -> str:
-    """The reply that is scored: the last decoded text (official: output_list[-1]); scoring (data.is_correct) then
-    reads its <answer> content, or the whole reply when it has none (official VLMEvalKit)."""
-    return trace.texts[-1] if trace.texts else ""
+def final_text(trace: Trace, mode: str = "interleave") -> str:
+    """The reply that is scored (official BagelInference.generate_inner): in text mode the <answer> content, empty
+    when there is none; otherwise the last decoded text (output_list[-1]), whose <answer> content data.is_correct
+    reads, or the whole reply when it has none (VLMEvalKit)."""
+    last = trace.texts[-1] if trace.texts else ""
+    return (D.extract_answer(last) or "") if mode == "text" else last
 
 
 def benchmark(model: M.Bagel, tok, split: dict, mode: str, cfg: InferenceConfig, encode, batch_size: int = 32,
@@ -197,7 +200,7 @@ def benchmark(model: M.Bagel, tok, split: dict, mode: str, cfg: InferenceConfig,
         for i in range(0, len(examples), batch_size):
             chunk = examples[i:i + batch_size]
             traces += reason(model, tok, mode_prefixes(mode, chunk, tok, encode, system), cfg, gen)
-        right = [D.is_correct(final_text(tr), ex) for ex, tr in zip(examples, traces)]
+        right = [D.is_correct(final_text(tr, mode), ex) for ex, tr in zip(examples, traces)]
         result[sev] = {"acc": sum(right) / len(examples), "restore": sum(tr.restored for tr in traces) / len(examples),
                        "seconds": time.time() - t0, "correct": right, "traces": traces}
     return result

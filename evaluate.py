@@ -335,7 +335,7 @@ def evaluate_tsv(model, tok, path: Path, mode: str, sizes: D.ImageSizes, system:
             continue
         prefix = E.mode_prefixes(mode, [ex], tok, model.encode_pixels, system, sizes)
         tr = E.reason(model, tok, prefix, cfg, gen)[0]
-        reply = E.final_text(tr)
+        reply = E.final_text(tr, mode)
         if ex.options:
             score = float(D.is_correct(reply, ex))
         elif judge is not None:
@@ -369,7 +369,7 @@ def evaluate_real(cfg: "EvalConfig", run: C.Run):
     tok = D.Tokenizer.from_folder(cfg.init)
     judge = load_judge(cfg.judge)
     icfg = inference_config(cfg)
-    sizes = D.BAGEL_SIZES if cfg.sizes == "bagel" else D.TOY_SIZES
+    sizes = D.image_sizes(model.cfg, (cfg.vae_max, cfg.vae_min), (cfg.vit_max, cfg.vit_min))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = []
@@ -404,7 +404,10 @@ class EvalConfig:
     init: str | None = flag(None, "BAGEL-format checkpoint (BAGEL-7B-MoT, CLEAR or ours)", group=REAL)
     tsv: tuple = flag((), "VLMEvalKit TSV files (MMD-Bench)", group=REAL, nargs="*")
     mode: str = flag("interleave", "reasoning mode for the TSVs", choices=E.MODES, group=REAL)
-    sizes: str = flag("bagel", "image transforms (bagel: VAE 1024/512, ViT 518/224)", choices=["bagel", "toy"], group=REAL)
+    vae_max: int = flag(1024, "VAE resize, longest side (official 1024; capped by the model's position table)", "[16, inf)", group=REAL)
+    vae_min: int = flag(512, "VAE resize, shortest side (official 512)", "[16, inf)", group=REAL)
+    vit_max: int = flag(518, "ViT resize, longest side (official 518; capped by the model's position table)", "[14, inf)", group=REAL)
+    vit_min: int = flag(224, "ViT resize, shortest side (official 224)", "[14, inf)", group=REAL)
     judge: str | None = flag(None, "module:function judge for open-ended rows (none by default)", group=REAL)
     system: str = flag("official", "system prompt for --tsv runs", choices=sorted(D.SYSTEM_PROMPTS), group=REAL)
     reentry: str = flag("bridge", "how a restored image re-enters (CLEAR eval: bridge)", choices=bridge.REENTRY, group=REAL)
@@ -431,7 +434,7 @@ def main(argv=None):
         C.refuse_given(prog, given, ("out_root", "n", "n_corruption", "world_seed", "probe_n", "probe_steps"),
                        "with --tsv (toy benchmark flags)")
     else:
-        C.refuse_given(prog, given, ("init", "mode", "sizes", "judge", "system", "reentry"),
+        C.refuse_given(prog, given, ("init", "mode", "vae_max", "vae_min", "vit_max", "vit_min", "judge", "system", "reentry"),
                        "on the toy benchmark (it runs every mode and re-entry path; pass --tsv for a real benchmark)")
     defaults = dict(max_text_tokens=(4096, 48), steps=(50, 10), cfg_text_scale=(3.0, 1.0), cfg_img_scale=(1.5, 1.0))
     cfg = E.replace(cfg, out=cfg.out or ("out/eval_tsv" if real else "out/eval"),

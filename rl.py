@@ -78,6 +78,10 @@ class RLConfig:
     data: str | None = flag(None, "LLaVA-style JSONL of RL questions (default: the toy world)", group="rollouts")
     images: str | None = flag(None, "image folder of --data (its image paths are relative to it)", group="rollouts")
     system: str = flag("toy", "system prompt", choices=sorted(D.SYSTEM_PROMPTS), group="rollouts")
+    vae_max: int = flag(1024, "--data: VAE resize, longest side (official 1024; capped by the model's position table)", "[16, inf)", group="rollouts")
+    vae_min: int = flag(512, "--data: VAE resize, shortest side (official 512)", "[16, inf)", group="rollouts")
+    vit_max: int = flag(518, "--data: ViT resize, longest side (official 518; capped by the model's position table)", "[14, inf)", group="rollouts")
+    vit_min: int = flag(224, "--data: ViT resize, shortest side (official 224)", "[14, inf)", group="rollouts")
     prompts: int = flag(4, "questions per step (and process)", "[1, inf)", group="rollouts")
     group: int = flag(4, "rollouts per question, G (official 8); advantages need at least 2", "[2, inf)", group="rollouts")
     temperature: float = flag(1.0, "text sampling temperature (official 1.0)", "(0, inf)", group="rollouts")
@@ -134,6 +138,8 @@ def parse_config(argv=None) -> RLConfig:
         C.refuse(prog, "--data and --images go together: the JSONL's image paths are relative to --images")
     if cfg.data is not None:
         C.refuse_given(prog, given, ("world_seed", "eval_n", "eval_seed"), "with --data (the toy world is not used)")
+    else:
+        C.refuse_given(prog, given, ("vae_max", "vae_min", "vit_max", "vit_min"), f"on the toy world (its pictures are {D.MODEL_SIZE} px)")
     if cfg.beta == 0:
         C.refuse_given(prog, given, ("ref",), "with --beta 0 (no KL term)")
     if cfg.image_loss_weight == 0:
@@ -170,9 +176,10 @@ def decision_reward(restored: bool, correct: bool, smooth: bool = False) -> floa
     return (0.5 if smooth else 0.4) if restored else -0.2
 
 
-def latent_quality_reward(gen: torch.Tensor | None, clean: torch.Tensor, mse_scale: float = 0.5) -> float:
-    """0.3 exp(-0.5 MSE) + 0.3 global cosine + 0.4 mean per-token cosine of generated vs clean latents (NaN if none)."""
-    if gen is None:
+def latent_quality_reward(gen: torch.Tensor | None, clean: torch.Tensor | None, mse_scale: float = 0.5) -> float:
+    """0.3 exp(-0.5 MSE) + 0.3 global cosine + 0.4 mean per-token cosine of generated vs clean latents (NaN if either
+    is missing: no restoration, or no clean picture to compare with)."""
+    if gen is None or clean is None:
         return float("nan")
     n = min(len(gen), len(clean))
     g, c = gen[:n].float(), clean[:n].float()
@@ -248,7 +255,8 @@ class Rollout:
     parts: dict | None = None
 
 
-def replay_sample(r: Rollout, steps_per_image: list[list[int]], reentry: str, model: M.Bagel) -> tuple[list, list]:
+def replay_sample(r: Rollout, steps_per_image: list[list[int]], reentry: str, model: M.Bagel,
+                  vit_sizes: tuple = D.TOY_SIZES.vit) -> tuple[list, list]:
     """The exact sampled context: prefix, then per round the decoded ids (CE), and per restoration the chosen noised
     steps (nobody attends to them) followed by the re-entered image. Returns (segments, label mask per CE token)."""
     seq, mask = list(r.prefix), []
@@ -264,13 +272,13 @@ def replay_sample(r: Rollout, steps_per_image: list[list[int]], reentry: str, mo
             if reentry == "bridge":
                 seq.append(M.VaeImage(tr.latents[i], tr.grid, droppable=False))  # CLEAR §3.3: what the rollout saw
             else:
-                picture = D.resize_image(bridge.decode_image(model, tr.latents[i], tr.grid), *D.TOY_SIZES.vit)
+                picture = D.resize_image(bridge.decode_image(model, tr.latents[i], tr.grid), *vit_sizes)
                 seq.append(M.VitImage(D.image_to_tensor(picture), droppable=False))
     return seq, mask
 
 
 def grpo_loss(model, ref: M.Bagel | None, rollouts: list[Rollout], adv: torch.Tensor, img_adv: torch.Tensor,
-              cfg: RLConfig, counter: int, rng: np.random.Generator, raw: M.Bagel):
+              cfg: RLConfig, counter: int, rng: np.random.Generator, raw: M.Bagel, sizes: D.ImageSizes = D.TOY_SIZES):
     """One Interleaved-GRPO loss over a batch of rollouts (CLEAR §3.4): returns (loss, stats, the step counter)."""
     samples, masks, chosen = [], [], []
     for i, r in enumerate(rollouts):
@@ -282,7 +290,7 @@ def grpo_loss(model, ref: M.Bagel | None, rollouts: list[Rollout], adv: torch.Te
             counter += 1
             per_image[img].append(s)
             chosen.append((i, img, s))
-        seq, mask = replay_sample(r, per_image, cfg.reentry, raw)
+        seq, mask = replay_sample(r, per_image, cfg.reentry, raw, sizes.vit)
         samples.append(seq), masks.append(mask)
     packed = M.pack(samples, raw.cfg).to(raw.device)
     out = model(packed, temperature=cfg.temperature)
@@ -349,12 +357,14 @@ def mean_defined(values: list) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def collect(model: M.Bagel, tok, examples: list, cfg: RLConfig, encode, gen: torch.Generator) -> list[Rollout]:
+def collect(model: M.Bagel, tok, examples: list, cfg: RLConfig, encode, gen: torch.Generator,
+            sizes: D.ImageSizes = D.TOY_SIZES) -> list[Rollout]:
     """G rollouts per example, all rows of one batched interleaved-reasoning run (seeded, so reproducible)."""
     icfg = E.InferenceConfig(reentry=cfg.reentry, max_rounds=cfg.max_rounds, max_text_tokens=cfg.max_text_tokens,
                              temperature=cfg.temperature, top_p=cfg.top_p, sampler="sde",
-                             num_timesteps=cfg.sde_points, timestep_shift=cfg.timestep_shift, sde_sigma=cfg.sde_sigma)
-    prefixes = D.inference_prefix(examples, tok, encode, cfg.system)
+                             num_timesteps=cfg.sde_points, timestep_shift=cfg.timestep_shift, sde_sigma=cfg.sde_sigma,
+                             vit_transform=sizes.vit)
+    prefixes = D.inference_prefix(examples, tok, encode, cfg.system, sizes)
     rows = [(p, ex) for p, ex in zip(prefixes, examples) for _ in range(cfg.group)]
     traces = E.reason(model, tok, [p for p, _ in rows], icfg, gen)
     return [Rollout(p, tr, ex) for (p, ex), tr in zip(rows, traces)]
@@ -374,6 +384,8 @@ def main(argv=None):
     ref = M.load_pretrained(init, run.device, run.dtype).requires_grad_(False) if cfg.ref == "frozen" and cfg.beta > 0 else None
     C.freeze_encoders(model)
     encode = model.encode_pixels
+    sizes = D.image_sizes(model.cfg, (cfg.vae_max, cfg.vae_min), (cfg.vit_max, cfg.vit_min)) if cfg.data else \
+        D.image_sizes(model.cfg, *D.TOY_SIDES)
     opt = C.make_optimizer(model, cfg.lr, betas=(0.9, 0.999), eps=1e-8)
     out = Path(cfg.out)
     start = C.load_resume_state(out, model, None, opt, "rl") if cfg.resume else 0
@@ -393,8 +405,9 @@ def main(argv=None):
         stream = stream_fn(rng)
         examples = [next(stream) for _ in range(cfg.prompts)]
         model.eval()
-        rollouts = collect(model, tok, examples, cfg, encode, gen)
-        clean = [encode(D.image_to_tensor(r.example.clean)[None])[0][0] if r.example.clean is not None else torch.zeros(0, 64) for r in rollouts]
+        rollouts = collect(model, tok, examples, cfg, encode, gen, sizes)
+        references = {id(ex): encode(D.vae_pixels(ex.clean, sizes)[None])[0][0] for ex in examples if ex.clean is not None}
+        clean = [references.get(id(r.example)) for r in rollouts]  # official: VAE.encode(vae_transform(clean image))
         score(rollouts, clean, cfg)
         rewards = torch.tensor([r.reward for r in rollouts])
         adv = group_advantages(rewards, cfg.group, cfg.scale_rewards)
@@ -405,7 +418,7 @@ def main(argv=None):
         model.train()
         for g_ in opt.param_groups:
             g_["lr"] = C.lr_at(step, cfg.steps, cfg.lr, 0, 0.0)
-        loss, stats, counter = grpo_loss(wrapped, ref, rollouts, adv, img_adv, cfg, counter, rng, model)
+        loss, stats, counter = grpo_loss(wrapped, ref, rollouts, adv, img_adv, cfg, counter, rng, model, sizes)
         loss.backward()
         gnorm = C.clip_and_step(model, opt, cfg.grad_clip)
         if run.main:

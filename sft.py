@@ -20,10 +20,15 @@ GPU:
 
 Differences from the official recipe (numbered):
   1. Toy-sized defaults (steps, lr, token budget, EMA window); the official values are in each flag's help.
-  2. The restore decision is a rule (data.needs_restore: did the answer-relevant detail survive?), not GPT-4.1.
+  2. The restore decision is a rule (data.needs_restore: did the answer-relevant detail survive?), not GPT-4.1. On the
+     toy the samples restore at the rate the rule gives for the training severities, not half of the time as the
+     official mix draws its tool group (--tool-share, which real data keeps at 0.5): the toy world has no separate
+     tool set to oversample, and the restore decision should follow what the picture shows.
   3. ViT and VAE are frozen as officially, but in the toy they come from our Stage 0 instead of SigLIP/FLUX.
   4. The data mix adds text-only reasoning samples (the official pure-text set, not in its main mix) so the evaluation
-     can compare text-only reasoning with interleaved reasoning on the same model.
+     can compare text-only reasoning with interleaved reasoning on the same model; they carry the prompt the official
+     evaluation's text reasoning uses (VLM_THINK_SYSTEM_PROMPT) instead of the official pure-text set's
+     TEXT_REASON_SYSTEM_PROMPT, so that comparison does not measure a prompt the model never saw.
 """
 
 from __future__ import annotations
@@ -56,7 +61,13 @@ class SFTConfig:
     images: str | None = flag(None, "image folder of --data (its image paths are relative to it)", group="data")
     system: str = flag("toy", "system prompt (official: 'official')", choices=sorted(D.SYSTEM_PROMPTS), group="data")
     text_reason_rate: float = flag(0.15, "fraction of text-only reasoning samples", "[0, 1]", group="data")
+    tool_share: float = flag(0.5, "--data: share of samples drawn from the rows that restore (official corruption_mix.yaml "
+                             "0.5 / 0.5 tool / no-tool)", "[0, 1]", group="data")
     world_seed: int = flag(0, "toy world seed", group="data")
+    vae_max: int = flag(1024, "--data: VAE resize, longest side (official 1024; capped by the model's position table)", "[16, inf)", group="data")
+    vae_min: int = flag(512, "--data: VAE resize, shortest side (official 512)", "[16, inf)", group="data")
+    vit_max: int = flag(518, "--data: ViT resize, longest side (official 518; capped by the model's position table)", "[14, inf)", group="data")
+    vit_min: int = flag(224, "--data: ViT resize, shortest side (official 224)", "[14, inf)", group="data")
     # objective
     ce_weight: float = flag(1.0, "CE weight (official 1.0)", "[0, inf)", group="objective")
     mse_weight: float = flag(1.0, "flow-matching MSE weight (official 1.0)", "[0, inf)", group="objective")
@@ -99,6 +110,7 @@ class SFTConfig:
     base_steps: int = flag(700, "Stage 0 steps when the toy base must be built (pretrain.py --steps)", "[1, inf)", group="summary table")
 
 
+SIZE_FLAGS = ("vae_max", "vae_min", "vit_max", "vit_min")
 TABLE_FLAGS = ("eval_n", "eval_seed", "eval_steps", "reentry", "max_text_tokens", "cfg_text_scale", "cfg_img_scale")
 
 
@@ -112,6 +124,9 @@ def parse_config(description: str, argv=None, defaults: dict | None = None, unus
         C.refuse_given(prog, given, ("base_steps",), "with --init (it sizes the toy base built when there is none)")
     if cfg.data is not None:
         C.refuse_given(prog, given, ("world_seed",), "with --data (the toy world is not used)")
+    else:
+        C.refuse_given(prog, given, SIZE_FLAGS, f"on the toy world (its pictures are {D.MODEL_SIZE} px)")
+        C.refuse_given(prog, given, ("tool_share",), "on the toy world (it restores where its rule says, difference 2)")
     if cfg.data is not None or cfg.fsdp:  # the summary table runs on the toy world, in one process
         why = "with --data (the toy world is not used)" if cfg.data is not None else "with --fsdp (no summary table)"
         C.refuse_given(prog, given - {"eval_n"} if cfg.eval_n == 0 else given, TABLE_FLAGS, why)
@@ -161,7 +176,7 @@ def clear_sample(ex: D.Example, tok: D.Tokenizer, degraded_latent: tuple, clean_
     seq += [M.Text(tok.encode(first), loss=True),
             M.VaeImage(x_t, grid, t=t, target=v, droppable=False)]  # official: the noised image has enable_cfg=0
     if distill:  # official enable_distill: the ViT copy is resized so its patch grid equals the latent grid
-        seq += bridge.distill_pair(ex.clean, x0, grid, sizes.vit[2])
+        seq += bridge.distill_pair(ex.clean, x0, grid, sizes.vit[2])  # the ViT stride is the model's patch
     else:
         seq += [M.VaeImage(x0, grid), M.VitImage(D.image_to_tensor(D.resize_image(ex.clean, *sizes.vit)))]
     if rest.strip():  # official: parts[1] is added only when it is not blank
@@ -170,12 +185,13 @@ def clear_sample(ex: D.Example, tok: D.Tokenizer, degraded_latent: tuple, clean_
 
 
 def text_reason_sample(ex: D.Example, tok: D.Tokenizer, sizes: D.ImageSizes = D.TOY_SIZES) -> list:
-    """Text-only reasoning sample (official TextReasonIterableDataset): its system prompt, the degraded image as ViT
+    """Text-only reasoning sample (official TextReasonIterableDataset): a system prompt, the degraded image as ViT
     only, the question, then a CoT with CE. The official CoT was written from the clean picture; here it is the direct
-    response, or for a restore response what follows <image_restore> (the reasoning on the clean picture)."""
+    response, or for a restore response what follows <image_restore> (the reasoning on the clean picture). The prompt
+    is the one the official evaluation's text reasoning uses (VLM_THINK_SYSTEM_PROMPT; difference 4)."""
     turn = split_response(ex.response)
     cot = ex.response if turn is None else turn[1].strip()
-    return [M.Text(tok.encode(D.TEXT_REASON_SYSTEM_PROMPT)), M.VitImage(D.image_to_tensor(D.resize_image(ex.degraded, *sizes.vit))),
+    return [M.Text(tok.encode(D.VLM_THINK_SYSTEM_PROMPT)), M.VitImage(D.image_to_tensor(D.resize_image(ex.degraded, *sizes.vit))),
             M.Text(tok.encode(ex.question.replace("<image>", "").strip())), M.Text(tok.encode(cot), loss=True)]
 
 
@@ -203,9 +219,32 @@ def sample_tokens(sample: list, patch: int) -> int:
     return n
 
 
+def mixed_stream(rows: list[dict], tool_share: float) -> Callable:
+    """stream(rng): endless examples from JSONL rows, a row that restores (<image_restore> in its answer) with
+    probability tool_share and another row otherwise (official corruption_mix.yaml: the tool and no-tool groups,
+    weight 0.5 each); when one group is empty, every draw comes from the other."""
+    tool = [r for r in rows if D.RESTORE_TOKEN in r["response"]]
+    other = [r for r in rows if D.RESTORE_TOKEN not in r["response"]]
+
+    def stream(rng):
+        while True:
+            group = tool if not other or (tool and rng.random() < tool_share) else other
+            yield D.jsonl_example(group[int(rng.integers(len(group)))], rng)
+    return stream
+
+
+def picture_sizes(cfg, model_cfg: M.ModelConfig) -> D.ImageSizes:
+    """The official transforms capped by the model for --data (overridable by flags); the toy's own size otherwise."""
+    if cfg.data is None:
+        return D.image_sizes(model_cfg, *D.TOY_SIDES)
+    return D.image_sizes(model_cfg, (cfg.vae_max, cfg.vae_min), (cfg.vit_max, cfg.vit_min))
+
+
 def batches(cfg: SFTConfig, model_cfg: M.ModelConfig, tok: D.Tokenizer, encode: Callable, stream_fn: Callable, device):
-    """batch(step, np_rng, torch_gen): samples until the step's token budget is reached, packed into rows with the
-    condition dropouts (BAGEL: expected_num_tokens per rank; pack_sequence's text / ViT / VAE cfg dropout)."""
+    """batch(step, np_rng, torch_gen): samples until the step's token budget (counted before dropout) is reached,
+    packed into rows with the condition dropouts (BAGEL: expected_num_tokens per rank; pack_sequence's text / ViT / VAE cfg dropout)."""
+    sizes = picture_sizes(cfg, model_cfg)
+
     def batch(step, rng, gen):
         stream = stream_fn(rng)
         samples, tokens = [], 0
@@ -213,8 +252,8 @@ def batches(cfg: SFTConfig, model_cfg: M.ModelConfig, tok: D.Tokenizer, encode: 
             examples = [next(stream) for _ in range(4)]
             text_only = [rng.random() < cfg.text_reason_rate for _ in examples]
             built = build_batch([ex for ex, t in zip(examples, text_only) if not t], tok, encode, gen, cfg.system,
-                                shift=model_cfg.timestep_shift, distill=cfg.distill_weight > 0)
-            built += [text_reason_sample(ex, tok) for ex, t in zip(examples, text_only) if t]
+                                sizes, model_cfg.timestep_shift, cfg.distill_weight > 0)
+            built += [text_reason_sample(ex, tok, sizes) for ex, t in zip(examples, text_only) if t]
             samples += built
             tokens += sum(sample_tokens(s, model_cfg.vit_patch_size) for s in built)
         dropout = (cfg.text_dropout, cfg.vit_dropout, cfg.vae_dropout)
@@ -287,7 +326,7 @@ def finetune(cfg: SFTConfig, name: str) -> tuple[M.Bagel | None, M.Bagel, D.Toke
         rows, problems = D.read_jsonl(cfg.data, cfg.images)
         if run.main:
             print(f"{cfg.data}: {len(rows)} rows, {len(problems)} skipped" + (f" (first: {problems[:5]})" if problems else ""))
-        stream_fn = lambda rng: (D.jsonl_example(rows[int(i)], rng) for i in iter(lambda: rng.integers(len(rows)), None))  # noqa: E731
+        stream_fn = mixed_stream(rows, cfg.tool_share)
     else:
         stream_fn = D.ToyWorld(cfg.world_seed).stream
     opt = C.make_optimizer(model, cfg.lr, weight_decay=cfg.weight_decay)
