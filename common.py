@@ -330,7 +330,8 @@ def save_checkpoint(folder, raw: M.Bagel, ema: EMA | None, optimizer, tokenizer,
         return
 
     def write(tmp: Path):
-        M.save_pretrained(raw, tmp, tokenizer=tokenizer, meta={**meta, "step": step}, state=saved)
+        M.save_pretrained(raw, tmp, tokenizer=tokenizer, meta={**meta, "step": step}, state=saved,
+                          tokenizer_source=meta.get("init"))  # keep the tokenizer files of the folder trained from
         if sharded:
             return
         d = tmp / "train_state"

@@ -67,6 +67,19 @@ from degrade import CORRUPTIONS, SEVERITIES, degrade, sample_corruption, to_rgb
 # Pictures <-> tensors (BAGEL: data/transforms.py ImageTransform, inferencer.decode_image; RGB by degrade.to_rgb)
 
 
+def open_image(path) -> Image.Image:
+    """A picture file, fully decoded (a truncated file fails here, not at the step that draws it), as RGB."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: pass a picture file (JPEG, PNG, ...)")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return to_rgb(im)
+    except Exception as e:  # Pillow raises several types for foreign or truncated files
+        raise ValueError(f"{path} is not a readable picture ({type(e).__name__}: {e})") from None
+
+
 def fit_size(w: int, h: int, max_size: int, min_size: int, stride: int, max_pixels: int = 14 * 14 * 9 * 1024):
     """Target (w, h): long edge <= max, short edge >= min, both multiples of stride (BAGEL: MaxLongEdgeMinShortEdgeResize)."""
     def apply(w, h, s):

@@ -18,6 +18,12 @@ Toy (CPU, a few minutes):
     6. pictures: examples.png (the SFT model restoring hard pictures: degraded, restored, clean, question, answer,
        right?) and accuracy.png (bars per severity).
 
+One photo (the first thing to try; toy checkpoints from the quickstart, or any BAGEL-format folder):
+    python evaluate.py --image photo.jpg --question "What colour are the shapes?" [--degrade motion_blur:hard]
+    python evaluate.py --init path/to/CLEAR --image photo.jpg --question "..." --device cuda --dtype bf16
+  prints the reasoning trace (think texts, whether it restored, the answer) and writes out/demo/demo.png
+  (input, restored picture, answer).
+
 Real benchmarks (GPU):
     python evaluate.py --init path/to/CLEAR --tsv MMBench_DEV_EN_V11_LOW_LEVEL_HIGH.tsv ... --device cuda --dtype bf16
   multiple-choice rows are scored by letter (the <answer> content, plain-letter fallback); open-ended rows need a
@@ -49,7 +55,7 @@ import data as D
 import engine as E
 import model as M
 from common import flag
-from degrade import CORRUPTIONS
+from degrade import CORRUPTIONS, degrade
 
 SEVERITIES = ("clean", "low", "mid", "hard")
 MODES = {  # row label -> (reasoning mode, re-entry path)
@@ -391,6 +397,7 @@ def evaluate_real(cfg: "EvalConfig", run: C.Run):
 
 TOY, REAL = "toy benchmark (default)", "real benchmarks"
 INFER = "inference (official evaluation values for real benchmarks)"
+DEMO = "one-photo demo"
 
 
 @dataclass
@@ -418,6 +425,9 @@ class EvalConfig:
     cfg_img_scale: float | None = flag(None, "image CFG (toy 1.0, official 1.5)", "[0, inf)", group=INFER, type=float)
     cfg_interval: tuple = flag((0.4, 1.0), "CFG on for t in (lo, hi]", "[0, 1]", group=INFER)
     cfg_renorm_type: str = flag("text_channel", "CFG renorm", choices=["global", "channel", "text_channel"], group=INFER)
+    image: str | None = flag(None, "the one-photo demo: a picture file (with --question; --init defaults to the latest toy stage)", group=DEMO)
+    question: str | None = flag(None, "the demo's question", group=DEMO)
+    degrade: str | None = flag(None, "the demo: degrade the photo first, KIND:SEVERITY (e.g. motion_blur:hard)", group=DEMO)
     out: str | None = flag(None, "output folder (default out/eval, or out/eval_tsv for --tsv)")
     seed: int = flag(0, "seed of the held-out split and of any sampling")
     device: str = flag("auto", "auto | cpu | cuda | mps")
@@ -425,24 +435,95 @@ class EvalConfig:
     threads: int = flag(0, "CPU threads for torch (0 = its default)", "[0, inf)")
 
 
+def checkpoint_system(folder) -> str:
+    """The system prompt a checkpoint was trained with (its nanoclear.json), else the official one (BAGEL / CLEAR)."""
+    ours = Path(folder) / "nanoclear.json"
+    return M.read_json(ours).get("args", {}).get("system", "official") if ours.exists() else "official"
+
+
+def demo(cfg: "EvalConfig", run: C.Run):
+    """One photo, one question: the reasoning trace on stdout and input | restored | answer in one PNG."""
+    system = checkpoint_system(cfg.init)
+    model, tok = M.load_pretrained(cfg.init, run.device, run.dtype), D.Tokenizer.from_folder(cfg.init)
+    picture = D.open_image(cfg.image)
+    if cfg.degrade:
+        kind, severity = cfg.degrade.split(":")
+        picture = degrade(picture, kind, severity, cfg.seed)
+    sizes = D.image_sizes(model.cfg, (cfg.vae_max, cfg.vae_min), (cfg.vit_max, cfg.vit_min))
+    ex = D.Example(picture, cfg.question, "")
+    icfg = E.replace(E.mode_config("interleave", inference_config(cfg)), vit_transform=sizes.vit)
+    prefix = E.mode_prefixes("interleave", [ex], tok, model.encode_pixels, system, sizes)
+    tr = E.reason(model, tok, prefix, icfg, torch.Generator().manual_seed(cfg.seed))[0]
+    print(f"{cfg.init} ({system} prompt), picture {picture.size[0]}x{picture.size[1]}"
+          + (f" degraded by {cfg.degrade}" if cfg.degrade else "") + f"; question: {cfg.question}")
+    for i, text in enumerate(tr.texts):
+        print(f"[{i + 1}] {text}")
+        if i < len(tr.latents):
+            print(f"    -> restored a {tr.grid[0]}x{tr.grid[1]}-token picture, back into the context by the {icfg.reentry}")
+    answer = D.extract_answer(tr.texts[-1]) if tr.texts else None
+    print(f"restored: {'yes' if tr.restored else 'no'} | answer: {answer if answer is not None else '(no <answer> tag)'}")
+    restored = bridge.decode_image(model, tr.latents[0], tr.grid) if tr.latents else None
+    cell = 320
+    sheet = Image.new("RGB", (3 * cell, cell + 40), "white")
+    draw = ImageDraw.Draw(sheet)
+    for x, (im, title) in enumerate(((picture, "input" + (f" ({cfg.degrade})" if cfg.degrade else "")),
+                                     (restored, "restored" if restored else "not restored"))):
+        if im is not None:
+            im = im.copy()
+            im.thumbnail((cell, cell))
+            sheet.paste(im, (x * cell + (cell - im.width) // 2, 30 + (cell - im.height) // 2))
+        draw.text((x * cell + 6, 8), title, fill="black")
+    lines = [cfg.question[i:i + 48] for i in range(0, len(cfg.question), 48)][:4] + ["", "answer:"]
+    lines += [str(answer)[i:i + 48] for i in range(0, len(str(answer)), 48)][:6]
+    draw.multiline_text((2 * cell + 8, 30), "\n".join(lines), fill="black")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sheet.save(out / "demo.png")
+    print(f"wrote {out / 'demo.png'}")
+
+
+def default_checkpoint(out_root: str) -> str | None:
+    """The latest toy stage there is: rl, then bridge, then sft."""
+    return next((str(Path(out_root) / s) for s in ("rl", "bridge", "sft") if (Path(out_root) / s / "ema.safetensors").exists()), None)
+
+
 def main(argv=None):
     cfg, prog, given = C.parse_flags(EvalConfig, __doc__, argv)
-    real = bool(cfg.tsv)
-    if real:
+    toy_flags = ("out_root", "n", "n_corruption", "world_seed", "probe_n", "probe_steps")
+    real_flags = ("mode", "vae_max", "vae_min", "vit_max", "vit_min", "judge", "system", "reentry")
+    if cfg.image or cfg.question or cfg.degrade:
+        if not (cfg.image and cfg.question):
+            C.refuse(prog, "the demo needs both --image PHOTO and --question TEXT")
+        if cfg.tsv:
+            C.refuse(prog, "--image (the one-photo demo) and --tsv (a benchmark) are separate runs")
+        C.refuse_given(prog, given, toy_flags[1:] + ("mode", "judge", "system"), "in the demo (one photo, interleaved reasoning)")
+        if cfg.degrade and (cfg.degrade.count(":") != 1 or cfg.degrade.split(":")[0] not in CORRUPTIONS
+                            or cfg.degrade.split(":")[1] not in D.SEVERITIES):
+            C.refuse(prog, f"--degrade {cfg.degrade}: use KIND:SEVERITY with KIND one of {', '.join(CORRUPTIONS)} and "
+                           f"SEVERITY one of {', '.join(D.SEVERITIES)}")
+        init = cfg.init or default_checkpoint(cfg.out_root)
+        if init is None:
+            C.refuse(prog, f"no --init and no checkpoint under {cfg.out_root}/ (rl, bridge, sft): run python sft.py first")
+        toy = checkpoint_system(init) == "toy"
+        cfg = E.replace(cfg, init=init, out=cfg.out or "out/demo")
+        mode = "demo"
+    elif cfg.tsv:
         if not cfg.init:
             C.refuse(prog, "--tsv needs --init PATH (a BAGEL-format checkpoint folder)")
-        C.refuse_given(prog, given, ("out_root", "n", "n_corruption", "world_seed", "probe_n", "probe_steps"),
-                       "with --tsv (toy benchmark flags)")
+        C.refuse_given(prog, given, toy_flags, "with --tsv (toy benchmark flags)")
+        toy, mode = False, "tsv"
+        cfg = E.replace(cfg, out=cfg.out or "out/eval_tsv")
     else:
-        C.refuse_given(prog, given, ("init", "mode", "vae_max", "vae_min", "vit_max", "vit_min", "judge", "system", "reentry"),
+        C.refuse_given(prog, given, ("init",) + real_flags,
                        "on the toy benchmark (it runs every mode and re-entry path; pass --tsv for a real benchmark)")
+        toy, mode = True, "toy"
+        cfg = E.replace(cfg, out=cfg.out or "out/eval")
     defaults = dict(max_text_tokens=(4096, 48), steps=(50, 10), cfg_text_scale=(3.0, 1.0), cfg_img_scale=(1.5, 1.0))
-    cfg = E.replace(cfg, out=cfg.out or ("out/eval_tsv" if real else "out/eval"),
-                    **{k: (official if real else toy) if getattr(cfg, k) is None else getattr(cfg, k)
-                       for k, (official, toy) in defaults.items()})
+    cfg = E.replace(cfg, **{k: (toy_value if toy else official) if getattr(cfg, k) is None else getattr(cfg, k)
+                            for k, (official, toy_value) in defaults.items()})
     run = C.setup_run(cfg.device, cfg.dtype, cfg.seed, cfg.threads)
     with torch.no_grad():
-        evaluate_real(cfg, run) if real else evaluate_toy(cfg, run)
+        {"demo": demo, "tsv": evaluate_real, "toy": evaluate_toy}[mode](cfg, run)
 
 
 if __name__ == "__main__":

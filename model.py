@@ -1371,12 +1371,19 @@ def load_pretrained(folder, device="cpu", dtype=torch.float32, overrides: dict |
     return model.eval()
 
 
-def save_pretrained(model: Bagel, folder, tokenizer=None, meta: dict | None = None, state: dict | None = None):
-    """Write a BAGEL-format folder the official loader reads, plus nanoclear.json (our config and run metadata).
+TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
+                   "generation_config.json")  # what Qwen2Tokenizer.from_pretrained (the official app) reads besides tokenizer.json
 
-    tokenizer: a `tokenizers.Tokenizer` (saved as tokenizer.json) or None. state: the weights to write instead of
-    model.state_dict() (e.g. gathered from FSDP shards, or an EMA). Writes in place: common.save_checkpoint writes
-    into a temporary folder and swaps it in.
+
+def save_pretrained(model: Bagel, folder, tokenizer=None, meta: dict | None = None, state: dict | None = None,
+                    tokenizer_source=None):
+    """Write a BAGEL-format folder the official app loads as it is, plus nanoclear.json (our config and run metadata).
+
+    tokenizer: a `tokenizers.Tokenizer` (saved as tokenizer.json) or None; the tokenizer files of the folder
+    `tokenizer_source` (the checkpoint trained from) are kept, and a BPE tokenizer without them (the toy's) also gets
+    the vocab.json + merges.txt that Qwen2Tokenizer reads. state: the weights to write instead of model.state_dict()
+    (e.g. gathered from FSDP shards, or an EMA). Writes in place: common.save_checkpoint writes into a temporary
+    folder and swaps it in.
     """
     from safetensors.torch import save_file
     cfg, folder = model.cfg, Path(folder)
@@ -1389,10 +1396,16 @@ def save_pretrained(model: Bagel, folder, tokenizer=None, meta: dict | None = No
            "num_attention_heads": cfg.vit_num_attention_heads, "patch_size": cfg.vit_patch_size,
            "image_size": cfg.vit_image_size, "layer_norm_eps": cfg.vit_layer_norm_eps, "hidden_act": cfg.vit_hidden_act}
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v for k, v in sd.items() if not k.startswith("vae.")}, str(folder / "ema.safetensors"))
-    save_file({k[4:]: v for k, v in sd.items() if k.startswith("vae.")}, str(folder / "ae.safetensors"))
+    pt = {"format": "pt"}  # the metadata of the official files
+    save_file({k: v for k, v in sd.items() if not k.startswith("vae.")}, str(folder / "ema.safetensors"), metadata=pt)
+    save_file({k[4:]: v for k, v in sd.items() if k.startswith("vae.")}, str(folder / "ae.safetensors"), metadata=pt)
     (folder / "llm_config.json").write_text(json.dumps(llm, indent=2))
     (folder / "vit_config.json").write_text(json.dumps(vit, indent=2))
     if tokenizer is not None:
         tokenizer.save(str(folder / "tokenizer.json"))
+        kept = [f for f in TOKENIZER_FILES if tokenizer_source is not None and (Path(tokenizer_source) / f).is_file()]
+        for name in kept:
+            (folder / name).write_bytes((Path(tokenizer_source) / name).read_bytes())
+        if "vocab.json" not in kept and type(tokenizer.model).__name__ == "BPE":
+            tokenizer.model.save(str(folder))  # vocab.json + merges.txt
     (folder / "nanoclear.json").write_text(json.dumps({"model": asdict(cfg), **(meta or {})}, indent=2))

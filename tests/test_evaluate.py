@@ -153,3 +153,18 @@ def test_probe_answers_on_known_readings():
     ask = lambda q: D.Example(picture, q, "", qtype=q.split()[0].lower().replace("what", "colour").replace("how", "count"))  # noqa: E731
     answers = D.probe_answers(Fixed(), [picture] * 2, [ask("How many shapes are there?"), ask("What colour are the shapes?")])
     assert answers == ["2", list(D.COLOURS)[5]]
+
+
+def test_one_photo_demo(toy_ckpt, tmp_path, capsys):
+    """`evaluate.py --init F --image photo --question Q --degrade kind:severity` prints the trace and writes one PNG;
+    an odd-sized RGBA photo works; a bad --degrade is refused before any work."""
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 77, 4), dtype=np.uint8), "RGBA").save(photo)
+    evaluate.main(["--init", str(toy_ckpt), "--image", str(photo), "--question", "What colour are the shapes?",
+                   "--degrade", "motion_blur:hard", "--max-text-tokens", "4", "--steps", "3", "--out", str(tmp_path / "demo"),
+                   "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "restored:" in out and "answer:" in out and (tmp_path / "demo" / "demo.png").exists()
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--init", str(toy_ckpt), "--image", str(photo), "--question", "Q", "--degrade", "blur:hard"])
+    assert e.value.code == 2 and "KIND:SEVERITY" in capsys.readouterr().err

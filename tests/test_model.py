@@ -316,3 +316,21 @@ def test_sincos_and_time_embedding_by_hand():
 def test_rmsnorm_by_hand():
     norm = M.RMSNorm(2, eps=0.0)
     assert norm(torch.tensor([3.0, 4.0])).tolist() == pytest.approx([3 / 12.5 ** 0.5, 4 / 12.5 ** 0.5])
+
+
+def test_saved_folder_works_in_the_official_app(net, tmp_path):
+    """Safetensors carry {"format": "pt"} as the official files do; the tokenizer files of the source folder are kept,
+    and a BPE tokenizer without them gets the vocab.json + merges.txt that Qwen2Tokenizer.from_pretrained reads."""
+    from safetensors import safe_open
+    from tokenizers import Tokenizer, models, trainers
+    bpe = Tokenizer(models.BPE())
+    bpe.train_from_iterator(["a b c ab bc abc"] * 10, trainers.BpeTrainer(special_tokens=list(M.SPECIAL_TOKENS.values())))
+    M.save_pretrained(net, tmp_path / "toy", tokenizer=bpe)
+    with safe_open(str(tmp_path / "toy" / "ema.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    assert json.loads((tmp_path / "toy" / "vocab.json").read_text()) == bpe.get_vocab(with_added_tokens=False)
+    assert (tmp_path / "toy" / "merges.txt").exists()
+    (tmp_path / "toy" / "tokenizer_config.json").write_text('{"model_max_length": 32768}')
+    M.save_pretrained(net, tmp_path / "tuned", tokenizer=bpe, tokenizer_source=tmp_path / "toy")
+    for name in ("tokenizer_config.json", "vocab.json", "merges.txt"):
+        assert (tmp_path / "tuned" / name).read_bytes() == (tmp_path / "toy" / name).read_bytes()
