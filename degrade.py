@@ -654,7 +654,12 @@ def degrade(image, kind, severity, seed):
     rgb = to_rgb(image)
     if min(rgb.size) < MIN_SIZE:
         raise ValueError(f"image is {rgb.width}x{rgb.height}; degrade needs at least {MIN_SIZE}x{MIN_SIZE} pixels")
-    return Image.fromarray(_OPS[kind](np.asarray(rgb), intensity, rng), "RGB")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one picture is many small torch calls: one thread is faster, and the same on any machine
+    try:
+        return Image.fromarray(_OPS[kind](np.asarray(rgb), intensity, rng), "RGB")
+    finally:
+        torch.set_num_threads(threads)
 
 
 def sample_corruption(rng, weights="benchmark"):
