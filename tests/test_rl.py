@@ -239,3 +239,20 @@ def test_golden_losses_of_a_tiny_rl_run(toy_ckpt, tmp_path, monkeypatch):
     log = [json.loads(line) for line in (tmp_path / "rl.log.jsonl").read_text().splitlines()]
     assert [r["restore"] for r in log] == [r for _, r in GOLDEN_RL]
     assert [r["loss"] for r in log] == pytest.approx([loss for loss, _ in GOLDEN_RL], rel=1e-4, abs=1e-7)
+
+
+def test_rl_flags_and_resume_refuse_before_any_work(toy_ckpt, tmp_path, capsys):
+    """--data needs --images, --resume-force needs --resume; --resume refuses changed settings (here --lr and --seed)
+    in one message before loading anything."""
+    for argv, words in ((["--data", "d.jsonl"], "go together"), (["--images", "p"], "go together"),
+                        (["--resume-force"], "no effect without --resume")):
+        with pytest.raises(SystemExit):
+            rl.parse_config(argv)
+        assert words in capsys.readouterr().err
+    out = tmp_path / "rl"
+    args = ["--init", str(toy_ckpt), "--out", str(out), "--eval-n", "0"]
+    (out / "train_state").mkdir(parents=True)  # what save_checkpoint records, without the weights
+    (out / "train_state" / "state.json").write_text(json.dumps({"stage": "rl", "step": 1}))
+    (out / "nanoclear.json").write_text(json.dumps({"args": vars(rl.parse_config(args)), "init": str(toy_ckpt)}))
+    with pytest.raises(M.InputError, match=r"other settings: --lr 2e-05 -> 0.001; --seed 0 -> 3\. "):
+        rl.main([*args, "--resume", "--lr", "1e-3", "--seed", "3", "--steps", "9"])
