@@ -192,4 +192,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    import common  # the scripts' entry point, as in main (this file's import list stays model, data)
+    common.run_cli(main)

@@ -17,7 +17,6 @@ import random
 import re
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -107,6 +106,15 @@ def parse_flags(cls, description: str, argv: list[str] | None = None, defaults: 
             if not in_interval(v, allowed):
                 refuse(parser.prog, f"{flag_name(f.name)} {v}: must be {interval_words(allowed, isinstance(v, int))}")
     return cls(**values), parser.prog, given
+
+
+def run_cli(main: Callable):
+    """A script's entry point: a bad input (model.InputError, or a missing file) ends as one line on stderr and exit
+    status 2, as a bad flag does; any other exception keeps its traceback."""
+    try:
+        main()
+    except (M.InputError, FileNotFoundError) as e:
+        refuse(os.path.basename(sys.argv[0]), str(e).replace("\n", " "))
 
 
 def refuse_given(prog: str, given: set, names: tuple, why: str):
@@ -298,23 +306,82 @@ def freeze_encoders(model: M.Bagel):
 # Checkpoints: a BAGEL-format folder (ema.safetensors = the EMA weights, as BAGEL/CLEAR save them) + train_state/
 
 
+MARKER = ".complete"  # written last, once everything else is on disk: a temporary copy without it is a killed write
+
+
+def fsync_path(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path):
+    """Flush every file and folder under root to disk, so that no rename can expose data still in the page cache."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fsync_path(Path(folder) / name)
+        fsync_path(Path(folder))
+
+
+def discard(path: Path):
+    (path / MARKER).unlink(missing_ok=True)  # first: a half-removed copy must never look complete
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def sibling(folder: Path, kind: str) -> Path:
+    return folder.with_name(f".{folder.name}.{kind}-{os.urandom(4).hex()}")
+
+
+def settle_folder(folder) -> None:
+    """Finish or undo what killed atomic_write_folder calls left beside `folder`: the newest complete copy becomes
+    `folder` (said in one line) and every other temporary sibling is removed. Newest first: a `.tmp-` copy holding the
+    marker (its write finished, the kill came before or between the renames), `folder` itself, an `.old-` copy (it was
+    `folder` until a kill between the renames)."""
+    folder = Path(folder)
+    pattern = re.compile(rf"\.{re.escape(folder.name)}\.(tmp|old)-[0-9a-f]{{8}}")
+    temps = [p for p in folder.parent.iterdir() if pattern.fullmatch(p.name)] if folder.parent.is_dir() else []
+    newest = lambda paths: max(paths, key=lambda p: p.stat().st_mtime_ns, default=None)  # noqa: E731
+    best = newest([p for p in temps if ".tmp-" in p.name and (p / MARKER).exists()])
+    if best is None and not folder.exists():
+        best = newest([p for p in temps if ".old-" in p.name])
+    if best is not None:
+        if folder.exists():
+            os.replace(folder, displaced := sibling(folder, "old"))
+            temps.append(displaced)
+        os.replace(best, folder)
+        fsync_path(folder.parent)
+        print(f"{folder}: recovered the newest complete checkpoint from {best.name}, left by an interrupted save")
+    for p in temps:
+        if p != best:
+            discard(p)
+
+
 def atomic_write_folder(folder, write: Callable[[Path], None]):
-    """Write a folder via a temporary sibling and a rename, so a failure never leaves a half-written checkpoint."""
+    """Write a folder so that a kill at any instant leaves a complete one: write into a temporary sibling, flush it to
+    disk, mark it complete, then swap it in by two renames. The next save or --resume (settle_folder) finishes or
+    undoes a swap that a kill interrupted and removes what killed writes left."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    settle_folder(folder)
+    tmp = sibling(folder, "tmp")
+    tmp.mkdir()  # permissions from the umask, as any folder the user makes (tempfile.mkdtemp would make it 0700)
     try:
         write(tmp)
-        if folder.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
-            os.replace(folder, old / folder.name)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
+    except BaseException:  # an error in write(); a kill leaves tmp without its marker to settle_folder
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fsync_tree(tmp)
+    (tmp / MARKER).touch()
+    fsync_path(tmp / MARKER)
+    fsync_path(tmp)
+    old = sibling(folder, "old")
+    if folder.exists():
+        os.replace(folder, old)  # from here to the next rename there is no `folder`: settle_folder restores tmp
+    os.replace(tmp, folder)
+    fsync_path(folder.parent)
+    discard(old)
 
 
 def save_checkpoint(folder, raw: M.Bagel, ema: EMA | None, optimizer, tokenizer, step: int, meta: dict, run: Run):
@@ -351,27 +418,50 @@ def save_checkpoint(folder, raw: M.Bagel, ema: EMA | None, optimizer, tokenizer,
     atomic_write_folder(folder, write)
 
 
-def load_resume_state(folder, raw: M.Bagel, ema: EMA | None, optimizer, stage: str) -> int:
-    """Restore raw weights, EMA and optimizer from a checkpoint folder; returns the step to continue from."""
+def check_resume(folder, stage: str, settings: dict, may_change: tuple, force: bool, run: Run):
+    """Before any work of a --resume run: settle `folder` (settle_folder), check that it is a resumable checkpoint of
+    `stage`, and compare this run's settings with those it recorded (nanoclear.json "args", and "init" as resolved):
+    any difference outside `may_change` is refused in one message listing each, unless `force` (then printed)."""
+    folder = Path(folder)
+    if run.main:
+        settle_folder(folder)
+    if run.world > 1:
+        dist.barrier()
+    if not (folder / "train_state" / "state.json").exists():
+        raise FileNotFoundError(f"{folder} has no train_state/: it is not a resumable {stage} checkpoint (start without --resume)")
+    state = M.read_json(folder / "train_state" / "state.json")
+    if state.get("stage") != stage:
+        raise M.InputError(f"{folder} was written by stage {state.get('stage')!r}, not {stage!r}: resume it with that stage")
+    saved = M.read_json(folder / "nanoclear.json")
+    recorded = {**(saved.get("args") if isinstance(saved.get("args"), dict) else {}), "init": saved.get("init")}
+    now = json.loads(json.dumps(settings))  # tuples as the json holds them
+    changed = [f"{flag_name(k)} {recorded[k]!r} -> {v!r}" if k in recorded else f"{flag_name(k)} (not recorded) -> {v!r}"
+               for k, v in now.items() if k not in may_change and (k not in recorded or recorded[k] != v)]
+    if changed and not force:
+        raise M.InputError(f"{folder} was trained with other settings: {'; '.join(changed)}. Resume with its values, pass "
+                           "--resume-force to continue with these on purpose, or start a fresh --out")
+    if changed and run.main:
+        print(f"--resume-force: continuing {folder} with changed settings: {'; '.join(changed)}")
+
+
+def load_resume_state(folder, raw: M.Bagel, ema: EMA | None, optimizer) -> int:
+    """Restore raw weights, EMA and optimizer from a checkpoint folder that check_resume accepted; returns the step to
+    continue from."""
     from safetensors.torch import load_file
     folder = Path(folder)
     d = folder / "train_state"
-    if not (d / "state.json").exists():
-        raise FileNotFoundError(f"{folder} has no train_state/: it is not a resumable {stage} checkpoint (start without --resume)")
     state = M.read_json(d / "state.json")
-    if state.get("stage") != stage:
-        raise ValueError(f"{folder} was written by stage {state.get('stage')!r}, not {stage!r}: resume it with that stage")
-    saved_cfg = M.read_json(folder / "nanoclear.json")["model"]
+    saved_cfg = M.read_json(folder / "nanoclear.json").get("model")
     if saved_cfg != json.loads(json.dumps(M.asdict(raw.cfg))):
-        raise ValueError(f"{folder} holds a model of another shape than this run's; use matching flags or a fresh --out")
+        raise M.InputError(f"{folder} holds a model of another shape than this run's; use matching flags or a fresh --out")
     try:
         weights = load_file(str(d / "model.safetensors"))
         opt_tensors = load_file(str(d / "optimizer.safetensors"))
     except Exception as e:
-        raise ValueError(f"{d} is corrupt ({e}); delete it or resume from an earlier copy") from None
+        raise M.InputError(f"{d} is corrupt ({e}); delete it or resume from an earlier copy") from None
     missing = set(n for n, _ in raw.named_parameters()) ^ set(weights)
     if missing:
-        raise ValueError(f"{d}/model.safetensors does not match the model: {sorted(missing)[:5]}")
+        raise M.InputError(f"{d}/model.safetensors does not match the model: {sorted(missing)[:5]}")
     with torch.no_grad():
         for n, p in raw.named_parameters():
             p.copy_(weights[n])

@@ -61,7 +61,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tokenizers import Regex, Tokenizer as RawTokenizer, decoders, models, pre_tokenizers, trainers
 
 import model as M
-from degrade import CORRUPTIONS, SEVERITIES, degrade, sample_corruption, to_rgb
+from degrade import CORRUPTIONS, MIN_SIZE, SEVERITIES, degrade, sample_corruption, to_rgb
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Pictures <-> tensors (BAGEL: data/transforms.py ImageTransform, inferencer.decode_image; RGB by degrade.to_rgb)
@@ -193,10 +193,7 @@ class Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist: pass a tokenizer.json (BAGEL-7B-MoT's, or a nanoCLEAR checkpoint's)")
-        try:
-            return cls(RawTokenizer.from_file(str(path)), str(path))
-        except Exception as e:  # tokenizers raises a bare Exception on malformed files
-            raise ValueError(f"{path} is not a readable tokenizer.json ({e})") from None
+        return cls(M.read_tokenizer(path), str(path))
 
     @classmethod
     def from_folder(cls, folder) -> "Tokenizer":
@@ -691,6 +688,24 @@ PANDAS_NA = {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan
              "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}  # VLMEvalKit reads TSVs with pandas: these become NaN
 
 
+def image_problem(source) -> str | None:
+    """Why a picture cannot be trained or evaluated on, or None: it must decode fully (Image.verify passes truncated
+    files, which then fail at the step that draws them) and its short side must be at least degrade.MIN_SIZE."""
+    try:
+        with Image.open(source) as im:
+            im.load()
+            w, h = im.size
+    except Exception as e:  # missing, truncated, not an image, a decompression bomb
+        return f"{type(e).__name__}: {e}"
+    return f"{w}x{h} pixels, under degrade's minimum side {MIN_SIZE}" if min(w, h) < MIN_SIZE else None
+
+
+def skip_report(path, rows: list, problems: list, where: str, first: int = 5) -> str:
+    """The line the scripts print for a data file: rows used, rows skipped and the first reasons."""
+    reasons = "; ".join(f"{where} {n}: {why}" for n, why in problems[:first])
+    return f"{path}: {len(rows)} rows used, {len(problems)} skipped" + (f" (first: {reasons})" if problems else "")
+
+
 def read_jsonl(path, images_dir) -> tuple[list[dict], list[tuple]]:
     """LLaVA-style rows -> ([{line, image, question, response}], [(line, reason)] for the rows that were skipped).
 
@@ -723,16 +738,14 @@ def read_jsonl(path, images_dir) -> tuple[list[dict], list[tuple]]:
                 problems.append((n, "no human question and gpt answer"))
                 continue
             image = images_dir / str(rec["image"])
-            try:
-                with Image.open(image) as im:
-                    im.verify()
-            except Exception as e:  # missing, truncated or not an image
-                problems.append((n, f"unreadable image {image} ({type(e).__name__})"))
+            why = image_problem(image)
+            if why:
+                problems.append((n, f"unusable image {image} ({why})"))
                 continue
             rows.append(dict(line=n, image=image, question=human.replace("<image>", "").strip(), response=gpt))
-    if not rows and problems:
-        raise ValueError(f"{path}: none of its {len(problems)} rows is usable (first: line {problems[0][0]}, "
-                         f"{problems[0][1]}); is it LLaVA-style JSONL?")
+    if not rows:
+        raise M.InputError(f"{path}: none of its {len(problems)} rows is usable" + (f" (first: line {problems[0][0]}, "
+                           f"{problems[0][1]})" if problems else "") + "; is it LLaVA-style JSONL with --images its image folder?")
     return rows, problems
 
 
@@ -765,25 +778,32 @@ def read_tsv(path) -> tuple[list[dict], list[tuple]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: pass a VLMEvalKit TSV (e.g. MMBench_DEV_EN_LOW_LEVEL_HIGH.tsv)")
     csv.field_size_limit(sys.maxsize)  # base64 images are far longer than csv's default field limit
-    with open(path, newline="", encoding="utf-8", errors="replace") as f:
-        table = list(csv.DictReader(f, delimiter="\t"))
-    columns = set(table[0]) if table else set()
+    try:
+        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+            reader = csv.DictReader(f, delimiter="\t")
+            table, columns = list(reader), set(reader.fieldnames or ())
+    except csv.Error as e:
+        raise M.InputError(f"{path} is not a readable TSV ({e}): is it a VLMEvalKit TSV?") from None
     missing = {"index", "image", "question", "answer"} - columns
     if missing:
-        raise ValueError(f"{path} lacks the columns {sorted(missing)}: is it a VLMEvalKit TSV (tab-separated, with a header)?")
+        raise M.InputError(f"{path} lacks the columns {sorted(missing)}: is it a VLMEvalKit TSV (tab-separated, with a header)?")
+    if not table:
+        raise M.InputError(f"{path} has a header but no rows: nothing to evaluate")
     images = {r["index"]: r["image"] for r in table}
     letters = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c in columns]
-    rows, problems = [], []
+    rows, problems, decoded = [], [], {}
     for r in table:
         value = lambda k: None if (r.get(k) or "").strip() in PANDAS_NA else r[k]  # noqa: E731
         image = r["image"] or ""
         if len(image) <= 64:  # official: a short value is the index of the row that holds the image
-            image = images.get(image.strip(), "")
-        try:
-            with Image.open(io.BytesIO(base64.b64decode(image, validate=False))) as im:
-                im.verify()
-        except Exception:
-            problems.append((r["index"], "undecodable image"))
+            image = images.get(image.strip(), "") or ""
+        if image not in decoded:  # circular copies share one image: decode it once
+            try:
+                decoded[image] = image_problem(io.BytesIO(base64.b64decode(image, validate=False)))
+            except ValueError as e:  # not base64
+                decoded[image] = str(e)
+        if decoded[image]:
+            problems.append((r["index"], f"undecodable image ({decoded[image]})"))
             continue
         options = {k: value(k) for k in letters if value(k) is not None}
         gaps = [k for k in letters[:len(options)] if k not in options]
@@ -797,6 +817,9 @@ def read_tsv(path) -> tuple[list[dict], list[tuple]]:
             continue
         rows.append(dict(index=r["index"], image=image, question=r["question"], options=options or None, answer=answer,
                          hint=value("hint"), category=value("category")))
+    if not rows:
+        raise M.InputError(f"{path}: none of its {len(problems)} rows is usable (first: index {problems[0][0]}, "
+                           f"{problems[0][1]})")
     return rows, problems
 
 

@@ -49,6 +49,23 @@ ACTIVATIONS = {
 }
 
 
+def is_int(v, least: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+
+# sizes are >= 1 and factors > 0, except these: the ViT may have no layer, ids start at 0, the AE shift has any sign
+MAY_BE_ZERO = ("vit_num_hidden_layers", "ae_shift_factor", "bos_token_id", "eos_token_id", "start_of_image_id", "end_of_image_id")
+VALID = {  # field type -> test of a value
+    "int": lambda v, name: is_int(v, 0 if name in MAY_BE_ZERO else 1),
+    "float": lambda v, name: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                             and (v > 0 or name in MAY_BE_ZERO),
+    "str": lambda v, name: isinstance(v, str),
+    "tuple": lambda v, name: isinstance(v, (list, tuple)) and len(v) > 0 and all(is_int(m, 1) for m in v),
+}
+VALID_WORDS = {"int": "an integer >= 1 (>= 0 for ViT layers and token ids)", "float": "a finite number (> 0 but the AE shift)",
+               "str": "a string", "tuple": "a non-empty list of integers >= 1"}
+
+
 @dataclass
 class ModelConfig:
     # language model: Qwen2 + Mixture-of-Transformers (llm_config.json)
@@ -91,6 +108,10 @@ class ModelConfig:
     end_of_image_id: int = 3  # <|vision_end|>
 
     def __post_init__(self):
+        for f in fields(self):  # values read from json files may be of any type: refuse them here, by name
+            value, kind = getattr(self, f.name), f.type
+            if not VALID[kind](value, f.name):
+                raise ValueError(f"ModelConfig: {f.name} is {value!r}, it must be {VALID_WORDS[kind]}")
         self.ae_ch_mult = tuple(self.ae_ch_mult)
         checks = [
             (self.hidden_size % self.num_attention_heads == 0, "hidden_size must be divisible by num_attention_heads"),
@@ -102,6 +123,8 @@ class ModelConfig:
              "vit_image_size / vit_patch_size must be >= vit_max_num_patch_per_side (ViT ids index the learned table)"),
             (all((self.ae_ch * m) % self.ae_norm_groups == 0 for m in self.ae_ch_mult), "autoencoder channels must be multiples of ae_norm_groups"),
             (self.connector_act in ACTIVATIONS and self.vit_hidden_act in ACTIVATIONS, f"activations must be one of {sorted(ACTIVATIONS)}"),
+            (max(self.bos_token_id, self.eos_token_id, self.start_of_image_id, self.end_of_image_id) < self.vocab_size,
+             "the special token ids must be below vocab_size"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -1272,13 +1295,34 @@ LLM_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers
             "num_key_value_heads", "rms_norm_eps", "rope_theta", "max_position_embeddings")
 
 
+VIT_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "patch_size", "image_size")
+VIT_LAYERS = "vit_model.vision_model.encoder.layers."
+
+
+class InputError(ValueError):
+    """A malformed input (checkpoint folder, tokenizer, data file): the message names the file and the fix. Readers
+    raise it (or FileNotFoundError for a missing file); the scripts print it as one line (common.run_cli)."""
+
+
 def read_json(path: Path) -> dict:
     try:
-        return json.loads(Path(path).read_text())
+        value = json.loads(Path(path).read_bytes())
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} is missing: a BAGEL-format folder holds llm_config.json, vit_config.json, ema.safetensors and ae.safetensors") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); restore the file from the original checkpoint") from None
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
+        raise InputError(f"{path} is not valid JSON ({e}); restore the file from the original checkpoint") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{path} holds a JSON {type(value).__name__}, not an object; restore the file from the original checkpoint")
+    return value
+
+
+def read_tokenizer(path: Path):
+    """A `tokenizers.Tokenizer` from a tokenizer.json, which must exist; the library's own errors name no file."""
+    from tokenizers import Tokenizer
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception, e.g. "key must be a string at line 1 column 2"
+        raise InputError(f"{path} is not a readable tokenizer.json ({e}); restore it from the original checkpoint") from None
 
 
 def special_token_ids(tk, source: str) -> dict:
@@ -1286,77 +1330,148 @@ def special_token_ids(tk, source: str) -> dict:
     ids = {k: tk.token_to_id(text) for k, text in SPECIAL_TOKENS.items()}
     missing = [SPECIAL_TOKENS[k] for k, v in ids.items() if v is None]
     if missing:
-        raise ValueError(f"{source} lacks the special tokens {missing}; use BAGEL's Qwen2 tokenizer.json or one saved by nanoCLEAR")
+        raise InputError(f"{source} lacks the special tokens {missing}; use BAGEL's Qwen2 tokenizer.json or one saved by nanoCLEAR")
     return ids
+
+
+def code_values_hint(folder: Path) -> str:
+    """What a folder without nanoclear.json gets for the values no json holds, and how to give it others."""
+    return (f"{folder} has no nanoclear.json, so the values no json holds ({', '.join(CODE_KEYS)}) are BAGEL-7B-MoT's "
+            f"(model.PRESETS['bagel-7b-mot']). If these are not BAGEL-7B-MoT's weights, add the nanoclear.json saved with "
+            f"them (or one holding {{\"model\": {{...}}}} with the right values), or pass the right folder.")
 
 
 def config_from_folder(folder, overrides: dict | None = None) -> ModelConfig:
     """ModelConfig from a BAGEL-format folder: llm/vit json, then nanoclear.json (or BAGEL-7B-MoT's code values), then overrides."""
-    from tokenizers import Tokenizer
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder: pass a BAGEL-format checkpoint folder (e.g. out/sft or BAGEL-7B-MoT)")
     llm, vit = read_json(folder / "llm_config.json"), read_json(folder / "vit_config.json")
     if llm.get("rope_scaling") not in (None, {}):
-        raise ValueError(f"{folder}/llm_config.json: rope_scaling {llm['rope_scaling']} is not supported (BAGEL uses none)")
+        raise InputError(f"{folder}/llm_config.json: rope_scaling {llm['rope_scaling']} is not supported (BAGEL uses none)")
     if llm.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{folder}/llm_config.json: hidden_act {llm['hidden_act']!r}; the Qwen2 MLP here is SwiGLU (silu)")
+        raise InputError(f"{folder}/llm_config.json: hidden_act {llm['hidden_act']!r}; the Qwen2 MLP here is SwiGLU (silu)")
     if vit.get("rope", False):
-        raise ValueError(f"{folder}/vit_config.json: rope=true; BAGEL's loader forces rope=False and so do we")
+        raise InputError(f"{folder}/vit_config.json: rope=true; BAGEL's loader forces rope=False and so do we")
+    missing = [k for k in VIT_KEYS if k not in vit]
+    if missing or not is_int(vit["num_hidden_layers"], 1):
+        raise InputError(f"{folder}/vit_config.json: " + (f"lacks {missing}" if missing else
+                         f"num_hidden_layers is {vit['num_hidden_layers']!r}, not an integer >= 1") + "; restore the file")
     kw = {k: llm[k] for k in LLM_KEYS if k in llm}
     kw.update(vit_hidden_size=vit["hidden_size"], vit_intermediate_size=vit["intermediate_size"],
               vit_num_hidden_layers=vit["num_hidden_layers"] - 1,  # BAGEL: num_hidden_layers -= 1 at load
               vit_num_attention_heads=vit["num_attention_heads"], vit_patch_size=vit["patch_size"],
               vit_image_size=vit["image_size"], vit_layer_norm_eps=vit.get("layer_norm_eps", 1e-6),
               vit_hidden_act=vit.get("hidden_act", "gelu_pytorch_tanh"))
-    ours = folder / "nanoclear.json"
-    base = read_json(ours)["model"] if ours.exists() else asdict(PRESETS["bagel-7b-mot"])
-    kw.update({k: base[k] for k in CODE_KEYS if k in base})
-    if (folder / "tokenizer.json").exists():
-        kw.update(special_token_ids(Tokenizer.from_file(str(folder / "tokenizer.json")), str(folder / "tokenizer.json")))
-    elif ours.exists():
-        kw.update({k: base[k] for k in SPECIAL_TOKENS})
+    ours, tokenizer = folder / "nanoclear.json", folder / "tokenizer.json"
+    base = read_json(ours).get("model") if ours.exists() else asdict(PRESETS["bagel-7b-mot"])
+    keys = CODE_KEYS + (tuple(SPECIAL_TOKENS) if ours.exists() and not tokenizer.exists() else ())
+    lacking = [k for k in keys if k not in base] if isinstance(base, dict) else ["model"]
+    if lacking:
+        raise InputError(f"{ours} lacks our config's {lacking}; restore the file from the original checkpoint")
+    kw.update({k: base[k] for k in keys})
+    if tokenizer.exists():
+        kw.update(special_token_ids(read_tokenizer(tokenizer), str(tokenizer)))
     kw.update(overrides or {})
-    return ModelConfig(**kw)
+    try:
+        return ModelConfig(**kw)
+    except ValueError as e:
+        files = ", ".join(f for f in ("llm_config.json", "vit_config.json", "nanoclear.json", "tokenizer.json") if (folder / f).exists())
+        hint = "" if ours.exists() else " " + code_values_hint(folder)
+        raise InputError(f"{folder}: the values of its {files} make no valid model ({e}).{hint}") from None
 
 
 def open_safetensors(path: Path, device):
+    """A safetensors file opened lazily; a truncated or foreign file, or one whose header names a tensor twice (the
+    library would keep one of them silently), stops here."""
     from safetensors import safe_open
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: a BAGEL-format folder holds ema.safetensors and ae.safetensors")
+
+    def unique(pairs):
+        names = [k for k, _ in pairs]
+        if len(set(names)) < len(names):
+            raise InputError(f"{path} names {sorted({k for k in names if names.count(k) > 1})} twice in its header; "
+                             "re-save the checkpoint")
+        return dict(pairs)
     try:
+        with open(path, "rb") as f:  # safetensors: 8-byte little-endian header length, then the header JSON
+            n = int.from_bytes(f.read(8), "little")
+            json.loads(f.read(min(n, 100_000_000)), object_pairs_hook=unique)
         return safe_open(str(path), framework="pt", device=str(device))
+    except InputError:
+        raise
     except Exception as e:  # safetensors raises its own error type for truncated or foreign files
-        raise ValueError(f"{path} is not a readable safetensors file ({e}); re-download or re-save the checkpoint") from None
+        raise InputError(f"{path} is not a readable safetensors file ({e}); re-download or re-save the checkpoint") from None
+
+
+def drop_extra_vit_layer(folder: Path, cfg: ModelConfig, expected: dict, found: dict):
+    """BAGEL's loaders build vit_config.json's num_hidden_layers - 1 ViT layers and load ema.safetensors non-strictly
+    (app.py: accelerate's load_checkpoint_and_dispatch; eval: load_state_dict(strict=False)), so a file that holds all
+    num_hidden_layers (SigLIP's whole tower) loses its last layer. We drop it in exactly that case and say so: a folder
+    without nanoclear.json (ours hold exactly the layers they build), whose extra tensors are one complete layer, the
+    last, of the shapes the model's layers have. Anything else is left for read_weights to report."""
+    n = cfg.vit_num_hidden_layers
+    layer = {k.replace(f"{VIT_LAYERS}0.", f"{VIT_LAYERS}{n}.", 1): s for k, s in expected.items() if k.startswith(f"{VIT_LAYERS}0.")}
+    extra = {k: t.shape for k, (_, t) in found.items() if k.startswith(VIT_LAYERS) and k not in expected}
+    if (folder / "nanoclear.json").exists() or not extra or extra != layer:
+        return
+    for k in extra:
+        del found[k]
+    print(f"{folder}/ema.safetensors: dropped ViT layer {n} ({len(extra)} tensors), as BAGEL's loader does "
+          f"(vit_config.json num_hidden_layers {n + 1}, minus one)")
+
+
+def mismatch_hint(folder: Path, cfg: ModelConfig, problems: list) -> str:
+    """The likely cause of read_weights' problems, in words."""
+    n = cfg.vit_num_hidden_layers
+    if any(p.startswith("duplicate") for p in problems):
+        return "A tensor belongs in one file: ae.safetensors holds the autoencoder, ema.safetensors everything else."
+    if any(f"{VIT_LAYERS}{n}." in p for p in problems):
+        return (f"ema.safetensors holds more ViT layers than the {n} that vit_config.json's num_hidden_layers {n + 1} builds "
+                "(BAGEL's loader subtracts one): " + ("a nanoCLEAR checkpoint holds exactly the layers it builds, so "
+                "vit_config.json must say one more than the layers saved; restore the file from the original checkpoint."
+                if (folder / "nanoclear.json").exists() else "fix vit_config.json's num_hidden_layers."))
+    if not (folder / "nanoclear.json").exists():
+        return code_values_hint(folder)
+    return "Check that llm_config.json / vit_config.json and nanoclear.json belong to these weights."
 
 
 def read_weights(folder, cfg: ModelConfig, device="cpu", dtype=torch.float32) -> dict:
     """The state dict of a BAGEL-format folder (ema.safetensors + ae.safetensors as `vae.*`), checked strictly against
-    the shapes `cfg` implies: a missing, unexpected or mis-shaped tensor stops with a message listing them."""
+    the shapes `cfg` implies: a missing, unexpected, duplicated, mis-shaped or non-float tensor stops with one message
+    listing them (the one exception: drop_extra_vit_layer)."""
     folder = Path(folder)
     with torch.device("meta"):
         expected = {k: v.shape for k, v in Bagel(cfg).state_dict().items()}
-    state, problems = {}, []
+    found, problems = {}, []
     for file, prefix in (("ema.safetensors", ""), ("ae.safetensors", "vae.")):
         with open_safetensors(folder / file, device) as f:
             for key in f.keys():
                 name = prefix + key
-                if name.startswith(f"vit_model.vision_model.encoder.layers.{cfg.vit_num_hidden_layers}."):
-                    continue  # BAGEL: the loader drops the ViT's last layer (num_hidden_layers - 1)
+                if name in found:
+                    problems.append(f"duplicate {name}: {found[name][0]} and {file}:{key}")
+                    continue
                 t = f.get_tensor(key)
                 if name == "vit_model.vision_model.embeddings.patch_embedding.weight" and t.dim() == 4:
                     t = t.permute(0, 2, 3, 1).reshape(t.shape[0], -1)  # BAGEL: convert_conv2d_to_linear
-                if name not in expected:
-                    problems.append(f"unexpected {file}:{key} {tuple(t.shape)}")
-                elif t.shape != expected[name]:
-                    problems.append(f"mis-shaped {file}:{key} {tuple(t.shape)}, config wants {tuple(expected[name])}")
-                else:
-                    state[name] = t.to(dtype) if t.is_floating_point() else t
-    problems += [f"missing {k} {tuple(s)}" for k, s in expected.items() if k not in state and not any(k in p for p in problems)]
+                found[name] = (f"{file}:{key}", t.to(dtype) if t.is_floating_point() else t)  # one copy at a time
+    drop_extra_vit_layer(folder, cfg, expected, found)
+    state = {}
+    for name, (where, t) in found.items():
+        if name not in expected:
+            problems.append(f"unexpected {where} {tuple(t.shape)}")
+        elif t.shape != expected[name]:
+            problems.append(f"mis-shaped {where} {tuple(t.shape)}, config wants {tuple(expected[name])}")
+        elif not t.is_floating_point():
+            problems.append(f"{where} holds {t.dtype}, not floating-point weights")
+        else:
+            state[name] = t
+    problems += [f"missing {k} {tuple(s)}" for k, s in expected.items() if k not in found]
     if problems:
-        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-        raise ValueError(f"{folder} does not match its config ({len(problems)} problems):\n  {shown}\n"
-                         "Check that llm_config.json / vit_config.json (and nanoclear.json) belong to these weights.")
+        shown = "; ".join(problems[:20]) + (f"; ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise InputError(f"{folder} does not match its config ({len(problems)} problem{'s' * (len(problems) > 1)}: {shown}). "
+                         + mismatch_hint(folder, cfg, problems))
     return state
 
 

@@ -311,4 +311,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    C.run_cli(main)

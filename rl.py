@@ -119,6 +119,7 @@ class RLConfig:
     # run
     out: str = flag("out/rl", "output checkpoint folder")
     resume: bool = flag(False, "continue from --out's train_state")
+    resume_force: bool = flag(False, "with --resume: continue although settings differ from the checkpoint's (printed)")
     save_every: int = flag(20, "checkpoint every N steps", "[1, inf)")
     seed: int = flag(0, "seed of the rollouts and the data")
     device: str = flag("auto", "auto | cpu | cuda | mps")
@@ -127,6 +128,11 @@ class RLConfig:
     world_seed: int = flag(0, "toy world seed")
     eval_n: int = flag(192, "held-out toy questions per severity for the final table (0 = skip)", "[0, inf)")
     eval_seed: int = flag(0, "held-out split seed")
+
+
+# what --resume lets differ from the checkpoint's settings: more --steps (extends the run), where it runs, the final
+# table; anything else (seed, lr, rewards, rollouts, --init, ...) would not continue the same run
+RESUME_MAY_CHANGE = ("steps", "save_every", "threads", "device", "out", "resume", "resume_force", "eval_n", "eval_seed")
 
 
 def parse_config(argv=None) -> RLConfig:
@@ -140,6 +146,8 @@ def parse_config(argv=None) -> RLConfig:
         C.refuse_given(prog, given, ("world_seed", "eval_n", "eval_seed"), "with --data (the toy world is not used)")
     else:
         C.refuse_given(prog, given, ("vae_max", "vae_min", "vit_max", "vit_min"), f"on the toy world (its pictures are {D.MODEL_SIZE} px)")
+    if not cfg.resume:
+        C.refuse_given(prog, given, ("resume_force",), "without --resume")
     if cfg.beta == 0:
         C.refuse_given(prog, given, ("ref",), "with --beta 0 (no KL term)")
     if cfg.image_loss_weight == 0:
@@ -379,6 +387,8 @@ def main(argv=None):
     init = cfg.init or ("out/bridge" if (Path("out/bridge") / "ema.safetensors").exists() else "out/sft")
     if not (Path(init) / "ema.safetensors").exists():
         raise SystemExit(f"{init} has no checkpoint: run python sft.py (and python bridge.py) first, or pass --init")
+    if cfg.resume:  # before any work: --out must hold this very run
+        C.check_resume(cfg.out, "rl", {**vars(cfg), "init": init}, RESUME_MAY_CHANGE, cfg.resume_force, run)
     model = M.load_pretrained(init, run.device, run.dtype)
     tok = D.Tokenizer.from_folder(init)
     ref = M.load_pretrained(init, run.device, run.dtype).requires_grad_(False) if cfg.ref == "frozen" and cfg.beta > 0 else None
@@ -388,10 +398,12 @@ def main(argv=None):
         D.image_sizes(model.cfg, *D.TOY_SIDES)
     opt = C.make_optimizer(model, cfg.lr, betas=(0.9, 0.999), eps=1e-8)
     out = Path(cfg.out)
-    start = C.load_resume_state(out, model, None, opt, "rl") if cfg.resume else 0
+    start = C.load_resume_state(out, model, None, opt) if cfg.resume else 0
     wrapped = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if run.world > 1 else model
     if cfg.data:
-        rows, _ = D.read_jsonl(cfg.data, cfg.images)
+        rows, problems = D.read_jsonl(cfg.data, cfg.images)
+        if run.main:
+            print(D.skip_report(cfg.data, rows, problems, "line"))
         stream_fn = lambda rng: (D.jsonl_example(rows[int(i)], rng) for i in iter(lambda: rng.integers(len(rows)), None))  # noqa: E731
     else:
         stream_fn = D.ToyWorld(cfg.world_seed).stream
@@ -443,4 +455,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    C.run_cli(main)

@@ -91,6 +91,7 @@ class SFTConfig:
     # run
     out: str = flag("out/sft", "output checkpoint folder")
     resume: bool = flag(False, "continue from --out's train_state")
+    resume_force: bool = flag(False, "with --resume: continue although settings differ from the checkpoint's (printed)")
     save_every: int = flag(100, "checkpoint every N steps (atomic)", "[1, inf)")
     seed: int = flag(0, "training seed")
     device: str = flag("auto", "auto | cpu | cuda | mps")
@@ -112,6 +113,11 @@ class SFTConfig:
 
 SIZE_FLAGS = ("vae_max", "vae_min", "vit_max", "vit_min")
 TABLE_FLAGS = ("eval_n", "eval_seed", "eval_steps", "reentry", "max_text_tokens", "cfg_text_scale", "cfg_img_scale")
+# what --resume lets differ from the checkpoint's settings: more --steps (extends the run), where and how it runs, the
+# summary table; anything else (seed, lr, data, token budget, --init, ...) would not continue the same run
+RESUME_MAY_CHANGE = ("steps", "save_every", "threads", "device", "compile", "flex_attention", "out", "resume",
+                     "resume_force", *TABLE_FLAGS)
+BASE = "out/base"  # the toy base model (Stage 0) when there is no --init
 
 
 def parse_config(description: str, argv=None, defaults: dict | None = None, unused: tuple = ()) -> SFTConfig:
@@ -131,6 +137,8 @@ def parse_config(description: str, argv=None, defaults: dict | None = None, unus
         why = "with --data (the toy world is not used)" if cfg.data is not None else "with --fsdp (no summary table)"
         C.refuse_given(prog, given - {"eval_n"} if cfg.eval_n == 0 else given, TABLE_FLAGS, why)
         cfg = replace(cfg, eval_n=0)
+    if not cfg.resume:
+        C.refuse_given(prog, given, ("resume_force",), "without --resume")
     if cfg.fsdp and cfg.resume:
         C.refuse(prog, "--resume is implemented for single-process and DDP runs; an FSDP run restarts from its last --init")
     if cfg.distill_weight == 0:
@@ -302,7 +310,7 @@ def load_start(cfg: SFTConfig, run: C.Run) -> tuple[M.Bagel, D.Tokenizer, str]:
     """The model to fine-tune: --init, or the toy base (Stage 0, built in this process if out/base/ is missing)."""
     init = cfg.init
     if init is None:
-        init = "out/base"
+        init = BASE
         if not (Path(init) / "ema.safetensors").exists():
             if run.world > 1:
                 raise SystemExit("build the toy base first (python pretrain.py), then launch torchrun")
@@ -319,20 +327,22 @@ def finetune(cfg: SFTConfig, name: str) -> tuple[M.Bagel | None, M.Bagel, D.Toke
     `name` is the stage recorded in the checkpoint ("sft" or "bridge"), which --resume checks."""
     run = C.setup_run(cfg.device, cfg.dtype, cfg.seed, cfg.threads)
     t0 = time.time()
-    model, tok, init = load_start(cfg, run)
-    start = M.load_pretrained(init, run.device, run.dtype) if run.main and cfg.eval_n and not cfg.fsdp else None
-    C.freeze_encoders(model)
+    if cfg.resume:  # before any work: --out must hold this very run
+        C.check_resume(cfg.out, name, {**vars(cfg), "init": cfg.init or BASE}, RESUME_MAY_CHANGE, cfg.resume_force, run)
     if cfg.data:
         rows, problems = D.read_jsonl(cfg.data, cfg.images)
         if run.main:
-            print(f"{cfg.data}: {len(rows)} rows, {len(problems)} skipped" + (f" (first: {problems[:5]})" if problems else ""))
+            print(D.skip_report(cfg.data, rows, problems, "line"))
         stream_fn = mixed_stream(rows, cfg.tool_share)
     else:
         stream_fn = D.ToyWorld(cfg.world_seed).stream
+    model, tok, init = load_start(cfg, run)
+    start = M.load_pretrained(init, run.device, run.dtype) if run.main and cfg.eval_n and not cfg.fsdp else None
+    C.freeze_encoders(model)
     opt = C.make_optimizer(model, cfg.lr, weight_decay=cfg.weight_decay)
     ema = C.EMA(model, cfg.ema)
     out = Path(cfg.out)
-    start_step = C.load_resume_state(out, model, ema, opt, name) if cfg.resume else 0
+    start_step = C.load_resume_state(out, model, ema, opt) if cfg.resume else 0
     wrapped = model
     if run.world > 1 and not cfg.fsdp:
         wrapped = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
@@ -372,4 +382,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    C.run_cli(main)

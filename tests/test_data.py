@@ -298,6 +298,60 @@ def test_tsv_reader_resolves_references_and_reports_bad_rows(tmp_path):
         D.read_tsv(tmp_path / "x.tsv")
 
 
+def jpeg_bytes(size=(64, 48), seed=0) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_readers_reject_truncated_and_tiny_pictures_at_read_time(tmp_path):
+    """A truncated JPEG passes Image.verify() (and crashed training at the step that drew it); it is refused at read
+    time now, as is a picture under degrade.MIN_SIZE, in JSONL and TSV alike, with the reason. A file with no usable
+    row is an error; a TSV with only its header says so (it has the columns)."""
+    whole = jpeg_bytes()
+    with Image.open(io.BytesIO(whole[:len(whole) // 2])) as im:
+        im.verify()  # the check the readers used to make: it passes
+    (tmp_path / "ok.jpg").write_bytes(whole)
+    (tmp_path / "cut.jpg").write_bytes(whole[:len(whole) // 2])
+    Image.new("RGB", (40, 12)).save(tmp_path / "thin.png")
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"image": f, "question": "Q", "answer": "A"}) + "\n" for f in ("ok.jpg", "cut.jpg", "thin.png")))
+    rows, problems = D.read_jsonl(path, tmp_path)
+    assert [r["line"] for r in rows] == [1] and [n for n, _ in problems] == [2, 3]
+    assert "truncated" in problems[0][1] and "40x12 pixels, under degrade's minimum side 16" in problems[1][1]
+    assert D.skip_report(path, rows, problems, "line").startswith(f"{path}: 1 rows used, 2 skipped (first: line 2: unusable image")
+    path.write_text(json.dumps({"image": "cut.jpg", "question": "Q", "answer": "A"}) + "\n")
+    with pytest.raises(M.InputError, match="none of its 1 rows is usable .*truncated"):
+        D.read_jsonl(path, tmp_path)
+
+    b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
+    thin = io.BytesIO()
+    Image.new("RGB", (12, 40)).save(thin, "PNG")
+    header = ["index", "question", "A", "B", "answer", "image"]
+    table = [["1", "Q?", "x", "y", "A", b64(whole)], ["2", "Q?", "x", "y", "A", b64(whole[:len(whole) // 2])],
+             ["3", "Q?", "x", "y", "B", b64(thin.getvalue())], ["4", "Q?", "x", "y", "B", "2"]]
+    tsv = tmp_path / "b.tsv"
+    tsv.write_text("\n".join("\t".join(r) for r in [header, *table]) + "\n")
+    rows, problems = D.read_tsv(tsv)
+    assert [r["index"] for r in rows] == ["1"] and [i for i, _ in problems] == ["2", "3", "4"]
+    assert "truncated" in problems[0][1] and "12x40 pixels" in problems[1][1] and "truncated" in problems[2][1]
+    tsv.write_text("\n".join("\t".join(r) for r in [header, *table[1:]]) + "\n")
+    with pytest.raises(M.InputError, match="none of its 3 rows is usable"):
+        D.read_tsv(tsv)
+    tsv.write_text("\t".join(header) + "\n")
+    with pytest.raises(M.InputError, match="has a header but no rows"):
+        D.read_tsv(tsv)
+
+
+def test_a_corrupt_tokenizer_json_is_named(tmp_path):
+    """tokenizers' own message ("key must be a string ...") names no file; ours does, from either loader."""
+    (tmp_path / "tokenizer.json").write_text('{1: "x"}')
+    with pytest.raises(M.InputError, match=f"{tmp_path / 'tokenizer.json'} is not a readable tokenizer.json"):
+        D.Tokenizer.from_folder(tmp_path)
+    with pytest.raises(M.InputError, match="tokenizer.json is not a readable tokenizer.json"):
+        M.read_tokenizer(tmp_path / "tokenizer.json")
+
+
 def test_image_helpers_odd_modes():
     """Any PIL mode becomes RGB (alpha on white, degrade.to_rgb's rule everywhere); fit_size keeps sides on the stride."""
     rgba = Image.new("RGBA", (10, 10), (255, 0, 0, 0))

@@ -1,6 +1,7 @@
 """Behaviour of model.py beyond the official reference: cache vs full forward, expert routing, masks, I/O, errors."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -207,6 +208,82 @@ def test_bad_checkpoints_are_refused_clearly(net, tmp_path):
     cfg["intermediate_size"] = 40
     (tmp_path / "c" / "llm_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="mis-shaped .*mlp"):
+        M.load_pretrained(tmp_path / "c")
+
+
+def rewrite(path, change):
+    cfg = json.loads(path.read_text())
+    change(cfg)
+    path.write_text(json.dumps(cfg))
+
+
+def test_the_vit_layer_the_official_loader_drops_and_no_other(net, tmp_path, capsys):
+    """BAGEL builds vit_config.json's num_hidden_layers - 1 ViT layers and loads non-strictly: a BAGEL-format folder
+    (no nanoclear.json) whose file holds all num_hidden_layers loses the last one, with one printed line. A nanoCLEAR
+    folder whose vit_config.json says one layer too few (the old loader dropped a trained layer without a word), or
+    an extra layer that is not one complete last layer, is an error naming the tensors."""
+    from safetensors.torch import load_file, save_file
+    M.save_pretrained(net, tmp_path / "ours")
+    rewrite(tmp_path / "ours" / "vit_config.json", lambda c: c.update(num_hidden_layers=2))
+    with pytest.raises(M.InputError, match=r"unexpected ema.safetensors:vit_model.vision_model.encoder.layers.1.mlp.fc1.weight .*"
+                                           r"holds more ViT layers than the 1 .*must say one more"):
+        M.load_pretrained(tmp_path / "ours")
+
+    official = tmp_path / "official"  # SigLIP's whole tower in the file, as the json counts it
+    M.save_pretrained(net, official)
+    (official / "nanoclear.json").unlink()
+    ema = load_file(str(official / "ema.safetensors"))
+    last = {k.replace("layers.1.", "layers.2."): v + 1 for k, v in ema.items() if k.startswith(M.VIT_LAYERS + "1.")}
+    save_file({**ema, **last}, str(official / "ema.safetensors"))
+    code = {k: getattr(net.cfg, k) for k in M.CODE_KEYS}
+    capsys.readouterr()
+    back = M.load_pretrained(official, overrides=code)
+    assert capsys.readouterr().out.count("dropped ViT layer 2 (16 tensors)") == 1
+    assert len(back.vit_model.vision_model.encoder.layers) == 2
+    assert torch.equal(back.state_dict()[M.VIT_LAYERS + "1.mlp.fc1.weight"], net.state_dict()[M.VIT_LAYERS + "1.mlp.fc1.weight"])
+    save_file({**ema, **dict(list(last.items())[:-1])}, str(official / "ema.safetensors"))  # an incomplete extra layer
+    with pytest.raises(M.InputError, match="unexpected ema.safetensors:vit_model.vision_model.encoder.layers.2"):
+        M.load_pretrained(official, overrides=code)
+
+
+def test_a_tensor_in_two_files_is_an_error(net, tmp_path):
+    """A `vae.*` tensor in ema.safetensors that ae.safetensors holds too is named, not silently replaced."""
+    from safetensors.torch import load_file, save_file
+    M.save_pretrained(net, tmp_path / "c")
+    ema = load_file(str(tmp_path / "c" / "ema.safetensors"))
+    save_file({**ema, "vae.decoder.conv_out.bias": torch.zeros(3)}, str(tmp_path / "c" / "ema.safetensors"))
+    with pytest.raises(M.InputError, match="duplicate vae.decoder.conv_out.bias: ema.safetensors:vae.decoder.conv_out.bias "
+                                           "and ae.safetensors:decoder.conv_out.bias"):
+        M.load_pretrained(tmp_path / "c")
+
+
+def test_a_folder_without_nanoclear_json_gets_bagel_7b_code_values_and_is_told(net, tmp_path):
+    """Without nanoclear.json the values no json holds (latent size, AE shape, ...) are BAGEL-7B-MoT's: a folder of
+    another geometry hears that, which file would fix it, and what it needs."""
+    M.save_pretrained(net, tmp_path / "c")
+    (tmp_path / "c" / "nanoclear.json").unlink()
+    with pytest.raises(M.InputError) as e:
+        M.load_pretrained(tmp_path / "c")
+    assert "has no nanoclear.json" in str(e.value) and "max_latent_size" in str(e.value) and "BAGEL-7B-MoT" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_wrong_json_values_are_named(net, tmp_path):
+    """A json value of the wrong type or size stops at load naming the folder's files and the key, never a TypeError
+    deep in the model; a corrupt tokenizer.json is named too."""
+    M.save_pretrained(net, tmp_path / "c")
+    for file, key, value, words in (("llm_config.json", "hidden_size", "32", "hidden_size is '32'"),
+                                    ("llm_config.json", "num_attention_heads", 0, "num_attention_heads is 0"),
+                                    ("vit_config.json", "num_hidden_layers", [3], "num_hidden_layers is [3]"),
+                                    ("nanoclear.json", "model", [], "nanoclear.json lacks our config's ['model']")):
+        path = tmp_path / "c" / file
+        saved = path.read_text()
+        rewrite(path, lambda c: c.update({key: value}))
+        with pytest.raises(M.InputError, match=re.escape(words)):
+            M.load_pretrained(tmp_path / "c")
+        path.write_text(saved)
+    (tmp_path / "c" / "tokenizer.json").write_text('{1: "x"}')
+    with pytest.raises(M.InputError, match="tokenizer.json is not a readable tokenizer.json .*key must be a string"):
         M.load_pretrained(tmp_path / "c")
 
 

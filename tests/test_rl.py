@@ -283,3 +283,20 @@ def test_recipes_are_the_official_presets():
     assert (release.w_decision, release.loss_type, release.separate_image_rewards) == (0.15, "grpo", True)
     assert rl.parse_config(["--recipe", "release", "--loss-type", "dr_grpo"]).loss_type == "dr_grpo"
     assert head.image_loss_weight == release.image_loss_weight == 0.5
+
+
+def test_rl_flags_and_resume_refuse_before_any_work(toy_ckpt, tmp_path, capsys):
+    """--data needs --images, --resume-force needs --resume; --resume refuses changed settings (here --lr and --seed)
+    in one message before loading anything."""
+    for argv, words in ((["--data", "d.jsonl"], "go together"), (["--images", "p"], "go together"),
+                        (["--resume-force"], "no effect without --resume")):
+        with pytest.raises(SystemExit):
+            rl.parse_config(argv)
+        assert words in capsys.readouterr().err
+    out = tmp_path / "rl"
+    args = ["--init", str(toy_ckpt), "--out", str(out), "--eval-n", "0"]
+    (out / "train_state").mkdir(parents=True)  # what save_checkpoint records, without the weights
+    (out / "train_state" / "state.json").write_text(json.dumps({"stage": "rl", "step": 1}))
+    (out / "nanoclear.json").write_text(json.dumps({"args": vars(rl.parse_config(args)), "init": str(toy_ckpt)}))
+    with pytest.raises(M.InputError, match=r"other settings: --lr 2e-05 -> 0.001; --seed 0 -> 3\. "):
+        rl.main([*args, "--resume", "--lr", "1e-3", "--seed", "3", "--steps", "9"])

@@ -161,6 +161,78 @@ def test_resume_refuses_wrong_checkpoints(toy_ckpt, tmp_path):
         sft.finetune(finetune_args(toy_ckpt, tmp_path / "a", "--resume"), "bridge")
 
 
+def test_resume_refuses_changed_settings_and_names_each(toy_ckpt, tmp_path, capsys):
+    """--resume continues the run saved in --out: changed --seed, --lr, --tokens-per-step and --init are refused in one
+    message naming each with its saved and new value; --steps (extending the run), --save-every and --threads may
+    change; --resume-force continues on purpose and prints what changed; it means nothing without --resume."""
+    out, other = tmp_path / "a", tmp_path / "other"
+    sft.finetune(finetune_args(toy_ckpt, out, "--steps", "2", "--tokens-per-step", "200"), "sft")
+    with pytest.raises(M.InputError) as e:
+        sft.finetune(finetune_args(other, out, "--steps", "2", "--resume", "--seed", "1", "--lr", "2e-3"), "sft")
+    for words in ("--seed 0 -> 1", "--lr 0.001 -> 0.002", "--tokens-per-step 200 -> 400", f"--init {str(toy_ckpt)!r} -> {str(other)!r}"):
+        assert words in str(e.value), (words, str(e.value))
+    assert "--steps" not in str(e.value) and "--resume-force" in str(e.value)
+    capsys.readouterr()
+    sft.finetune(finetune_args(toy_ckpt, out, "--resume", "--steps", "3", "--save-every", "3", "--threads", "2",
+                               "--tokens-per-step", "200", "--seed", "1", "--resume-force"), "sft")
+    printed = [line for line in capsys.readouterr().out.splitlines() if "changed settings" in line]
+    assert len(printed) == 1 and printed[0].endswith("changed settings: --seed 0 -> 1"), printed
+    assert [r["step"] for r in log_of(out)] == [1, 2, 3]
+    with pytest.raises(SystemExit):
+        finetune_args(toy_ckpt, out, "--resume-force")
+
+
+def test_data_goes_with_images(capsys):
+    """--data without --images (or the reverse) stops before any work: the JSONL's paths are relative to --images."""
+    for argv in (["--data", "d.jsonl"], ["--images", "pictures"]):
+        with pytest.raises(SystemExit) as e:
+            sft.parse_config("", argv)
+        assert e.value.code == 2 and "--data and --images go together" in capsys.readouterr().err
+
+
+def test_sft_on_jsonl_skips_broken_pictures_and_says_so(toy_ckpt, tmp_path, capsys):
+    """Rows whose picture is truncated or too small are dropped when the file is read (the old reader let a truncated
+    JPEG through to crash the step that drew it) and the run prints how many and why, then trains on the rest."""
+    from PIL import Image
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "ok.jpg")
+    (tmp_path / "cut.jpg").write_bytes((tmp_path / "ok.jpg").read_bytes()[:600])
+    Image.new("RGB", (8, 8)).save(tmp_path / "dot.png")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"image": f, "question": "What colour?", "answer": "red"}) + "\n"
+                            for f in ("ok.jpg", "cut.jpg", "dot.png", "cut.jpg")))
+    sft.finetune(finetune_args(toy_ckpt, tmp_path / "out", "--data", str(data), "--images", str(tmp_path), "--steps", "2",
+                               "--tokens-per-step", "200"), "sft")
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith(str(data)))
+    assert line.startswith(f"{data}: 1 rows used, 3 skipped (first: line 2: unusable image") and "8x8 pixels" in line
+    assert len(log_of(tmp_path / "out")) == 2
+
+
+def test_resume_after_a_kill_between_the_renames_of_a_save(toy_ckpt, tmp_path, monkeypatch, capsys):
+    """Killed after moving its step-2 checkpoint aside and before renaming the step-4 one into place (the old code then
+    left no --out, and --resume said to start without it), the run resumes from the newest complete copy, says so, and
+    holds the weights of an uninterrupted run."""
+    sft.finetune(finetune_args(toy_ckpt, tmp_path / "a"), "sft")
+    renames, real = [], os.replace
+
+    def replace(src, dst):
+        renames.append(dst)
+        if len(renames) == 3:  # the step-2 save renames once, the step-4 save moves the old copy aside, then this
+            raise KeyboardInterrupt("killed between the renames")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        sft.finetune(finetune_args(toy_ckpt, tmp_path / "b"), "sft")
+    monkeypatch.setattr(os, "replace", real)
+    assert not (tmp_path / "b").exists()
+    capsys.readouterr()
+    sft.finetune(finetune_args(toy_ckpt, tmp_path / "b", "--resume"), "sft")
+    assert "recovered the newest complete checkpoint" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "a.log.jsonl", "b", "b.log.jsonl"]
+    a, b = M.load_pretrained(tmp_path / "a"), M.load_pretrained(tmp_path / "b")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
