@@ -184,7 +184,7 @@ def main(argv=None):
     if start is None:
         return
     print(compare_reentry({"sft": start, "bridge": tuned}, tok, cfg))
-    grid = (8, 8)
+    grid = (D.MODEL_SIZE // tuned.cfg.latent_downsample,) * 2  # the toy picture's latent grid
     lat = reentry_latency(tuned, grid, context=200)
     print(f"re-entry of one restored {grid[0]}x{grid[1]}-token image on {tuned.device} (median of 6): "
           + ", ".join(f"{k} {1000 * v:.2f} ms" for k, v in lat.items())

@@ -12,7 +12,8 @@ Restore sample (pattern B), exactly as the official parse_row builds it:
 Direct sample (pattern A): 1-4, then "<think>...</think>\\n<answer>...</answer>" (CE).
 
 The toy world (why it is built this way):
-  * No download, CPU-sized: 64x64 RGB scenes (8x8 ViT patches, 8x8 latent tokens in the tiny model) with exact
+  * No download, CPU-sized: 64x64 RGB scenes (4x4 ViT patches of 16 px, 4x4 latent tokens of 64 numbers in the tiny
+    model; model.PRESETS says why 16 tokens: the generator must restore, and at 64 tokens it did not) with exact
     answers from a small fixed vocabulary: the colour (8) and the count (1-4) of the objects by default (TOY_QTYPES);
     shape (5) and quadrant (4) questions are built too, but the tiny model answers them near chance after its minutes
     of training, so they only added noise to the tables. Open questions (A-D multiple choice in the official
@@ -20,16 +21,22 @@ The toy world (why it is built this way):
   * Degradation must hurt: objects are small (18-26 px) and colours are hue neighbours (red/orange/pink,
     cyan/blue/purple); blur, noise, darkness, desaturation, shuffled blocks and occluders destroy exactly the hue and
     the separate blobs a count needs. A perception proxy (small CNNs per quadrant) trained on
-    clean scenes drops from 100% to 70% at "hard" (the paper's backbone loses ~7 points; `python data.py --calibrate`).
+    clean scenes drops from 99.8% to 65.5% at "hard" (the paper's backbone loses ~7 points; `python data.py --calibrate`,
+    107 s).
   * Restoration must be able to help: scenes come from a small generative model (this file), so a learned prior can
-    redraw a plausible clean scene from a damaged one; the proxy trained on hard images still gets 93% at hard
-    (chance 12.5% colour, 25% count).
+    redraw a plausible clean scene from a damaged one; the proxy trained on hard images still gets 87.0% at hard
+    (91.0% colour, 83.1% count; chance 12.5% colour, 25% count).
   * A picture holds one kind of object (1-4 copies of one shape in one colour), so every question is
     answered by a pooled look and a tiny model trained from scratch learns the world in minutes on a CPU: what the
     questions need is the detail the corruptions destroy, not object binding (a first version that named objects by
     quadrant stayed at chance after 10 CPU-minutes of Stage 0).
-  * Photo-like backgrounds (soft gradients plus low-frequency texture) so the 16 corruptions act as on photos
-    (JPEG blocks on texture, blur mixing object and background, darkness crushing contrast).
+  * Photo-like backgrounds (soft gradients plus faint low-frequency texture) so the 16 corruptions act as on photos
+    (JPEG blocks on texture, blur mixing object and background, darkness crushing contrast). The texture is faint
+    (amplitudes 7 and 3 of 255): at 3x that, in an earlier version, it was what restorations got most wrong, and a
+    restoration spent on drawing background texture is not spent on the colour and count the questions ask.
+  * One think template per kind, the decision first ("Their colour is lost to hard noise. I need to restore the
+    image." / "The number of shapes survives the low blur: I count 3."): with three phrasings each that named the
+    corruption before deciding, the tiny model restored about as often at low as at hard.
   * Scenes are rendered 4x supersampled, degraded at DEGRADE_SIZE and resized to 64 px (see the note there).
   * Train and evaluation scenes are disjoint by construction: a hash of the scene layout picks its split.
 
@@ -337,13 +344,13 @@ CORRUPTION_PHRASES = {
     "mean_shift": "mean-shift smearing", "scan_lines": "scan lines", "dark_illumination": "darkness",
     "atmospheric_turbulence": "turbulence", "gaussian_noise": "noise", "color_diffusion": "colour bleeding",
     "sharpness_change": "oversharpening", "graffiti": "graffiti", "watermark_damage": "watermark damage"}
-RESTORE_THINK = ("<think>The image has {sev} {corr}; {detail} is unclear. I need to restore it.</think>",
-                 "<think>{Sev} {corr} hides {detail}. I will restore the image first.</think>",
-                 "<think>With {sev} {corr} I cannot make out {detail}. Restore first.</think>")
-RESTORED_THINK = ("<think>The restored image is clear: {fact}.</think>", "<think>After restoration, {fact}.</think>")
-DIRECT_THINK = ("<think>Despite the {sev} {corr}, {fact}.</think>", "<think>The {corr} is {sev}, but {fact}.</think>",
-                "<think>{Sev} {corr}, yet {detail} is visible: {fact}.</think>")
-CLEAN_THINK = ("<think>The image is clear: {fact}.</think>",)
+# One template per kind, and the decision comes first: after the question's detail ("Their colour", "The number of
+# shapes"), "is lost" restores and "survives" answers. (A first version had three phrasings each, naming the corruption
+# before deciding; the tiny model then restored about as often at low as at hard.)
+RESTORE_THINK = ("<think>{Detail} is lost to {sev} {corr}. I need to restore the image.</think>",)
+RESTORED_THINK = ("<think>The restored image is clear: {fact}.</think>",)
+DIRECT_THINK = ("<think>{Detail} survives the {sev} {corr}: {fact}.</think>",)
+CLEAN_THINK = ("<think>{Detail} is clear: {fact}.</think>",)
 
 
 def severity_word(severity: float) -> str:
@@ -356,7 +363,7 @@ def think_response(rng: np.random.Generator, restore: bool, answer: str, detail:
     '<think>..</think>\\n<answer>..</answer>', pattern B resp1 + '\\n' + resp2 with resp1 ending on its own
     '<image_restore>' line (official: merged_value = f"{resp1}\\n{resp2}")."""
     pick = lambda templates: templates[rng.integers(len(templates))]  # noqa: E731
-    words = dict(detail=detail, fact=fact)
+    words = dict(detail=detail, Detail=detail[:1].upper() + detail[1:], fact=fact)
     if corruption is not None:
         sev = severity_word(severity)
         words.update(sev=sev, Sev=sev.capitalize(), corr=CORRUPTION_PHRASES[corruption])
@@ -370,7 +377,12 @@ def think_response(rng: np.random.Generator, restore: bool, answer: str, detail:
 # The adaptive restore decision
 
 
-RESTORE_THRESHOLD = 0.3  # held-out split (n=1000): restore rate 1% low, 7% mid, 36% hard (paper: 1-10, 5-18, 25-47%)
+# Restore when less than 30% of the question's detail survived. Labels (`python data.py --show 300`, held-out split of
+# world 0): 2% low, 8% mid, 42% hard; the SFT model, decoding greedily, restores about half as often (1% / 3% / 18%).
+# At 0.5 (labels 7% / 19% / 58%) the SFT and RL models restored at the paper's rates (RL 5% / 12% / 42%; CLEAR:
+# 1-10%, 5-18%, 25-47%), but restoring then helped the answer less and less surely in both seeds (README), so the toy
+# keeps 0.3: the restorations it asks for are those of pictures that lost most.
+RESTORE_THRESHOLD = 0.3
 
 
 def detail_kept(clean: np.ndarray, degraded: np.ndarray, box: tuple, colour: bool) -> float:
@@ -406,7 +418,7 @@ def needs_restore(clean: np.ndarray, degraded: np.ndarray, boxes: list, colour: 
 # ----------------------------------------------------------------------------------------------------------------------
 # The toy world
 
-MODEL_SIZE = 64  # the tiny model's image side: 8x8 ViT patches of 8 px
+MODEL_SIZE = 64  # the tiny model's image side: 4x4 ViT patches of 16 px, 4x4 latent tokens
 SUPERSAMPLE = 256  # scenes are drawn at this side and box-filtered down (antialiasing)
 # Corruptions run at DEGRADE_SIZE, then the picture is resized to MODEL_SIZE. degrade.py applies the official pixel
 # constants at every size (hard: blur sigma 18 px, 32-px blocks, 10-50 px flare discs, noise sigma 67), so the size
@@ -497,7 +509,8 @@ def render(scene: Scene, size: int = DEGRADE_SIZE) -> Image.Image:
     ramp = np.clip(u[None, :] * math.cos(math.radians(angle)) + u[:, None] * math.sin(math.radians(angle)) + 0.5, 0, 1)
     img = np.float32(rgb0) + (np.float32(rgb1) - np.float32(rgb0)) * ramp[..., None]
     tex_rng = np.random.default_rng(tex_seed)
-    for cells, amp in ((4, 24.0), (12, 9.0)):  # soft blotches plus finer texture, like out-of-focus photo clutter
+    for cells, amp in ((4, 7.0), (12, 3.0)):  # faint blotches and texture: a photo-like background the toy's generator
+        # can draw (at 3x these amplitudes, in an earlier version, the texture was what restorations got most wrong)
         noise = tex_rng.normal(0, amp, (cells, cells, 1)) + tex_rng.normal(0, amp / 3, (cells, cells, 3))  # mostly brightness
         lo = np.clip(128 + noise, 0, 255).astype(np.uint8)
         img += np.asarray(Image.fromarray(lo).resize((B, B), Image.BICUBIC), np.float32) - 128
@@ -575,6 +588,13 @@ class ToyWorld:
             response = think_response(rng, restore, answer, detail, fact, kind, sev)
             out.append(Example(degraded, question, answer, response, clean, options, kind, sev, qtype, caption=caption(scene), scene=scene))
         return out
+
+    def pictures(self, rng: np.random.Generator | int) -> Iterator[tuple[Scene, Image.Image]]:
+        """Endless clean training pictures at MODEL_SIZE with their scenes (no question, no corruption)."""
+        rng = np.random.default_rng(rng)
+        while True:
+            scene = self.scene(rng, held_out=False)[1]
+            yield scene, render(scene, DEGRADE_SIZE).resize((MODEL_SIZE, MODEL_SIZE), Image.BICUBIC)
 
     def stream(self, rng: np.random.Generator | int) -> Iterator[Example]:
         """Endless training examples: corruption and severity drawn with the official training weights."""
@@ -875,9 +895,9 @@ def probe_set(world: ToyWorld, rng: np.random.Generator, n: int, hard: bool) -> 
     for _ in range(n):
         scene = world.scene(rng, held_out=False)[1]
         big = render(scene)
-        if hard:
+        if hard:  # degraded at DEGRADE_SIZE, then resized, as the held-out pictures are
             big = degrade(big, sample_corruption(rng, "benchmark")[0], SEVERITIES["hard"], rng)
-        crops.append(quadrants(image_to_tensor(big, (MODEL_SIZE, MODEL_SIZE))))
+        crops.append(quadrants(image_to_tensor(big.resize((MODEL_SIZE, MODEL_SIZE), Image.BICUBIC))))
         cells = {o[2]: o for o in scene.objects}
         labels += [(SHAPES.index(cells[c][0]) + 1, cols.index(cells[c][1])) if c in cells else (0, -100) for c in range(4)]
     return torch.cat(crops), torch.tensor(labels)

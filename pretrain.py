@@ -3,25 +3,29 @@ Stage 0 (toy only): make the tiny base unified model on a CPU — the stand-in f
 
 CLEAR starts from BAGEL-7B-MoT, a model that already understands and generates. The toy has no such checkpoint, so
 this file builds one in a few minutes, in three phases:
-  1. the autoencoder (FLUX architecture at toy width) learns to reconstruct toy pictures, clean and degraded; its
-     latent shift and scale are then measured so latents have zero mean and unit variance (what FLUX's constants do);
+  1. the autoencoder (FLUX architecture at toy width) learns to reconstruct clean toy pictures, as FLUX's learned
+     from clean photos (a degraded picture is encoded as it is); its latent shift and scale are then measured so
+     latents have zero mean and unit variance (what FLUX's constants do);
   2. the vision encoder (the SigLIP stand-in) learns scene attributes from clean pictures;
   3. the unified model (connector, both MoT experts, the generation heads) learns, with autoencoder and ViT frozen:
        * language, captioning and plain VQA on clean pictures: [ViT (and sometimes VAE) tokens, question] -> answer;
        * generation of a clean picture from its caption, from itself, or from a degraded copy ("Restore this
-         picture." — an edit, as BAGEL is pretrained on editing).
+         picture." — an edit, as BAGEL is pretrained on editing). Restoring is 70% of the mix (TASK_MIX says why).
+     Its 6000 examples (--examples) are made and encoded once and drawn about 4 times each, each time with a fresh task,
+     flow time and noise: rendering and degrading pictures would otherwise be half of every step.
 Degraded pictures are never shown to understanding here (BAGEL's understanding data are clean photos), so the base
 loses accuracy on them as BAGEL does. The <think>/<image_restore>/<answer> format, the decision to restore and
 answering from a restored picture are deliberately NOT taught here: that is CLEAR's Stage 1 (sft.py), so the tables
 can show what it adds.
 
-CPU:  python pretrain.py                      (sft.py runs this when there is no --init and no out/base/)
+CPU:  python pretrain.py                      (sft.py runs this when there is no --init and no out/base/; its
+                                              --seed, --world-seed and --base-steps must match the cached base)
       python pretrain.py --ae-steps 400 --steps 600 --out out/base
 
 Differences from BAGEL's pretraining (numbered):
   1. Toy scale: a ~1M-parameter-per-expert LLM trained from scratch for minutes, not 7B + 7B on trillions of tokens.
   2. The autoencoder is trained here (BAGEL reuses FLUX's), with L1 + L2 + a small KL, on 32x32 crops for speed, and
-     GroupNorm with fewer groups than FLUX's 32 (at 32 channels, 32 groups normalise away every colour).
+     GroupNorm with 8 groups, not FLUX's 32 (at the toy's 16-64 channels, 32 groups normalise away every colour).
   3. No text-only or interleaved web data: the language the toy needs is its own question/answer vocabulary.
   4. Flow time t is drawn with the tiny preset's shift 3 (BAGEL trains at 1.0; see model.PRESETS).
 """
@@ -81,14 +85,18 @@ def ae_loss(ae: M.AutoEncoder, x: torch.Tensor, generator, kl_weight: float):
     return l1 + l2 + kl_weight * kl, {"l1": float(l1.detach()), "psnr": float(10 * torch.log10(4 / l2.detach()))}
 
 
-def picture_batch(world: D.ToyWorld, rng: np.random.Generator, n: int, crop: int) -> torch.Tensor:
-    """n toy pictures (half clean, half degraded with the training weights) as pixels, randomly cropped to crop px."""
-    stream = world.stream(rng)
-    pics = []
-    for i in range(n):
-        ex = next(stream)
-        pics.append(D.image_to_tensor(ex.clean if i % 2 else ex.degraded))
-    x = torch.stack(pics)
+def picture_pool(world: D.ToyWorld, rng: np.random.Generator, n: int) -> tuple[torch.Tensor, list]:
+    """n clean training pictures [n, 3, S, S] and their scenes, rendered once: the autoencoder and vision-encoder phases
+    draw their batches from it (rendering, not the small networks, would otherwise take most of their time)."""
+    pictures = world.pictures(rng)
+    scenes, images = zip(*(next(pictures) for _ in range(n)))
+    return torch.stack([D.image_to_tensor(im) for im in images]), list(scenes)
+
+
+def picture_batch(pool: torch.Tensor, rng: np.random.Generator, n: int, crop: int) -> torch.Tensor:
+    """n clean pictures from the pool, cropped to crop px at one random place (FLUX's autoencoder learned from clean
+    photos; a degraded picture is encoded as it is)."""
+    x = pool[torch.from_numpy(rng.integers(0, len(pool), n))]
     if crop < x.shape[-1]:
         i, j = (int(v) // 8 * 8 for v in rng.integers(0, x.shape[-1] - crop + 1, 2))
         x = x[:, :, i:i + crop, j:j + crop]
@@ -144,11 +152,10 @@ class VisionProbe(torch.nn.Module):
         return loss, acc
 
 
-def vision_batch(world: D.ToyWorld, rng: np.random.Generator, n: int):
+def vision_batch(pool: torch.Tensor, scenes: list, rng: np.random.Generator, n: int):
     """Clean pictures (SigLIP learned from web photos, not from our corruptions) and the attributes of their scenes."""
-    stream = world.stream(rng)
-    exs = [next(stream) for _ in range(n)]
-    return torch.stack([D.image_to_tensor(ex.clean) for ex in exs]), scene_labels([ex.scene for ex in exs])
+    idx = rng.integers(0, len(pool), n)
+    return pool[torch.from_numpy(idx)], scene_labels([scenes[i] for i in idx])
 
 
 def vision_loss(model: M.Bagel, probe: VisionProbe, pixels: torch.Tensor, labels: dict):
@@ -170,43 +177,69 @@ def scene_questions(scene: D.Scene, rng: np.random.Generator, qtypes: tuple) -> 
     return [D.ask(scene, k, rng, mc=False)[:2] for k in kinds]
 
 
-def base_samples(examples: list[D.Example], tok: D.Tokenizer, encode, rng: np.random.Generator, gen: torch.Generator,
+# Stage 0's mix of tasks (probabilities) and how many flow times each generation sample trains. Restoration is most
+# of it: BAGEL is pretrained on editing at scale, the toy has minutes. Measured on 64 hard held-out pictures after
+# Stage 0 (flow-matching MSE at t = 1, where only the context says what to draw; predicting the mean latent: 1.07):
+# restore share 0.25 x 1 copy x 12 samples x 700 steps (an earlier version) left the generator no better than the
+# mean; 0.5 x 4 x 12 x 700: 0.84; 0.5 x 6 x 24 x 1000: 0.47; 0.7 x 6 x 24 x 1000: 0.42 (PSNR of its restorations
+# 19.6 dB against 16.9 for the degraded inputs).
+TASK_MIX = {"language": 0.06, "caption": 0.03, "vqa": 0.15, "text_to_image": 0.03, "redraw": 0.03, "restore": 0.70}
+NOISED_COPIES = 6  # noised copies of the target per generation sample, each at its own t (they never see each other)
+
+
+def example_pool(world: D.ToyWorld, rng: np.random.Generator, n: int, encode, chunk: int = 256) -> list[tuple]:
+    """n degraded training examples (training corruption weights) with the latents of their clean and degraded
+    pictures, made once: the unified phase draws its batches from it, each example about batch * steps / n times with
+    a fresh task, flow time and noise (making a picture and degrading it would otherwise be half of every step)."""
+    stream = world.stream(rng)
+    examples = [next(stream) for _ in range(n)]
+    latents = []
+    for i in range(0, n, chunk):
+        encoded = D.encode_images([D.image_to_tensor(p) for ex in examples[i:i + chunk] for p in (ex.clean, ex.degraded)],
+                                  encode)
+        latents += [(encoded[2 * j], encoded[2 * j + 1]) for j in range(len(encoded) // 2)]  # (clean, degraded)
+    return list(zip(examples, latents))
+
+
+def base_samples(pool: list[tuple], tok: D.Tokenizer, rng: np.random.Generator, gen: torch.Generator,
                  shift: float = 1.0, qtypes: tuple = D.TOY_QTYPES) -> list:
     """A mix of what a base unified model does (BAGEL's understanding, generation and editing formats, no CLEAR tags):
     text questions about a description (BAGEL's LLM arrives pretrained on language, ours learns it here), captioning
     and plain VQA on clean pictures (BAGEL's understanding data), text-to-image, and two edits: draw the picture again,
     and restore a degraded picture (BAGEL is pretrained on editing; restoring is one edit among many, the generative
     potential CLEAR unlocks). Understanding never sees a degraded picture here, as BAGEL's did not: that gap is what
-    CLEAR's Stage 1 closes."""
-    latents = D.encode_images([D.image_to_tensor(p) for ex in examples for p in (ex.clean, ex.degraded)], encode)
+    CLEAR's Stage 1 closes. A generation sample trains NOISED_COPIES flow times of its target against one context:
+    the noised blocks are invisible to each other (BAGEL's noise split), so they are independent samples that share
+    the context's compute."""
+    names, cum = list(TASK_MIX), np.cumsum(list(TASK_MIX.values()))
     samples = []
-    for i, ex in enumerate(examples):
-        (c0, grid), (d0, _) = latents[2 * i], latents[2 * i + 1]
+    for ex, ((c0, grid), (d0, _)) in pool:
+        task = names[min(int(np.searchsorted(cum, rng.random(), side="right")), len(names) - 1)]
         seen = [M.VaeImage(c0, grid), M.VitImage(D.image_to_tensor(ex.clean))]
         seen = seen if rng.random() < 0.5 else seen[1:]
-        task = rng.random()
-        if task < 0.2:  # language: questions answered from a text description (the toy LLM has no pretrained language)
+        if task == "language":  # questions answered from a text description (the toy LLM has no pretrained language)
             turns = [M.Text(tok.encode(ex.caption))]
             for question, answer in scene_questions(ex.scene, rng, qtypes):
                 turns += [M.Text(tok.encode(question)), M.Text(tok.encode(answer), loss=True)]
             samples.append(turns)
-        elif task < 0.3:  # captioning
+        elif task == "caption":
             samples.append(seen + [M.Text(tok.encode("Describe the picture.")), M.Text(tok.encode(ex.caption), loss=True)])
-        elif task < 0.6:  # VQA: every question the scene supports, as turns of one conversation (LLaVA-style)
+        elif task == "vqa":  # every question the scene supports, as turns of one conversation (LLaVA-style)
             turns = [M.Text(tok.encode(ex.question)), M.Text(tok.encode(ex.answer), loss=True)]
             for question, answer in scene_questions(ex.scene, rng, qtypes):
                 turns += [M.Text(tok.encode(question)), M.Text(tok.encode(answer), loss=True)]
             samples.append(seen + turns)
         else:  # generation of the clean picture: from its caption, from itself, or from a degraded copy
-            t = float(M.sample_flow_time(1, shift, gen))
-            x_t, v = M.flow_interpolate(c0, torch.randn(c0.shape, generator=gen), t)
-            if task < 0.7:
-                prompt = [M.Text(tok.encode(ex.caption))]
-            elif task < 0.75:
-                prompt = [M.VaeImage(c0, grid), M.VitImage(D.image_to_tensor(ex.clean)), M.Text(tok.encode("Draw this picture again."))]
-            else:
-                prompt = [M.VaeImage(d0, grid), M.VitImage(D.image_to_tensor(ex.degraded)), M.Text(tok.encode("Restore this picture."))]
-            samples.append(prompt + [M.VaeImage(x_t, grid, t=t, target=v)])
+            prompt = {"text_to_image": lambda: [M.Text(tok.encode(ex.caption))],
+                      "redraw": lambda: [M.VaeImage(c0, grid), M.VitImage(D.image_to_tensor(ex.clean)),
+                                         M.Text(tok.encode("Draw this picture again."))],
+                      "restore": lambda: [M.VaeImage(d0, grid), M.VitImage(D.image_to_tensor(ex.degraded)),
+                                          M.Text(tok.encode("Restore this picture."))]}[task]()
+            for _ in range(NOISED_COPIES):
+                t = float(M.sample_flow_time(1, shift, gen))
+                x_t, v = M.flow_interpolate(c0, torch.randn(c0.shape, generator=gen), t)
+                prompt.append(M.VaeImage(x_t, grid, t=t, target=v))
+            samples.append(prompt)
     return samples
 
 
@@ -231,16 +264,17 @@ def build_base(args: "PretrainConfig", run: C.Run) -> M.Bagel:
     print(f"Stage 0: building the toy base model in {out} (BAGEL's pretraining stand-in). Model: "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {tok.vocab_size}.")
 
-    print(f"Phase 1/3: autoencoder, {args.ae_steps} steps on {args.ae_crop}px crops of clean and degraded pictures.")
+    pool, scenes = picture_pool(world, np.random.default_rng([args.world_seed, args.seed, 4]), args.pictures)
+    print(f"Phase 1/3: autoencoder, {args.ae_steps} steps on {args.ae_crop}px crops of {len(pool)} clean pictures.")
     model.requires_grad_(False).vae.requires_grad_(True)
     opt = C.make_optimizer(model, args.ae_lr, betas=(0.9, 0.99), eps=1e-8)
     loop = C.LoopConfig(args.ae_steps, args.ae_lr, args.ae_steps // 20, args.ae_lr / 20, 0.0, 1.0, args.seed, 0,
                         max(1, args.ae_steps // 10))
     C.train_loop(run, model, model, opt, None, loop, out.with_name(out.name + "_ae"), "pretrain-ae",
-                 lambda step, rng, gen: (picture_batch(world, rng, args.ae_batch, args.ae_crop), gen),
+                 lambda step, rng, gen: (picture_batch(pool, rng, args.ae_batch, args.ae_crop), gen),
                  lambda m, batch: ae_loss(m.vae, batch[0].to(run.device), batch[1], args.ae_kl),
                  tok.tk, {"args": vars(args)})
-    probe = picture_batch(world, np.random.default_rng(args.seed + 1), 64, 64).to(run.device)
+    probe = picture_batch(pool, np.random.default_rng(args.seed + 1), 64, D.MODEL_SIZE).to(run.device)
     shift, scale = latent_stats(model.vae, probe)
     model.cfg.ae_shift_factor, model.cfg.ae_scale_factor = shift, scale
     model.vae.shift, model.vae.scale = shift, scale
@@ -253,23 +287,22 @@ def build_base(args: "PretrainConfig", run: C.Run) -> M.Bagel:
     loop = C.LoopConfig(args.vit_steps, args.vit_lr, args.vit_steps // 20, args.vit_lr / 20, 0.0, 1.0, args.seed, 0,
                         max(1, args.vit_steps // 10))
     C.train_loop(run, model, model, opt, None, loop, out.with_name(out.name + "_vit"), "pretrain-vit",
-                 lambda step, rng, gen: vision_batch(world, rng, args.vit_batch),
+                 lambda step, rng, gen: vision_batch(pool, scenes, rng, args.vit_batch),
                  lambda m, batch: vision_loss(m, probe, *batch), tok.tk, {"args": vars(args)})
 
     print(f"Phase 3/3: unified model, {args.steps} steps of language, captioning, VQA (clean) and generation.")
     model.requires_grad_(True)
     for frozen in (model.vae, model.vit_model, model.vit_pos_embed, model.latent_pos_embed):
         frozen.requires_grad_(False)
-    encode = model.encode_pixels
+    pool = example_pool(world, np.random.default_rng([args.world_seed, args.seed, 5]), args.examples, model.encode_pixels)
     opt = C.make_optimizer(model, args.lr)
     ema = C.EMA(model, args.ema)
     loop = C.LoopConfig(args.steps, args.lr, args.warmup, args.lr / 10, args.ema, 1.0, args.seed, args.steps,
                         max(1, args.steps // 20))
 
     def batch_fn(step, rng, gen):
-        stream = world.stream(rng)
-        return M.pack(base_samples([next(stream) for _ in range(args.batch)], tok, encode, rng, gen,
-                                           model.cfg.timestep_shift, world.qtypes), model.cfg).to(run.device)
+        drawn = [pool[i] for i in rng.integers(0, len(pool), args.batch)]
+        return M.pack(base_samples(drawn, tok, rng, gen, model.cfg.timestep_shift, world.qtypes), model.cfg).to(run.device)
 
     C.train_loop(run, model, model, opt, ema, loop, out, "pretrain", batch_fn, unified_loss, tok.tk,
                  {"args": vars(args), "seconds": round(time.time() - t_start)})
@@ -280,7 +313,7 @@ def build_base(args: "PretrainConfig", run: C.Run) -> M.Bagel:
 
 @dataclass
 class PretrainConfig:
-    ae_steps: int = flag(300, "autoencoder training steps", "[1, inf)", group="Stage 0 (toy base model)")
+    ae_steps: int = flag(1200, "autoencoder training steps", "[1, inf)", group="Stage 0 (toy base model)")
     ae_batch: int = flag(16, "pictures per autoencoder step", "[1, inf)", group="Stage 0 (toy base model)")
     ae_crop: int = flag(32, "crop side for autoencoder training (fully convolutional; a multiple of 8)", "[8, inf)",
                         group="Stage 0 (toy base model)")
@@ -290,8 +323,11 @@ class PretrainConfig:
     vit_batch: int = flag(32, "pictures per vision-encoder step", "[1, inf)", group="Stage 0 (toy base model)")
     vit_lr: float = flag(2e-3, "vision-encoder peak learning rate", "(0, inf)", group="Stage 0 (toy base model)")
     world_seed: int = flag(0, "toy world seed (train / held-out split salt)", group="Stage 0 (toy base model)")
-    steps: int = flag(700, "unified-model training steps", "[1, inf)", group="unified pretraining")
-    batch: int = flag(12, "samples per step", "[1, inf)", group="unified pretraining")
+    pictures: int = flag(3000, "clean pictures rendered once for the autoencoder and vision-encoder phases", "[1, inf)",
+                         group="Stage 0 (toy base model)")
+    examples: int = flag(6000, "degraded examples made once for the unified phase", "[1, inf)", group="unified pretraining")
+    steps: int = flag(1000, "unified-model training steps", "[1, inf)", group="unified pretraining")
+    batch: int = flag(24, "samples per step", "[1, inf)", group="unified pretraining")
     lr: float = flag(2e-3, "peak learning rate", "(0, inf)", group="unified pretraining")
     warmup: int = flag(50, "warmup steps", "[0, inf)", group="unified pretraining")
     ema: float = flag(0.99, "EMA decay of the saved weights", "[0, 1)", group="unified pretraining")

@@ -108,7 +108,7 @@ class SFTConfig:
     max_text_tokens: int = flag(48, "tokens per decoded segment (official 4096)", "[1, inf)", group="summary table")
     cfg_text_scale: float = flag(1.0, "text CFG when restoring (official 3.0)", "[0, inf)", group="summary table")
     cfg_img_scale: float = flag(1.0, "image CFG when restoring (official 1.5)", "[0, inf)", group="summary table")
-    base_steps: int = flag(700, "Stage 0 steps when the toy base must be built (pretrain.py --steps)", "[1, inf)", group="summary table")
+    base_steps: int = flag(1000, "Stage 0 steps when the toy base must be built (pretrain.py --steps)", "[1, inf)", group="data")
 
 
 SIZE_FLAGS = ("vae_max", "vae_min", "vit_max", "vit_min")
@@ -311,7 +311,15 @@ def load_start(cfg: SFTConfig, run: C.Run) -> tuple[M.Bagel, D.Tokenizer, str]:
     init = cfg.init
     if init is None:
         init = BASE
-        if not (Path(init) / "ema.safetensors").exists():
+        if (Path(init) / "ema.safetensors").exists():  # Stage 0 is cached in out/base, keyed by its settings
+            built = M.read_json(Path(init) / "nanoclear.json").get("args", {})
+            keys = {"seed": "seed", "world_seed": "world_seed", "steps": "base_steps"}  # pretrain arg -> this run's
+            if any(built.get(k) != getattr(cfg, ours) for k, ours in keys.items()):
+                words = lambda get: " ".join(f"--{ours.replace('_', '-')} {get(k, ours)}" for k, ours in keys.items())  # noqa: E731
+                raise M.InputError(f"{init} holds a toy base built with {words(lambda k, o: built.get(k))}, this run asks "
+                                   f"for {words(lambda k, o: getattr(cfg, o))}: remove {init}, run in another folder, "
+                                   f"or pass --init {init}")
+        else:
             if run.world > 1:
                 raise SystemExit("build the toy base first (python pretrain.py), then launch torchrun")
             print("No --init and no out/base/: building the toy base model first (pretrain.py, Stage 0).")

@@ -19,7 +19,10 @@ def pooled_encode(pixels):
 def test_stage0_understanding_sees_clean_pictures_only_and_restoration_maps_degraded_to_clean(toy_tok):
     stream = D.ToyWorld(0).stream(3)
     examples = [next(stream) for _ in range(40)]
-    samples = P.base_samples(examples, toy_tok, pooled_encode, np.random.default_rng(0), torch.Generator().manual_seed(0), 3.0)
+    latents = [(pooled_encode(D.image_to_tensor(ex.clean)[None]), pooled_encode(D.image_to_tensor(ex.degraded)[None]))
+               for ex in examples]
+    pool = [(ex, ((c[0][0], c[1]), (d[0][0], d[1]))) for ex, (c, d) in zip(examples, latents)]
+    samples = P.base_samples(pool, toy_tok, np.random.default_rng(0), torch.Generator().manual_seed(0), 3.0)
     assert len(samples) == len(examples)
     kinds = Counter()
     for ex, sample in zip(examples, samples):
@@ -32,12 +35,13 @@ def test_stage0_understanding_sees_clean_pictures_only_and_restoration_maps_degr
             assert all(torch.equal(z, pooled_encode(clean[None])[0][0]) for z in latents)
             kinds["understanding"] += 1
             continue
-        (target,) = noised  # generation: the clean picture is always what is drawn
-        x0 = target.tokens - target.t * target.target  # x_t = (1 - t) x0 + t n and v = n - x0
-        assert torch.allclose(x0, pooled_encode(clean[None])[0][0], atol=1e-5)
+        assert len(noised) == P.NOISED_COPIES and len({s.t for s in noised}) == P.NOISED_COPIES  # own t each
+        for target in noised:  # generation: the clean picture is always what is drawn
+            x0 = target.tokens - target.t * target.target  # x_t = (1 - t) x0 + t n and v = n - x0
+            assert torch.allclose(x0, pooled_encode(clean[None])[0][0], atol=1e-5)
         if shown and torch.equal(shown[0], degraded):
             kinds["restore"] += 1
-    assert kinds["understanding"] >= 10 and kinds["restore"] >= 3, kinds
+    assert kinds["understanding"] >= 6 and kinds["restore"] >= 10, kinds
 
 
 def test_vision_probe_reads_shape_and_colour_from_occupied_quadrants_only():

@@ -1,6 +1,7 @@
 """Stage 1 (sft.py): CLEAR's sample layout, the objective, the packing budget, resume, flags, DDP/FSDP on gloo."""
 
 import json
+from dataclasses import replace
 import os
 import socket
 import subprocess
@@ -63,19 +64,21 @@ def test_direct_sample_layout(world, tok):
 def test_samples_pack_and_train_in_the_real_model(world, tok):
     """pack + forward accept a mixed batch built with the model's own autoencoder: finite CE and MSE, one pair."""
     torch.manual_seed(0)
-    cfg = M.ModelConfig(**D.config_ids(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                        num_attention_heads=2, num_key_value_heads=1, vit_hidden_size=32, vit_intermediate_size=32,
-                        vit_num_hidden_layers=1)
+    cfg = replace(M.PRESETS["tiny"], **D.config_ids(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=1, vit_hidden_size=32, vit_intermediate_size=32,
+                  vit_num_hidden_layers=1)
     net = M.Bagel(cfg).eval()
+    p = cfg.latent_patch_size
 
     def encode(px):
         z = net.vae.encode(px)
-        return torch.stack([M.patchify(x, cfg.latent_patch_size) for x in z]), (z.shape[2] // 2, z.shape[3] // 2)
+        return torch.stack([M.patchify(x, p) for x in z]), (z.shape[2] // p, z.shape[3] // p)
     batch = sft.build_batch([restore_example(world), restore_example(world, False)], tok, encode, torch.Generator().manual_seed(0),
                             distill=True)
     packed = M.pack(batch, cfg)
     grid = batch[0][5].grid
-    assert len(packed.pairs) == 1 and packed.flow_lens == [grid[0] * grid[1]] and packed.vit_lens == [64, grid[0] * grid[1], 64]
+    n_vit = (D.MODEL_SIZE // cfg.vit_patch_size) ** 2
+    assert len(packed.pairs) == 1 and packed.flow_lens == [grid[0] * grid[1]] and packed.vit_lens == [n_vit, grid[0] * grid[1], n_vit]
     with torch.no_grad():
         out = net(packed)
     assert out.mse.shape == (grid[0] * grid[1],) and torch.isfinite(out.ce).all() and torch.isfinite(out.mse).all()
@@ -277,7 +280,7 @@ def test_packing_fills_the_token_budget_in_bounded_rows(toy_ckpt, toy_tok):
         assert used <= 300 or len(members) == 1
 
 
-GOLDEN_SFT = [7.652355670928955, 7.582120895385742, 6.492366313934326, 7.4765214920043945, 6.465014934539795]
+GOLDEN_SFT = [7.674112319946289, 7.642484664916992, 6.543648719787598, 7.516123294830322, 6.435908794403076]
 
 
 def test_golden_losses_of_a_tiny_sft_run(toy_ckpt, tmp_path):
@@ -287,3 +290,18 @@ def test_golden_losses_of_a_tiny_sft_run(toy_ckpt, tmp_path):
                                 "600", "--eval-n", "0", "--warmup", "1", "--threads", "1", "--lr", "1e-3"])
     sft.finetune(cfg, "sft")
     assert [r["loss"] for r in log_of(tmp_path / "sft")] == pytest.approx(GOLDEN_SFT, rel=1e-4, abs=1e-7)
+
+
+def test_toy_base_is_cached_by_its_settings(toy_ckpt, tmp_path, monkeypatch):
+    """out/base is reused only by a run with the settings it was built with; another --seed / --world-seed /
+    --base-steps is refused with both settings named, before any training."""
+    import shutil
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(toy_ckpt, tmp_path / "out" / "base")
+    meta = json.loads((tmp_path / "out" / "base" / "nanoclear.json").read_text())
+    meta["args"] = {"seed": 0, "world_seed": 0, "steps": 1000}
+    (tmp_path / "out" / "base" / "nanoclear.json").write_text(json.dumps(meta))
+    cfg = sft.parse_config("", ["--world-seed", "1", "--eval-n", "0", "--threads", "1"])
+    with pytest.raises(M.InputError, match="built with --seed 0 --world-seed 0 --base-steps 1000, this run asks for "
+                                           "--seed 0 --world-seed 1 --base-steps 1000"):
+        sft.finetune(cfg, "sft")
