@@ -230,11 +230,12 @@ def base_samples(pool: list[tuple], tok: D.Tokenizer, rng: np.random.Generator, 
                 turns += [M.Text(tok.encode(question)), M.Text(tok.encode(answer), loss=True)]
             samples.append(seen + turns)
         else:  # generation of the clean picture: from its caption, from itself, or from a degraded copy
-            prompt = {"text_to_image": lambda: [M.Text(tok.encode(ex.caption))],
-                      "redraw": lambda: [M.VaeImage(c0, grid), M.VitImage(D.image_to_tensor(ex.clean)),
-                                         M.Text(tok.encode("Draw this picture again."))],
-                      "restore": lambda: [M.VaeImage(d0, grid), M.VitImage(D.image_to_tensor(ex.degraded)),
-                                          M.Text(tok.encode("Restore this picture."))]}[task]()
+            if task == "text_to_image":
+                prompt = [M.Text(tok.encode(ex.caption))]
+            elif task == "redraw":
+                prompt = [M.VaeImage(c0, grid), M.VitImage(D.image_to_tensor(ex.clean)), M.Text(tok.encode("Draw this picture again."))]
+            else:  # restore
+                prompt = [M.VaeImage(d0, grid), M.VitImage(D.image_to_tensor(ex.degraded)), M.Text(tok.encode("Restore this picture."))]
             for _ in range(NOISED_COPIES):
                 t = float(M.sample_flow_time(1, shift, gen))
                 x_t, v = M.flow_interpolate(c0, torch.randn(c0.shape, generator=gen), t)

@@ -312,13 +312,12 @@ def load_start(cfg: SFTConfig, run: C.Run) -> tuple[M.Bagel, D.Tokenizer, str]:
     if init is None:
         init = BASE
         if (Path(init) / "ema.safetensors").exists():  # Stage 0 is cached in out/base, keyed by its settings
-            built = M.read_json(Path(init) / "nanoclear.json").get("args", {})
-            keys = {"seed": "seed", "world_seed": "world_seed", "steps": "base_steps"}  # pretrain arg -> this run's
-            if any(built.get(k) != getattr(cfg, ours) for k, ours in keys.items()):
-                words = lambda get: " ".join(f"--{ours.replace('_', '-')} {get(k, ours)}" for k, ours in keys.items())  # noqa: E731
-                raise M.InputError(f"{init} holds a toy base built with {words(lambda k, o: built.get(k))}, this run asks "
-                                   f"for {words(lambda k, o: getattr(cfg, o))}: remove {init}, run in another folder, "
-                                   f"or pass --init {init}")
+            built = M.read_json(Path(init) / "nanoclear.json").get("args", {})  # pretrain.py's settings
+            asked = {"seed": cfg.seed, "world_seed": cfg.world_seed, "steps": cfg.base_steps}
+            if any(built.get(k) != v for k, v in asked.items()):
+                flags = lambda a: f"--seed {a.get('seed')} --world-seed {a.get('world_seed')} --base-steps {a.get('steps')}"  # noqa: E731
+                raise M.InputError(f"{init} holds a toy base built with {flags(built)}, this run asks for {flags(asked)}: "
+                                   f"remove {init}, run in another folder, or pass --init {init}")
         else:
             if run.world > 1:
                 raise SystemExit("build the toy base first (python pretrain.py), then launch torchrun")

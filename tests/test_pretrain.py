@@ -17,11 +17,8 @@ def pooled_encode(pixels):
 
 
 def test_stage0_understanding_sees_clean_pictures_only_and_restoration_maps_degraded_to_clean(toy_tok):
-    stream = D.ToyWorld(0).stream(3)
-    examples = [next(stream) for _ in range(40)]
-    latents = [(pooled_encode(D.image_to_tensor(ex.clean)[None]), pooled_encode(D.image_to_tensor(ex.degraded)[None]))
-               for ex in examples]
-    pool = [(ex, ((c[0][0], c[1]), (d[0][0], d[1]))) for ex, (c, d) in zip(examples, latents)]
+    pool = P.example_pool(D.ToyWorld(0), np.random.default_rng(3), 40, pooled_encode)
+    examples = [ex for ex, _ in pool]
     samples = P.base_samples(pool, toy_tok, np.random.default_rng(0), torch.Generator().manual_seed(0), 3.0)
     assert len(samples) == len(examples)
     kinds = Counter()
