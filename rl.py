@@ -329,9 +329,9 @@ def grpo_loss(model, ref: M.Bagel | None, rollouts: list[Rollout], adv: torch.Te
         img_loss, _ = ppo_clip_loss(lps, lps.detach(), a_img, cfg.epsilon)  # ratio 1 at the only update, as officially
         l_img = l_img + img_loss.sum() / len(rollouts)  # official: a completion without an image adds 0
     loss = l_text + cfg.image_loss_weight * l_img
-    img = float(cfg.image_loss_weight * abs(float(l_img)))
+    img = cfg.image_loss_weight * abs(l_img.item())
     stats = {"kl": float(kl.detach().sum() / max(1, len(kl))), "clip": float(clipped.mean()) if len(clipped) else 0.0,
-             "img_share": img / (abs(float(l_text)) + img + 1e-8),  # |lambda L_image| / (|L_text| + |lambda L_image|)
+             "img_share": img / (abs(l_text.item()) + img + 1e-8),  # |lambda L_image| / (|L_text| + |lambda L_image|)
              "logp_drift": float(max((abs(float(a) - b) for a, b in zip(logp.tolist(), rollout_logps(rollouts))), default=0.0))}
     return loss, stats, counter
 
@@ -436,7 +436,7 @@ def main(argv=None):
         if run.main:
             parts = {k: mean_defined([r.parts[k] for r in rollouts]) for k in rollouts[0].parts}
             log({"step": step + 1, "reward": float(rewards.mean()), "reward_std": float(rewards.std()), **parts,
-                 "restore": float(np.mean([r.trace.restored for r in rollouts])), **stats, "loss": float(loss),
+                 "restore": float(np.mean([r.trace.restored for r in rollouts])), **stats, "loss": loss.item(),
                  "gnorm": gnorm, "s": round(time.time() - t0, 1)})
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             C.save_checkpoint(out, model, None, opt, tok.tk, step + 1, {"stage": "rl", "args": vars(cfg), "init": init,
