@@ -175,7 +175,7 @@ def test_replay_reproduces_rollout_logprobs(policy):
     for k, (r, s) in enumerate((r, s) for r in rollouts for s in (0, 1)):
         st = r.trace.steps[0][s]
         lp = M.sde_step_logprob(st["x_next"][None], M.sde_step_mean(st["x_t"][None], vs[k][None], st["t"], st["dt"], 0.3), 0.3, st["dt"])
-        assert float(lp) == pytest.approx(float(st["logprob"]), abs=1e-3)
+        assert lp.item() == pytest.approx(float(st["logprob"]), abs=1e-3)
 
 
 def test_grpo_loss_backward_reaches_text_and_denoiser(policy):
