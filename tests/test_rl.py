@@ -271,7 +271,7 @@ def test_image_loss_is_per_completion_over_all_completions(policy):
                            np.random.default_rng(0), policy)[0]
     text_doubled = rl.grpo_loss(policy, None, rollouts + plain, torch.cat([adv, zero]), torch.cat([adv, zero]),
                                 replace(cfg, image_loss_weight=0.0), 0, np.random.default_rng(0), policy)[0]
-    assert float(doubled - text_doubled) == pytest.approx(float(both - text_only) / 2, rel=1e-4, abs=1e-7)
+    assert (doubled - text_doubled).item() == pytest.approx((both - text_only).item() / 2, rel=1e-4, abs=1e-7)
 
 
 def test_recipes_are_the_official_presets():
