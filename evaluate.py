@@ -399,7 +399,7 @@ DEMO = "one-photo demo"
 @dataclass
 class EvalConfig:
     out_root: str = flag("out", "folder holding the stage checkpoints (base, sft, bridge, rl)", group=TOY)
-    n: int = flag(384, "held-out questions per severity (384: paired intervals about +-3 points at hard, 5.5 min on 2 CPU cores)", "[1, inf)", group=TOY)
+    n: int = flag(384, "held-out questions per severity (384: paired intervals of about +-3 points at hard)", "[1, inf)", group=TOY)
     n_corruption: int = flag(24, "questions per corruption in the per-corruption sets (0 = skip them)", "[0, inf)", group=TOY)
     world_seed: int = flag(0, "toy world seed", group=TOY)
     probe_n: int = flag(3000, "training pictures of the clean-trained perception probe (cached in OUT_ROOT/probe)", "[1, inf)", group=TOY)
