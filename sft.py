@@ -261,8 +261,10 @@ def pool_draw(world: D.ToyWorld, rng, n: int, encode: Callable, chunk: int = 256
     (difference 5); each draw still gets its own flow time, noise and condition dropout."""
     stream = world.stream(rng)
     examples = [next(stream) for _ in range(n)]
-    pool = [(ex, lat) for i in range(0, n, chunk)
-            for ex, lat in zip(examples[i:i + chunk], encode_examples(examples[i:i + chunk], encode))]
+    pool = []
+    for i in range(0, n, chunk):
+        part = examples[i:i + chunk]
+        pool += zip(part, encode_examples(part, encode))
     return lambda rng: pool[int(rng.integers(len(pool)))]
 
 
