@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import common as C
 import data as D
@@ -201,6 +202,27 @@ def example_pool(world: D.ToyWorld, rng: np.random.Generator, n: int, encode, ch
     return list(zip(examples, latents))
 
 
+RESTORE_PROMPT = "Restore this picture."  # Stage 0's restore edit (sft.py replays it, its difference 6)
+
+
+def restore_edit(degraded_latent: tuple, degraded: Image.Image, tok: D.Tokenizer) -> list:
+    """The restore edit's context: the degraded picture as VAE and ViT tokens, then the instruction (BAGEL's editing
+    format). The clean picture follows as the generation target (noised_targets)."""
+    d0, grid = degraded_latent
+    return [M.VaeImage(d0, grid), M.VitImage(D.image_to_tensor(degraded)), M.Text(tok.encode(RESTORE_PROMPT))]
+
+
+def noised_targets(x0: torch.Tensor, grid: tuple, gen: torch.Generator, shift: float, copies: int) -> list:
+    """`copies` noised copies of the clean latent x0 as flow-matching targets, each at its own logit-normal t (BAGEL:
+    v = noise - x0); packed after one context they never see each other, so they share its compute."""
+    out = []
+    for _ in range(copies):
+        t = float(M.sample_flow_time(1, shift, gen))
+        x_t, v = M.flow_interpolate(x0, torch.randn(x0.shape, generator=gen), t)
+        out.append(M.VaeImage(x_t, grid, t=t, target=v, droppable=False))  # official: the target has enable_cfg=0
+    return out
+
+
 def base_samples(pool: list[tuple], tok: D.Tokenizer, rng: np.random.Generator, gen: torch.Generator,
                  shift: float = 1.0, qtypes: tuple = D.TOY_QTYPES) -> list:
     """A mix of what a base unified model does (BAGEL's understanding, generation and editing formats, no CLEAR tags):
@@ -234,13 +256,9 @@ def base_samples(pool: list[tuple], tok: D.Tokenizer, rng: np.random.Generator, 
                 prompt = [M.Text(tok.encode(ex.caption))]
             elif task == "redraw":
                 prompt = [M.VaeImage(c0, grid), M.VitImage(D.image_to_tensor(ex.clean)), M.Text(tok.encode("Draw this picture again."))]
-            else:  # restore
-                prompt = [M.VaeImage(d0, grid), M.VitImage(D.image_to_tensor(ex.degraded)), M.Text(tok.encode("Restore this picture."))]
-            for _ in range(NOISED_COPIES):
-                t = float(M.sample_flow_time(1, shift, gen))
-                x_t, v = M.flow_interpolate(c0, torch.randn(c0.shape, generator=gen), t)
-                prompt.append(M.VaeImage(x_t, grid, t=t, target=v))
-            samples.append(prompt)
+            else:
+                prompt = restore_edit((d0, grid), ex.degraded, tok)
+            samples.append(prompt + noised_targets(c0, grid, gen, shift, NOISED_COPIES))
     return samples
 
 

@@ -307,7 +307,46 @@ def test_packing_fills_the_token_budget_in_bounded_rows(toy_ckpt, toy_tok):
         assert used <= 300 or len(members) == 1
 
 
-GOLDEN_SFT = [6.674042701721191, 7.704864501953125, 6.493959426879883, 6.443412780761719, 7.508450508117676]
+
+def test_replay_samples_are_stage0_restore_edits_of_their_own_example(toy_ckpt, toy_tok):
+    """--replay (difference 6): the sample is Stage 0's restore edit of the drawn example, its noised target that
+    example's clean latent (x0 = x_t - t v); the pool encodes every clean picture for it, not only restoring ones."""
+    model = M.load_pretrained(toy_ckpt)
+    pool = [sft.pool_draw(D.ToyWorld(0), np.random.default_rng(0), 12, model.encode_pixels, every_clean=e)
+            for e in (False, True)]
+    drawn = [[draw(np.random.default_rng(i)) for i in range(12)] for draw in pool]
+    assert any(clean is None for _, (_, clean) in drawn[0]) and all(clean is not None for _, (_, clean) in drawn[1])
+    ex, ((d0, grid), (c0, _)) = next(d for d in drawn[1] if not d[0].restore)
+    seq = sft.replay_sample(ex, ((d0, grid), (c0, grid)), toy_tok, torch.Generator().manual_seed(0), 3.0)
+    assert [type(s).__name__ for s in seq] == ["VaeImage", "VitImage", "Text", "VaeImage"]
+    assert torch.equal(seq[0].tokens, d0) and seq[0].target is None and toy_tok.decode(seq[2].ids) == "Restore this picture."
+    target = seq[3]
+    assert target.target is not None and not target.droppable and 0 < target.t < 1
+    torch.testing.assert_close(target.tokens - target.t * target.target, c0, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("text,replay,ce,mse", [("0", "1", False, True), ("1", "0", True, False)])
+def test_each_drawn_example_becomes_one_kind_of_sample(toy_ckpt, toy_tok, text, replay, ce, mse):
+    """--text-reason-rate and --replay share the drawn examples: all text-only reasoning trains CE and no velocity,
+    all replay trains velocity and no CE (an edit has no answer)."""
+    model = M.load_pretrained(toy_ckpt)
+    cfg = sft.parse_config("", ["--init", str(toy_ckpt), "--tokens-per-step", "300", "--text-reason-rate", text,
+                                "--replay", replay, "--text-dropout", "0", "--vit-dropout", "0"])
+    draw = sft.pool_draw(D.ToyWorld(0), np.random.default_rng(0), 12, model.encode_pixels, every_clean=True)
+    packed = sft.batches(cfg, model.cfg, toy_tok, model.encode_pixels, draw, "cpu")(0, np.random.default_rng(0),
+                                                                                 torch.Generator().manual_seed(0))
+    assert (packed.ce_idx.numel() > 0) == ce and (int(packed.mse_mask.sum()) > 0) == mse
+
+
+def test_replay_flag_is_checked(capsys):
+    """--replay is a toy-world share of the samples: refused with --data, and with --text-reason-rate above 1 in sum."""
+    for argv, words in ((["--data", "x.jsonl", "--images", "d", "--replay", "0.1"], "--replay has no effect with --data"),
+                        (["--text-reason-rate", "0.5", "--replay", "0.6"], "is above 1")):
+        with pytest.raises(SystemExit) as e:
+            sft.parse_config("", argv)
+        assert e.value.code == 2 and words in capsys.readouterr().err
+
+GOLDEN_SFT = [6.674042701721191, 7.684281826019287, 7.467254638671875, 7.500828742980957, 7.534853458404541]
 
 
 def test_golden_losses_of_a_tiny_sft_run(toy_ckpt, tmp_path):
