@@ -26,7 +26,7 @@ The official recipe, as presets (--recipe; a flag given explicitly overrides its
   the training score clamped at +-50 after a blend toward (1 - t) v below t = 0.1, "restored" = <image_restore> in
   the completion text, AdamW (0.9, 0.999) lr 5e-6 cosine without warmup, 400 (head) / 200 (release) steps.
 
-CPU (toy): python rl.py                  # from out/bridge/ (or out/sft/), ~6 min on 2 cores, writes out/rl/ and a before/after table
+CPU (toy): python rl.py                  # from out/bridge/ (or out/sft/), ~5 min on 2 cores, writes out/rl/ and a before/after table
 GPU:       python rl.py --device cuda --dtype bf16 --init path/to/CLEAR-or-BAGEL --data rl.jsonl --images DIR
            torchrun --nproc_per_node 8 rl.py ... (each process rolls out its own prompts; gradients are averaged)
 
