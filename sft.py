@@ -37,7 +37,7 @@ Differences from the official recipe (numbered):
      what its context shows. CLEAR's samples restore only pictures that lost the answer's detail, and without replay
      the toy's 600 steps of them taught the generator to invent: a clean-trained probe read its restorations of 384 hard
      held-out pictures (same edit prompt) at 64.3% after Stage 1 against 72.4% for the base, the inputs 66.7%, losing
-     most where noise, JPEG or blur had left the picture readable; with replay, 70.1% (seed 0, world 0). BAGEL-7B brings
+     most where noise, JPEG or blur had left the picture readable; with replay, 70.8% (seed 0, world 0). BAGEL-7B brings
      far more generation training than a short SFT can wear down.
 """
 
