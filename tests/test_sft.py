@@ -307,7 +307,6 @@ def test_packing_fills_the_token_budget_in_bounded_rows(toy_ckpt, toy_tok):
         assert used <= 300 or len(members) == 1
 
 
-
 def test_replay_samples_are_stage0_restore_edits_of_their_own_example(toy_ckpt, toy_tok):
     """--replay (difference 6): the sample is Stage 0's restore edit of the drawn example, its noised target that
     example's clean latent (x0 = x_t - t v); the pool encodes every clean picture for it, not only restoring ones."""
@@ -345,6 +344,7 @@ def test_replay_flag_is_checked(capsys):
         with pytest.raises(SystemExit) as e:
             sft.parse_config("", argv)
         assert e.value.code == 2 and words in capsys.readouterr().err
+
 
 GOLDEN_SFT = [6.674042701721191, 7.684281826019287, 7.467254638671875, 7.500828742980957, 7.534853458404541]
 
