@@ -11,7 +11,8 @@ Toy (CPU, about 6 minutes on 2 cores at 384 questions per severity; README's tim
     2. per-corruption accuracy at hard (16 sets) for the best model and the base;
     3. restore rate per severity (the paper's adaptive-triggering figure) and wall time per mode;
     4. does restoring help? paired differences at hard on the same questions (always restore / interleaved vs text
-       reasoning, RL vs the base) with 95% bootstrap intervals;
+       reasoning, RL vs the base) with 95% bootstrap intervals, and interleaved vs text reasoning split by the model's
+       own decision (the questions it chose to restore, and the others);
     5. restoration quality: PSNR of the restored picture and of the degraded input against the clean one, the accuracy
        of a perception probe trained on clean pictures reading each, and the generator's flow-matching error at fixed
        t beside the same model reading another question's picture, copying the degraded latent and the mean latent;
@@ -123,6 +124,31 @@ def comparisons(results: dict, severity: str = "hard", seed: int = 0) -> list:
             out.append({"a": [ca, ma], "b": [cb, mb], "severity": severity,
                         **paired_bootstrap(results[ca][ma][severity]["correct"], results[cb][mb][severity]["correct"], seed=seed)})
     return out
+
+
+def decision_split(results: dict, severity: str = "hard", seed: int = 0) -> list:
+    """Where does restoring help? Per checkpoint, "interleaved, bridge" - "text reasoning" on the same questions, split
+    by the interleaved run's own decision: the questions it chose to restore, and the others."""
+    out = []
+    for ckpt, rows in results.items():
+        if "interleaved, bridge" not in rows or "text reasoning" not in rows:
+            continue
+        inter, text = rows["interleaved, bridge"][severity], rows["text reasoning"][severity]
+        for subset, keep in (("restored", True), ("not restored", False)):
+            idx = [i for i, r in enumerate(inter["restored"]) if r == keep]
+            if idx:
+                a, b = [inter["correct"][i] for i in idx], [text["correct"][i] for i in idx]
+                out.append({"checkpoint": ckpt, "subset": subset, "severity": severity, "acc_interleaved": sum(a) / len(a),
+                            "acc_text": sum(b) / len(b), **paired_bootstrap(a, b, seed=seed)})
+    return out
+
+
+def decision_table(rows: list) -> str:
+    lines = ["| checkpoint | hard questions | n | interleaved, bridge | text reasoning | difference (points) | 95% bootstrap interval |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['checkpoint']} | {r['subset']} | {r['n']} | {100 * r['acc_interleaved']:.1f} | {100 * r['acc_text']:.1f} | "
+              f"{r['diff']:+.1f} | [{r['lo']:+.1f}, {r['hi']:+.1f}] |" for r in rows]
+    return "\n".join(lines)
 
 
 def comparison_table(rows: list) -> str:
@@ -288,12 +314,14 @@ def evaluate_toy(cfg: "EvalConfig", run: C.Run):
         per[f"{name} ({mode})"] = {k: v["acc"] for k, v in res.items()}
     flow_set = split["hard"][:FLOW_CHECK_N]
     flow = {name: flow_error_by_t(models[name], toks[name], flow_set, seed=cfg.seed) for name in models if name != "base"}
-    paired = comparisons(results, seed=cfg.seed)
+    paired, split_rows = comparisons(results, seed=cfg.seed), decision_split(results, seed=cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     report = ["# Toy MMD-Bench", "", f"`python evaluate.py --n {cfg.n} --seed {cfg.seed}` on {run.device}, "
               f"{time.time() - t0:.0f} s in all.", "", "## Accuracy (%) and restore rate", "", main_table(results), "",
               "## Does restoring help the answer?", "", comparison_table(paired), "",
+              "Split by each checkpoint's own decision at hard (\"interleaved, bridge\"): the questions it chose to restore, "
+              "and the others, against its text-only reasoning on the same questions.", "", decision_table(split_rows), "",
               "## Accuracy (%) at hard per corruption", "", corruption_table(per), "",
               "## Restoration quality at hard (PSNR against the clean picture, dB; accuracy % of a perception probe "
               "trained on clean pictures, reading each picture)", "", quality_table(results), ""]
@@ -302,7 +330,7 @@ def evaluate_toy(cfg: "EvalConfig", run: C.Run):
                    "restore context)", "", flow_table(flow), ""]
     (out / "report.md").write_text("\n".join(report))
     clean = {c: {m: {k: v for k, v in r.items() if k != "_shown"} for m, r in rows.items()} for c, rows in results.items()}
-    (out / "report.json").write_text(json.dumps({"main": clean, "comparisons": paired, "per_corruption": per,
+    (out / "report.json").write_text(json.dumps({"main": clean, "comparisons": paired, "decision_split": split_rows, "per_corruption": per,
                                                  "flow_check": flow, "args": vars(cfg)}, indent=1))
     show = "sft" if "sft" in results else best or "base"  # the SFT generator restoring every hard picture
     draw_examples(split["hard"], *results[show]["always restore" if show != "base" else "direct"]["_shown"], out / "examples.png")

@@ -26,7 +26,8 @@ The official recipe, as presets (--recipe; a flag given explicitly overrides its
   the training score clamped at +-50 after a blend toward (1 - t) v below t = 0.1, "restored" = <image_restore> in
   the completion text, AdamW (0.9, 0.999) lr 5e-6 cosine without warmup, 400 (head) / 200 (release) steps.
 
-CPU (toy): python rl.py                  # from out/bridge/ (or out/sft/), ~5 min on 2 cores, writes out/rl/ and a before/after table
+CPU (toy): python rl.py                  # from out/bridge/ (or out/sft/), ~5 min on 2 cores, writes out/rl/, then prints
+                                         # the restore-decision signal (decision_signal) and a before/after table
 GPU:       python rl.py --device cuda --dtype bf16 --init path/to/CLEAR-or-BAGEL --data rl.jsonl --images DIR
            torchrun --nproc_per_node 8 rl.py ... (each process rolls out its own prompts; gradients are averaged)
 
@@ -44,6 +45,7 @@ Differences from the official recipe (numbered; deliberate):
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
@@ -60,6 +62,7 @@ import data as D
 import engine as E
 import model as M
 from common import flag
+from evaluate import paired_bootstrap
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Settings
@@ -204,6 +207,37 @@ def group_advantages(rewards: torch.Tensor, group: int, scale: bool = False) -> 
     if scale:
         a = a / (r.std(1, keepdim=True) + 1e-4)
     return a.reshape(-1)
+
+
+def restore_gaps(restored: list[bool], accuracy: list[float], group: int) -> list[float | None]:
+    """The signal GRPO has for the restore decision, per group: the mean accuracy of the rollouts that restored minus
+    that of those that did not; None where they all agree (the decision token then gets the same advantage either
+    way, so nothing to learn from)."""
+    gaps = []
+    for i in range(0, len(restored), group):
+        yes = [a for r, a in zip(restored[i:i + group], accuracy[i:i + group]) if r]
+        no = [a for r, a in zip(restored[i:i + group], accuracy[i:i + group]) if not r]
+        gaps.append(sum(yes) / len(yes) - sum(no) / len(no) if yes and no else None)
+    return gaps
+
+
+def decision_signal(log_path: Path, prompts: int) -> str:
+    """One line from the run's log (resumed parts included; the main process's groups): how often a group disagreed
+    on restoring, and by how much restoring changed the accuracy there, in all and split by whether the question's
+    reference answer restores (the rule SFT taught), each with a 95% bootstrap interval over those groups."""
+    records = [json.loads(line) for line in log_path.read_text().splitlines() if line]
+    # .get: steps logged by an older rl.py (a resumed run) have no gaps
+    split = {"reference restores": [g for rec in records for g in rec.get("gaps_ref_restores", [])],
+             "reference does not": [g for rec in records for g in rec.get("gaps_ref_keeps", [])]}
+    every = split["reference restores"] + split["reference does not"]
+    line = f"restore decision signal: the rollouts disagreed on restoring in {len(every)} of {len(records) * prompts} groups"
+    if not every:
+        return line + " (GRPO had nothing to learn the decision from)"
+    line += "; there, restored minus not restored accuracy (points)"
+    for name, gaps in {"all": every, **split}.items():
+        d = paired_bootstrap(gaps, [0.0] * len(gaps)) if gaps else None  # each group's gap against 0
+        line += f", {name} ({len(gaps)}): " + (f"{d['diff']:+.1f} [{d['lo']:+.1f}, {d['hi']:+.1f}]" if d else "-")
+    return line
 
 
 def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, eps: float = 0.2):
@@ -359,6 +393,14 @@ def score(rollouts: list[Rollout], clean_latents: list, cfg: RLConfig, judge=Non
         r.parts = parts
 
 
+def decision_gaps(rollouts: list[Rollout], group: int) -> dict:
+    """This step's restore_gaps (groups that disagreed), split by whether the question's reference answer restores."""
+    gaps = restore_gaps([r.trace.restored for r in rollouts], [r.parts["accuracy"] for r in rollouts], group)
+    ref = [D.requests_restore(r.example.response) for r in rollouts[::group]]
+    return {"gaps_ref_restores": [round(g, 4) for g, y in zip(gaps, ref) if g is not None and y],
+            "gaps_ref_keeps": [round(g, 4) for g, y in zip(gaps, ref) if g is not None and not y]}
+
+
 def mean_defined(values: list) -> float:
     """Mean over the rollouts where a reward part is defined (the latent part needs a restored image); NaN if none."""
     values = [v for v in values if not math.isnan(v)]
@@ -436,8 +478,8 @@ def main(argv=None):
         if run.main:
             parts = {k: mean_defined([r.parts[k] for r in rollouts]) for k in rollouts[0].parts}
             log({"step": step + 1, "reward": float(rewards.mean()), "reward_std": float(rewards.std()), **parts,
-                 "restore": float(np.mean([r.trace.restored for r in rollouts])), **stats, "loss": loss.item(),
-                 "gnorm": gnorm, "s": round(time.time() - t0, 1)})
+                 "restore": float(np.mean([r.trace.restored for r in rollouts])), **decision_gaps(rollouts, cfg.group),
+                 **stats, "loss": loss.item(), "gnorm": gnorm, "s": round(time.time() - t0, 1)})
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             C.save_checkpoint(out, model, None, opt, tok.tk, step + 1, {"stage": "rl", "args": vars(cfg), "init": init,
                                                                         "counter": counter}, run)
@@ -445,6 +487,7 @@ def main(argv=None):
                 dist.barrier()
     if run.main:
         print(f"RL finished in {time.time() - t_start:.0f} s -> {out}")
+        print(decision_signal(log.path, cfg.prompts))
         if cfg.eval_n and not cfg.data:
             split = D.ToyWorld(cfg.world_seed).eval_split(cfg.eval_n, seed=cfg.eval_seed)
             icfg = E.InferenceConfig(reentry=cfg.reentry, max_text_tokens=cfg.max_text_tokens, num_timesteps=10,

@@ -98,6 +98,8 @@ def test_toy_report_end_to_end(toy_ckpt, tmp_path):
                    "--out", str(tmp_path / "eval"), "--threads", "1"])
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert set(report["main"]["sft"]) == set(evaluate.MODES)
+    assert len(report["main"]["sft"]["always restore"]["hard"]["restored"]) == 2
+    assert sum(r["n"] for r in report["decision_split"]) == 2  # each hard question in one subset
     assert (tmp_path / "eval" / "examples.png").exists() and (tmp_path / "eval" / "accuracy.png").exists()
     assert "per corruption" in (tmp_path / "eval" / "report.md").read_text()
 
@@ -138,6 +140,17 @@ def test_paired_bootstrap_on_known_inputs():
     assert half["diff"] == 50.0 and half["lo"] == pytest.approx(40.2, abs=1.5) and half["hi"] == pytest.approx(59.8, abs=1.5)
     paired = evaluate.paired_bootstrap([1, 0] * 50, [1, 0] * 50)  # identical per question: no spread at all
     assert paired["lo"] == paired["hi"] == 0.0
+
+
+def test_decision_split_compares_on_the_questions_each_decision_picked():
+    """Interleaved vs text reasoning, on the questions the interleaved run restored and on the others, paired."""
+    rows = {"interleaved, bridge": {"hard": {"restored": [True, True, False, False, False], "correct": [1, 1, 1, 0, 1]}},
+            "text reasoning": {"hard": {"restored": [False] * 5, "correct": [0, 1, 1, 1, 1]}}}
+    split = evaluate.decision_split({"base": {"direct": {}}, "sft": rows})  # the base has no such modes: skipped
+    assert [(r["checkpoint"], r["subset"], r["n"]) for r in split] == [("sft", "restored", 2), ("sft", "not restored", 3)]
+    assert split[0]["acc_interleaved"] == 1.0 and split[0]["acc_text"] == 0.5 and split[0]["diff"] == 50.0
+    assert split[1]["diff"] == pytest.approx(-100 / 3)
+    assert "| sft | restored | 2 | 100.0 | 50.0 | +50.0 |" in evaluate.decision_table(split)
 
 
 def test_probe_answers_on_known_readings():

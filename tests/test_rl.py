@@ -4,6 +4,7 @@
 import json
 import math
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -68,6 +69,38 @@ def test_group_advantages_zero_mean():
     assert torch.allclose(a[:4], torch.tensor([0.5, -0.5, 0.0, 0.0]))
     s = rl.group_advantages(r, 4, scale=True)
     assert torch.allclose(s.view(2, 4).mean(1), torch.zeros(2), atol=1e-6)
+
+
+def test_restore_gaps_only_where_the_group_disagrees():
+    """Per group of 4: restored-minus-not accuracy where the rollouts disagree on restoring; None where they agree."""
+    restored = [True, False, False, False, True, True, True, True, False, False, False, False, True, True, False, False]
+    accuracy = [1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.5, 1.0, 1.0]
+    gaps = rl.restore_gaps(restored, accuracy, 4)
+    assert gaps[1] is None and gaps[2] is None
+    assert [gaps[0], gaps[3]] == pytest.approx([1 - 1 / 3, 0.25 - 1.0])
+
+
+def test_decision_gaps_split_groups_by_the_reference_answer():
+    """A group's gap goes to the side of its question's reference answer: restoring or not (the rule SFT taught)."""
+    def rollout(response, restored, acc):
+        return rl.Rollout([], SimpleNamespace(restored=restored), SimpleNamespace(response=response), parts={"accuracy": acc})
+    ref_restores, ref_keeps = f"<think>a</think>\n{D.RESTORE_TOKEN}", "<think>a</think><answer>b</answer>"
+    rollouts = [rollout(ref_restores, True, 1.0), rollout(ref_restores, False, 0.0),  # gap +1
+                rollout(ref_keeps, True, 0.0), rollout(ref_keeps, False, 1.0),  # gap -1
+                rollout(ref_keeps, True, 1.0), rollout(ref_keeps, True, 0.0)]  # agree: no gap
+    assert rl.decision_gaps(rollouts, 2) == {"gaps_ref_restores": [1.0], "gaps_ref_keeps": [-1.0]}
+
+
+def test_decision_signal_summarises_the_logged_gaps(tmp_path):
+    log = tmp_path / "rl.log.jsonl"
+    steps = [([1.0], [-0.5]), ([], []), ([0.5], [-1.0])]
+    log.write_text("".join(json.dumps({"step": i + 1, "gaps_ref_restores": a, "gaps_ref_keeps": b}) + "\n"
+                           for i, (a, b) in enumerate(steps)))
+    line = rl.decision_signal(log, prompts=4)
+    assert "in 4 of 12 groups" in line and "all (4): +0.0" in line
+    assert "reference restores (2): +75.0" in line and "reference does not (2): -75.0" in line
+    log.write_text(json.dumps({"step": 1, "gaps_ref_restores": [], "gaps_ref_keeps": []}) + "\n")
+    assert "in 0 of 4 groups" in rl.decision_signal(log, prompts=4)
 
 
 def test_text_loss_at_ratio_one_is_reinforce():
