@@ -1,7 +1,8 @@
 """
 Plumbing shared by every script, written once and knowing no stage: command-line flags from a dataclass (each
 checked before any work), run setup (device, dtype, seeds, torchrun), AdamW + cosine schedule, EMA, FSDP, atomic
-checkpoints with resume, one log line per step plus a JSONL log, and a generic training loop.
+checkpoints with resume, a paired bootstrap interval, one log line per step plus a JSONL log, and a generic
+training loop.
 
 Every step draws its data and noise from generators seeded by (seed, step, rank), so a run resumed from a checkpoint
 replays exactly the steps an uninterrupted run would take: the same loss curve.
@@ -476,6 +477,19 @@ def load_resume_state(folder, raw: M.Bagel, ema: EMA | None, optimizer) -> int:
         n, k = key.split("::")
         optimizer.state[by_name[n]][k] = v
     return int(state["step"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Statistics
+
+
+def paired_bootstrap(a, b, n_boot: int = 10000, seed: int = 0) -> dict:
+    """Mean of a - b over the same questions (1 = right, 0 = wrong) in points, with a 95% percentile bootstrap
+    interval: resample the questions with replacement n_boot times, keep the pairs together."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    means = d[np.random.default_rng(seed).integers(0, len(d), (n_boot, len(d)))].mean(1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return {"diff": 100 * float(d.mean()), "lo": 100 * float(lo), "hi": 100 * float(hi), "n": len(d)}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -102,15 +102,6 @@ def restoration_quality(examples: list, pictures: list, probe) -> dict:
             "probe_restored": probe_acc(ims), "probe_degraded": probe_acc([ex.degraded for ex in exs])}
 
 
-def paired_bootstrap(a, b, n_boot: int = 10000, seed: int = 0) -> dict:
-    """Mean of a - b over the same questions (1 = right, 0 = wrong) in points, with a 95% percentile bootstrap
-    interval: resample the questions with replacement n_boot times, keep the pairs together."""
-    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    means = d[np.random.default_rng(seed).integers(0, len(d), (n_boot, len(d)))].mean(1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return {"diff": 100 * float(d.mean()), "lo": 100 * float(lo), "hi": 100 * float(hi), "n": len(d)}
-
-
 # (checkpoint, mode) - (checkpoint, mode) at hard: does restoring help the answer? (CLEAR's claim, Table 1 / Fig. 4)
 COMPARISONS = [(("sft", "always restore"), ("sft", "text reasoning")), (("sft", "interleaved, bridge"), ("sft", "text reasoning")),
                (("rl", "always restore"), ("rl", "text reasoning")), (("rl", "interleaved, bridge"), ("rl", "text reasoning")),
@@ -122,7 +113,7 @@ def comparisons(results: dict, severity: str = "hard", seed: int = 0) -> list:
     for (ca, ma), (cb, mb) in COMPARISONS:
         if ma in results.get(ca, {}) and mb in results.get(cb, {}):
             out.append({"a": [ca, ma], "b": [cb, mb], "severity": severity,
-                        **paired_bootstrap(results[ca][ma][severity]["correct"], results[cb][mb][severity]["correct"], seed=seed)})
+                        **C.paired_bootstrap(results[ca][ma][severity]["correct"], results[cb][mb][severity]["correct"], seed=seed)})
     return out
 
 
@@ -139,7 +130,7 @@ def decision_split(results: dict, severity: str = "hard", seed: int = 0) -> list
             if idx:
                 a, b = [inter["correct"][i] for i in idx], [text["correct"][i] for i in idx]
                 out.append({"checkpoint": ckpt, "subset": subset, "severity": severity, "acc_interleaved": sum(a) / len(a),
-                            "acc_text": sum(b) / len(b), **paired_bootstrap(a, b, seed=seed)})
+                            "acc_text": sum(b) / len(b), **C.paired_bootstrap(a, b, seed=seed)})
     return out
 
 

@@ -62,7 +62,6 @@ import data as D
 import engine as E
 import model as M
 from common import flag
-from evaluate import paired_bootstrap
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Settings
@@ -235,7 +234,7 @@ def decision_signal(log_path: Path, prompts: int) -> str:
         return line + " (GRPO had nothing to learn the decision from)"
     line += "; there, restored minus not restored accuracy (points)"
     for name, gaps in {"all": every, **split}.items():
-        d = paired_bootstrap(gaps, [0.0] * len(gaps)) if gaps else None  # each group's gap against 0
+        d = C.paired_bootstrap(gaps, [0.0] * len(gaps)) if gaps else None  # each group's gap against 0
         line += f", {name} ({len(gaps)}): " + (f"{d['diff']:+.1f} [{d['lo']:+.1f}, {d['hi']:+.1f}]" if d else "-")
     return line
 

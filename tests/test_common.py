@@ -229,3 +229,14 @@ def test_a_corrupt_checkpoint_is_one_line_from_the_command_line(toy_ckpt, tmp_pa
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
     assert proc.stderr.startswith("sft.py: error: ") and str(bad / "tokenizer.json") in proc.stderr
+
+
+def test_paired_bootstrap_on_known_inputs():
+    """The difference is the mean of a - b in points; the interval is the spread of resampled means (about +-1.96 SE)."""
+    ones, zeros = [1] * 100, [0] * 100
+    assert C.paired_bootstrap(ones, zeros) == {"diff": 100.0, "lo": 100.0, "hi": 100.0, "n": 100}
+    assert C.paired_bootstrap(ones, ones)["hi"] == 0.0
+    half = C.paired_bootstrap([1] * 50 + [0] * 50, zeros)  # SE of a 0.5 mean over 100 items: 5 points
+    assert half["diff"] == 50.0 and half["lo"] == pytest.approx(40.2, abs=1.5) and half["hi"] == pytest.approx(59.8, abs=1.5)
+    paired = C.paired_bootstrap([1, 0] * 50, [1, 0] * 50)  # identical per question: no spread at all
+    assert paired["lo"] == paired["hi"] == 0.0

@@ -131,17 +131,6 @@ def test_generator_check_references_and_a_zero_velocity_head(toy_ckpt):
     assert "copy the degraded latent" in evaluate.flow_table({"sft": {t: res[1.0] for t in evaluate.FLOW_CHECK_T}})
 
 
-def test_paired_bootstrap_on_known_inputs():
-    """The difference is the mean of a - b in points; the interval is the spread of resampled means (about +-1.96 SE)."""
-    ones, zeros = [1] * 100, [0] * 100
-    assert evaluate.paired_bootstrap(ones, zeros) == {"diff": 100.0, "lo": 100.0, "hi": 100.0, "n": 100}
-    assert evaluate.paired_bootstrap(ones, ones)["hi"] == 0.0
-    half = evaluate.paired_bootstrap([1] * 50 + [0] * 50, zeros)  # SE of a 0.5 mean over 100 items: 5 points
-    assert half["diff"] == 50.0 and half["lo"] == pytest.approx(40.2, abs=1.5) and half["hi"] == pytest.approx(59.8, abs=1.5)
-    paired = evaluate.paired_bootstrap([1, 0] * 50, [1, 0] * 50)  # identical per question: no spread at all
-    assert paired["lo"] == paired["hi"] == 0.0
-
-
 def test_decision_split_compares_on_the_questions_each_decision_picked():
     """Interleaved vs text reasoning, on the questions the interleaved run restored and on the others, paired."""
     rows = {"interleaved, bridge": {"hard": {"restored": [True, True, False, False, False], "correct": [1, 1, 1, 0, 1]}},
