@@ -201,8 +201,9 @@ def benchmark(model: M.Bagel, tok, split: dict, mode: str, cfg: InferenceConfig,
             chunk = examples[i:i + batch_size]
             traces += reason(model, tok, mode_prefixes(mode, chunk, tok, encode, system), cfg, gen)
         right = [D.is_correct(final_text(tr, mode), ex) for ex, tr in zip(examples, traces)]
-        result[sev] = {"acc": sum(right) / len(examples), "restore": sum(tr.restored for tr in traces) / len(examples),
-                       "seconds": time.time() - t0, "correct": right, "restored": [tr.restored for tr in traces], "traces": traces}
+        restored = [tr.restored for tr in traces]
+        result[sev] = {"acc": sum(right) / len(examples), "restore": sum(restored) / len(examples),
+                       "seconds": time.time() - t0, "correct": right, "restored": restored, "traces": traces}
     return result
 
 

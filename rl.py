@@ -214,8 +214,8 @@ def restore_gaps(restored: list[bool], accuracy: list[float], group: int) -> lis
     way, so nothing to learn from)."""
     gaps = []
     for i in range(0, len(restored), group):
-        yes = [a for r, a in zip(restored[i:i + group], accuracy[i:i + group]) if r]
-        no = [a for r, a in zip(restored[i:i + group], accuracy[i:i + group]) if not r]
+        pairs = list(zip(restored[i:i + group], accuracy[i:i + group]))
+        yes, no = [a for r, a in pairs if r], [a for r, a in pairs if not r]
         gaps.append(sum(yes) / len(yes) - sum(no) / len(no) if yes and no else None)
     return gaps
 
