@@ -489,8 +489,7 @@ def main(argv=None):
         print(decision_signal(log.path, cfg.prompts))
         if cfg.eval_n and not cfg.data:
             split = D.ToyWorld(cfg.world_seed).eval_split(cfg.eval_n, seed=cfg.eval_seed)
-            icfg = E.InferenceConfig(reentry=cfg.reentry, max_text_tokens=cfg.max_text_tokens, num_timesteps=10,
-                                     cfg_text_scale=1.0)
+            icfg = E.InferenceConfig(reentry=cfg.reentry, max_text_tokens=cfg.max_text_tokens, num_timesteps=10)  # official CFG
             before = M.load_pretrained(init, run.device, run.dtype)
             names = {Path(init).name: before, "rl": model.eval()}
             print(E.toy_table(names, {n: "interleave" for n in names}, tok, split, icfg, cfg.eval_seed, cfg.system))

@@ -98,6 +98,7 @@ def test_toy_report_end_to_end(toy_ckpt, tmp_path):
                    "--out", str(tmp_path / "eval"), "--threads", "1"])
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert set(report["main"]["sft"]) == set(evaluate.MODES)
+    assert (report["args"]["cfg_text_scale"], report["args"]["cfg_img_scale"]) == (3.0, 1.5)  # official CFG on the toy too
     assert len(report["main"]["sft"]["always restore"]["hard"]["restored"]) == 2
     assert sum(r["n"] for r in report["decision_split"]) == 2  # each hard question in one subset
     assert (tmp_path / "eval" / "examples.png").exists() and (tmp_path / "eval" / "accuracy.png").exists()
