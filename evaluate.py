@@ -436,7 +436,7 @@ class EvalConfig:
     max_text_tokens: int | None = flag(None, "tokens per segment (toy 48, official 4096)", "[1, inf)", group=INFER, type=int)
     steps: int | None = flag(None, "denoising points (toy 10, official 50)", "[2, inf)", group=INFER, type=int)
     timestep_shift: float = flag(3.0, "sampling timestep shift (official 3.0)", "(0, inf)", group=INFER)
-    cfg_text_scale: float = flag(3.0, "text CFG when restoring (official 3.0; sft.py says what it does on the toy)", "[0, inf)", group=INFER)
+    cfg_text_scale: float = flag(3.0, "text CFG when restoring (official 3.0; sft.py measured it on the toy)", "[0, inf)", group=INFER)
     cfg_img_scale: float = flag(1.5, "image CFG when restoring (official 1.5)", "[0, inf)", group=INFER)
     cfg_interval: tuple = flag((0.4, 1.0), "CFG on for t in (lo, hi]", "[0, 1]", group=INFER)
     cfg_renorm_type: str = flag("text_channel", "CFG renorm", choices=["global", "channel", "text_channel"], group=INFER)
