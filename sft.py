@@ -121,12 +121,12 @@ class SFTConfig:
     eval_steps: int = flag(10, "denoising points when restoring (official 50)", "[2, inf)", group="summary table")
     reentry: str = flag("bridge", "how the restored image re-enters the context", choices=bridge.REENTRY, group="summary table")
     max_text_tokens: int = flag(48, "tokens per decoded segment (official 4096)", "[1, inf)", group="summary table")
-    # the official CFG (evaluate.py's default too). Measured before choosing it, on 384 hard training-side pictures
+    # the official CFG (engine.InferenceConfig's, evaluate.py's default too). Measured before choosing it, on 384 hard training-side pictures
     # per world (never the held-out split), with the README runs' checkpoints: the clean-trained probe reads SFT
     # always-restore pictures 3.4 (world 0) and 4.7 (world 1) points better than without guidance, and the answers of
     # the SFT and RL models (always restore, interleaved) rise by 0.6 points on average; restoring costs ~2x
-    cfg_text_scale: float = flag(3.0, "text CFG when restoring (official 3.0)", "[0, inf)", group="summary table")
-    cfg_img_scale: float = flag(1.5, "image CFG when restoring (official 1.5)", "[0, inf)", group="summary table")
+    cfg_text_scale: float = flag(E.InferenceConfig.cfg_text_scale, "text CFG when restoring (official 3.0)", "[0, inf)", group="summary table")
+    cfg_img_scale: float = flag(E.InferenceConfig.cfg_img_scale, "image CFG when restoring (official 1.5)", "[0, inf)", group="summary table")
     base_steps: int = flag(1300, "Stage 0 steps when the toy base must be built (pretrain.py --steps)", "[1, inf)", group="data")
 
 
