@@ -330,7 +330,7 @@ def main():
     p.add_argument("--only", nargs="*", choices=list(SECTIONS), help="run these sections instead of all")
     p.add_argument("--preset", default="tiny", choices=list(M.PRESETS), help="model shapes (random weights)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--dtype", default="auto", help="auto | fp32 | bf16")
+    p.add_argument("--dtype", default="auto", choices=["auto", *C.DTYPES], help="auto | fp32 | bf16")
     args = p.parse_args()
     device, why = C.pick_device(args.device)
     dtype, why_dt = C.pick_dtype(args.dtype, device)
@@ -343,4 +343,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    C.run_cli(main)

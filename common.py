@@ -42,6 +42,7 @@ def flag(default, help: str, allowed: str | None = None, choices=None, group: st
                                                 nargs=nargs))
 
 
+SEED = "[0, 4294967295]"  # the allowed values of every seed flag: numpy's and torch's seeds are non-negative integers
 INTERVAL = re.compile(r"^([\[(])\s*(-?inf|-?[\d.e+-]+)\s*,\s*(-?inf|-?[\d.e+-]+)\s*([\])])$")
 
 
@@ -142,9 +143,21 @@ class Run:
 
 
 def pick_device(name: str = "auto") -> tuple[torch.device, str]:
-    """'auto' -> cuda, then mps, then cpu; returns the device and the reason (printed by every script)."""
+    """'auto' -> cuda, then mps, then cpu; returns the device and the reason (printed by every script). A device
+    asked for must exist here (model.InputError otherwise)."""
     if name != "auto":
-        return torch.device(name), "asked for"
+        try:
+            dev = torch.device(name)
+        except RuntimeError:
+            dev = None
+        if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+            raise M.InputError(f"--device {name}: not a device; use auto, cpu, cuda, cuda:N or mps")
+        if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()) \
+                or dev.type == "mps" and not torch.backends.mps.is_available():
+            raise M.InputError(f"--device {name}: no such device here ({torch.cuda.device_count()} CUDA devices, MPS "
+                               f"{'' if torch.backends.mps.is_available() else 'not '}available, torch {torch.__version__}); "
+                               "use --device auto or cpu")
+        return dev, "asked for"
     if torch.cuda.is_available():
         return torch.device("cuda"), f"auto: CUDA {torch.cuda.get_device_name()}"
     if torch.backends.mps.is_available():
@@ -383,6 +396,19 @@ def atomic_write_folder(folder, write: Callable[[Path], None]):
     os.replace(tmp, folder)
     fsync_path(folder.parent)
     discard(old)
+
+
+def check_out(out, init=None):
+    """Before any work: `out` will be replaced by the checkpoint at the first save, so it must be new, an empty folder
+    or a checkpoint (it holds nanoclear.json), and not the --init the run starts from; model.InputError otherwise."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise M.InputError(f"--out {out} is a file: pass a folder for the checkpoint (a new one, or an earlier checkpoint)")
+    if out.is_dir() and any(out.iterdir()) and not (out / "nanoclear.json").exists():
+        raise M.InputError(f"--out {out} is a folder that holds no checkpoint, and saving replaces it as a whole: pass "
+                           "a new or empty folder (or an earlier checkpoint)")
+    if init is not None and out.resolve() == Path(init).resolve():
+        raise M.InputError(f"--out {out} is --init: the run would overwrite the checkpoint it starts from; pass another --out")
 
 
 def save_checkpoint(folder, raw: M.Bagel, ema: EMA | None, optimizer, tokenizer, step: int, meta: dict, run: Run):

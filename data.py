@@ -78,13 +78,13 @@ def open_image(path) -> Image.Image:
     """A picture file, fully decoded (a truncated file fails here, not at the step that draws it), as RGB."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: pass a picture file (JPEG, PNG, ...)")
+        raise FileNotFoundError(f"{path} {'is a folder' if path.is_dir() else 'does not exist'}: pass a picture file (JPEG, PNG, ...)")
     try:
         with Image.open(path) as im:
             im.load()
             return to_rgb(im)
     except Exception as e:  # Pillow raises several types for foreign or truncated files
-        raise ValueError(f"{path} is not a readable picture ({type(e).__name__}: {e})") from None
+        raise M.InputError(f"{path} is not a readable picture ({type(e).__name__}: {e}); pass a complete JPEG, PNG, ... file") from None
 
 
 def fit_size(w: int, h: int, max_size: int, min_size: int, stride: int, max_pixels: int = 14 * 14 * 9 * 1024):
@@ -715,6 +715,8 @@ def image_problem(source) -> str | None:
         with Image.open(source) as im:
             im.load()
             w, h = im.size
+    except Image.UnidentifiedImageError:  # its message holds the repr of an in-memory file
+        return "not a picture file Pillow can read (JPEG, PNG, ...)"
     except Exception as e:  # missing, truncated, not an image, a decompression bomb
         return f"{type(e).__name__}: {e}"
     return f"{w}x{h} pixels, under degrade's minimum side {MIN_SIZE}" if min(w, h) < MIN_SIZE else None
@@ -734,10 +736,18 @@ def read_jsonl(path, images_dir) -> tuple[list[dict], list[tuple]]:
     """
     path, images_dir = Path(path), Path(images_dir)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: pass a JSONL file with one LLaVA-style record per line")
+        raise FileNotFoundError(f"{path} {'is a folder' if path.is_dir() else 'does not exist'}: pass a JSONL file with "
+                                "one LLaVA-style record per line")
+    if not images_dir.is_dir():
+        raise FileNotFoundError(f"--images {images_dir} is not a folder: pass the folder the image paths of {path} are "
+                                "relative to")
     rows, problems = [], []
-    with open(path, encoding="utf-8", errors="replace") as f:  # a binary file fails row by row, then as a whole
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a UTF-8 byte-order mark is allowed
+            except UnicodeDecodeError as e:
+                raise M.InputError(f"{path} line {n} is not UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -748,6 +758,9 @@ def read_jsonl(path, images_dir) -> tuple[list[dict], list[tuple]]:
             if not isinstance(rec, dict) or "image" not in rec:
                 problems.append((n, "no 'image' key"))
                 continue
+            if not isinstance(rec["image"], str) or not rec["image"].strip():
+                problems.append((n, f"'image' is {json.dumps(rec['image'])[:60]}, not one picture path"))
+                continue
             if "conversations" in rec:
                 turns = rec["conversations"] if isinstance(rec["conversations"], list) else []
                 human = next((t.get("value") for t in turns if isinstance(t, dict) and t.get("from") == "human"), None)
@@ -757,12 +770,14 @@ def read_jsonl(path, images_dir) -> tuple[list[dict], list[tuple]]:
             if not isinstance(human, str) or not isinstance(gpt, str) or not human.strip() or not gpt.strip():
                 problems.append((n, "no human question and gpt answer"))
                 continue
-            image = images_dir / str(rec["image"])
+            image = images_dir / rec["image"]
             why = image_problem(image)
             if why:
                 problems.append((n, f"unusable image {image} ({why})"))
                 continue
             rows.append(dict(line=n, image=image, question=human.replace("<image>", "").strip(), response=gpt))
+    if not rows and not problems:
+        raise M.InputError(f"{path} is empty: pass a JSONL file with one LLaVA-style record per line")
     if not rows:
         raise M.InputError(f"{path}: none of its {len(problems)} rows is usable" + (f" (first: line {problems[0][0]}, "
                            f"{problems[0][1]})" if problems else "") + "; is it LLaVA-style JSONL with --images its image folder?")
@@ -796,32 +811,47 @@ def read_tsv(path) -> tuple[list[dict], list[tuple]]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: pass a VLMEvalKit TSV (e.g. MMBench_DEV_EN_LOW_LEVEL_HIGH.tsv)")
+        raise FileNotFoundError(f"{path} {'is a folder' if path.is_dir() else 'does not exist'}: pass a VLMEvalKit TSV "
+                                "(e.g. MMBench_DEV_EN_LOW_LEVEL_HIGH.tsv)")
     csv.field_size_limit(sys.maxsize)  # base64 images are far longer than csv's default field limit
     try:
-        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # a UTF-8 byte-order mark is allowed (as pandas does)
             reader = csv.DictReader(f, delimiter="\t")
             table, columns = list(reader), set(reader.fieldnames or ())
     except csv.Error as e:
         raise M.InputError(f"{path} is not a readable TSV ({e}): is it a VLMEvalKit TSV?") from None
+    except UnicodeDecodeError as e:
+        raise M.InputError(f"{path} is not UTF-8 text ({e.reason}, byte 0x{e.object[e.start]:02x}); save it as UTF-8") from None
     missing = {"index", "image", "question", "answer"} - columns
     if missing:
         raise M.InputError(f"{path} lacks the columns {sorted(missing)}: is it a VLMEvalKit TSV (tab-separated, with a header)?")
     if not table:
         raise M.InputError(f"{path} has a header but no rows: nothing to evaluate")
-    images = {r["index"]: r["image"] for r in table}
+    images = {}
+    for r in table:
+        images.setdefault(r["index"], r["image"])
     letters = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c in columns]
-    rows, problems, decoded = [], [], {}
+    rows, problems, decoded, seen = [], [], {}, set()
     for r in table:
         value = lambda k: None if (r.get(k) or "").strip() in PANDAS_NA else r[k]  # noqa: E731
         image = r["image"] or ""
         if len(image) <= 64:  # official: a short value is the index of the row that holds the image
             image = images.get(image.strip(), "") or ""
+        reason = (f"{len(reader.fieldnames) + len(r[None])} cells where the header has {len(reader.fieldnames)}"
+                  if None in r else "no index" if not (r["index"] or "").strip()
+                  else "its index repeats an earlier row's" if r["index"] in seen
+                  else "no image" if not (r["image"] or "").strip()
+                  else f"undecodable image ({r['image'].strip()!r} is no row's index, nor a picture in base64)" if not image
+                  else None)
+        seen.add(r["index"])
+        if reason:
+            problems.append((r["index"], reason))
+            continue
         if image not in decoded:  # circular copies share one image: decode it once
             try:
                 decoded[image] = image_problem(io.BytesIO(base64.b64decode(image, validate=False)))
             except ValueError as e:  # not base64
-                decoded[image] = str(e)
+                decoded[image] = f"not base64: {e}"
         if decoded[image]:
             problems.append((r["index"], f"undecodable image ({decoded[image]})"))
             continue
@@ -975,9 +1005,14 @@ def main():
     ap.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=False,
                     help="train proxy CNNs on clean and on hard images and print accuracy per level and question type")
     args = ap.parse_args()
-    world = ToyWorld(args.seed)
     if not args.show and not args.calibrate:
         ap.error("nothing to do: pass --show N and/or --calibrate")
+    for name in ("seed", "show"):
+        if getattr(args, name) < 0:
+            ap.error(f"--{name} {getattr(args, name)}: must be an integer >= 0")
+    if args.show and (Path(args.out).suffix.lower() not in Image.registered_extensions() or not Path(args.out).parent.is_dir()):
+        ap.error(f"--out {args.out}: must name a picture file (.png, .jpg, ...) in an existing folder")
+    world = ToyWorld(args.seed)
     if args.show:
         split = world.eval_split(args.show, args.seed)
         contact_sheet(split, min(args.show, 32)).save(args.out)

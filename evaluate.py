@@ -42,6 +42,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,7 +285,7 @@ def draw_bars(results: dict, path: Path):
 def evaluate_toy(cfg: "EvalConfig", run: C.Run):
     ckpts = {s: Path(cfg.out_root) / s for s in STAGES if (Path(cfg.out_root) / s / "ema.safetensors").exists()}
     if not ckpts:
-        raise SystemExit(f"no checkpoints under {cfg.out_root}/ ({', '.join(STAGES)}): run python sft.py first")
+        raise M.InputError(f"no checkpoints under {cfg.out_root}/ ({', '.join(STAGES)}): run python sft.py first")
     world = D.ToyWorld(cfg.world_seed)
     split = world.eval_split(cfg.n, seed=cfg.seed)
     icfg = inference_config(cfg)
@@ -335,19 +336,42 @@ def evaluate_toy(cfg: "EvalConfig", run: C.Run):
 
 
 def load_judge(spec: str | None):
-    """'module:function' -> a callable judge(question, prediction, answer) -> float in [0, 1]; never a network default."""
+    """'module:function' -> a callable judge(question, prediction, answer) -> float in [0, 1]; never a network default.
+    model.InputError when the spec does not name a function that can be imported."""
     if not spec:
         return None
     module, _, fn = spec.partition(":")
-    if not fn:
-        raise SystemExit(f"--judge wants module:function, got {spec!r}")
-    return getattr(importlib.import_module(module), fn)
+    if not module or not fn:
+        raise M.InputError(f"--judge {spec}: give module:function, e.g. my_judge:score")
+    try:
+        judge = getattr(importlib.import_module(module), fn)
+    except (ImportError, AttributeError) as e:
+        raise M.InputError(f"--judge {spec}: cannot import it ({e}); the module must be importable from here") from None
+    if not callable(judge):
+        raise M.InputError(f"--judge {spec}: {fn} is not a function")
+    return judge
+
+
+def judge_score(judge, spec, question: str, pred: str, answer: str, index) -> float:
+    """The judge's score of one open-ended row, which must be a number in [0, 1]."""
+    try:
+        score = judge(question, pred, answer)
+    except Exception as e:  # the user's code: its failure is named, with the row it failed on
+        raise M.InputError(f"--judge {spec or judge} failed on index {index} ({type(e).__name__}: {e})") from None
+    try:
+        value = float(score)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not 0 <= value <= 1:  # NaN too
+        raise M.InputError(f"--judge {spec or judge} returned {score!r} for index {index}: a judge returns a score in [0, 1]")
+    return value
 
 
 def evaluate_tsv(model, tok, path: Path, mode: str, sizes: D.ImageSizes, system: str, seed: int, icfg: E.InferenceConfig,
-                 judge=None) -> dict:
-    """Score one VLMEvalKit TSV in one reasoning mode; malformed rows are counted and listed, never scored."""
-    rows, problems = D.read_tsv(path)
+                 judge=None, table: tuple | None = None, judge_spec: str | None = None) -> dict:
+    """Score one VLMEvalKit TSV in one reasoning mode; malformed rows are counted and listed, never scored. table: what
+    D.read_tsv(path) returned, when the caller read it already."""
+    rows, problems = table or D.read_tsv(path)
     preds, scored, correct, unscored = [], 0, 0.0, []
     by_cat = {}
     gen = torch.Generator().manual_seed(seed)
@@ -361,7 +385,7 @@ def evaluate_tsv(model, tok, path: Path, mode: str, sizes: D.ImageSizes, system:
             score = float(D.is_correct(reply, ex))
         elif judge is not None:
             pred = D.extract_answer(reply)
-            score = float(judge(ex.question, reply.strip() if pred is None else pred, ex.answer))
+            score = judge_score(judge, judge_spec, ex.question, reply.strip() if pred is None else pred, ex.answer, row["index"])
         else:
             unscored.append(row["index"])
             score = None
@@ -386,18 +410,18 @@ def inference_config(cfg: "EvalConfig") -> E.InferenceConfig:
 
 
 def evaluate_real(cfg: "EvalConfig", run: C.Run):
+    judge = load_judge(cfg.judge)
+    tables = {tsv: D.read_tsv(tsv) for tsv in cfg.tsv}  # every file and row checked before the model is loaded
     model = M.load_pretrained(cfg.init, run.device, run.dtype)
     tok = D.Tokenizer.from_folder(cfg.init)
-    judge = load_judge(cfg.judge)
     icfg = inference_config(cfg)
     sizes = D.image_sizes(model.cfg, (cfg.vae_max, cfg.vae_min), (cfg.vit_max, cfg.vit_min))
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     summary = []
     for tsv in cfg.tsv:
-        res = evaluate_tsv(model, tok, Path(tsv), cfg.mode, sizes, cfg.system, cfg.seed, icfg, judge)
+        res = evaluate_tsv(model, tok, Path(tsv), cfg.mode, sizes, cfg.system, cfg.seed, icfg, judge, tables[tsv], cfg.judge)
         name = Path(tsv).stem
-        (out / f"{name}.json").write_text(json.dumps(res, indent=1))
+        write_atomic(out / f"{name}.json", json.dumps(res, indent=1))  # each benchmark's results once it is done
         acc = "n/a" if res["accuracy"] is None else f"{100 * res['accuracy']:.2f}"
         summary.append(f"| {name} | {res['scored']}/{res['rows']} | {acc} | {100 * res['restore_rate']:.1f}% | "
                        f"{len(res['problems'])} | {len(res['unscored'])} |")
@@ -406,8 +430,16 @@ def evaluate_real(cfg: "EvalConfig", run: C.Run):
                   + ", ".join(f"{p['index']} ({p['reason']})" for p in res["problems"][:10]))
     table = "\n".join(["| benchmark | scored / rows | accuracy % | restore rate | malformed | unscored (no judge) |",
                        "|---|---|---|---|---|---|"] + summary)
-    (out / "summary.md").write_text(table + "\n")
+    write_atomic(out / "summary.md", table + "\n")
     print(table)
+
+
+def write_atomic(path: Path, text: str):
+    """Write a result file whole or not at all (a temporary name, then a rename); its folder is made when needed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 TOY, REAL = "toy benchmark (default)", "real benchmarks"
@@ -420,7 +452,7 @@ class EvalConfig:
     out_root: str = flag("out", "folder holding the stage checkpoints (base, sft, bridge, rl)", group=TOY)
     n: int = flag(384, "held-out questions per severity (384: paired intervals of about +-3 points at hard)", "[1, inf)", group=TOY)
     n_corruption: int = flag(24, "questions per corruption in the per-corruption sets (0 = skip them)", "[0, inf)", group=TOY)
-    world_seed: int = flag(0, "toy world seed", group=TOY)
+    world_seed: int = flag(0, "toy world seed", C.SEED, group=TOY)
     probe_n: int = flag(3000, "training pictures of the clean-trained perception probe (cached in OUT_ROOT/probe)", "[1, inf)", group=TOY)
     probe_steps: int = flag(500, "training steps of the perception probe", "[1, inf)", group=TOY)
     init: str | None = flag(None, "BAGEL-format checkpoint (BAGEL-7B-MoT, CLEAR or ours)", group=REAL)
@@ -444,7 +476,7 @@ class EvalConfig:
     question: str | None = flag(None, "the demo's question", group=DEMO)
     degrade: str | None = flag(None, "the demo: degrade the photo first, KIND:SEVERITY (e.g. motion_blur:hard)", group=DEMO)
     out: str | None = flag(None, "output folder (default out/eval, or out/eval_tsv for --tsv)")
-    seed: int = flag(0, "seed of the held-out split and of any sampling")
+    seed: int = flag(0, "seed of the held-out split and of any sampling", C.SEED)
     device: str = flag("auto", "auto | cpu | cuda | mps")
     dtype: str = flag("auto", "auto | fp32 | bf16", choices=["auto", *C.DTYPES])
     threads: int = flag(0, "CPU threads for torch (0 = its default)", "[0, inf)")
@@ -506,6 +538,11 @@ def main(argv=None):
     cfg, prog, given = C.parse_flags(EvalConfig, __doc__, argv)
     toy_flags = ("out_root", "n", "n_corruption", "world_seed", "probe_n", "probe_steps")
     real_flags = ("mode", "vae_max", "vae_min", "vit_max", "vit_min", "judge", "system", "reentry")
+    if "tsv" in given and not cfg.tsv:
+        C.refuse(prog, "--tsv needs at least one file (a VLMEvalKit TSV)")
+    if cfg.cfg_interval[0] >= cfg.cfg_interval[1]:
+        C.refuse(prog, f"--cfg-interval {cfg.cfg_interval[0]} {cfg.cfg_interval[1]}: CFG is on for t in (LO, HI], so LO "
+                       "must be below HI")
     if cfg.image or cfg.question or cfg.degrade:
         if not (cfg.image and cfg.question):
             C.refuse(prog, "the demo needs both --image PHOTO and --question TEXT")
@@ -516,6 +553,10 @@ def main(argv=None):
                             or cfg.degrade.split(":")[1] not in D.SEVERITIES):
             C.refuse(prog, f"--degrade {cfg.degrade}: use KIND:SEVERITY with KIND one of {', '.join(CORRUPTIONS)} and "
                            f"SEVERITY one of {', '.join(D.SEVERITIES)}")
+        picture = D.open_image(cfg.image)  # before any work: a file that is not a picture stops here
+        if cfg.degrade and min(picture.size) < D.MIN_SIZE:
+            C.refuse(prog, f"--image {cfg.image} is {picture.width}x{picture.height} px: --degrade needs at least "
+                           f"{D.MIN_SIZE} px a side")
         init = cfg.init or default_checkpoint(cfg.out_root)
         if init is None:
             C.refuse(prog, f"no --init and no checkpoint under {cfg.out_root}/ (rl, bridge, sft): run python sft.py first")
@@ -526,6 +567,16 @@ def main(argv=None):
         if not cfg.init:
             C.refuse(prog, "--tsv needs --init PATH (a BAGEL-format checkpoint folder)")
         C.refuse_given(prog, given, toy_flags, "with --tsv (toy benchmark flags)")
+        if cfg.mode in ("direct", "text"):  # one text answer, the picture as ViT tokens only
+            C.refuse_given(prog, given, ("reentry", "steps", "timestep_shift", "cfg_text_scale", "cfg_img_scale",
+                                         "cfg_interval", "cfg_renorm_type", "vae_max", "vae_min", "system"),
+                           f"with --mode {cfg.mode} (it never restores, and shows the picture as ViT tokens only)")
+        names = [Path(t).stem for t in cfg.tsv]
+        if len(set(names)) < len(names):
+            twice = max(names, key=names.count)
+            C.refuse(prog, f"--tsv: two files are named {twice}.tsv, and their results ({twice}.json) would overwrite "
+                           "each other; rename one")
+        load_judge(cfg.judge)  # before any work
         toy, mode = False, "tsv"
         cfg = E.replace(cfg, out=cfg.out or "out/eval_tsv")
     else:
@@ -536,6 +587,14 @@ def main(argv=None):
     defaults = dict(max_text_tokens=(4096, 48), steps=(50, 10))
     cfg = E.replace(cfg, **{k: (toy_value if toy else official) if getattr(cfg, k) is None else getattr(cfg, k)
                             for k, (official, toy_value) in defaults.items()})
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        C.refuse(prog, f"--out {cfg.out} is a file: pass a folder for the results")
+    if mode != "toy":  # a segment longer than the model's positions stops with an error mid-run
+        limit = M.config_from_folder(cfg.init).max_position_embeddings
+        if cfg.max_text_tokens >= limit:
+            C.refuse(prog, f"--max-text-tokens {cfg.max_text_tokens}" + ("" if "max_text_tokens" in given else " (the "
+                           "default)") + f" does not fit {cfg.init}, whose positions end at {limit}: pass a smaller "
+                           "--max-text-tokens (48 for the toy checkpoints)")
     run = C.setup_run(cfg.device, cfg.dtype, cfg.seed, cfg.threads)
     with torch.no_grad():
         {"demo": demo, "tsv": evaluate_real, "toy": evaluate_toy}[mode](cfg, run)

@@ -274,6 +274,7 @@ def unified_loss(model, packed: M.Packed, mse_weight: float = 1.0):
 
 def build_base(args: "PretrainConfig", run: C.Run) -> M.Bagel:
     """Stage 0's three phases; writes the base checkpoint to args.out and returns the EMA model."""
+    C.check_out(args.out)
     t_start = time.time()
     world = D.ToyWorld(args.world_seed)
     tok = D.train_toy_tokenizer(D.toy_corpus(seed=args.world_seed))
@@ -341,7 +342,7 @@ class PretrainConfig:
     vit_steps: int = flag(600, "vision-encoder training steps", "[1, inf)", group="Stage 0 (toy base model)")
     vit_batch: int = flag(32, "pictures per vision-encoder step", "[1, inf)", group="Stage 0 (toy base model)")
     vit_lr: float = flag(2e-3, "vision-encoder peak learning rate", "(0, inf)", group="Stage 0 (toy base model)")
-    world_seed: int = flag(0, "toy world seed (train / held-out split salt)", group="Stage 0 (toy base model)")
+    world_seed: int = flag(0, "toy world seed (train / held-out split salt)", C.SEED, group="Stage 0 (toy base model)")
     pictures: int = flag(3000, "clean pictures rendered once for the autoencoder and vision-encoder phases", "[1, inf)",
                          group="Stage 0 (toy base model)")
     examples: int = flag(6000, "degraded examples made once for the unified phase", "[1, inf)", group="unified pretraining")
@@ -354,7 +355,7 @@ class PretrainConfig:
     warmup: int = flag(50, "warmup steps", "[0, inf)", group="unified pretraining")
     ema: float = flag(0.99, "EMA decay of the saved weights", "[0, 1)", group="unified pretraining")
     out: str = flag("out/base", "output checkpoint folder")
-    seed: int = flag(0, "training seed")
+    seed: int = flag(0, "training seed", C.SEED)
     device: str = flag("auto", "auto | cpu | cuda | mps")
     threads: int = flag(0, "CPU threads for torch (0 = its default)", "[0, inf)")
     dtype: str = flag("auto", "auto | fp32 | bf16", choices=["auto", *C.DTYPES])

@@ -123,13 +123,13 @@ class RLConfig:
     resume: bool = flag(False, "continue from --out's train_state")
     resume_force: bool = flag(False, "with --resume: continue although settings differ from the checkpoint's (printed)")
     save_every: int = flag(20, "checkpoint every N steps", "[1, inf)")
-    seed: int = flag(0, "seed of the rollouts and the data")
+    seed: int = flag(0, "seed of the rollouts and the data", C.SEED)
     device: str = flag("auto", "auto | cpu | cuda | mps")
     dtype: str = flag("auto", "auto | fp32 | bf16", choices=["auto", *C.DTYPES])
     threads: int = flag(0, "CPU threads for torch (0 = its default)", "[0, inf)")
-    world_seed: int = flag(0, "toy world seed")
+    world_seed: int = flag(0, "toy world seed", C.SEED)
     eval_n: int = flag(192, "held-out toy questions per severity for the final table (0 = skip)", "[0, inf)")
-    eval_seed: int = flag(0, "held-out split seed")
+    eval_seed: int = flag(0, "held-out split seed", C.SEED)
 
 
 # what --resume lets differ from the checkpoint's settings: more --steps (extends the run), where it runs, the final
@@ -148,6 +148,10 @@ def parse_config(argv=None) -> RLConfig:
         C.refuse_given(prog, given, ("world_seed", "eval_n", "eval_seed"), "with --data (the toy world is not used)")
     else:
         C.refuse_given(prog, given, ("vae_max", "vae_min", "vit_max", "vit_min"), f"on the toy world (its pictures are {D.MODEL_SIZE} px)")
+        if cfg.eval_n == 0:
+            C.refuse_given(prog, given, ("eval_seed",), "with --eval-n 0 (no final table)")
+    if cfg.loss_type == "grpo":
+        C.refuse_given(prog, given, ("max_completion_length",), "with --loss-type grpo (only dr_grpo divides by it)")
     if not cfg.resume:
         C.refuse_given(prog, given, ("resume_force",), "without --resume")
     if cfg.beta == 0:
@@ -426,10 +430,24 @@ def main(argv=None):
     cfg = parse_config(argv)
     run = C.setup_run(cfg.device, cfg.dtype, cfg.seed, cfg.threads)
     init = cfg.init or ("out/bridge" if (Path("out/bridge") / "ema.safetensors").exists() else "out/sft")
-    if not (Path(init) / "ema.safetensors").exists():
-        raise SystemExit(f"{init} has no checkpoint: run python sft.py (and python bridge.py) first, or pass --init")
+    if cfg.init is None and not (Path(init) / "ema.safetensors").exists():
+        raise M.InputError(f"{init} has no checkpoint: run python sft.py (and python bridge.py) first, or pass --init")
     if cfg.resume:  # before any work: --out must hold this very run
         C.check_resume(cfg.out, "rl", {**vars(cfg), "init": init}, RESUME_MAY_CHANGE, cfg.resume_force, run)
+    else:  # or be a folder the first save may replace
+        C.check_out(cfg.out, init)
+    M.config_from_folder(init)  # a wrong --init stops here, before the data is read
+    if cfg.data:  # every row checked before the model is loaded
+        rows, problems = D.read_jsonl(cfg.data, cfg.images)
+        unscorable = {r["line"] for r in rows if D.extract_answer(r["response"]) is None
+                      and (D.RESTORE_TOKEN in r["response"] or D.TAG_RE.search(r["response"]))}
+        problems += [(n, "a tagged answer without <answer>...</answer>: nothing to score against") for n in sorted(unscorable)]
+        rows = [r for r in rows if r["line"] not in unscorable]
+        if not rows:
+            raise M.InputError(f"{cfg.data}: none of its rows has an answer to score (first: line {problems[0][0]}, "
+                               f"{problems[0][1]})")
+        if run.main:
+            print(D.skip_report(cfg.data, rows, problems, "line"))
     model = M.load_pretrained(init, run.device, run.dtype)
     tok = D.Tokenizer.from_folder(init)
     ref = M.load_pretrained(init, run.device, run.dtype).requires_grad_(False) if cfg.ref == "frozen" and cfg.beta > 0 else None
@@ -442,9 +460,6 @@ def main(argv=None):
     start = C.load_resume_state(out, model, None, opt) if cfg.resume else 0
     wrapped = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if run.world > 1 else model
     if cfg.data:
-        rows, problems = D.read_jsonl(cfg.data, cfg.images)
-        if run.main:
-            print(D.skip_report(cfg.data, rows, problems, "line"))
         stream_fn = lambda rng: (D.jsonl_example(rows[int(i)], rng) for i in iter(lambda: rng.integers(len(rows)), None))  # noqa: E731
     else:
         stream_fn = D.ToyWorld(cfg.world_seed).stream

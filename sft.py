@@ -43,6 +43,7 @@ Differences from the official recipe (numbered):
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -74,7 +75,7 @@ class SFTConfig:
     text_reason_rate: float = flag(0.15, "fraction of text-only reasoning samples", "[0, 1]", group="data")
     tool_share: float = flag(0.5, "--data: share of samples drawn from the rows that restore (official corruption_mix.yaml "
                              "0.5 / 0.5 tool / no-tool)", "[0, 1]", group="data")
-    world_seed: int = flag(0, "toy world seed", group="data")
+    world_seed: int = flag(0, "toy world seed", C.SEED, group="data")
     replay: float = flag(0.2, "toy world: share of samples that replay Stage 0's restore edit (difference 6)", "[0, 1]",
                          group="data")
     examples: int = flag(6000, "toy training examples made and encoded once; a step draws about 36 of them (default "
@@ -108,7 +109,7 @@ class SFTConfig:
     resume: bool = flag(False, "continue from --out's train_state")
     resume_force: bool = flag(False, "with --resume: continue although settings differ from the checkpoint's (printed)")
     save_every: int = flag(100, "checkpoint every N steps (atomic)", "[1, inf)")
-    seed: int = flag(0, "training seed")
+    seed: int = flag(0, "training seed", C.SEED)
     device: str = flag("auto", "auto | cpu | cuda | mps")
     dtype: str = flag("auto", "auto | fp32 | bf16", choices=["auto", *C.DTYPES])
     threads: int = flag(0, "CPU threads for torch (0 = its default)", "[0, inf)")
@@ -117,7 +118,7 @@ class SFTConfig:
     flex_attention: bool = flag(False, "FlexAttention block masks instead of dense masks (long rows on GPU; no CPU backward)")
     # the summary table (toy world)
     eval_n: int = flag(192, "held-out toy questions per severity (0 = skip the table)", "[0, inf)", group="summary table")
-    eval_seed: int = flag(0, "held-out split seed", group="summary table")
+    eval_seed: int = flag(0, "held-out split seed", C.SEED, group="summary table")
     eval_steps: int = flag(10, "denoising points when restoring (official 50)", "[2, inf)", group="summary table")
     reentry: str = flag("bridge", "how the restored image re-enters the context", choices=bridge.REENTRY, group="summary table")
     max_text_tokens: int = flag(48, "tokens per decoded segment (official 4096)", "[1, inf)", group="summary table")
@@ -157,11 +158,15 @@ def parse_config(description: str, argv=None, defaults: dict | None = None, unus
         why = "with --data (the toy world is not used)" if cfg.data is not None else "with --fsdp (no summary table)"
         C.refuse_given(prog, given - {"eval_n"} if cfg.eval_n == 0 else given, TABLE_FLAGS, why)
         cfg = replace(cfg, eval_n=0)
+    elif cfg.eval_n == 0:
+        C.refuse_given(prog, given - {"eval_n"}, TABLE_FLAGS, "with --eval-n 0 (no summary table)")
     if cfg.text_reason_rate + cfg.replay > 1:
         C.refuse(prog, f"--text-reason-rate {cfg.text_reason_rate} + --replay {cfg.replay} is above 1: they are shares of "
                        "the same samples")
     if not cfg.resume:
         C.refuse_given(prog, given, ("resume_force",), "without --resume")
+    if cfg.fsdp and int(os.environ.get("WORLD_SIZE", 1)) < 2:
+        C.refuse(prog, "--fsdp shards the model over processes: launch with torchrun --nproc_per_node N (N > 1)")
     if cfg.fsdp and cfg.resume:
         C.refuse(prog, "--resume is implemented for single-process and DDP runs; an FSDP run restarts from its last --init")
     if cfg.distill_weight == 0:
@@ -395,6 +400,10 @@ def finetune(cfg: SFTConfig, name: str) -> tuple[M.Bagel | None, M.Bagel, D.Toke
     t0 = time.time()
     if cfg.resume:  # before any work: --out must hold this very run
         C.check_resume(cfg.out, name, {**vars(cfg), "init": cfg.init or BASE}, RESUME_MAY_CHANGE, cfg.resume_force, run)
+    else:  # or be a folder the first save may replace
+        C.check_out(cfg.out, cfg.init or BASE)
+    if cfg.init is not None:
+        M.config_from_folder(cfg.init)  # a wrong --init stops here, before the data is read
     if cfg.data:
         rows, problems = D.read_jsonl(cfg.data, cfg.images)
         if run.main:

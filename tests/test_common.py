@@ -216,7 +216,7 @@ def test_scripts_turn_input_errors_into_one_line(capsys, monkeypatch):
     error = RuntimeError("a bug")
     with pytest.raises(RuntimeError):
         C.run_cli(main)
-    for script in ("sft.py", "bridge.py", "rl.py", "evaluate.py", "pretrain.py"):
+    for script in ("sft.py", "bridge.py", "rl.py", "evaluate.py", "pretrain.py", "bench.py"):
         assert "run_cli(main)" in (ROOT / script).read_text().split('if __name__ == "__main__":')[1], script
 
 
@@ -240,3 +240,42 @@ def test_paired_bootstrap_on_known_inputs():
     assert half["diff"] == 50.0 and half["lo"] == pytest.approx(40.2, abs=1.5) and half["hi"] == pytest.approx(59.8, abs=1.5)
     paired = C.paired_bootstrap([1, 0] * 50, [1, 0] * 50)  # identical per question: no spread at all
     assert paired["lo"] == paired["hi"] == 0.0
+
+
+def test_check_out_protects_what_a_save_would_replace(tmp_path):
+    """A save replaces --out as a whole, so before any work it must be new, empty or a checkpoint: a file, a folder of
+    other things (a save deleted them) and the --init itself (a run overwrote its own start) are refused."""
+    C.check_out(tmp_path / "new")
+    (tmp_path / "empty").mkdir()
+    C.check_out(tmp_path / "empty")
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "nanoclear.json").write_text("{}")
+    C.check_out(tmp_path / "ckpt", init=tmp_path / "other")
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(M.InputError, match="file is a file"):
+        C.check_out(tmp_path / "file")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_text("mine")
+    with pytest.raises(M.InputError, match="photos is a folder that holds no checkpoint"):
+        C.check_out(tmp_path / "photos")
+    with pytest.raises(M.InputError, match="is --init"):
+        C.check_out(tmp_path / "ckpt", init=str(tmp_path / "ckpt") + "/")
+    assert (tmp_path / "photos" / "a.jpg").read_text() == "mine"
+
+
+def test_device_and_seed_flags_are_checked_before_any_work():
+    """--device names a device this machine has (a typo or an absent GPU was a traceback); seeds are non-negative
+    32-bit integers (-1 was a traceback from numpy after the run had started)."""
+    for name in ("foo", "meta", "cuda:64"):
+        with pytest.raises(M.InputError, match=f"--device {name}: "):
+            C.pick_device(name)
+    assert C.pick_device("cpu") == (torch.device("cpu"), "asked for")
+    from dataclasses import dataclass
+
+    @dataclass
+    class Cfg:
+        seed: int = flag(0, "seed", C.SEED)
+    for bad in ("-1", str(2**70)):
+        with pytest.raises(SystemExit):
+            C.parse_flags(Cfg, "", ["--seed", bad])
+    assert C.parse_flags(Cfg, "", ["--seed", "4294967295"])[0].seed == 4294967295

@@ -364,3 +364,59 @@ def test_image_helpers_odd_modes():
     wide = Image.fromarray((np.arange(40 * 30) % 65536).reshape(30, 40).astype(np.uint16))  # I;16: one rule everywhere
     assert D.image_to_tensor(wide).shape == (3, 30, 40) and np.array_equal(np.asarray(D.to_rgb(wide))[..., 0], np.asarray(wide) >> 8)
     assert D.fit_size(1000, 300, 980, 224, 14) == (980, 294) and D.fit_size(100, 60, 980, 224, 14) == (378, 224)
+
+
+def test_jsonl_reader_bom_encoding_and_paths(tmp_path):
+    """A UTF-8 byte-order mark is read (it cost the first row); a line that is not UTF-8 stops the file with its line
+    number (it trained on replacement characters); a folder, a missing --images folder, an empty file and a list of
+    images are each named for what they are."""
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    row = {"image": "a.png", "question": "Q?", "answer": "A"}
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(("\ufeff" + json.dumps(row) + "\r\n" + json.dumps(row) + "\r\n").encode())
+    rows, problems = D.read_jsonl(path, tmp_path)
+    assert [r["line"] for r in rows] == [1, 2] and problems == []
+    path.write_bytes(json.dumps(row).encode() + b"\n" + json.dumps({**row, "question": "caf\u00e9?"}, ensure_ascii=False).encode("latin-1"))
+    with pytest.raises(M.InputError, match="d.jsonl line 2 is not UTF-8 .*save the file as UTF-8"):
+        D.read_jsonl(path, tmp_path)
+    with pytest.raises(FileNotFoundError, match="is a folder"):
+        D.read_jsonl(tmp_path, tmp_path)
+    path.write_text(json.dumps(row) + "\n" + json.dumps({**row, "image": ["a.png", "a.png"]}) + "\n")
+    with pytest.raises(FileNotFoundError, match="--images .*nope is not a folder"):
+        D.read_jsonl(path, tmp_path / "nope")
+    rows, problems = D.read_jsonl(path, tmp_path)
+    assert problems == [(2, "'image' is [\"a.png\", \"a.png\"], not one picture path")]
+    path.write_text("")
+    with pytest.raises(M.InputError, match="d.jsonl is empty"):
+        D.read_jsonl(path, tmp_path)
+
+
+def test_tsv_reader_bom_encoding_duplicates_and_shifted_rows(tmp_path):
+    """A TSV saved with a byte-order mark has its index column (pandas reads it so); a file that is not UTF-8 stops;
+    a repeated index, a row with more cells than the header, a row without an image and a reference to a missing
+    index are skipped with those reasons (they were scored twice, or reported as undecodable pictures)."""
+    header = ["index", "question", "A", "B", "answer", "image"]
+    good = b64_png((9, 9, 9))
+    table = [["1", "Q?", "x", "y", "A", good], ["1", "Q?", "x", "y", "B", good], ["2", "Q?", "x", "y", "A", good, "extra"],
+             ["3", "Q?", "x", "y", "A", ""], ["4", "Q?", "x", "y", "A", "9"], ["5", "Q?", "x", "y", "B", "1"]]
+    tsv = tmp_path / "b.tsv"
+    tsv.write_bytes(("\ufeff" + "\n".join("\t".join(r) for r in [header, *table]) + "\n").encode())
+    rows, problems = D.read_tsv(tsv)
+    assert [r["index"] for r in rows] == ["1", "5"] and rows[1]["image"] == good
+    assert problems == [("1", "its index repeats an earlier row's"), ("2", "7 cells where the header has 6"),
+                        ("3", "no image"), ("4", "undecodable image ('9' is no row's index, nor a picture in base64)")]
+    tsv.write_bytes("\n".join("\t".join(r) for r in [header, table[0]]).encode("utf-8").replace(b"Q?", "Caf\u00e9?".encode("latin-1")))
+    with pytest.raises(M.InputError, match="b.tsv is not UTF-8 text"):
+        D.read_tsv(tsv)
+    with pytest.raises(FileNotFoundError, match="is a folder"):
+        D.read_tsv(tmp_path)
+
+
+def test_data_cli_refuses_bad_flags(monkeypatch, capsys, tmp_path):
+    """python data.py: a negative --seed or --show, or an --out that is no picture file name, stops in one line."""
+    for argv, words in ((["--show", "2", "--seed", "-1"], "--seed -1: must be an integer >= 0"),
+                        (["--show", "-3"], "--show -3"), (["--show", "2", "--out", str(tmp_path)], "must name a picture file")):
+        monkeypatch.setattr("sys.argv", ["data.py", *argv])
+        with pytest.raises(SystemExit) as e:
+            D.main()
+        assert e.value.code == 2 and words in capsys.readouterr().err

@@ -444,3 +444,19 @@ def test_contact_sheet_cli(tmp_path, capsys):
     assert "broken.png is not a readable image" in _fails(capsys, [str(tmp_path / "broken.png"), "--out",
                                                                    str(tmp_path / "x.png")])
     assert not (tmp_path / "x.png").exists()
+
+
+def test_cli_flags_checked_before_any_work(tmp_path, capsys):
+    """A negative --seed or --size, an image too thin for its --size (a traceback from degrade), and a flag of the other
+    mode (--size with --jsonl, --severity or --images with a contact sheet) stop in one line, writing nothing."""
+    degrade.demo_image(48).save(tmp_path / "in.png")
+    Image.new("RGB", (400, 20)).save(tmp_path / "thin.png")
+    (tmp_path / "data.jsonl").write_text(json.dumps({"image": "in.png"}) + "\n")
+    sheet = [str(tmp_path / "in.png"), "--out", str(tmp_path / "sheet.png")]
+    dataset = ["--jsonl", str(tmp_path / "data.jsonl"), "--images", str(tmp_path), "--out", str(tmp_path / "out")]
+    for argv, words in (([*sheet, "--seed", "-1"], "--seed -1"), ([*sheet, "--size", "-4"], "--size -4"),
+                        ([str(tmp_path / "thin.png"), "--out", str(tmp_path / "sheet.png"), "--size", "64"], "64x3 px"),
+                        ([*sheet, "--severity", "low"], "--severity has no effect"),
+                        ([*dataset, "--size", "64"], "--size has no effect"), ([*dataset, "--seed", "-3"], "--seed -3")):
+        assert words in _fails(capsys, argv), argv
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl", "in.png", "thin.png"]

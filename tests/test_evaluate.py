@@ -72,7 +72,7 @@ def test_judge_spec_and_psnr():
     """--judge takes module:function; PSNR is infinite-capped for identical pictures and drops with noise."""
     assert evaluate.load_judge(None) is None
     assert evaluate.load_judge("math:sqrt")(4.0) == 2.0
-    with pytest.raises(SystemExit):
+    with pytest.raises(M.InputError, match="give module:function"):
         evaluate.load_judge("math")
     a = np.zeros((8, 8, 3), np.uint8)
     assert evaluate.psnr(a, a) == 99.0 and evaluate.psnr(a, a + 10) < 30
@@ -171,3 +171,40 @@ def test_one_photo_demo(toy_ckpt, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         evaluate.main(["--init", str(toy_ckpt), "--image", str(photo), "--question", "Q", "--degrade", "blur:hard"])
     assert e.value.code == 2 and "KIND:SEVERITY" in capsys.readouterr().err
+
+
+def test_evaluate_checks_every_input_before_any_work(toy_ckpt, tmp_path, capsys):
+    """Each stops in one line before the model is loaded and writes nothing: a missing second TSV (the first was
+    evaluated and written), --tsv without files (ran the toy benchmark), two files of one name (one result overwrote
+    the other), an empty --cfg-interval, flags --mode text never uses, a --judge that cannot be imported (a traceback),
+    an --out that is a file (a traceback after the run), a demo photo that is no picture (a traceback) or too small
+    to --degrade, segments longer than the model's positions (a traceback mid-run). A judge must return a score in
+    [0, 1] (5 made accuracy 500%)."""
+    good = write_tsv(tmp_path / "bench.tsv")
+    (tmp_path / "again").mkdir()
+    write_tsv(tmp_path / "again" / "bench.tsv")
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "photo.jpg").write_text("not a picture")
+    Image.new("RGB", (8, 8)).save(tmp_path / "dot.png")
+    base = ["--init", str(toy_ckpt), "--out", str(tmp_path / "res"), "--threads", "1", "--max-text-tokens", "4"]
+    with pytest.raises(FileNotFoundError, match="nope.tsv does not exist"):
+        evaluate.main([*base, "--tsv", str(good), str(tmp_path / "nope.tsv")])
+    with pytest.raises(M.InputError, match="cannot import it"):
+        evaluate.main([*base, "--tsv", str(good), "--judge", "no_such_module:judge"])
+    with pytest.raises(M.InputError, match="photo.jpg is not a readable picture"):
+        evaluate.main([*base, "--image", str(tmp_path / "photo.jpg"), "--question", "Q?"])
+    for argv, words in ((["--tsv"], "--tsv needs at least one file"),
+                        (["--tsv", str(good), str(tmp_path / "again" / "bench.tsv")], "would overwrite each other"),
+                        (["--tsv", str(good), "--cfg-interval", "0.9", "0.1"], "LO must be below HI"),
+                        (["--tsv", str(good), "--mode", "text", "--reentry", "decode_reencode"], "--reentry has no effect with --mode text"),
+                        (["--tsv", str(good), "--out", str(tmp_path / "file")], "is a file"),
+                        (["--tsv", str(good), "--max-text-tokens", "4096"], "positions end at 2048"),
+                        (["--image", str(tmp_path / "dot.png"), "--question", "Q?", "--degrade", "motion_blur:hard"], "8x8 px")):
+        with pytest.raises(SystemExit) as e:
+            evaluate.main([*base, *argv])
+        assert e.value.code == 2 and words in capsys.readouterr().err, argv
+    assert not (tmp_path / "res").exists() and (tmp_path / "file").read_text() == "mine"
+    assert evaluate.judge_score(lambda q, p, a: 1, "j:f", "q", "p", "a", 0) == 1.0
+    for bad in (lambda q, p, a: 5, lambda q, p, a: "yes", lambda q, p, a: float("nan"), lambda q, p: 1.0):
+        with pytest.raises(M.InputError, match="--judge j:f"):
+            evaluate.judge_score(bad, "j:f", "q", "p", "a", 0)

@@ -333,3 +333,25 @@ def test_rl_flags_and_resume_refuse_before_any_work(toy_ckpt, tmp_path, capsys):
     (out / "nanoclear.json").write_text(json.dumps({"args": vars(rl.parse_config(args)), "init": str(toy_ckpt)}))
     with pytest.raises(M.InputError, match=r"other settings: --lr 2e-05 -> 0.001; --seed 0 -> 3\. "):
         rl.main([*args, "--resume", "--lr", "1e-3", "--seed", "3", "--steps", "9"])
+
+
+def test_rl_refuses_flags_without_effect_and_its_own_init_as_out(toy_ckpt, tmp_path, capsys):
+    """--max-completion-length only divides dr_grpo's loss, --eval-seed only seeds the final table: refused where they
+    do nothing. --out equal to --init overwrote the start checkpoint, and the final table then compared RL with itself;
+    a tagged answer without <answer> gave the accuracy reward the whole text as truth. Each stops before any work."""
+    for argv, words in ((["--loss-type", "grpo", "--max-completion-length", "9"], "--max-completion-length has no effect"),
+                        (["--recipe", "release", "--max-completion-length", "9"], "with --loss-type grpo"),
+                        (["--eval-n", "0", "--eval-seed", "3"], "--eval-seed has no effect with --eval-n 0")):
+        with pytest.raises(SystemExit):
+            rl.parse_config(argv)
+        assert words in capsys.readouterr().err
+    with pytest.raises(M.InputError, match="is --init"):
+        rl.main(["--init", str(toy_ckpt), "--out", str(toy_ckpt), "--eval-n", "0", "--threads", "1"])
+    from PIL import Image
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    (tmp_path / "d.jsonl").write_text(json.dumps({"image": "a.png", "question": "Q?", "answer": "<think>x</think><image_restore>"}))
+    with pytest.raises(M.InputError, match="line 1, a tagged answer without <answer>"):
+        rl.main(["--init", str(toy_ckpt), "--out", str(tmp_path / "rl"), "--data", str(tmp_path / "d.jsonl"),
+                 "--images", str(tmp_path), "--threads", "1", "--steps", "1", "--prompts", "1", "--group", "2",
+                 "--max-text-tokens", "2", "--sde-points", "2"])
+    assert not (tmp_path / "rl").exists() and not (tmp_path / "rl.log.jsonl").exists()

@@ -371,3 +371,22 @@ def test_toy_base_is_cached_by_its_settings(toy_ckpt, tmp_path, monkeypatch):
     with pytest.raises(M.InputError, match="built with --seed 0 --world-seed 0 --base-steps 1300, this run asks for "
                                            "--seed 0 --world-seed 1 --base-steps 1300"):
         sft.finetune(cfg, "sft")
+
+
+def test_sft_refuses_an_out_it_would_destroy_and_table_flags_without_a_table(toy_ckpt, tmp_path, capsys):
+    """--out holding other files (a save replaced it, deleting them), a file (a traceback after training) or --init
+    itself stops before any work and leaves it as it was; a summary-table flag with --eval-n 0 does nothing and is
+    refused, and so is --fsdp in a single process."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    (tmp_path / "file").write_text("keep")
+    for out, words in ((tmp_path / "mine", "holds no checkpoint"), (tmp_path / "file", "is a file"), (toy_ckpt, "is --init")):
+        with pytest.raises(M.InputError, match=words):
+            sft.finetune(finetune_args(toy_ckpt, out), "sft")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep" and (tmp_path / "file").read_text() == "keep"
+    assert not (tmp_path / "mine.log.jsonl").exists() and not (tmp_path / "file.log.jsonl").exists()
+    for argv, words in ((["--eval-n", "0", "--eval-steps", "5"], "--eval-steps has no effect with --eval-n 0"),
+                        (["--fsdp"], "launch with torchrun")):  # --fsdp in one process stopped after the data was read
+        with pytest.raises(SystemExit) as e:
+            sft.parse_config("", argv)
+        assert e.value.code == 2 and words in capsys.readouterr().err
