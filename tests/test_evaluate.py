@@ -93,8 +93,8 @@ def test_toy_report_end_to_end(toy_ckpt, tmp_path):
     (out_root).mkdir()
     import shutil
     shutil.copytree(toy_ckpt, out_root / "sft")
-    evaluate.main(["--out-root", str(out_root), "--n", "2", "--n-corruption", "1", "--max-text-tokens", "3", "--steps", "3",
-                   "--probe-n", "20", "--probe-steps", "5",
+    evaluate.main(["--out-root", str(out_root), "--n", "2", "--batch", "1", "--n-corruption", "1", "--max-text-tokens", "3",
+                   "--steps", "3", "--probe-n", "20", "--probe-steps", "5",
                    "--out", str(tmp_path / "eval"), "--threads", "1"])
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert set(report["main"]["sft"]) == set(evaluate.MODES)
@@ -114,6 +114,30 @@ def test_a_sets_numbers_do_not_depend_on_the_other_sets(toy_ckpt):
         both = E.benchmark(model, tok, {"mid": split["mid"], "hard": split["hard"]}, "always_restore", cfg, model.encode_pixels)
         alone = E.benchmark(model, tok, {"hard": split["hard"]}, "always_restore", cfg, model.encode_pixels)
     for a, b in zip(both["hard"]["traces"], alone["hard"]["traces"]):
+        assert a.texts == b.texts and all(torch.equal(x, y) for x, y in zip(a.latents, b.latents))
+
+
+def test_pictures_are_encoded_once_per_autoencoder(toy_ckpt):
+    """Every mode of every checkpoint reads the same degraded latents: a second checkpoint with the same (frozen)
+    autoencoder encodes nothing again and answers exactly as with its own encoder; another autoencoder encodes anew."""
+    split = {"hard": D.ToyWorld(0).eval_split(3, seed=0)["hard"]}
+    cfg = E.InferenceConfig(max_text_tokens=4, num_timesteps=3)
+    first, second, other = (M.load_pretrained(toy_ckpt) for _ in range(3))
+    tok = D.Tokenizer.from_folder(toy_ckpt)
+    with torch.no_grad():
+        other.vae.encoder.conv_in.weight.mul_(1.01)
+    calls, memo = [], {}
+    for name, m in (("first", first), ("second", second), ("other", other)):
+        m.encode_pixels = (lambda enc, name: lambda px: calls.append((name, len(px))) or enc(px))(m.encode_pixels, name)
+    run = lambda m, encode: E.benchmark(m, tok, split, "always_restore", cfg, encode, batch_size=2)["hard"]["traces"]  # noqa: E731
+    with torch.no_grad():
+        run(first, evaluate.remembered_encoder(first, memo))
+        shared = run(second, evaluate.remembered_encoder(second, memo))
+        assert calls == [("first", 2), ("first", 1)]
+        own = run(second, second.encode_pixels)
+        run(other, evaluate.remembered_encoder(other, memo))
+    assert calls[2:] == [("second", 2), ("second", 1), ("other", 2), ("other", 1)]
+    for a, b in zip(shared, own):
         assert a.texts == b.texts and all(torch.equal(x, y) for x, y in zip(a.latents, b.latents))
 
 
@@ -198,6 +222,7 @@ def test_evaluate_checks_every_input_before_any_work(toy_ckpt, tmp_path, capsys)
                         (["--tsv", str(good), "--cfg-interval", "0.9", "0.1"], "LO must be below HI"),
                         (["--tsv", str(good), "--mode", "text", "--reentry", "decode_reencode"], "--reentry has no effect with --mode text"),
                         (["--tsv", str(good), "--out", str(tmp_path / "file")], "is a file"),
+                        (["--tsv", str(good), "--batch", "8"], "--batch has no effect with --tsv"),
                         (["--tsv", str(good), "--max-text-tokens", "4096"], "positions end at 2048"),
                         (["--image", str(tmp_path / "dot.png"), "--question", "Q?", "--degrade", "motion_blur:hard"], "8x8 px")):
         with pytest.raises(SystemExit) as e:
