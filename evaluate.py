@@ -340,10 +340,10 @@ def evaluate_toy(cfg: "EvalConfig", run: C.Run):
     if flow:
         report += [f"## Generator check at hard (flow-matching MSE of the clean latent at fixed t, {len(flow_set)} questions, "
                    "restore context)", "", flow_table(flow), ""]
-    (out / "report.md").write_text("\n".join(report))
+    write_atomic(out / "report.md", "\n".join(report))  # scripts read these: whole or not at all
     clean = {c: {m: {k: v for k, v in r.items() if k != "_shown"} for m, r in rows.items()} for c, rows in results.items()}
-    (out / "report.json").write_text(json.dumps({"main": clean, "comparisons": paired, "decision_split": split_rows, "per_corruption": per,
-                                                 "flow_check": flow, "args": vars(cfg)}, indent=1))
+    write_atomic(out / "report.json", json.dumps({"main": clean, "comparisons": paired, "decision_split": split_rows,
+                                                  "per_corruption": per, "flow_check": flow, "args": vars(cfg)}, indent=1))
     show = "sft" if "sft" in results else best or "base"  # the SFT generator restoring every hard picture
     draw_examples(split["hard"], *results[show]["always restore" if show != "base" else "direct"]["_shown"], out / "examples.png")
     draw_bars(results, out / "accuracy.png")
