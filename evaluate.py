@@ -470,7 +470,7 @@ DEMO = "one-photo demo"
 @dataclass
 class EvalConfig:
     out_root: str = flag("out", "folder holding the stage checkpoints (base, sft, bridge, rl)", group=TOY)
-    n: int = flag(288, "held-out questions per severity (288: paired intervals of about +-3.5 points at hard, 7 minutes "
+    n: int = flag(288, "held-out questions per severity (288: paired intervals of about +-4 points at hard, 5-7 minutes "
                        "on 2 cores)", "[1, inf)", group=TOY)
     batch: int = flag(64, "questions run together (64: fastest on our 2-core CPU; another value draws other restoration "
                           "noise)", "[1, inf)", group=TOY)

@@ -347,8 +347,9 @@ class PretrainConfig:
                          group="Stage 0 (toy base model)")
     examples: int = flag(6000, "degraded examples made once for the unified phase", "[1, inf)", group="unified pretraining")
     # 1300 steps: the generator is what the toy's restorations lack, and training it longer is what lifts them (a
-    # clean-trained probe reading the base's restorations of hard held-out pictures: 70.3% after 1000 steps, 74.5%
-    # after 2000, 68.8% on the degraded inputs); 1300 is what sft.py's time allows once Stage 1 draws from a pool
+    # clean-trained probe reading the base's restorations of hard held-out pictures, in the earlier world of eight
+    # hue-neighbour colours: 70.3% after 1000 steps, 74.5% after 2000, 68.8% on the degraded inputs); 1300 is what
+    # sft.py's time allows once Stage 1 draws from a pool
     steps: int = flag(1300, "unified-model training steps", "[1, inf)", group="unified pretraining")
     batch: int = flag(24, "samples per step", "[1, inf)", group="unified pretraining")
     lr: float = flag(2e-3, "peak learning rate", "(0, inf)", group="unified pretraining")

@@ -1,6 +1,7 @@
 """Behaviour of data.py: the toy world, the tokenizer, CLEAR's sample layout, answer parsing and the readers."""
 
 import base64
+import colorsys
 import csv
 import hashlib
 import io
@@ -420,3 +421,11 @@ def test_data_cli_refuses_bad_flags(monkeypatch, capsys, tmp_path):
         with pytest.raises(SystemExit) as e:
             D.main()
         assert e.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_toy_colours_are_at_least_50_degrees_of_hue_apart():
+    """The toy generator redraws hues only to within a few tens of degrees (data.COLOURS): closer colours turned its
+    restorations of readable pictures into the neighbouring colour."""
+    hues = sorted(360 * colorsys.rgb_to_hsv(*(c / 255 for c in rgb))[0] for rgb in D.COLOURS.values())
+    gaps = [(b - a) % 360 for a, b in zip(hues, hues[1:] + hues[:1])]
+    assert len(D.COLOURS) == 6 and min(gaps) >= 50
