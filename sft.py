@@ -37,8 +37,8 @@ Differences from the official recipe (numbered):
      what its context shows. CLEAR's samples restore only pictures that lost the answer's detail, and without replay
      the toy's 600 steps of them taught the generator to invent: a clean-trained probe read its restorations of 384 hard
      held-out pictures (same edit prompt) at 64.3% after Stage 1 against 72.4% for the base, the inputs 66.7%, losing
-     most where noise, JPEG or blur had left the picture readable; with replay, 70.8% (seed 0, world 0). BAGEL-7B brings
-     far more generation training than a short SFT can wear down.
+     most where noise, JPEG or blur had left the picture readable; with replay, 70.8% (seed 0, world 0, eight colours).
+     BAGEL-7B brings far more generation training than a short SFT can wear down.
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ class SFTConfig:
     reentry: str = flag("bridge", "how the restored image re-enters the context", choices=bridge.REENTRY, group="summary table")
     max_text_tokens: int = flag(48, "tokens per decoded segment (official 4096)", "[1, inf)", group="summary table")
     # the official CFG (engine.InferenceConfig's, evaluate.py's default too). Measured before choosing it, on 384 hard training-side pictures
-    # per world (never the held-out split), with the README runs' checkpoints: the clean-trained probe reads SFT
+    # per world (never the held-out split), with an earlier README's checkpoints (eight colours): the probe reads SFT
     # always-restore pictures 3.4 (world 0) and 4.7 (world 1) points better than without guidance, and the answers of
     # the SFT and RL models (always restore, interleaved) rise by 0.6 points on average; restoring costs ~2x
     cfg_text_scale: float = flag(E.InferenceConfig.cfg_text_scale, "text CFG when restoring (official 3.0)", "[0, inf)", group="summary table")
