@@ -1,32 +1,34 @@
 """
-Stage 2 of CLEAR (§3.3): the Latent Representation Bridge — what it is, how it is trained, and what it buys.
+Stage 2 of CLEAR (§3.3): the Latent Representation Bridge — how it is trained, and what it buys.
 
 After the model denoises a restored image, its final latent x0 could go back into the context the long way: decode
 to pixels with the VAE, re-encode them with the ViT (and the VAE), insert those tokens. The bridge skips the detour:
 
-    b(x0) = vae2llm(x0) + time_embedder(0) + latent_pos_embed(pos)                      (bridge_embedding)
+    b(x0) = vae2llm(x0) + time_embedder(0) + latent_pos_embed(pos)                      (model.Bagel.embed_latent)
 
 written into the KV cache as one full-attention image block through the gen expert (one RoPE id, markers through
 und): exactly how a clean VAE conditioning image enters BAGEL, so no new parameter exists. It saves the decode and
-the re-encode, and keeps the graph differentiable from the answer back into the denoiser. `reenter` is the switch
-between the bridge and the detour; every inference (evaluation, RL rollouts, the tables) goes through it.
+the re-encode, and keeps the graph differentiable from the answer back into the denoiser. `engine.reentry_segments` is
+the switch between the bridge and the detour; every inference (evaluation, RL rollouts and their replay, the tables)
+goes through it.
 
 The model reads ViT features of a picture better than VAE latents of it, so Stage 2 teaches it to read latents as
 well: in every restore sample the clean picture appears as VAE tokens (student, gen expert, t = 0) and as ViT tokens
-whose patch grid equals the VAE grid (teacher, und expert, detached) (`distill_pair`). The distillation loss, added
-to the SFT losses (sft.py's trainer, normalised by the global number of pairs):
+whose patch grid equals the VAE grid (teacher, und expert, detached) (sft.distill_pair, the official enable_distill
+layout). The distillation loss (`distill_loss`), added to Stage 1's losses and normalised by the global number of
+pairs (`step_loss`), trains through Stage 1's loop (sft.train):
   * per_layer_kl (official HEAD): at every layer l (or every stride-th, plus the last), per token,
         KL( softmax(stopgrad(H_vit[l])) || softmax(H_vae[l]) ) over the hidden dim, weighted (l + 1) / sum;
   * final_mse (official release): MSE between mean-pooled final hidden states.
 
 CPU (toy):  python bridge.py            # from out/sft/: Stage 2 (SFT + 0.4 distill) -> out/bridge/, then accuracy
                                         # with bridge vs decode-reencode (SFT and Stage 2) and the re-entry latency
-            python sft.py --distill-weight 0.4   # the official "one job" form: Stages 1 and 2 in a single run
+            python bridge.py --init out/base --steps 600 --lr 5e-4   # the official "one job": Stages 1 and 2 at once
 GPU:        python bridge.py --device cuda --dtype bf16 --init path/to/sft-checkpoint --data sft.jsonl --images DIR
 
 Differences from the official code (numbered):
   1. Officially there is no Stage-2 script: the distillation runs inside the SFT job. Here it is its own stage (with
-     the SFT losses kept on so nothing is forgotten), and sft.py takes the same flags for the one-job form.
+     the SFT losses kept on so nothing is forgotten); started from the base with Stage 1's settings it is that one job.
   2. Toy-sized defaults; official values in the flags' help.
 """
 
@@ -34,66 +36,45 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
+import common as C
 import data as D
+import engine as E
 import model as M
-
-REENTRY = ("bridge", "decode_reencode", "decode_reencode_vae")
+import sft
+from common import flag
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The bridge and the re-entry switch
+# Settings: Stage 1's, plus the distillation
 
 
-def bridge_embedding(model: M.Bagel, x0: torch.Tensor, grid: tuple) -> torch.Tensor:
-    """b(x0) = vae2llm(x0) + time_embedder(0) + latent_pos_embed(pos): LLM input rows [B, N, H] of latents [B, N, D]."""
-    return model.latent_embedding(x0, 0.0, grid)  # CLEAR §3.3: t = 0, exactly like a clean VAE conditioning image
+@dataclass
+class BridgeConfig(sft.SFTConfig):
+    distill_weight: float = flag(0.4, "ViT->VAE distillation weight (official HEAD 0.4, release 0.1)", "[0, inf)",
+                                 group="objective")
+    distill_mode: str = flag("per_layer_kl", "distillation variant (official HEAD per_layer_kl, release final_mse)",
+                             choices=["per_layer_kl", "final_mse"], group="objective")
+    distill_stride: int = flag(1, "per_layer_kl: every stride-th layer plus the last", "[1, inf)", group="objective")
 
 
-def decode_image(model: M.Bagel, x0: torch.Tensor, grid: tuple):
-    """Restored latent tokens [N, D] -> the 8-bit PIL picture (BAGEL decode_image): the detour's first half."""
-    return D.tensor_to_image(model.decode_latent(x0, grid))
+BRIDGE_DEFAULTS = dict(steps=400, lr=2e-4, init="out/sft", out="out/bridge")
 
 
-def reenter(model: M.Bagel, cache: M.KVCache, x0: torch.Tensor, grid: tuple, rows: torch.Tensor, reentry: str,
-            vit_sizes: tuple):
-    """Put restored latents x0 [B, N, D] back into the context of the selected rows [B] (bool):
-      * bridge: b(x0) through the gen expert (CLEAR §3.3; official output_need_vae);
-      * decode_reencode: x0 -> VAE decoder -> 8-bit picture -> ViT at vit_sizes (official output_need_vit);
-      * decode_reencode_vae: the same, through the VAE as well as the ViT (BAGEL's update_context_image)."""
-    if reentry == "bridge":
-        model.add_latent_embedding(cache, bridge_embedding(model, x0.to(model.device), grid), active=rows)
-        return
-    if reentry not in REENTRY:
-        raise ValueError(f"reentry must be one of {REENTRY}, not {reentry!r}")
-    idx = rows.nonzero().squeeze(1).tolist()
-    images = {b: decode_image(model, x0[b], grid) for b in idx}  # official: VAE decode -> 8-bit picture
-    if reentry == "decode_reencode_vae":  # BAGEL update_context_image: VAE block first, then ViT
-        tokens = torch.zeros(x0.shape)
-        tokens[idx] = model.encode_pixels(torch.stack([D.image_to_tensor(images[b]) for b in idx]))[0]
-        model.add_latent(cache, tokens, grid, active=rows)
-    vit = [D.image_to_tensor(D.resize_image(images[b], *vit_sizes)) for b in idx]
-    pixels = torch.zeros(len(x0), *vit[0].shape)
-    pixels[idx] = torch.stack(vit)
-    model.add_vit_image(cache, pixels, active=rows)
+def parse_config(argv=None) -> BridgeConfig:
+    """Flags -> BridgeConfig: Stage 1's checks (sft.parse_config), then the distillation's."""
+    cfg, prog, given = C.parse_flags(BridgeConfig, __doc__, argv, {**sft.SFT_DEFAULTS, **BRIDGE_DEFAULTS})
+    cfg = sft.check_config(cfg, prog, given)
+    C.refuse_given(prog, given, ("reentry",), "in this script (its table compares both re-entry paths)")
+    if cfg.distill_weight == 0:
+        C.refuse_given(prog, given, ("distill_mode", "distill_stride"), "without --distill-weight > 0")
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Training the bridge: ViT -> VAE hidden-state distillation (CLEAR §3.3; official Bagel.forward distill_fn)
-
-
-def teacher_size(grid: tuple, vit_patch: int) -> tuple[int, int]:
-    """(w, h) in pixels of the teacher ViT image whose patch grid equals the VAE token grid (official enable_distill)."""
-    return grid[1] * vit_patch, grid[0] * vit_patch
-
-
-def distill_pair(clean, x0: torch.Tensor, grid: tuple, vit_patch: int) -> list:
-    """The restored picture as student and teacher (official _add_image with distill_pair_id): its clean latent at
-    t = 0 (gen expert) and its ViT patches on the same grid (und expert), so token n of both covers one picture cell."""
-    teacher = D.image_to_tensor(clean, teacher_size(grid, vit_patch))
-    return [M.VaeImage(x0, grid, pair=0),  # CLEAR §3.3 distillation student: the clean latent at t=0
-            M.VitImage(teacher, pair=0)]  # teacher, ViT grid == VAE grid
 
 
 def distill_layer_weights(num_layers: int, stride: int = 1) -> dict:
@@ -132,6 +113,23 @@ def distill_loss(pairs: list, num_layers: int, mode: str, stride: int):
     raise ValueError(f"distill mode must be per_layer_kl or final_mse, not {mode!r}")
 
 
+def step_loss(model, packed: M.Packed, run: C.Run, cfg: BridgeConfig):
+    """Stage 2's objective of one packed batch: Stage 1's (sft.step_loss) + distill_weight * the distillation,
+    normalised by the global number of pairs (CLEAR)."""
+    n_pairs = C.all_reduce_sum(len(packed.pairs), run) if cfg.distill_weight > 0 else 0  # every rank joins the sum
+    hook, finish = None, None
+    if cfg.distill_weight > 0 and packed.pairs:
+        hook, finish = distill_loss(packed.pairs, C.unwrap(model).cfg.num_hidden_layers, cfg.distill_mode, cfg.distill_stride)
+    loss, metrics, out = sft.step_loss(model, packed, run, cfg, hidden_hook=hook)
+    if finish is not None:
+        distill = finish(out) / max(n_pairs, 1.0)
+        loss = loss + cfg.distill_weight * distill
+        metrics["distill"] = float(distill.detach()) * run.world
+    elif cfg.distill_weight > 0:
+        loss = loss + 0 * out.hidden.sum()  # keeps every rank's graph the same shape (official dummy pass)
+    return loss, metrics
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # What the bridge buys: accuracy and latency of each re-entry path
 
@@ -145,42 +143,38 @@ def reentry_latency(model: M.Bagel, grid: tuple, context: int, repeats: int = 7)
     x0 = torch.randn(1, grid[0] * grid[1], cfg.patch_latent_dim, device=model.device)
     s = cfg.latent_downsample
     vit = (max(grid) * s, min(grid) * s, cfg.vit_patch_size)  # re-encode at the picture's own size
-    times = {r: [] for r in REENTRY}
+    times = {r: [] for r in E.REENTRY}
     for _ in range(repeats):
-        for reentry in REENTRY:
+        for reentry in E.REENTRY:
             trial = cache.copy()
             if model.device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            reenter(model, trial, x0, grid, torch.ones(1, dtype=torch.bool), reentry, vit)
+            E.reenter(model, trial, x0, grid, torch.ones(1, dtype=torch.bool), reentry, vit)
             if model.device.type == "cuda":
                 torch.cuda.synchronize()
             times[reentry].append(time.perf_counter() - t0)
     return {r: statistics.median(v[1:]) for r, v in times.items()}  # the first round is warm-up
 
 
-def compare_reentry(models: dict, tok, cfg) -> str:
-    """Accuracy at mid and hard with each re-entry path, for every checkpoint (markdown); cfg: sft.SFTConfig."""
-    import engine as E  # engine imports this file's re-entry switch, so it is imported here, not at the top
+def compare_reentry(models: dict, tok, cfg: BridgeConfig) -> str:
+    """Accuracy at mid and hard with each re-entry path, for every checkpoint (markdown)."""
     split = D.ToyWorld(cfg.world_seed).eval_split(cfg.eval_n, seed=cfg.eval_seed)
     split = {k: split[k] for k in ("mid", "hard")}
     lines = ["| model | re-entry | mid | hard | restore mid / hard |", "|---|---|---|---|---|"]
     for name, model in models.items():
         for reentry in ("bridge", "decode_reencode"):
-            icfg = E.InferenceConfig(reentry=reentry, max_text_tokens=cfg.max_text_tokens, num_timesteps=cfg.eval_steps,
-                                     cfg_text_scale=cfg.cfg_text_scale, cfg_img_scale=cfg.cfg_img_scale,
-                                     vit_transform=D.TOY_SIZES.vit)
-            res = E.benchmark(model, tok, split, "interleave", icfg, model.encode_pixels, seed=cfg.eval_seed, system=cfg.system)
+            icfg = E.inference_config(cfg, toy=True, reentry=reentry)
+            res = E.benchmark(model, tok, split, "interleave", icfg, model.encode_pixels, seed=cfg.eval_seed,
+                              system=cfg.system)
             lines.append(f"| {name} | {reentry} | {100 * res['mid']['acc']:.1f} | {100 * res['hard']['acc']:.1f} | "
                          f"{100 * res['mid']['restore']:.0f}% / {100 * res['hard']['restore']:.0f}% |")
     return "\n".join(lines)
 
 
 def main(argv=None):
-    import sft  # Stage 2 is Stage 1's trainer plus the distillation term (sft.py imports this file's losses)
-    cfg = sft.parse_config(__doc__, argv, defaults=dict(steps=400, lr=2e-4, distill_weight=0.4, init="out/sft",
-                                                       out="out/bridge"), unused=("reentry", "base_steps"))
-    start, tuned, tok = sft.finetune(cfg, "bridge")
+    cfg = parse_config(argv)
+    start, tuned, tok = sft.train(cfg, "bridge", step_loss, distill=cfg.distill_weight > 0)
     if start is None:
         return
     print(compare_reentry({"sft": start, "bridge": tuned}, tok, cfg))
@@ -192,5 +186,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import common  # the scripts' entry point, as in main (this file's import list stays model, data)
-    common.run_cli(main)
+    C.run_cli(main)

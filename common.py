@@ -1,8 +1,8 @@
 """
-Plumbing shared by every script, written once and knowing no stage: command-line flags from a dataclass (each
-checked before any work), run setup (device, dtype, seeds, torchrun), AdamW + cosine schedule, EMA, FSDP, atomic
-checkpoints with resume, a paired bootstrap interval, one log line per step plus a JSONL log, and a generic
-training loop.
+Plumbing shared by every script, written once and knowing no stage: command-line flags from dataclasses (the groups
+several scripts share declared once, every value checked before any work), run setup (device, dtype, seeds, torchrun),
+AdamW + cosine schedule, EMA, FSDP, saving through checkpoint.py, a paired bootstrap interval, and one log line per step
+plus a JSONL log.
 
 Every step draws its data and noise from generators seeded by (seed, step, rank), so a run resumed from a checkpoint
 replays exactly the steps an uninterrupted run would take: the same loss curve.
@@ -16,9 +16,7 @@ import math
 import os
 import random
 import re
-import shutil
 import sys
-import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
@@ -28,6 +26,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import checkpoint as CK
+import data as D
 import model as M
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -74,7 +74,7 @@ def build_parser(cls, description: str, defaults: dict | None = None) -> argpars
     """An ArgumentParser with one flag per field of `cls` (defaults overridable per script), grouped for --help."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     groups = {}
-    for f in fields(cls):
+    for f in sorted(fields(cls), key=lambda f: f.metadata["group"] == "run"):  # the run flags last
         m = f.metadata
         default = (defaults or {}).get(f.name, f.default)
         g = groups.setdefault(m["group"], p.add_argument_group(m["group"]))
@@ -115,7 +115,7 @@ def run_cli(main: Callable):
     status 2, as a bad flag does; any other exception keeps its traceback."""
     try:
         main()
-    except (M.InputError, FileNotFoundError) as e:
+    except (CK.InputError, FileNotFoundError) as e:
         refuse(os.path.basename(sys.argv[0]), str(e).replace("\n", " "))
 
 
@@ -151,10 +151,10 @@ def pick_device(name: str = "auto") -> tuple[torch.device, str]:
         except RuntimeError:
             dev = None
         if dev is None or dev.type not in ("cpu", "cuda", "mps"):
-            raise M.InputError(f"--device {name}: not a device; use auto, cpu, cuda, cuda:N or mps")
+            raise CK.InputError(f"--device {name}: not a device; use auto, cpu, cuda, cuda:N or mps")
         if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()) \
                 or dev.type == "mps" and not torch.backends.mps.is_available():
-            raise M.InputError(f"--device {name}: no such device here ({torch.cuda.device_count()} CUDA devices, MPS "
+            raise CK.InputError(f"--device {name}: no such device here ({torch.cuda.device_count()} CUDA devices, MPS "
                                f"{'' if torch.backends.mps.is_available() else 'not '}available, torch {torch.__version__}); "
                                "use --device auto or cpu")
         return dev, "asked for"
@@ -219,6 +219,91 @@ def all_reduce_sum(x: float, run: Run) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Flag groups several scripts share, declared once: a script's config inherits the groups it takes
+
+
+@dataclass
+class MachineFlags:
+    device: str = flag("auto", "auto | cpu | cuda | cuda:N | mps (auto: cuda, then mps, then cpu; printed with the reason)")
+    dtype: str = flag("auto", "auto | fp32 | bf16 (auto: bf16 on a GPU that supports it, else fp32)",
+                      choices=["auto", *DTYPES])
+    threads: int = flag(0, "CPU threads for torch (0 = its default)", "[0, inf)")
+
+
+@dataclass
+class TrainingFlags(MachineFlags):
+    out: str = flag("out/run", "output checkpoint folder (each save replaces it as a whole)")
+    resume: bool = flag(False, "continue from --out's train_state")
+    resume_force: bool = flag(False, "with --resume: continue although settings differ from the checkpoint's (printed)")
+    save_every: int = flag(100, "checkpoint every N steps (atomic)", "[1, inf)")
+    seed: int = flag(0, "training seed (data, noise and dropout draws)", SEED)
+
+
+# what --resume lets differ from the checkpoint's settings in every training script: where and how it runs; the
+# scripts add theirs (more --steps extends a run); anything else would not continue the same run
+RESUME_MAY_CHANGE = ("out", "resume", "resume_force", "save_every", "device", "threads")
+
+
+@dataclass
+class WorldFlags:
+    world_seed: int = flag(0, "toy world seed (its scenes, questions and held-out split)", SEED, group="data")
+
+
+@dataclass
+class DataFlags(WorldFlags):
+    init: str | None = flag(None, "BAGEL-format checkpoint folder to start from (default: the previous toy stage)",
+                            group="data")
+    data: str | None = flag(None, "LLaVA-style JSONL of real data (default: the toy world)", group="data")
+    images: str | None = flag(None, "image folder of --data (its image paths are relative to it)", group="data")
+    system: str = flag("toy", "system prompt (official: 'official')", choices=sorted(D.SYSTEM_PROMPTS), group="data")
+
+
+@dataclass
+class PictureSizeFlags:
+    vae_max: int = flag(1024, "real pictures: VAE resize, longest side (official 1024; capped by the model's position "
+                        "table)", "[16, inf)", group="data")
+    vae_min: int = flag(512, "real pictures: VAE resize, shortest side (official 512)", "[16, inf)", group="data")
+    vit_max: int = flag(518, "real pictures: ViT resize, longest side (official 518; capped by the model's position "
+                        "table)", "[14, inf)", group="data")
+    vit_min: int = flag(224, "real pictures: ViT resize, shortest side (official 224)", "[14, inf)", group="data")
+
+    def sizes(self, model_cfg: M.ModelConfig, toy: bool) -> D.ImageSizes:
+        """The official transforms capped by the model (overridable by these flags); the toy's own size on the toy."""
+        if toy:
+            return D.image_sizes(model_cfg, *D.TOY_SIDES)
+        return D.image_sizes(model_cfg, (self.vae_max, self.vae_min), (self.vit_max, self.vit_min))
+
+
+SIZE_FLAGS = tuple(f.name for f in fields(PictureSizeFlags))
+
+
+def check_data_flags(prog: str, cfg: DataFlags, given: set, toy_only: tuple = ()):
+    """The refusals every script with --data shares: --data and --images together; toy flags (world_seed and
+    `toy_only`) refused with real data, picture sizes refused on the toy world."""
+    if (cfg.data is None) != (cfg.images is None):
+        refuse(prog, "--data and --images go together: the JSONL's image paths are relative to --images")
+    if cfg.data is not None:
+        refuse_given(prog, given, ("world_seed", *toy_only), "with --data (the toy world is not used)")
+    elif isinstance(cfg, PictureSizeFlags):
+        refuse_given(prog, given, SIZE_FLAGS, f"on the toy world (its pictures are {D.MODEL_SIZE} px)")
+
+
+def check_training_flags(prog: str, cfg: TrainingFlags, given: set):
+    if not cfg.resume:
+        refuse_given(prog, given, ("resume_force",), "without --resume")
+
+
+def prepare_out(cfg: TrainingFlags, stage: str, init: str, may_change: tuple, main: bool = True):
+    """Before any work: --out must hold this very run (--resume: settled, same stage, same settings but `may_change`)
+    or be a folder the first save may replace."""
+    if cfg.resume:
+        CK.check_resume(cfg.out, stage, {**vars(cfg), "init": init}, RESUME_MAY_CHANGE + may_change, cfg.resume_force,
+                        main)
+    else:
+        CK.check_out(cfg.out, init)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Optimisation
 
 
@@ -271,14 +356,22 @@ def clip_and_step(model, optimizer, max_norm: float) -> float:
     return float(norm)
 
 
+
+def set_lr(optimizer, lr: float):
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+
+
+def save(out, run: Run, raw: M.Bagel, optimizer, tokenizer, step: int, meta: dict, ema: EMA | None = None):
+    """A checkpoint of the run (checkpoint.save_checkpoint: atomic; ema.safetensors = the EMA, or the raw weights
+    without one); every rank waits until it is on disk."""
+    CK.save_checkpoint(out, raw, optimizer, tokenizer, step, meta, run.main, None if ema is None else ema.shadow)
+    if run.world > 1:
+        dist.barrier()
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Models for training: whole on every process, or FSDP2-sharded
 
-
-def full_state(tensors: dict) -> dict:
-    """Whole tensors on the CPU from plain or FSDP-sharded ones (a collective call when sharded: every rank calls)."""
-    from torch.distributed.tensor import DTensor
-    return {n: (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu() for n, t in tensors.items()}
 
 
 def shard(model: M.Bagel, dtype: torch.dtype):
@@ -295,17 +388,24 @@ def load_for_training(init, run: Run, fsdp: bool) -> M.Bagel:
     """The checkpoint as a trainable model: whole on every process, or (fsdp) built on the meta device, sharded,
     and filled from rank 0's copy of the weights, so no process ever holds more than its shard plus one file read."""
     if not fsdp:
-        return M.load_pretrained(init, run.device, run.dtype)
+        return CK.load_pretrained(init, run.device, run.dtype)
     if run.world < 2:
         raise SystemExit("--fsdp shards the model over processes: launch with torchrun --nproc_per_node N (N > 1)")
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    cfg = M.config_from_folder(init)
+    cfg = CK.config_from_folder(init)
     with torch.device("meta"):
         model = M.Bagel(cfg)
     shard(model, run.dtype)
     model.to_empty(device=run.device)
-    weights = M.read_weights(init, cfg, "cpu", torch.float32) if run.main else {}
+    weights = CK.read_weights(init, cfg, "cpu", torch.float32) if run.main else {}
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside its DDP and torch.compile wrappers."""
+    while isinstance(model, torch.nn.parallel.DistributedDataParallel) or hasattr(model, "_orig_mod"):
+        model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model._orig_mod
     return model
 
 
@@ -314,195 +414,6 @@ def freeze_encoders(model: M.Bagel):
     model.requires_grad_(True)
     for frozen in (model.vit_model, model.vae, model.vit_pos_embed, model.latent_pos_embed):
         frozen.requires_grad_(False)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Checkpoints: a BAGEL-format folder (ema.safetensors = the EMA weights, as BAGEL/CLEAR save them) + train_state/
-
-
-MARKER = ".complete"  # written last, once everything else is on disk: a temporary copy without it is a killed write
-
-
-def fsync_path(path: Path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(root: Path):
-    """Flush every file and folder under root to disk, so that no rename can expose data still in the page cache."""
-    for folder, _, files in os.walk(root):
-        for name in files:
-            fsync_path(Path(folder) / name)
-        fsync_path(Path(folder))
-
-
-def discard(path: Path):
-    (path / MARKER).unlink(missing_ok=True)  # first: a half-removed copy must never look complete
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def sibling(folder: Path, kind: str) -> Path:
-    return folder.with_name(f".{folder.name}.{kind}-{os.urandom(4).hex()}")
-
-
-def settle_folder(folder) -> None:
-    """Finish or undo what killed atomic_write_folder calls left beside `folder`: the newest complete copy becomes
-    `folder` (said in one line) and every other temporary sibling is removed. Newest first: a `.tmp-` copy holding the
-    marker (its write finished, the kill came before or between the renames), `folder` itself, an `.old-` copy (it was
-    `folder` until a kill between the renames)."""
-    folder = Path(folder)
-    pattern = re.compile(rf"\.{re.escape(folder.name)}\.(tmp|old)-[0-9a-f]{{8}}")
-    temps = [p for p in folder.parent.iterdir() if pattern.fullmatch(p.name)] if folder.parent.is_dir() else []
-    newest = lambda paths: max(paths, key=lambda p: p.stat().st_mtime_ns, default=None)  # noqa: E731
-    best = newest([p for p in temps if ".tmp-" in p.name and (p / MARKER).exists()])
-    if best is None and not folder.exists():
-        best = newest([p for p in temps if ".old-" in p.name])
-    if best is not None:
-        if folder.exists():
-            os.replace(folder, displaced := sibling(folder, "old"))
-            temps.append(displaced)
-        os.replace(best, folder)
-        fsync_path(folder.parent)
-        print(f"{folder}: recovered the newest complete checkpoint from {best.name}, left by an interrupted save")
-    for p in temps:
-        if p != best:
-            discard(p)
-
-
-def atomic_write_folder(folder, write: Callable[[Path], None]):
-    """Write a folder so that a kill at any instant leaves a complete one: write into a temporary sibling, flush it to
-    disk, mark it complete, then swap it in by two renames. The next save or --resume (settle_folder) finishes or
-    undoes a swap that a kill interrupted and removes what killed writes left."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    settle_folder(folder)
-    tmp = sibling(folder, "tmp")
-    tmp.mkdir()  # permissions from the umask, as any folder the user makes (tempfile.mkdtemp would make it 0700)
-    try:
-        write(tmp)
-    except BaseException:  # an error in write(); a kill leaves tmp without its marker to settle_folder
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fsync_tree(tmp)
-    (tmp / MARKER).touch()
-    fsync_path(tmp / MARKER)
-    fsync_path(tmp)
-    old = sibling(folder, "old")
-    if folder.exists():
-        os.replace(folder, old)  # from here to the next rename there is no `folder`: settle_folder restores tmp
-    os.replace(tmp, folder)
-    fsync_path(folder.parent)
-    discard(old)
-
-
-def check_out(out, init=None):
-    """Before any work: `out` will be replaced by the checkpoint at the first save, so it must be new, an empty folder
-    or a checkpoint (it holds nanoclear.json), and not the --init the run starts from; model.InputError otherwise."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise M.InputError(f"--out {out} is a file: pass a folder for the checkpoint (a new one, or an earlier checkpoint)")
-    if out.is_dir() and any(out.iterdir()) and not (out / "nanoclear.json").exists():
-        raise M.InputError(f"--out {out} is a folder that holds no checkpoint, and saving replaces it as a whole: pass "
-                           "a new or empty folder (or an earlier checkpoint)")
-    if init is not None and out.resolve() == Path(init).resolve():
-        raise M.InputError(f"--out {out} is --init: the run would overwrite the checkpoint it starts from; pass another --out")
-
-
-def save_checkpoint(folder, raw: M.Bagel, ema: EMA | None, optimizer, tokenizer, step: int, meta: dict, run: Run):
-    """Write folder atomically: ema.safetensors holds the EMA weights (or the raw ones without EMA). With --fsdp every
-    rank takes part in gathering the shards and rank 0 writes; the resume state is written without FSDP only."""
-    from safetensors.torch import save_file
-    from torch.distributed.tensor import DTensor
-    sharded = any(isinstance(p, DTensor) for p in raw.parameters())  # FSDP: gathering is a collective
-    if not (run.main or sharded):
-        return
-    saved = full_state(ema.shadow if ema is not None else dict(raw.named_parameters()))
-    if not run.main:
-        return
-
-    def write(tmp: Path):
-        M.save_pretrained(raw, tmp, tokenizer=tokenizer, meta={**meta, "step": step}, state=saved,
-                          tokenizer_source=meta.get("init"))  # keep the tokenizer files of the folder trained from
-        if sharded:
-            return
-        d = tmp / "train_state"
-        d.mkdir()
-        save_file({n: p.detach().contiguous().cpu() for n, p in raw.named_parameters()}, str(d / "model.safetensors"))
-        names = {id(p): n for n, p in raw.named_parameters()}
-        tensors, scalars = {}, {}
-        for p, state in optimizer.state.items():
-            for k, v in state.items():
-                if torch.is_tensor(v):
-                    tensors[f"{names[id(p)]}::{k}"] = v.detach().contiguous().cpu()
-                else:
-                    scalars[f"{names[id(p)]}::{k}"] = v
-        save_file(tensors, str(d / "optimizer.safetensors"))
-        (d / "state.json").write_text(json.dumps({"step": step, "optimizer_scalars": scalars, "stage": meta.get("stage")}))
-
-    atomic_write_folder(folder, write)
-
-
-def check_resume(folder, stage: str, settings: dict, may_change: tuple, force: bool, run: Run):
-    """Before any work of a --resume run: settle `folder` (settle_folder), check that it is a resumable checkpoint of
-    `stage`, and compare this run's settings with those it recorded (nanoclear.json "args", and "init" as resolved):
-    any difference outside `may_change` is refused in one message listing each, unless `force` (then printed)."""
-    folder = Path(folder)
-    if run.main:
-        settle_folder(folder)
-    if run.world > 1:
-        dist.barrier()
-    if not (folder / "train_state" / "state.json").exists():
-        raise FileNotFoundError(f"{folder} has no train_state/: it is not a resumable {stage} checkpoint (start without --resume)")
-    state = M.read_json(folder / "train_state" / "state.json")
-    if state.get("stage") != stage:
-        raise M.InputError(f"{folder} was written by stage {state.get('stage')!r}, not {stage!r}: resume it with that stage")
-    saved = M.read_json(folder / "nanoclear.json")
-    recorded = {**(saved.get("args") if isinstance(saved.get("args"), dict) else {}), "init": saved.get("init")}
-    now = json.loads(json.dumps(settings))  # tuples as the json holds them
-    changed = [f"{flag_name(k)} {recorded[k]!r} -> {v!r}" if k in recorded else f"{flag_name(k)} (not recorded) -> {v!r}"
-               for k, v in now.items() if k not in may_change and (k not in recorded or recorded[k] != v)]
-    if changed and not force:
-        raise M.InputError(f"{folder} was trained with other settings: {'; '.join(changed)}. Resume with its values, pass "
-                           "--resume-force to continue with these on purpose, or start a fresh --out")
-    if changed and run.main:
-        print(f"--resume-force: continuing {folder} with changed settings: {'; '.join(changed)}")
-
-
-def load_resume_state(folder, raw: M.Bagel, ema: EMA | None, optimizer) -> int:
-    """Restore raw weights, EMA and optimizer from a checkpoint folder that check_resume accepted; returns the step to
-    continue from."""
-    from safetensors.torch import load_file
-    folder = Path(folder)
-    d = folder / "train_state"
-    state = M.read_json(d / "state.json")
-    saved_cfg = M.read_json(folder / "nanoclear.json").get("model")
-    if saved_cfg != json.loads(json.dumps(M.asdict(raw.cfg))):
-        raise M.InputError(f"{folder} holds a model of another shape than this run's; use matching flags or a fresh --out")
-    try:
-        weights = load_file(str(d / "model.safetensors"))
-        opt_tensors = load_file(str(d / "optimizer.safetensors"))
-    except Exception as e:
-        raise M.InputError(f"{d} is corrupt ({e}); delete it or resume from an earlier copy") from None
-    missing = set(n for n, _ in raw.named_parameters()) ^ set(weights)
-    if missing:
-        raise M.InputError(f"{d}/model.safetensors does not match the model: {sorted(missing)[:5]}")
-    with torch.no_grad():
-        for n, p in raw.named_parameters():
-            p.copy_(weights[n])
-        if ema is not None:
-            for n, t in M.read_weights(folder, raw.cfg, raw.device, raw.dtype).items():
-                ema.shadow[n].copy_(t)
-    by_name = dict(raw.named_parameters())
-    for key, v in opt_tensors.items():
-        n, k = key.split("::")
-        optimizer.state[by_name[n]][k] = v.to(by_name[n].device)
-    for key, v in state["optimizer_scalars"].items():
-        n, k = key.split("::")
-        optimizer.state[by_name[n]][k] = v
-    return int(state["step"])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -542,50 +453,3 @@ class Log:
             f.write(json.dumps(record) + "\n")
         line = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
         (bar.write if bar is not None else print)(line)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The training loop (Stage 0's phases, Stages 1 and 2)
-
-
-@dataclass
-class LoopConfig:
-    steps: int
-    lr: float
-    warmup: int
-    min_lr: float
-    ema: float
-    grad_clip: float
-    seed: int
-    save_every: int  # 0 = never save (a phase whose result the caller keeps)
-    log_every: int
-
-
-def train_loop(run: Run, raw: M.Bagel, model: torch.nn.Module, optimizer, ema: EMA | None, loop: LoopConfig, out: Path,
-               name: str, batch_fn: Callable, loss_fn: Callable, tokenizer, meta: dict, start_step: int = 0,
-               log: Log | None = None):
-    """Run steps start_step..loop.steps-1: batch_fn(step, np_rng, torch_gen) -> batch; loss_fn(model, batch) ->
-    (loss, metrics). `model` is `raw` or its DDP wrapper. Saves to `out` every save_every steps and at the end, with
-    `name` as the checkpoint's stage (what --resume checks)."""
-    log = log or Log(out.with_name(out.name + ".log.jsonl"), start_step if start_step else None, run.main)
-    bar = tqdm(range(start_step, loop.steps), initial=start_step, total=loop.steps, desc=name, disable=not run.main,
-               dynamic_ncols=True)
-    for step in bar:
-        t0 = time.time()
-        for g in optimizer.param_groups:
-            g["lr"] = lr_at(step, loop.steps, loop.lr, loop.warmup, loop.min_lr)
-        rng, gen = step_rngs(loop.seed, step, run.rank)
-        model.train()
-        loss, metrics = loss_fn(model, batch_fn(step, rng, gen))
-        loss.backward()
-        gnorm = clip_and_step(raw, optimizer, loop.grad_clip)
-        if ema is not None:
-            ema.update(raw)
-        if run.main and (step % loop.log_every == 0 or step == loop.steps - 1):
-            log({"step": step + 1, "loss": float(loss.detach()), **metrics, "lr": optimizer.param_groups[0]["lr"],
-                 "gnorm": gnorm, "ms": round(1000 * (time.time() - t0))}, bar)
-        if loop.save_every and ((step + 1) % loop.save_every == 0 or step + 1 == loop.steps):
-            save_checkpoint(out, raw, ema, optimizer, tokenizer, step + 1, {**meta, "stage": name}, run)
-            if run.world > 1:
-                dist.barrier()
-    bar.close()

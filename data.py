@@ -67,6 +67,7 @@ from tqdm import tqdm
 from PIL import Image, ImageDraw, ImageFont
 from tokenizers import Regex, Tokenizer as RawTokenizer, decoders, models, pre_tokenizers, trainers
 
+import checkpoint as CK
 import model as M
 from degrade import CORRUPTIONS, MIN_SIZE, SEVERITIES, degrade, sample_corruption, to_rgb
 
@@ -84,7 +85,7 @@ def open_image(path) -> Image.Image:
             im.load()
             return to_rgb(im)
     except Exception as e:  # Pillow raises several types for foreign or truncated files
-        raise M.InputError(f"{path} is not a readable picture ({type(e).__name__}: {e}); pass a complete JPEG, PNG, ... file") from None
+        raise CK.InputError(f"{path} is not a readable picture ({type(e).__name__}: {e}); pass a complete JPEG, PNG, ... file") from None
 
 
 def fit_size(w: int, h: int, max_size: int, min_size: int, stride: int, max_pixels: int = 14 * 14 * 9 * 1024):
@@ -191,7 +192,7 @@ class Tokenizer:
 
     def __init__(self, tk: RawTokenizer, source: str = "<in memory>"):
         self.tk = tk
-        ids = M.special_token_ids(tk, f"tokenizer {source}")
+        ids = CK.special_token_ids(tk, f"tokenizer {source}")
         self.bos_id, self.eos_id = ids["bos_token_id"], ids["eos_token_id"]
         self.soi_id, self.eoi_id = ids["start_of_image_id"], ids["end_of_image_id"]
 
@@ -200,7 +201,7 @@ class Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist: pass a tokenizer.json (BAGEL-7B-MoT's, or a nanoCLEAR checkpoint's)")
-        return cls(M.read_tokenizer(path), str(path))
+        return cls(CK.read_tokenizer(path), str(path))
 
     @classmethod
     def from_folder(cls, folder) -> "Tokenizer":
@@ -239,7 +240,7 @@ def train_toy_tokenizer(corpus_texts: list[str], vocab_size: int = 768) -> Token
         pre_tokenizers.Split(Regex(TOY_SPLIT), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tk.decoder = decoders.ByteLevel()
-    specials = [M.SPECIAL_TOKENS[k] for k in ("bos_token_id", "eos_token_id", "start_of_image_id", "end_of_image_id")]
+    specials = [CK.SPECIAL_TOKENS[k] for k in ("bos_token_id", "eos_token_id", "start_of_image_id", "end_of_image_id")]
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tk.train_from_iterator(corpus_texts, trainer=trainer)
@@ -758,7 +759,7 @@ def read_jsonl(path, images_dir) -> tuple[list[dict], list[tuple]]:
             try:
                 line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a UTF-8 byte-order mark is allowed
             except UnicodeDecodeError as e:
-                raise M.InputError(f"{path} line {n} is not UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8") from None
+                raise CK.InputError(f"{path} line {n} is not UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -788,9 +789,9 @@ def read_jsonl(path, images_dir) -> tuple[list[dict], list[tuple]]:
                 continue
             rows.append(dict(line=n, image=image, question=human.replace("<image>", "").strip(), response=gpt))
     if not rows and not problems:
-        raise M.InputError(f"{path} is empty: pass a JSONL file with one LLaVA-style record per line")
+        raise CK.InputError(f"{path} is empty: pass a JSONL file with one LLaVA-style record per line")
     if not rows:
-        raise M.InputError(f"{path}: none of its {len(problems)} rows is usable" + (f" (first: line {problems[0][0]}, "
+        raise CK.InputError(f"{path}: none of its {len(problems)} rows is usable" + (f" (first: line {problems[0][0]}, "
                            f"{problems[0][1]})" if problems else "") + "; is it LLaVA-style JSONL with --images its image folder?")
     return rows, problems
 
@@ -830,14 +831,14 @@ def read_tsv(path) -> tuple[list[dict], list[tuple]]:
             reader = csv.DictReader(f, delimiter="\t")
             table, columns = list(reader), set(reader.fieldnames or ())
     except csv.Error as e:
-        raise M.InputError(f"{path} is not a readable TSV ({e}): is it a VLMEvalKit TSV?") from None
+        raise CK.InputError(f"{path} is not a readable TSV ({e}): is it a VLMEvalKit TSV?") from None
     except UnicodeDecodeError as e:
-        raise M.InputError(f"{path} is not UTF-8 text ({e.reason}, byte 0x{e.object[e.start]:02x}); save it as UTF-8") from None
+        raise CK.InputError(f"{path} is not UTF-8 text ({e.reason}, byte 0x{e.object[e.start]:02x}); save it as UTF-8") from None
     missing = {"index", "image", "question", "answer"} - columns
     if missing:
-        raise M.InputError(f"{path} lacks the columns {sorted(missing)}: is it a VLMEvalKit TSV (tab-separated, with a header)?")
+        raise CK.InputError(f"{path} lacks the columns {sorted(missing)}: is it a VLMEvalKit TSV (tab-separated, with a header)?")
     if not table:
-        raise M.InputError(f"{path} has a header but no rows: nothing to evaluate")
+        raise CK.InputError(f"{path} has a header but no rows: nothing to evaluate")
     images = {}
     for r in table:
         images.setdefault(r["index"], r["image"])
@@ -879,7 +880,7 @@ def read_tsv(path) -> tuple[list[dict], list[tuple]]:
         rows.append(dict(index=r["index"], image=image, question=r["question"], options=options or None, answer=answer,
                          hint=value("hint"), category=value("category")))
     if not rows:
-        raise M.InputError(f"{path}: none of its {len(problems)} rows is usable (first: index {problems[0][0]}, "
+        raise CK.InputError(f"{path}: none of its {len(problems)} rows is usable (first: index {problems[0][0]}, "
                            f"{problems[0][1]})")
     return rows, problems
 

@@ -4,8 +4,9 @@ inferencer.py interleave_reason_tool_condition), used by evaluation, RL rollouts
 
 A row is one question. Its prefix (system prompt, degraded image as VAE + ViT tokens, question) is prefilled; then up
 to `max_rounds` text segments are decoded. A segment holding <answer>...</answer> ends the row; one ending in
-<image_restore> makes the model denoise a restored image, which re-enters the context through bridge.reenter, the
-switch between the Latent Representation Bridge (CLEAR §3.3) and the decode-reencode detour it replaces.
+<image_restore> makes the model denoise a restored image, which re-enters the context through `reenter`, the switch
+between the Latent Representation Bridge (CLEAR §3.3) and the decode-reencode detour it replaces; RL's training replay
+uses the same switch (`reentry_segments`), so it scores exactly the context a rollout was sampled in.
 Images are sampled by the Euler ODE with classifier-free guidance (evaluation) or by the SDE without guidance,
 recording every step (RL rollouts, CLEAR §3.4).
 """
@@ -14,15 +15,59 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
-import bridge
 import data as D
 import model as M
+from common import SEED, flag, refuse, refuse_given
 
 MODES = ("direct", "text", "interleave", "always_restore")  # answer at once | text-only reasoning | CLEAR | restore first
+REENTRY = ("bridge", "decode_reencode", "decode_reencode_vae")  # how a restored picture re-enters the context
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The re-entry switch (CLEAR §3.3): what a restored latent becomes in the context, for inference and RL's replay alike
+
+
+def decode_image(model: M.Bagel, x0: torch.Tensor, grid: tuple):
+    """Restored latent tokens [N, D] -> the 8-bit PIL picture (BAGEL decode_image): the detour's first half."""
+    return D.tensor_to_image(model.decode_latent(x0, grid))
+
+
+def reentry_segments(model: M.Bagel, x0: torch.Tensor, grid: tuple, reentry: str, vit_sizes: tuple) -> list:
+    """The context segments through which one restored latent x0 [N, D] re-enters:
+      * bridge: x0 itself as a clean VAE block, b(x0) = vae2llm(x0) + time_embedder(0) + latent_pos_embed (CLEAR §3.3;
+        official output_need_vae), exactly how a clean conditioning picture enters BAGEL;
+      * decode_reencode: x0 -> VAE decoder -> 8-bit picture -> ViT at vit_sizes (official output_need_vit);
+      * decode_reencode_vae: the same picture through the VAE as well as the ViT (BAGEL's update_context_image)."""
+    if reentry == "bridge":
+        return [M.VaeImage(x0, grid, droppable=False)]
+    if reentry not in REENTRY:
+        raise ValueError(f"reentry must be one of {REENTRY}, not {reentry!r}")
+    picture = decode_image(model, x0, grid)  # official: VAE decode -> 8-bit picture
+    vit = M.VitImage(D.image_to_tensor(D.resize_image(picture, *vit_sizes)), droppable=False)
+    if reentry == "decode_reencode":
+        return [vit]
+    latent, _ = model.encode_pixels(D.image_to_tensor(picture)[None])
+    return [M.VaeImage(latent[0], grid, droppable=False), vit]  # BAGEL update_context_image: VAE block first
+
+
+def reenter(model: M.Bagel, cache: M.KVCache, x0: torch.Tensor, grid: tuple, rows: torch.Tensor, reentry: str,
+            vit_sizes: tuple):
+    """Put restored latents x0 [B, N, D] back into the context of the selected rows [B] (bool), through
+    reentry_segments; the other rows are left as they are."""
+    idx = rows.nonzero().squeeze(1).tolist()
+    restored = {b: reentry_segments(model, x0[b], grid, reentry, vit_sizes) for b in idx}
+    blank = [zeros_like(s) for s in restored[idx[0]]]  # the rows left alone: placeholders of the same shapes
+    prefill(model, cache, [restored.get(b, blank) for b in range(len(x0))], active=rows)
+
+
+def zeros_like(seg):
+    """A VitImage or VaeImage of the same shape, all zeros."""
+    if isinstance(seg, M.VitImage):
+        return replace(seg, pixels=torch.zeros_like(seg.pixels))
+    return replace(seg, tokens=torch.zeros_like(seg.tokens))
 
 
 @dataclass
@@ -46,11 +91,72 @@ class InferenceConfig:
     vit_transform: tuple = D.TOY_SIZES.vit  # (max, min, stride) of re-encoded ViT images (BAGEL app: 980, 224, 14)
 
     def __post_init__(self):
-        if self.reentry not in bridge.REENTRY:
-            raise ValueError(f"reentry must be one of {bridge.REENTRY}, not {self.reentry!r}")
+        if self.reentry not in REENTRY:
+            raise ValueError(f"reentry must be one of {REENTRY}, not {self.reentry!r}")
         if self.sampler not in ("ode", "sde"):
             raise ValueError(f"sampler must be 'ode' or 'sde', not {self.sampler!r}")
 
+
+
+@dataclass
+class InferenceFlags:
+    """The inference settings a script exposes as flags (the stages' toy tables, evaluate.py); `inference_config` maps
+    them to an InferenceConfig."""
+    reentry: str = flag("bridge", "how a restored picture re-enters the context (CLEAR: bridge)", choices=REENTRY,
+                        group="inference")
+    max_rounds: int = flag(3, "text segments per question (official max_inter_num 3)", "[1, inf)", group="inference")
+    max_text_tokens: int | None = flag(None, "tokens per decoded segment (default: toy 48; real data 4096, official)",
+                                       "[1, inf)", group="inference", type=int)
+    denoise_steps: int | None = flag(None, "denoising points when restoring (default: toy 10; real data 50, official)",
+                                     "[2, inf)", group="inference", type=int)
+    timestep_shift: float = flag(3.0, "timestep shift of the denoising grid (official 3.0)", "(0, inf)", group="inference")
+    cfg_text_scale: float = flag(3.0, "text CFG when restoring (official 3.0)", "[0, inf)", group="inference")
+    cfg_img_scale: float = flag(1.5, "image CFG when restoring (official 1.5)", "[0, inf)", group="inference")
+    cfg_interval: tuple = flag((0.4, 1.0), "CFG on for t in (LO, HI] (official 0.4 1.0)", "[0, 1]", group="inference")
+    cfg_renorm_type: str = flag("text_channel", "CFG renorm (official text_channel)",
+                                choices=["global", "channel", "text_channel"], group="inference")
+
+
+
+INFERENCE_FLAGS = tuple(f.name for f in fields(InferenceFlags))
+
+
+@dataclass
+class ToyTableFlags:
+    eval_n: int = flag(192, "held-out toy questions per severity in the table at the end (0 = no table)", "[0, inf)",
+                       group="summary table")
+    eval_seed: int = flag(0, "held-out split seed", SEED, group="summary table")
+
+TOY_INFERENCE = dict(max_text_tokens=48, num_timesteps=10)  # CPU-sized: the toy's replies are a few dozen tokens
+OFFICIAL_INFERENCE = dict(max_text_tokens=4096, num_timesteps=50)  # official max_think_token_n, num_timesteps
+
+
+def inference_config(flags: InferenceFlags, toy: bool, **overrides) -> InferenceConfig:
+    """The one mapping from inference flags to an InferenceConfig; unset lengths take the toy's or the official
+    values, and `overrides` (a rollout's sampler, say) win over both."""
+    default = TOY_INFERENCE if toy else OFFICIAL_INFERENCE
+    values = dict(reentry=flags.reentry, max_rounds=flags.max_rounds, timestep_shift=flags.timestep_shift,
+                  cfg_text_scale=flags.cfg_text_scale, cfg_img_scale=flags.cfg_img_scale,
+                  cfg_interval=tuple(flags.cfg_interval), cfg_renorm_type=flags.cfg_renorm_type,
+                  max_text_tokens=default["max_text_tokens"] if flags.max_text_tokens is None else flags.max_text_tokens,
+                  num_timesteps=default["num_timesteps"] if flags.denoise_steps is None else flags.denoise_steps)
+    return InferenceConfig(**{**values, **overrides})
+
+
+def check_table_flags(prog: str, cfg, given: set, table_flags: tuple, no_table: str | None):
+    """A stage's summary table runs on the toy world: where there is none (no_table says why) or with --eval-n 0, the
+    flags that only shape it are refused (--eval-n 0 itself is accepted); returns cfg with eval_n 0 then."""
+    if no_table is None and cfg.eval_n:
+        return cfg
+    refuse_given(prog, given - {"eval_n"} if cfg.eval_n == 0 else given, table_flags,
+                 no_table or "with --eval-n 0 (no summary table)")
+    return replace(cfg, eval_n=0)
+
+
+def check_inference_flags(prog: str, flags: InferenceFlags):
+    lo, hi = flags.cfg_interval
+    if lo >= hi:
+        refuse(prog, f"--cfg-interval {lo} {hi}: CFG is on for t in (LO, HI], so LO must be below HI")
 
 @dataclass
 class Trace:
@@ -69,21 +175,22 @@ class Trace:
         return len(self.latents) > 0
 
 
-def prefill(model: M.Bagel, cache: M.KVCache, prefixes: list[list], texts_only: bool = False):
-    """Prefill each row's prefix segments; rows must share the segment structure (same kinds, image grids)."""
+def prefill(model: M.Bagel, cache: M.KVCache, prefixes: list[list], texts_only: bool = False, active=None):
+    """Prefill each row's segments; rows must share the segment structure (same kinds, image grids). Rows where
+    `active` [B] is False are left unchanged."""
     kinds = [[type(s).__name__ for s in p] for p in prefixes]
     if any(k != kinds[0] for k in kinds):
         raise ValueError("rows of one batch need prefixes of the same structure (segment kinds in the same order)")
     for i, seg in enumerate(prefixes[0]):
         segs = [p[i] for p in prefixes]
         if isinstance(seg, M.Text):
-            model.add_text(cache, [s.ids for s in segs])
+            model.add_text(cache, [s.ids for s in segs], active=active)
         elif texts_only:
             continue
         elif isinstance(seg, M.VitImage):
-            model.add_vit_image(cache, torch.stack([s.pixels for s in segs]))
+            model.add_vit_image(cache, torch.stack([s.pixels for s in segs]), active=active)
         elif isinstance(seg, M.VaeImage):
-            model.add_latent(cache, torch.stack([s.tokens for s in segs]), seg.grid)
+            model.add_latent(cache, torch.stack([s.tokens for s in segs]), seg.grid, active=active)
 
 
 @torch.no_grad()
@@ -127,9 +234,9 @@ def reason(model: M.Bagel, tokenizer, prefixes: list[list], cfg: InferenceConfig
         rows = want.nonzero().squeeze(1)
         x0, steps = restore(model, cache.rows(rows), grid, cfg, generator,
                             text_cache.rows(rows) if guided else None, img_cache.rows(rows) if img_cache is not None else None)
-        full = torch.zeros(B, *x0.shape[1:])
-        full[rows] = x0.cpu()
-        bridge.reenter(model, cache, full, grid, want, cfg.reentry, cfg.vit_transform)
+        full = x0.new_zeros(B, *x0.shape[1:])  # x0 stays on its device
+        full[rows] = x0
+        reenter(model, cache, full, grid, want, cfg.reentry, cfg.vit_transform)
         for j, b in enumerate(rows.tolist()):
             traces[b].latents.append(x0[j].cpu())
             traces[b].steps.append([{k: (v[j].cpu() if torch.is_tensor(v) else v) for k, v in s.items()} for s in steps])

@@ -45,14 +45,14 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-import bridge
+import checkpoint as CK
 import common as C
 import data as D
 import engine as E
@@ -72,6 +72,37 @@ STAGES = ("base", "sft", "bridge", "rl")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Settings
+
+TOY, REAL, DEMO = "toy benchmark (default)", "real benchmarks", "one-photo demo"
+
+
+@dataclass
+class EvalConfig(C.MachineFlags, C.WorldFlags, C.PictureSizeFlags, E.InferenceFlags):
+    out_root: str = flag("out", "folder holding the stage checkpoints (base, sft, bridge, rl)", group=TOY)
+    n: int = flag(288, "held-out questions per severity (the README says what this buys: paired intervals at hard, "
+                       "time)", "[1, inf)", group=TOY)
+    batch: int = flag(64, "questions run together (another value draws other restoration noise)", "[1, inf)", group=TOY)
+    n_corruption: int = flag(24, "questions per corruption in the per-corruption sets (0 = skip them)", "[0, inf)",
+                             group=TOY)
+    probe_n: int = flag(3000, "training pictures of the clean-trained perception probe (cached in OUT_ROOT/probe)",
+                        "[1, inf)", group=TOY)
+    probe_steps: int = flag(500, "training steps of the perception probe", "[1, inf)", group=TOY)
+    init: str | None = flag(None, "BAGEL-format checkpoint (BAGEL-7B-MoT, CLEAR or ours)", group=REAL)
+    tsv: tuple = flag((), "VLMEvalKit TSV files (MMD-Bench)", group=REAL, nargs="*")
+    mode: str = flag("interleave", "reasoning mode for the TSVs", choices=E.MODES, group=REAL)
+    judge: str | None = flag(None, "module:function judge for open-ended rows (none by default)", group=REAL)
+    system: str = flag("official", "system prompt for --tsv runs", choices=sorted(D.SYSTEM_PROMPTS), group=REAL)
+    image: str | None = flag(None, "the one-photo demo: a picture file (with --question; --init defaults to the latest "
+                             "toy stage)", group=DEMO)
+    question: str | None = flag(None, "the demo's question", group=DEMO)
+    degrade: str | None = flag(None, "the demo: degrade the photo first, KIND:SEVERITY (e.g. motion_blur:hard)",
+                               group=DEMO)
+    out: str | None = flag(None, "output folder (default out/eval, or out/eval_tsv for --tsv)")
+    seed: int = flag(0, "seed of the held-out split and of any sampling", C.SEED)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Toy benchmark
 
 
@@ -88,7 +119,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def restored_pictures(model: M.Bagel, traces: list) -> list:
     """The first restored picture of each trace (None where it did not restore), decoded to 8-bit pixels."""
-    return [bridge.decode_image(model, tr.latents[0], tr.grid) if tr.latents else None for tr in traces]
+    return [E.decode_image(model, tr.latents[0], tr.grid) if tr.latents else None for tr in traces]
 
 
 def restoration_quality(examples: list, pictures: list, probe) -> dict:
@@ -217,7 +248,7 @@ def evaluate_checkpoint(model, tok, split, modes: dict, icfg: E.InferenceConfig,
     """Every requested mode on the aligned clean/low/mid/hard split; restoration quality of its hard restorations."""
     rows = {}
     for label, (mode, reentry) in modes.items():
-        res = E.benchmark(model, tok, split, mode, E.replace(icfg, reentry=reentry), encode, batch, seed)
+        res = E.benchmark(model, tok, split, mode, replace(icfg, reentry=reentry), encode, batch, seed)
         rows[label] = {s: {k: v for k, v in res[s].items() if k != "traces"} for s in res}
         pictures = restored_pictures(model, res["hard"]["traces"])
         rows[label]["quality"] = restoration_quality(split["hard"], pictures, probe)
@@ -301,17 +332,17 @@ def draw_bars(results: dict, path: Path):
     img.save(path)
 
 
-def evaluate_toy(cfg: "EvalConfig", run: C.Run):
+def evaluate_toy(cfg: EvalConfig, run: C.Run):
     ckpts = {s: Path(cfg.out_root) / s for s in STAGES if (Path(cfg.out_root) / s / "ema.safetensors").exists()}
     if not ckpts:
-        raise M.InputError(f"no checkpoints under {cfg.out_root}/ ({', '.join(STAGES)}): run python sft.py first")
+        raise CK.InputError(f"no checkpoints under {cfg.out_root}/ ({', '.join(STAGES)}): run python sft.py first")
     world = D.ToyWorld(cfg.world_seed)
     split = world.eval_split(cfg.n, seed=cfg.seed)
-    icfg = inference_config(cfg)
+    icfg = E.inference_config(cfg, toy=True)
     probe = D.perception_probe(world, Path(cfg.out_root) / "probe", cfg.probe_n, cfg.probe_steps)  # clean-trained, cached
     results, models, toks, latents, t0 = {}, {}, {}, {}, time.time()
     for name, folder in ckpts.items():
-        models[name] = M.load_pretrained(folder, run.device, run.dtype)
+        models[name] = CK.load_pretrained(folder, run.device, run.dtype)
         toks[name] = D.Tokenizer.from_folder(folder)
         modes = {"direct": MODES["direct"]} if name == "base" else MODES  # the base never learned the CLEAR format
         print(f"evaluating {name} ({len(modes)} modes x {len(SEVERITIES)} severities x {cfg.n} questions)")
@@ -362,13 +393,13 @@ def load_judge(spec: str | None):
         return None
     module, _, fn = spec.partition(":")
     if not module or not fn:
-        raise M.InputError(f"--judge {spec}: give module:function, e.g. my_judge:score")
+        raise CK.InputError(f"--judge {spec}: give module:function, e.g. my_judge:score")
     try:
         judge = getattr(importlib.import_module(module), fn)
     except (ImportError, AttributeError) as e:
-        raise M.InputError(f"--judge {spec}: cannot import it ({e}); the module must be importable from here") from None
+        raise CK.InputError(f"--judge {spec}: cannot import it ({e}); the module must be importable from here") from None
     if not callable(judge):
-        raise M.InputError(f"--judge {spec}: {fn} is not a function")
+        raise CK.InputError(f"--judge {spec}: {fn} is not a function")
     return judge
 
 
@@ -377,13 +408,13 @@ def judge_score(judge, spec, question: str, pred: str, answer: str, index) -> fl
     try:
         score = judge(question, pred, answer)
     except Exception as e:  # the user's code: its failure is named, with the row it failed on
-        raise M.InputError(f"--judge {spec or judge} failed on index {index} ({type(e).__name__}: {e})") from None
+        raise CK.InputError(f"--judge {spec or judge} failed on index {index} ({type(e).__name__}: {e})") from None
     try:
         value = float(score)
     except (TypeError, ValueError):
         value = math.nan
     if not 0 <= value <= 1:  # NaN too
-        raise M.InputError(f"--judge {spec or judge} returned {score!r} for index {index}: a judge returns a score in [0, 1]")
+        raise CK.InputError(f"--judge {spec or judge} returned {score!r} for index {index}: a judge returns a score in [0, 1]")
     return value
 
 
@@ -395,7 +426,7 @@ def evaluate_tsv(model, tok, path: Path, mode: str, sizes: D.ImageSizes, system:
     preds, scored, correct, unscored = [], 0, 0.0, []
     by_cat = {}
     gen = torch.Generator().manual_seed(seed)
-    cfg = E.replace(E.mode_config(mode, icfg), vit_transform=sizes.vit)
+    cfg = replace(E.mode_config(mode, icfg), vit_transform=sizes.vit)
     for row in rows:
         ex = D.tsv_example(row)  # read_tsv decoded every image fully
         prefix = E.mode_prefixes(mode, [ex], tok, model.encode_pixels, system, sizes)
@@ -422,20 +453,13 @@ def evaluate_tsv(model, tok, path: Path, mode: str, sizes: D.ImageSizes, system:
             "problems": [{"index": i, "reason": r} for i, r in problems], "unscored": unscored, "predictions": preds}
 
 
-def inference_config(cfg: "EvalConfig") -> E.InferenceConfig:
-    return E.InferenceConfig(reentry=cfg.reentry, max_text_tokens=cfg.max_text_tokens, num_timesteps=cfg.steps,
-                             timestep_shift=cfg.timestep_shift, cfg_text_scale=cfg.cfg_text_scale,
-                             cfg_img_scale=cfg.cfg_img_scale, cfg_interval=tuple(cfg.cfg_interval),
-                             cfg_renorm_type=cfg.cfg_renorm_type)
-
-
-def evaluate_real(cfg: "EvalConfig", run: C.Run):
+def evaluate_real(cfg: EvalConfig, run: C.Run):
     judge = load_judge(cfg.judge)
     tables = {tsv: D.read_tsv(tsv) for tsv in cfg.tsv}  # every file and row checked before the model is loaded
-    model = M.load_pretrained(cfg.init, run.device, run.dtype)
+    model = CK.load_pretrained(cfg.init, run.device, run.dtype)
     tok = D.Tokenizer.from_folder(cfg.init)
-    icfg = inference_config(cfg)
-    sizes = D.image_sizes(model.cfg, (cfg.vae_max, cfg.vae_min), (cfg.vit_max, cfg.vit_min))
+    icfg = E.inference_config(cfg, toy=False)
+    sizes = cfg.sizes(model.cfg, toy=False)
     out = Path(cfg.out)
     summary = []
     for tsv in cfg.tsv:
@@ -462,66 +486,24 @@ def write_atomic(path: Path, text: str):
     os.replace(tmp, path)
 
 
-TOY, REAL = "toy benchmark (default)", "real benchmarks"
-INFER = "inference (official evaluation values for real benchmarks)"
-DEMO = "one-photo demo"
-
-
-@dataclass
-class EvalConfig:
-    out_root: str = flag("out", "folder holding the stage checkpoints (base, sft, bridge, rl)", group=TOY)
-    n: int = flag(288, "held-out questions per severity (288: paired intervals of about +-4 points at hard, 5-7 minutes "
-                       "on 2 cores)", "[1, inf)", group=TOY)
-    batch: int = flag(64, "questions run together (64: fastest on our 2-core CPU; another value draws other restoration "
-                          "noise)", "[1, inf)", group=TOY)
-    n_corruption: int = flag(24, "questions per corruption in the per-corruption sets (0 = skip them)", "[0, inf)", group=TOY)
-    world_seed: int = flag(0, "toy world seed", C.SEED, group=TOY)
-    probe_n: int = flag(3000, "training pictures of the clean-trained perception probe (cached in OUT_ROOT/probe)", "[1, inf)", group=TOY)
-    probe_steps: int = flag(500, "training steps of the perception probe", "[1, inf)", group=TOY)
-    init: str | None = flag(None, "BAGEL-format checkpoint (BAGEL-7B-MoT, CLEAR or ours)", group=REAL)
-    tsv: tuple = flag((), "VLMEvalKit TSV files (MMD-Bench)", group=REAL, nargs="*")
-    mode: str = flag("interleave", "reasoning mode for the TSVs", choices=E.MODES, group=REAL)
-    vae_max: int = flag(1024, "VAE resize, longest side (official 1024; capped by the model's position table)", "[16, inf)", group=REAL)
-    vae_min: int = flag(512, "VAE resize, shortest side (official 512)", "[16, inf)", group=REAL)
-    vit_max: int = flag(518, "ViT resize, longest side (official 518; capped by the model's position table)", "[14, inf)", group=REAL)
-    vit_min: int = flag(224, "ViT resize, shortest side (official 224)", "[14, inf)", group=REAL)
-    judge: str | None = flag(None, "module:function judge for open-ended rows (none by default)", group=REAL)
-    system: str = flag("official", "system prompt for --tsv runs", choices=sorted(D.SYSTEM_PROMPTS), group=REAL)
-    reentry: str = flag("bridge", "how a restored image re-enters (CLEAR eval: bridge)", choices=bridge.REENTRY, group=REAL)
-    max_text_tokens: int | None = flag(None, "tokens per segment (toy 48, official 4096)", "[1, inf)", group=INFER, type=int)
-    steps: int | None = flag(None, "denoising points (toy 10, official 50)", "[2, inf)", group=INFER, type=int)
-    timestep_shift: float = flag(3.0, "sampling timestep shift (official 3.0)", "(0, inf)", group=INFER)
-    cfg_text_scale: float = flag(E.InferenceConfig.cfg_text_scale, "text CFG when restoring (official 3.0; sft.py measured it on the toy)", "[0, inf)", group=INFER)
-    cfg_img_scale: float = flag(E.InferenceConfig.cfg_img_scale, "image CFG when restoring (official 1.5)", "[0, inf)", group=INFER)
-    cfg_interval: tuple = flag((0.4, 1.0), "CFG on for t in (lo, hi]", "[0, 1]", group=INFER)
-    cfg_renorm_type: str = flag("text_channel", "CFG renorm", choices=["global", "channel", "text_channel"], group=INFER)
-    image: str | None = flag(None, "the one-photo demo: a picture file (with --question; --init defaults to the latest toy stage)", group=DEMO)
-    question: str | None = flag(None, "the demo's question", group=DEMO)
-    degrade: str | None = flag(None, "the demo: degrade the photo first, KIND:SEVERITY (e.g. motion_blur:hard)", group=DEMO)
-    out: str | None = flag(None, "output folder (default out/eval, or out/eval_tsv for --tsv)")
-    seed: int = flag(0, "seed of the held-out split and of any sampling", C.SEED)
-    device: str = flag("auto", "auto | cpu | cuda | mps")
-    dtype: str = flag("auto", "auto | fp32 | bf16", choices=["auto", *C.DTYPES])
-    threads: int = flag(0, "CPU threads for torch (0 = its default)", "[0, inf)")
-
-
 def checkpoint_system(folder) -> str:
     """The system prompt a checkpoint was trained with (its nanoclear.json), else the official one (BAGEL / CLEAR)."""
     ours = Path(folder) / "nanoclear.json"
-    return M.read_json(ours).get("args", {}).get("system", "official") if ours.exists() else "official"
+    return CK.read_json(ours).get("args", {}).get("system", "official") if ours.exists() else "official"
 
 
-def demo(cfg: "EvalConfig", run: C.Run):
+def demo(cfg: EvalConfig, run: C.Run):
     """One photo, one question: the reasoning trace on stdout and input | restored | answer in one PNG."""
     system = checkpoint_system(cfg.init)
-    model, tok = M.load_pretrained(cfg.init, run.device, run.dtype), D.Tokenizer.from_folder(cfg.init)
+    model, tok = CK.load_pretrained(cfg.init, run.device, run.dtype), D.Tokenizer.from_folder(cfg.init)
     picture = D.open_image(cfg.image)
     if cfg.degrade:
         kind, severity = cfg.degrade.split(":")
         picture = degrade(picture, kind, severity, cfg.seed)
-    sizes = D.image_sizes(model.cfg, (cfg.vae_max, cfg.vae_min), (cfg.vit_max, cfg.vit_min))
+    sizes = cfg.sizes(model.cfg, toy=False)
     ex = D.Example(picture, cfg.question, "")
-    icfg = E.replace(E.mode_config("interleave", inference_config(cfg)), vit_transform=sizes.vit)
+    icfg = E.mode_config("interleave", E.inference_config(cfg, toy=checkpoint_system(cfg.init) == "toy",
+                                                          vit_transform=sizes.vit))
     prefix = E.mode_prefixes("interleave", [ex], tok, model.encode_pixels, system, sizes)
     tr = E.reason(model, tok, prefix, icfg, torch.Generator().manual_seed(cfg.seed))[0]
     print(f"{cfg.init} ({system} prompt), picture {picture.size[0]}x{picture.size[1]}"
@@ -532,7 +514,7 @@ def demo(cfg: "EvalConfig", run: C.Run):
             print(f"    -> restored a {tr.grid[0]}x{tr.grid[1]}-token picture, back into the context by the {icfg.reentry}")
     answer = D.extract_answer(tr.texts[-1]) if tr.texts else None
     print(f"restored: {'yes' if tr.restored else 'no'} | answer: {answer if answer is not None else '(no <answer> tag)'}")
-    restored = bridge.decode_image(model, tr.latents[0], tr.grid) if tr.latents else None
+    restored = E.decode_image(model, tr.latents[0], tr.grid) if tr.latents else None
     cell = 320
     sheet = Image.new("RGB", (3 * cell, cell + 40), "white")
     draw = ImageDraw.Draw(sheet)
@@ -560,18 +542,17 @@ def default_checkpoint(out_root: str) -> str | None:
 def main(argv=None):
     cfg, prog, given = C.parse_flags(EvalConfig, __doc__, argv)
     toy_flags = ("out_root", "n", "batch", "n_corruption", "world_seed", "probe_n", "probe_steps")
-    real_flags = ("mode", "vae_max", "vae_min", "vit_max", "vit_min", "judge", "system", "reentry")
+    real_flags = ("mode", *C.SIZE_FLAGS, "judge", "system", "reentry")
     if "tsv" in given and not cfg.tsv:
         C.refuse(prog, "--tsv needs at least one file (a VLMEvalKit TSV)")
-    if cfg.cfg_interval[0] >= cfg.cfg_interval[1]:
-        C.refuse(prog, f"--cfg-interval {cfg.cfg_interval[0]} {cfg.cfg_interval[1]}: CFG is on for t in (LO, HI], so LO "
-                       "must be below HI")
+    E.check_inference_flags(prog, cfg)
     if cfg.image or cfg.question or cfg.degrade:
         if not (cfg.image and cfg.question):
             C.refuse(prog, "the demo needs both --image PHOTO and --question TEXT")
         if cfg.tsv:
             C.refuse(prog, "--image (the one-photo demo) and --tsv (a benchmark) are separate runs")
-        C.refuse_given(prog, given, toy_flags[1:] + ("mode", "judge", "system"), "in the demo (one photo, interleaved reasoning)")
+        C.refuse_given(prog, given, toy_flags[1:] + ("mode", "judge", "system"), "in the demo (one photo, interleaved "
+                       "reasoning)")
         if cfg.degrade and (cfg.degrade.count(":") != 1 or cfg.degrade.split(":")[0] not in CORRUPTIONS
                             or cfg.degrade.split(":")[1] not in D.SEVERITIES):
             C.refuse(prog, f"--degrade {cfg.degrade}: use KIND:SEVERITY with KIND one of {', '.join(CORRUPTIONS)} and "
@@ -584,15 +565,16 @@ def main(argv=None):
         if init is None:
             C.refuse(prog, f"no --init and no checkpoint under {cfg.out_root}/ (rl, bridge, sft): run python sft.py first")
         toy = checkpoint_system(init) == "toy"
-        cfg = E.replace(cfg, init=init, out=cfg.out or "out/demo")
+        cfg = replace(cfg, init=init, out=cfg.out or "out/demo")
         mode = "demo"
     elif cfg.tsv:
         if not cfg.init:
             C.refuse(prog, "--tsv needs --init PATH (a BAGEL-format checkpoint folder)")
         C.refuse_given(prog, given, toy_flags, "with --tsv (toy benchmark flags)")
         if cfg.mode in ("direct", "text"):  # one text answer, the picture as ViT tokens only
-            C.refuse_given(prog, given, ("reentry", "steps", "timestep_shift", "cfg_text_scale", "cfg_img_scale",
-                                         "cfg_interval", "cfg_renorm_type", "vae_max", "vae_min", "system"),
+            C.refuse_given(prog, given, ("reentry", "max_rounds", "denoise_steps", "timestep_shift", "cfg_text_scale",
+                                         "cfg_img_scale", "cfg_interval", "cfg_renorm_type", "vae_max", "vae_min",
+                                         "system"),
                            f"with --mode {cfg.mode} (it never restores, and shows the picture as ViT tokens only)")
         names = [Path(t).stem for t in cfg.tsv]
         if len(set(names)) < len(names):
@@ -601,23 +583,21 @@ def main(argv=None):
                            "each other; rename one")
         load_judge(cfg.judge)  # before any work
         toy, mode = False, "tsv"
-        cfg = E.replace(cfg, out=cfg.out or "out/eval_tsv")
+        cfg = replace(cfg, out=cfg.out or "out/eval_tsv")
     else:
         C.refuse_given(prog, given, ("init",) + real_flags,
                        "on the toy benchmark (it runs every mode and re-entry path; pass --tsv for a real benchmark)")
         toy, mode = True, "toy"
-        cfg = E.replace(cfg, out=cfg.out or "out/eval")
-    defaults = dict(max_text_tokens=(4096, 48), steps=(50, 10))
-    cfg = E.replace(cfg, **{k: (toy_value if toy else official) if getattr(cfg, k) is None else getattr(cfg, k)
-                            for k, (official, toy_value) in defaults.items()})
+        cfg = replace(cfg, out=cfg.out or "out/eval")
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         C.refuse(prog, f"--out {cfg.out} is a file: pass a folder for the results")
     if mode != "toy":  # a segment longer than the model's positions stops with an error mid-run
-        limit = M.config_from_folder(cfg.init).max_position_embeddings
-        if cfg.max_text_tokens >= limit:
-            C.refuse(prog, f"--max-text-tokens {cfg.max_text_tokens}" + ("" if "max_text_tokens" in given else " (the "
-                           "default)") + f" does not fit {cfg.init}, whose positions end at {limit}: pass a smaller "
-                           "--max-text-tokens (48 for the toy checkpoints)")
+        limit = CK.config_from_folder(cfg.init).max_position_embeddings
+        tokens = E.inference_config(cfg, toy).max_text_tokens
+        if tokens >= limit:
+            C.refuse(prog, f"--max-text-tokens {tokens}" + ("" if "max_text_tokens" in given else " (the default)")
+                     + f" does not fit {cfg.init}, whose positions end at {limit}: pass a smaller --max-text-tokens (48 "
+                     "for the toy checkpoints)")
     run = C.setup_run(cfg.device, cfg.dtype, cfg.seed, cfg.threads)
     with torch.no_grad():
         {"demo": demo, "tsv": evaluate_real, "toy": evaluate_toy}[mode](cfg, run)

@@ -35,16 +35,54 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tqdm import tqdm
 
+import checkpoint as CK
 import common as C
 import data as D
 import model as M
 from common import flag
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Settings
+
+STAGE0, UNIFIED = "Stage 0 (toy base model)", "unified pretraining"
+
+
+@dataclass
+class PretrainConfig(C.MachineFlags, C.WorldFlags):
+    ae_steps: int = flag(1200, "autoencoder training steps", "[1, inf)", group=STAGE0)
+    ae_batch: int = flag(16, "pictures per autoencoder step", "[1, inf)", group=STAGE0)
+    ae_crop: int = flag(32, "crop side for autoencoder training (fully convolutional; a multiple of 8)", "[8, inf)",
+                        group=STAGE0)
+    ae_lr: float = flag(2e-3, "autoencoder peak learning rate", "(0, inf)", group=STAGE0)
+    ae_kl: float = flag(1e-5, "KL weight of the autoencoder", "[0, inf)", group=STAGE0)
+    vit_steps: int = flag(600, "vision-encoder training steps", "[1, inf)", group=STAGE0)
+    vit_batch: int = flag(32, "pictures per vision-encoder step", "[1, inf)", group=STAGE0)
+    vit_lr: float = flag(2e-3, "vision-encoder peak learning rate", "(0, inf)", group=STAGE0)
+    pictures: int = flag(3000, "clean pictures rendered once for the autoencoder and vision-encoder phases", "[1, inf)",
+                         group=STAGE0)
+    examples: int = flag(6000, "degraded examples made once for the unified phase", "[1, inf)", group=UNIFIED)
+    # the generator is what the toy's restorations lack, and training it longer is what lifts them; the step count is
+    # what sft.py's time allows (README, "Results on the toy world", gives the measurements)
+    steps: int = flag(1300, "unified-model training steps", "[1, inf)", group=UNIFIED)
+    batch: int = flag(24, "samples per step", "[1, inf)", group=UNIFIED)
+    lr: float = flag(2e-3, "peak learning rate", "(0, inf)", group=UNIFIED)
+    warmup: int = flag(50, "warmup steps", "[0, inf)", group=UNIFIED)
+    ema: float = flag(0.99, "EMA decay of the saved weights", "[0, 1)", group=UNIFIED)
+    out: str = flag("out/base", "output checkpoint folder")
+    seed: int = flag(0, "training seed", C.SEED)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The model
+
 
 def toy_config(tok: D.Tokenizer) -> M.ModelConfig:
     """The tiny preset with the toy tokenizer's vocabulary and special-token ids."""
@@ -272,9 +310,35 @@ def unified_loss(model, packed: M.Packed, mse_weight: float = 1.0):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# The three phases
+
+
+def train_phase(run: C.Run, model: M.Bagel, optimizer, name: str, steps: int, lr: float, warmup: int, min_lr: float,
+                seed: int, batch_fn: Callable, loss_fn: Callable, log_path: Path, log_every: int, ema: C.EMA | None = None):
+    """One phase's loop: batch_fn(np_rng, torch_gen) -> batch, loss_fn(model, batch) -> (loss, metrics); linear
+    warmup then cosine, gradient clip 1.0."""
+    log = C.Log(log_path, None, run.main)
+    bar = tqdm(range(steps), total=steps, desc=name, disable=not run.main, dynamic_ncols=True)
+    for step in bar:
+        t0 = time.time()
+        C.set_lr(optimizer, C.lr_at(step, steps, lr, warmup, min_lr))
+        rng, gen = C.step_rngs(seed, step, run.rank)
+        model.train()
+        loss, metrics = loss_fn(model, batch_fn(rng, gen))
+        loss.backward()
+        gnorm = C.clip_and_step(model, optimizer, 1.0)
+        if ema is not None:
+            ema.update(model)
+        if run.main and (step % log_every == 0 or step == steps - 1):
+            log({"step": step + 1, "loss": float(loss.detach()), **metrics, "lr": optimizer.param_groups[0]["lr"],
+                 "gnorm": gnorm, "ms": round(1000 * (time.time() - t0))}, bar)
+    bar.close()
+
+
 def build_base(args: "PretrainConfig", run: C.Run) -> M.Bagel:
     """Stage 0's three phases; writes the base checkpoint to args.out and returns the EMA model."""
-    C.check_out(args.out)
+    CK.check_out(args.out)
     t_start = time.time()
     world = D.ToyWorld(args.world_seed)
     tok = D.train_toy_tokenizer(D.toy_corpus(seed=args.world_seed))
@@ -288,12 +352,11 @@ def build_base(args: "PretrainConfig", run: C.Run) -> M.Bagel:
     print(f"Phase 1/3: autoencoder, {args.ae_steps} steps on {args.ae_crop}px crops of {len(pool)} clean pictures.")
     model.requires_grad_(False).vae.requires_grad_(True)
     opt = C.make_optimizer(model, args.ae_lr, betas=(0.9, 0.99), eps=1e-8)
-    loop = C.LoopConfig(args.ae_steps, args.ae_lr, args.ae_steps // 20, args.ae_lr / 20, 0.0, 1.0, args.seed, 0,
-                        max(1, args.ae_steps // 10))
-    C.train_loop(run, model, model, opt, None, loop, out.with_name(out.name + "_ae"), "pretrain-ae",
-                 lambda step, rng, gen: (picture_batch(pool, rng, args.ae_batch, args.ae_crop), gen),
-                 lambda m, batch: ae_loss(m.vae, batch[0].to(run.device), batch[1], args.ae_kl),
-                 tok.tk, {"args": vars(args)})
+    train_phase(run, model, opt, "pretrain-ae", steps=args.ae_steps, lr=args.ae_lr, warmup=args.ae_steps // 20,
+                min_lr=args.ae_lr / 20, seed=args.seed,
+                batch_fn=lambda rng, gen: (picture_batch(pool, rng, args.ae_batch, args.ae_crop), gen),
+                loss_fn=lambda m, batch: ae_loss(m.vae, batch[0].to(run.device), batch[1], args.ae_kl),
+                log_path=out.with_name(out.name + "_ae.log.jsonl"), log_every=max(1, args.ae_steps // 10))
     probe = picture_batch(pool, np.random.default_rng(args.seed + 1), 64, D.MODEL_SIZE).to(run.device)
     shift, scale = latent_stats(model.vae, probe)
     model.cfg.ae_shift_factor, model.cfg.ae_scale_factor = shift, scale
@@ -304,11 +367,11 @@ def build_base(args: "PretrainConfig", run: C.Run) -> M.Bagel:
     model.requires_grad_(False).vit_model.requires_grad_(True)
     probe = VisionProbe(model.cfg.vit_hidden_size, model.cfg.vit_image_size // model.cfg.vit_patch_size).to(run.device)
     opt = torch.optim.AdamW([p for _, p in C.trainable(model)] + list(probe.parameters()), lr=args.vit_lr, betas=(0.9, 0.99))
-    loop = C.LoopConfig(args.vit_steps, args.vit_lr, args.vit_steps // 20, args.vit_lr / 20, 0.0, 1.0, args.seed, 0,
-                        max(1, args.vit_steps // 10))
-    C.train_loop(run, model, model, opt, None, loop, out.with_name(out.name + "_vit"), "pretrain-vit",
-                 lambda step, rng, gen: vision_batch(pool, scenes, rng, args.vit_batch),
-                 lambda m, batch: vision_loss(m, probe, *batch), tok.tk, {"args": vars(args)})
+    train_phase(run, model, opt, "pretrain-vit", steps=args.vit_steps, lr=args.vit_lr, warmup=args.vit_steps // 20,
+                min_lr=args.vit_lr / 20, seed=args.seed,
+                batch_fn=lambda rng, gen: vision_batch(pool, scenes, rng, args.vit_batch),
+                loss_fn=lambda m, batch: vision_loss(m, probe, *batch),
+                log_path=out.with_name(out.name + "_vit.log.jsonl"), log_every=max(1, args.vit_steps // 10))
 
     print(f"Phase 3/3: unified model, {args.steps} steps of language, captioning, VQA (clean) and generation.")
     model.requires_grad_(True)
@@ -317,49 +380,19 @@ def build_base(args: "PretrainConfig", run: C.Run) -> M.Bagel:
     pool = example_pool(world, np.random.default_rng([args.world_seed, args.seed, 5]), args.examples, model.encode_pixels)
     opt = C.make_optimizer(model, args.lr)
     ema = C.EMA(model, args.ema)
-    loop = C.LoopConfig(args.steps, args.lr, args.warmup, args.lr / 10, args.ema, 1.0, args.seed, args.steps,
-                        max(1, args.steps // 20))
 
-    def batch_fn(step, rng, gen):
+    def batch_fn(rng, gen):
         drawn = [pool[i] for i in rng.integers(0, len(pool), args.batch)]
         return M.pack(base_samples(drawn, tok, rng, gen, model.cfg.timestep_shift, world.qtypes), model.cfg).to(run.device)
 
-    C.train_loop(run, model, model, opt, ema, loop, out, "pretrain", batch_fn, unified_loss, tok.tk,
-                 {"args": vars(args), "seconds": round(time.time() - t_start)})
+    train_phase(run, model, opt, "pretrain", steps=args.steps, lr=args.lr, warmup=args.warmup, min_lr=args.lr / 10,
+                seed=args.seed, batch_fn=batch_fn, loss_fn=unified_loss, log_path=out.with_name(out.name + ".log.jsonl"),
+                log_every=max(1, args.steps // 20), ema=ema)
+    C.save(out, run, model, opt, tok.tk, args.steps,
+           {"args": vars(args), "seconds": round(time.time() - t_start), "stage": "pretrain"}, ema)
     print(f"Stage 0 done in {time.time() - t_start:.0f} s: {out}")
     ema.copy_to(model)
     return model.eval()
-
-
-@dataclass
-class PretrainConfig:
-    ae_steps: int = flag(1200, "autoencoder training steps", "[1, inf)", group="Stage 0 (toy base model)")
-    ae_batch: int = flag(16, "pictures per autoencoder step", "[1, inf)", group="Stage 0 (toy base model)")
-    ae_crop: int = flag(32, "crop side for autoencoder training (fully convolutional; a multiple of 8)", "[8, inf)",
-                        group="Stage 0 (toy base model)")
-    ae_lr: float = flag(2e-3, "autoencoder peak learning rate", "(0, inf)", group="Stage 0 (toy base model)")
-    ae_kl: float = flag(1e-5, "KL weight of the autoencoder", "[0, inf)", group="Stage 0 (toy base model)")
-    vit_steps: int = flag(600, "vision-encoder training steps", "[1, inf)", group="Stage 0 (toy base model)")
-    vit_batch: int = flag(32, "pictures per vision-encoder step", "[1, inf)", group="Stage 0 (toy base model)")
-    vit_lr: float = flag(2e-3, "vision-encoder peak learning rate", "(0, inf)", group="Stage 0 (toy base model)")
-    world_seed: int = flag(0, "toy world seed (train / held-out split salt)", C.SEED, group="Stage 0 (toy base model)")
-    pictures: int = flag(3000, "clean pictures rendered once for the autoencoder and vision-encoder phases", "[1, inf)",
-                         group="Stage 0 (toy base model)")
-    examples: int = flag(6000, "degraded examples made once for the unified phase", "[1, inf)", group="unified pretraining")
-    # 1300 steps: the generator is what the toy's restorations lack, and training it longer is what lifts them (a
-    # clean-trained probe reading the base's restorations of hard held-out pictures, in the earlier world of eight
-    # hue-neighbour colours: 70.3% after 1000 steps, 74.5% after 2000, 68.8% on the degraded inputs); 1300 is what
-    # sft.py's time allows once Stage 1 draws from a pool
-    steps: int = flag(1300, "unified-model training steps", "[1, inf)", group="unified pretraining")
-    batch: int = flag(24, "samples per step", "[1, inf)", group="unified pretraining")
-    lr: float = flag(2e-3, "peak learning rate", "(0, inf)", group="unified pretraining")
-    warmup: int = flag(50, "warmup steps", "[0, inf)", group="unified pretraining")
-    ema: float = flag(0.99, "EMA decay of the saved weights", "[0, 1)", group="unified pretraining")
-    out: str = flag("out/base", "output checkpoint folder")
-    seed: int = flag(0, "training seed", C.SEED)
-    device: str = flag("auto", "auto | cpu | cuda | mps")
-    threads: int = flag(0, "CPU threads for torch (0 = its default)", "[0, inf)")
-    dtype: str = flag("auto", "auto | fp32 | bf16", choices=["auto", *C.DTYPES])
 
 
 def main(argv=None):

@@ -54,9 +54,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-import bridge
+import checkpoint as CK
 import common as C
 import data as D
 import engine as E
@@ -74,28 +73,17 @@ RECIPES = {  # official scripts/train_reason_interleave_grpo.sh at HEAD (411d6bd
 
 
 @dataclass
-class RLConfig:
-    # rollouts
-    init: str | None = flag(None, "policy to start from (default out/bridge, else out/sft)", group="rollouts")
-    data: str | None = flag(None, "LLaVA-style JSONL of RL questions (default: the toy world)", group="rollouts")
-    images: str | None = flag(None, "image folder of --data (its image paths are relative to it)", group="rollouts")
-    system: str = flag("toy", "system prompt", choices=sorted(D.SYSTEM_PROMPTS), group="rollouts")
-    vae_max: int = flag(1024, "--data: VAE resize, longest side (official 1024; capped by the model's position table)", "[16, inf)", group="rollouts")
-    vae_min: int = flag(512, "--data: VAE resize, shortest side (official 512)", "[16, inf)", group="rollouts")
-    vit_max: int = flag(518, "--data: ViT resize, longest side (official 518; capped by the model's position table)", "[14, inf)", group="rollouts")
-    vit_min: int = flag(224, "--data: ViT resize, shortest side (official 224)", "[14, inf)", group="rollouts")
+class RLConfig(C.TrainingFlags, C.DataFlags, C.PictureSizeFlags, E.InferenceFlags, E.ToyTableFlags):
+    # rollouts (also: --reentry, --max-rounds, --max-text-tokens, --timestep-shift of the inference group)
     prompts: int = flag(4, "questions per step (and process)", "[1, inf)", group="rollouts")
     group: int = flag(4, "rollouts per question, G (official 8); advantages need at least 2", "[2, inf)", group="rollouts")
     temperature: float = flag(1.0, "text sampling temperature (official 1.0)", "(0, inf)", group="rollouts")
     top_p: float = flag(1.0, "nucleus sampling (official 1.0)", "(0, 1]", group="rollouts")
-    max_rounds: int = flag(3, "text segments per rollout (official max_inter_num 3)", "[1, inf)", group="rollouts")
-    max_text_tokens: int = flag(48, "tokens per segment (official 4096)", "[1, inf)", group="rollouts")
     sde_points: int = flag(10, "SDE grid points, N-1 steps (official 20)", "[2, inf)", group="rollouts")
-    timestep_shift: float = flag(3.0, "timestep shift of the SDE grid (official 3)", "(0, inf)", group="rollouts")
     sde_sigma: float = flag(0.3, "constant SDE noise level (official 0.3)", "(0, inf)", group="rollouts")
-    reentry: str = flag("bridge", "how the restored image re-enters", choices=bridge.REENTRY[:2], group="rollouts")
     # rewards
-    recipe: str = flag("head", "official preset (module docstring): head or release", choices=list(RECIPES), group="rewards")
+    recipe: str = flag("head", "official preset (module docstring): head or release", choices=list(RECIPES),
+                       group="rewards")
     w_accuracy: float = flag(0.75, "accuracy reward weight (official 0.75)", "[0, inf)", group="rewards")
     w_format: float = flag(0.10, "format reward weight (official 0.10)", "[0, inf)", group="rewards")
     w_decision: float = flag(0.0, "decision reward weight (official head 0, release 0.15)", "[0, inf)", group="rewards")
@@ -104,8 +92,10 @@ class RLConfig:
     separate_image_rewards: bool = flag(False, "image advantages from the latent-quality reward (official head False, "
                                         "release True)", group="rewards")
     # loss
-    loss_type: str = flag("dr_grpo", "token aggregation (official head dr_grpo, release grpo)", choices=["grpo", "dr_grpo"], group="loss")
-    max_completion_length: int = flag(144, "Dr.GRPO denominator per completion (official 16384)", "[1, inf)", group="loss")
+    loss_type: str = flag("dr_grpo", "token aggregation (official head dr_grpo, release grpo)",
+                          choices=["grpo", "dr_grpo"], group="loss")
+    max_completion_length: int = flag(144, "Dr.GRPO denominator per completion (official 16384)", "[1, inf)",
+                                      group="loss")
     scale_rewards: bool = flag(False, "divide advantages by the group std", group="loss")
     epsilon: float = flag(0.2, "PPO clip range", "(0, 1)", group="loss")
     beta: float = flag(0.04, "KL weight (k3 estimator)", "[0, inf)", group="loss")
@@ -118,49 +108,38 @@ class RLConfig:
     steps: int = flag(300, "optimiser steps (official 400)", "[1, inf)", group="optimisation")
     lr: float = flag(2e-5, "learning rate, cosine, no warmup (official 5e-6)", "(0, inf)", group="optimisation")
     grad_clip: float = flag(1.0, "gradient-norm clip", "(0, inf)", group="optimisation")
-    # run
-    out: str = flag("out/rl", "output checkpoint folder")
-    resume: bool = flag(False, "continue from --out's train_state")
-    resume_force: bool = flag(False, "with --resume: continue although settings differ from the checkpoint's (printed)")
-    save_every: int = flag(20, "checkpoint every N steps", "[1, inf)")
-    seed: int = flag(0, "seed of the rollouts and the data", C.SEED)
-    device: str = flag("auto", "auto | cpu | cuda | mps")
-    dtype: str = flag("auto", "auto | fp32 | bf16", choices=["auto", *C.DTYPES])
-    threads: int = flag(0, "CPU threads for torch (0 = its default)", "[0, inf)")
-    world_seed: int = flag(0, "toy world seed", C.SEED)
-    eval_n: int = flag(192, "held-out toy questions per severity for the final table (0 = skip)", "[0, inf)")
-    eval_seed: int = flag(0, "held-out split seed", C.SEED)
 
 
-# what --resume lets differ from the checkpoint's settings: more --steps (extends the run), where it runs, the final
-# table; anything else (seed, lr, rewards, rollouts, --init, ...) would not continue the same run
-RESUME_MAY_CHANGE = ("steps", "save_every", "threads", "device", "out", "resume", "resume_force", "eval_n", "eval_seed")
+RL_DEFAULTS = dict(out="out/rl", save_every=20)
+# the flags that only shape the table at the end (the rollouts use --reentry, --max-rounds, --max-text-tokens and
+# --timestep-shift too)
+TABLE_FLAGS = ("eval_n", "eval_seed", "denoise_steps", "cfg_text_scale", "cfg_img_scale", "cfg_interval",
+               "cfg_renorm_type")
+# what --resume may change besides where and how it runs (common.RESUME_MAY_CHANGE): more --steps, the final table
+RESUME_MAY_CHANGE = ("steps", *TABLE_FLAGS)
 
 
 def parse_config(argv=None) -> RLConfig:
     """Flags -> RLConfig: the recipe's values where no flag was given; out-of-range values and flags that would have
     no effect are refused."""
-    cfg, prog, given = C.parse_flags(RLConfig, __doc__, argv)
+    cfg, prog, given = C.parse_flags(RLConfig, __doc__, argv, RL_DEFAULTS)
     cfg = replace(cfg, **{k: v for k, v in RECIPES[cfg.recipe].items() if k not in given})
-    if (cfg.data is None) != (cfg.images is None):
-        C.refuse(prog, "--data and --images go together: the JSONL's image paths are relative to --images")
-    if cfg.data is not None:
-        C.refuse_given(prog, given, ("world_seed", "eval_n", "eval_seed"), "with --data (the toy world is not used)")
-    else:
-        C.refuse_given(prog, given, ("vae_max", "vae_min", "vit_max", "vit_min"), f"on the toy world (its pictures are {D.MODEL_SIZE} px)")
-        if cfg.eval_n == 0:
-            C.refuse_given(prog, given, ("eval_seed",), "with --eval-n 0 (no final table)")
+    C.check_data_flags(prog, cfg, given)
+    C.check_training_flags(prog, cfg, given)
+    E.check_inference_flags(prog, cfg)
+    cfg = E.check_table_flags(prog, cfg, given, TABLE_FLAGS,
+                              "with --data (the toy world is not used)" if cfg.data is not None else None)
     if cfg.loss_type == "grpo":
         C.refuse_given(prog, given, ("max_completion_length",), "with --loss-type grpo (only dr_grpo divides by it)")
-    if not cfg.resume:
-        C.refuse_given(prog, given, ("resume_force",), "without --resume")
     if cfg.beta == 0:
         C.refuse_given(prog, given, ("ref",), "with --beta 0 (no KL term)")
     if cfg.image_loss_weight == 0:
-        C.refuse_given(prog, given, ("step_strategy", "separate_image_rewards"), "with --image-loss-weight 0 (no Flow-GRPO term)")
+        C.refuse_given(prog, given, ("step_strategy", "separate_image_rewards"),
+                       "with --image-loss-weight 0 (no Flow-GRPO term)")
     if cfg.w_decision == 0:
         C.refuse_given(prog, given, ("decision_smooth",), "with --w-decision 0")
     return cfg
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Rewards (CLEAR §3.4; official interleave_grpo.py), one pure function each
@@ -314,11 +293,7 @@ def replay_sample(r: Rollout, steps_per_image: list[list[int]], reentry: str, mo
             for s in steps_per_image[i]:
                 st = tr.steps[i][s]
                 seq.append(M.VaeImage(st["x_t"], tr.grid, t=st["t"], droppable=False))
-            if reentry == "bridge":
-                seq.append(M.VaeImage(tr.latents[i], tr.grid, droppable=False))  # CLEAR §3.3: what the rollout saw
-            else:
-                picture = D.resize_image(bridge.decode_image(model, tr.latents[i], tr.grid), *vit_sizes)
-                seq.append(M.VitImage(D.image_to_tensor(picture), droppable=False))
+            seq += E.reentry_segments(model, tr.latents[i], tr.grid, reentry, vit_sizes)  # what the rollout saw
     return seq, mask
 
 
@@ -413,10 +388,8 @@ def mean_defined(values: list) -> float:
 def collect(model: M.Bagel, tok, examples: list, cfg: RLConfig, encode, gen: torch.Generator,
             sizes: D.ImageSizes = D.TOY_SIZES) -> list[Rollout]:
     """G rollouts per example, all rows of one batched interleaved-reasoning run (seeded, so reproducible)."""
-    icfg = E.InferenceConfig(reentry=cfg.reentry, max_rounds=cfg.max_rounds, max_text_tokens=cfg.max_text_tokens,
-                             temperature=cfg.temperature, top_p=cfg.top_p, sampler="sde",
-                             num_timesteps=cfg.sde_points, timestep_shift=cfg.timestep_shift, sde_sigma=cfg.sde_sigma,
-                             vit_transform=sizes.vit)
+    icfg = E.inference_config(cfg, toy=cfg.data is None, temperature=cfg.temperature, top_p=cfg.top_p, sampler="sde",
+                              num_timesteps=cfg.sde_points, sde_sigma=cfg.sde_sigma, vit_transform=sizes.vit)
     prefixes = D.inference_prefix(examples, tok, encode, cfg.system, sizes)
     rows = [(p, ex) for p, ex in zip(prefixes, examples) for _ in range(cfg.group)]
     traces = E.reason(model, tok, [p for p, _ in rows], icfg, gen)
@@ -431,12 +404,9 @@ def main(argv=None):
     run = C.setup_run(cfg.device, cfg.dtype, cfg.seed, cfg.threads)
     init = cfg.init or ("out/bridge" if (Path("out/bridge") / "ema.safetensors").exists() else "out/sft")
     if cfg.init is None and not (Path(init) / "ema.safetensors").exists():
-        raise M.InputError(f"{init} has no checkpoint: run python sft.py (and python bridge.py) first, or pass --init")
-    if cfg.resume:  # before any work: --out must hold this very run
-        C.check_resume(cfg.out, "rl", {**vars(cfg), "init": init}, RESUME_MAY_CHANGE, cfg.resume_force, run)
-    else:  # or be a folder the first save may replace
-        C.check_out(cfg.out, init)
-    M.config_from_folder(init)  # a wrong --init stops here, before the data is read
+        raise CK.InputError(f"{init} has no checkpoint: run python sft.py (and python bridge.py) first, or pass --init")
+    C.prepare_out(cfg, "rl", init, RESUME_MAY_CHANGE, run.main)
+    CK.config_from_folder(init)  # a wrong --init stops here, before the data is read
     if cfg.data:  # every row checked before the model is loaded
         rows, problems = D.read_jsonl(cfg.data, cfg.images)
         unscorable = {r["line"] for r in rows if D.extract_answer(r["response"]) is None
@@ -444,20 +414,20 @@ def main(argv=None):
         problems += [(n, "a tagged answer without <answer>...</answer>: nothing to score against") for n in sorted(unscorable)]
         rows = [r for r in rows if r["line"] not in unscorable]
         if not rows:
-            raise M.InputError(f"{cfg.data}: none of its rows has an answer to score (first: line {problems[0][0]}, "
+            raise CK.InputError(f"{cfg.data}: none of its rows has an answer to score (first: line {problems[0][0]}, "
                                f"{problems[0][1]})")
         if run.main:
             print(D.skip_report(cfg.data, rows, problems, "line"))
-    model = M.load_pretrained(init, run.device, run.dtype)
+    model = CK.load_pretrained(init, run.device, run.dtype)
     tok = D.Tokenizer.from_folder(init)
-    ref = M.load_pretrained(init, run.device, run.dtype).requires_grad_(False) if cfg.ref == "frozen" and cfg.beta > 0 else None
+    frozen_ref = cfg.ref == "frozen" and cfg.beta > 0
+    ref = CK.load_pretrained(init, run.device, run.dtype).requires_grad_(False) if frozen_ref else None
     C.freeze_encoders(model)
     encode = model.encode_pixels
-    sizes = D.image_sizes(model.cfg, (cfg.vae_max, cfg.vae_min), (cfg.vit_max, cfg.vit_min)) if cfg.data else \
-        D.image_sizes(model.cfg, *D.TOY_SIDES)
+    sizes = cfg.sizes(model.cfg, toy=cfg.data is None)
     opt = C.make_optimizer(model, cfg.lr, betas=(0.9, 0.999), eps=1e-8)
     out = Path(cfg.out)
-    start = C.load_resume_state(out, model, None, opt) if cfg.resume else 0
+    start = CK.load_resume_state(out, model, opt) if cfg.resume else 0
     wrapped = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if run.world > 1 else model
     if cfg.data:
         stream_fn = lambda rng: (D.jsonl_example(rows[int(i)], rng) for i in iter(lambda: rng.integers(len(rows)), None))  # noqa: E731
@@ -466,7 +436,7 @@ def main(argv=None):
     log = C.Log(out.with_name(out.name + ".log.jsonl"), start if start else None, run.main)
     if run.main:
         print(f"Interleaved GRPO from {init}: {cfg.prompts} questions x G={cfg.group} rollouts per step, {cfg.steps} steps")
-    t_start, counter = time.time(), M.read_json(out / "nanoclear.json")["counter"] if start else 0  # round-robin position
+    t_start, counter = time.time(), CK.read_json(out / "nanoclear.json")["counter"] if start else 0  # round-robin step
     for step in range(start, cfg.steps):
         t0 = time.time()
         rng, gen = C.step_rngs(cfg.seed, step, run.rank)
@@ -484,8 +454,7 @@ def main(argv=None):
             quality = torch.tensor([r.parts["latent"] for r in rollouts]).nan_to_num(0.0)
             img_adv = group_advantages(quality, cfg.group, cfg.scale_rewards)
         model.train()
-        for g_ in opt.param_groups:
-            g_["lr"] = C.lr_at(step, cfg.steps, cfg.lr, 0, 0.0)
+        C.set_lr(opt, C.lr_at(step, cfg.steps, cfg.lr, 0, 0.0))
         loss, stats, counter = grpo_loss(wrapped, ref, rollouts, adv, img_adv, cfg, counter, rng, model, sizes)
         loss.backward()
         gnorm = C.clip_and_step(model, opt, cfg.grad_clip)
@@ -495,17 +464,15 @@ def main(argv=None):
                  "restore": float(np.mean([r.trace.restored for r in rollouts])), **decision_gaps(rollouts, cfg.group),
                  **stats, "loss": loss.item(), "gnorm": gnorm, "s": round(time.time() - t0, 1)})
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            C.save_checkpoint(out, model, None, opt, tok.tk, step + 1, {"stage": "rl", "args": vars(cfg), "init": init,
-                                                                        "counter": counter}, run)
-            if run.world > 1:
-                dist.barrier()
+            C.save(out, run, model, opt, tok.tk, step + 1, {"stage": "rl", "args": vars(cfg), "init": init,
+                                                           "counter": counter})
     if run.main:
         print(f"RL finished in {time.time() - t_start:.0f} s -> {out}")
         print(decision_signal(log.path, cfg.prompts))
         if cfg.eval_n and not cfg.data:
             split = D.ToyWorld(cfg.world_seed).eval_split(cfg.eval_n, seed=cfg.eval_seed)
-            icfg = E.InferenceConfig(reentry=cfg.reentry, max_text_tokens=cfg.max_text_tokens, num_timesteps=10)  # official CFG
-            before = M.load_pretrained(init, run.device, run.dtype)
+            icfg = E.inference_config(cfg, toy=True)
+            before = CK.load_pretrained(init, run.device, run.dtype)
             names = {Path(init).name: before, "rl": model.eval()}
             print(E.toy_table(names, {n: "interleave" for n in names}, tok, split, icfg, cfg.eval_seed, cfg.system))
 

@@ -6,14 +6,15 @@ survive the corruption, the target is `<think>...</think> <image_restore>`, then
 target (flow matching), the clean picture again as context (VAE and ViT tokens), then `<think>...</think><answer>`;
 otherwise it is a direct `<think>...</think><answer>...</answer>` (`clear_sample`, exactly the official layout).
 
-    loss = ce_weight * CE(assistant text) + mse_weight * MSE(velocity of the restore target) [+ distill_weight * distill]
+    loss = ce_weight * CE(assistant text) + mse_weight * MSE(velocity of the restore target)
 
-with CE and MSE summed over tokens and divided by their global counts (`sft_loss`), text / ViT / VAE condition dropout
-in the packing, and the distillation term of bridge.py when --distill-weight > 0 (`step_loss`).
+with CE and MSE summed over tokens and divided by their global counts (`sft_loss`, `step_loss`) and text / ViT / VAE
+condition dropout in the packing (`batches`). The loop is `train`, top to bottom; Stage 2 (bridge.py) runs the same
+loop with the distillation term added to this objective.
 
 CPU (toy, no flags; runs Stage 0 first when out/base/ is missing):
-    python sft.py                      # -> out/base/ (if needed), out/sft/, then a table on the held-out toy benchmark
-    python sft.py --distill-weight 0.4 # the official "one job" form: Stage 1 and the bridge distillation together
+    python sft.py                       # -> out/base/ (if needed), out/sft/, then a table on the held-out toy benchmark
+    python bridge.py --init out/base --steps 600 --lr 5e-4   # the official "one job": Stage 1 + the distillation
 GPU:
     python sft.py --device cuda --dtype bf16 --compile
     torchrun --nproc_per_node 8 sft.py --init path/to/BAGEL-7B-MoT --data sft.jsonl --images DIR --fsdp ...
@@ -29,16 +30,15 @@ Differences from the official recipe (numbered):
      can compare text-only reasoning with interleaved reasoning on the same model; they carry the prompt the official
      evaluation's text reasoning uses (VLM_THINK_SYSTEM_PROMPT) instead of the official pure-text set's
      TEXT_REASON_SYSTEM_PROMPT, so that comparison does not measure a prompt the model never saw.
-  5. On the toy world, the examples are made and encoded once (--examples, as Stage 0 does) and drawn about 3.6 times
-     each over the 600 steps, each time with its own flow time, noise and condition dropout: rendering, degrading and
-     encoding fresh pictures took 0.31 of every 0.84-second CPU step.
+  5. On the toy world, the examples are made and encoded once (--examples, as Stage 0 does) and drawn several times
+     each, each time with its own flow time, noise and condition dropout: rendering, degrading and encoding fresh
+     pictures were a large part of every CPU step (the README's toy section gives the measurement).
   6. On the toy world, --replay 0.2 of the samples replay Stage 0's restore edit (pretrain.restore_edit: the degraded
      picture, "Restore this picture.", its clean picture as one noised target), so the tiny generator keeps drawing
      what its context shows. CLEAR's samples restore only pictures that lost the answer's detail, and without replay
-     the toy's 600 steps of them taught the generator to invent: a clean-trained probe read its restorations of 384 hard
-     held-out pictures (same edit prompt) at 64.3% after Stage 1 against 72.4% for the base, the inputs 66.7%, losing
-     most where noise, JPEG or blur had left the picture readable; with replay, 70.8% (seed 0, world 0, eight colours).
-     BAGEL-7B brings far more generation training than a short SFT can wear down.
+     the toy's short Stage 1 taught the generator to invent: its restorations of readable pictures got worse than the
+     base's (the README's toy section gives the measurement). BAGEL-7B brings far more generation training than a
+     short SFT can wear down.
 """
 
 from __future__ import annotations
@@ -52,8 +52,9 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
-import bridge
+import checkpoint as CK
 import common as C
 import data as D
 import engine as E
@@ -66,111 +67,77 @@ from common import flag
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(C.TrainingFlags, C.DataFlags, C.PictureSizeFlags, E.InferenceFlags, E.ToyTableFlags):
     # data
-    init: str | None = flag(None, "BAGEL-format folder to start from (default: the toy base, built if missing)", group="data")
-    data: str | None = flag(None, "LLaVA-style JSONL for real data (default: the toy world)", group="data")
-    images: str | None = flag(None, "image folder of --data (its image paths are relative to it)", group="data")
-    system: str = flag("toy", "system prompt (official: 'official')", choices=sorted(D.SYSTEM_PROMPTS), group="data")
     text_reason_rate: float = flag(0.15, "fraction of text-only reasoning samples", "[0, 1]", group="data")
-    tool_share: float = flag(0.5, "--data: share of samples drawn from the rows that restore (official corruption_mix.yaml "
-                             "0.5 / 0.5 tool / no-tool)", "[0, 1]", group="data")
-    world_seed: int = flag(0, "toy world seed", C.SEED, group="data")
+    tool_share: float = flag(0.5, "--data: share of samples drawn from the rows that restore (official "
+                             "corruption_mix.yaml 0.5 / 0.5 tool / no-tool)", "[0, 1]", group="data")
     replay: float = flag(0.2, "toy world: share of samples that replay Stage 0's restore edit (difference 6)", "[0, 1]",
                          group="data")
     examples: int = flag(6000, "toy training examples made and encoded once; a step draws about 36 of them (default "
                          "--tokens-per-step), each with its own flow time, noise and dropout", "[1, inf)", group="data")
-    vae_max: int = flag(1024, "--data: VAE resize, longest side (official 1024; capped by the model's position table)", "[16, inf)", group="data")
-    vae_min: int = flag(512, "--data: VAE resize, shortest side (official 512)", "[16, inf)", group="data")
-    vit_max: int = flag(518, "--data: ViT resize, longest side (official 518; capped by the model's position table)", "[14, inf)", group="data")
-    vit_min: int = flag(224, "--data: ViT resize, shortest side (official 224)", "[14, inf)", group="data")
+    base_steps: int = flag(1300, "Stage 0 steps when the toy base must be built (pretrain.py --steps)", "[1, inf)",
+                           group="data")
     # objective
     ce_weight: float = flag(1.0, "CE weight (official 1.0)", "[0, inf)", group="objective")
     mse_weight: float = flag(1.0, "flow-matching MSE weight (official 1.0)", "[0, inf)", group="objective")
-    distill_weight: float = flag(0.0, "ViT->VAE distillation weight, bridge.py (official 0.4, release 0.1)", "[0, inf)", group="objective")
-    distill_mode: str = flag("per_layer_kl", "distillation variant (official HEAD / release)",
-                             choices=["per_layer_kl", "final_mse"], group="objective")
-    distill_stride: int = flag(1, "per_layer_kl: every stride-th layer plus the last", "[1, inf)", group="objective")
     text_dropout: float = flag(0.1, "text condition dropout (official 0.1)", "[0, 1]", group="objective")
     vit_dropout: float = flag(0.4, "ViT condition dropout (official 0.4)", "[0, 1]", group="objective")
     vae_dropout: float = flag(0.0, "VAE condition dropout (official 0)", "[0, 1]", group="objective")
     # optimisation
     steps: int = flag(600, "optimiser steps (official 8000)", "[1, inf)", group="optimisation")
     lr: float = flag(5e-4, "peak learning rate (official 1e-5)", "(0, inf)", group="optimisation")
-    min_lr: float | None = flag(None, "cosine floor (default lr / 10; official 1e-7)", "[0, inf)", group="optimisation", type=float)
+    min_lr: float | None = flag(None, "cosine floor (default lr / 10; official 1e-7)", "[0, inf)", group="optimisation",
+                                type=float)
     warmup: int = flag(30, "warmup steps (official 500)", "[0, inf)", group="optimisation")
     weight_decay: float = flag(0.0, "AdamW weight decay (official 0.01)", "[0, inf)", group="optimisation")
     ema: float = flag(0.99, "EMA decay of the saved weights (official 0.995)", "[0, 1)", group="optimisation")
     grad_clip: float = flag(1.0, "gradient-norm clip (official 1.0)", "(0, inf)", group="optimisation")
-    tokens_per_step: int = flag(4096, "token budget per step and process (official 30000)", "[1, inf)", group="optimisation")
+    tokens_per_step: int = flag(4096, "token budget per step and process (official 30000)", "[1, inf)",
+                                group="optimisation")
     row_tokens: int = flag(512, "pack samples into rows of at most this many tokens", "[1, inf)", group="optimisation")
-    # run
-    out: str = flag("out/sft", "output checkpoint folder")
-    resume: bool = flag(False, "continue from --out's train_state")
-    resume_force: bool = flag(False, "with --resume: continue although settings differ from the checkpoint's (printed)")
-    save_every: int = flag(100, "checkpoint every N steps (atomic)", "[1, inf)")
-    seed: int = flag(0, "training seed", C.SEED)
-    device: str = flag("auto", "auto | cpu | cuda | mps")
-    dtype: str = flag("auto", "auto | fp32 | bf16", choices=["auto", *C.DTYPES])
-    threads: int = flag(0, "CPU threads for torch (0 = its default)", "[0, inf)")
     compile: bool = flag(False, "torch.compile the model")
     fsdp: bool = flag(False, "FSDP2 + activation checkpointing (multi-GPU, real weights)")
-    flex_attention: bool = flag(False, "FlexAttention block masks instead of dense masks (long rows on GPU; no CPU backward)")
-    # the summary table (toy world)
-    eval_n: int = flag(192, "held-out toy questions per severity (0 = skip the table)", "[0, inf)", group="summary table")
-    eval_seed: int = flag(0, "held-out split seed", C.SEED, group="summary table")
-    eval_steps: int = flag(10, "denoising points when restoring (official 50)", "[2, inf)", group="summary table")
-    reentry: str = flag("bridge", "how the restored image re-enters the context", choices=bridge.REENTRY, group="summary table")
-    max_text_tokens: int = flag(48, "tokens per decoded segment (official 4096)", "[1, inf)", group="summary table")
-    # the official CFG (engine.InferenceConfig's, evaluate.py's default too). Measured before choosing it, on 384 hard training-side pictures
-    # per world (never the held-out split), with an earlier README's checkpoints (eight colours): the probe reads SFT
-    # always-restore pictures 3.4 (world 0) and 4.7 (world 1) points better than without guidance, and the answers of
-    # the SFT and RL models (always restore, interleaved) rise by 0.6 points on average; restoring costs ~2x
-    cfg_text_scale: float = flag(E.InferenceConfig.cfg_text_scale, "text CFG when restoring (official 3.0)", "[0, inf)", group="summary table")
-    cfg_img_scale: float = flag(E.InferenceConfig.cfg_img_scale, "image CFG when restoring (official 1.5)", "[0, inf)", group="summary table")
-    base_steps: int = flag(1300, "Stage 0 steps when the toy base must be built (pretrain.py --steps)", "[1, inf)", group="data")
+    flex_attention: bool = flag(False, "FlexAttention block masks instead of dense masks (long rows on GPU; no CPU "
+                                "backward)")
 
 
-SIZE_FLAGS = ("vae_max", "vae_min", "vit_max", "vit_min")
-TABLE_FLAGS = ("eval_n", "eval_seed", "eval_steps", "reentry", "max_text_tokens", "cfg_text_scale", "cfg_img_scale")
-# what --resume lets differ from the checkpoint's settings: more --steps (extends the run), where and how it runs, the
-# summary table; anything else (seed, lr, data, token budget, --init, ...) would not continue the same run
-RESUME_MAY_CHANGE = ("steps", "save_every", "threads", "device", "compile", "flex_attention", "out", "resume",
-                     "resume_force", *TABLE_FLAGS)
+TABLE_FLAGS = ("eval_n", "eval_seed", *E.INFERENCE_FLAGS)
+# what --resume may change besides where and how it runs (common.RESUME_MAY_CHANGE): more --steps (extends the run),
+# the compiler and attention kernels, the summary table
+RESUME_MAY_CHANGE = ("steps", "compile", "flex_attention", *TABLE_FLAGS)
 BASE = "out/base"  # the toy base model (Stage 0) when there is no --init
+SFT_DEFAULTS = dict(out="out/sft", save_every=100)
 
 
-def parse_config(description: str, argv=None, defaults: dict | None = None, unused: tuple = ()) -> SFTConfig:
-    """Flags -> SFTConfig, refusing values out of range and flags that would have no effect (sft.py and bridge.py)."""
-    cfg, prog, given = C.parse_flags(SFTConfig, description, argv, defaults)
-    C.refuse_given(prog, given, unused, "in this script")
-    if (cfg.data is None) != (cfg.images is None):
-        C.refuse(prog, "--data and --images go together: the JSONL's image paths are relative to --images")
+def parse_config(argv=None) -> SFTConfig:
+    """Flags -> SFTConfig, refusing values out of range and flags without effect."""
+    return check_config(*C.parse_flags(SFTConfig, __doc__, argv, SFT_DEFAULTS))
+
+
+def check_config(cfg: SFTConfig, prog: str, given: set) -> SFTConfig:
+    """Stage 1's refusals of flags that have no effect or contradict each other (bridge.py's too), and the derived
+    defaults."""
+    C.check_data_flags(prog, cfg, given, toy_only=("examples", "replay"))
+    C.check_training_flags(prog, cfg, given)
+    E.check_inference_flags(prog, cfg)
     if cfg.init is not None:
         C.refuse_given(prog, given, ("base_steps",), "with --init (it sizes the toy base built when there is none)")
     if cfg.data is not None:
-        C.refuse_given(prog, given, ("world_seed", "examples", "replay"), "with --data (the toy world is not used)")
         cfg = replace(cfg, replay=0.0)
     else:
-        C.refuse_given(prog, given, SIZE_FLAGS, f"on the toy world (its pictures are {D.MODEL_SIZE} px)")
         C.refuse_given(prog, given, ("tool_share",), "on the toy world (it restores where its rule says, difference 2)")
-    if cfg.data is not None or cfg.fsdp:  # the summary table runs on the toy world, in one process
-        why = "with --data (the toy world is not used)" if cfg.data is not None else "with --fsdp (no summary table)"
-        C.refuse_given(prog, given - {"eval_n"} if cfg.eval_n == 0 else given, TABLE_FLAGS, why)
-        cfg = replace(cfg, eval_n=0)
-    elif cfg.eval_n == 0:
-        C.refuse_given(prog, given - {"eval_n"}, TABLE_FLAGS, "with --eval-n 0 (no summary table)")
+    no_table = ("with --data (the toy world is not used)" if cfg.data is not None else  # the table runs on the toy
+                "with --fsdp (no summary table)" if cfg.fsdp else None)  # world, in one process
+    cfg = E.check_table_flags(prog, cfg, given, TABLE_FLAGS, no_table)
     if cfg.text_reason_rate + cfg.replay > 1:
-        C.refuse(prog, f"--text-reason-rate {cfg.text_reason_rate} + --replay {cfg.replay} is above 1: they are shares of "
-                       "the same samples")
-    if not cfg.resume:
-        C.refuse_given(prog, given, ("resume_force",), "without --resume")
+        C.refuse(prog, f"--text-reason-rate {cfg.text_reason_rate} + --replay {cfg.replay} is above 1: they are shares "
+                       "of the same samples")
     if cfg.fsdp and int(os.environ.get("WORLD_SIZE", 1)) < 2:
         C.refuse(prog, "--fsdp shards the model over processes: launch with torchrun --nproc_per_node N (N > 1)")
     if cfg.fsdp and cfg.resume:
-        C.refuse(prog, "--resume is implemented for single-process and DDP runs; an FSDP run restarts from its last --init")
-    if cfg.distill_weight == 0:
-        C.refuse_given(prog, given, ("distill_mode", "distill_stride"), "without --distill-weight > 0")
+        C.refuse(prog, "--resume is implemented for single-process and DDP runs; an FSDP run restarts from its last "
+                       "--init")
     cfg = replace(cfg, min_lr=cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr)
     if cfg.min_lr > cfg.lr:
         C.refuse(prog, f"--min-lr {cfg.min_lr} is above --lr {cfg.lr}: the cosine goes from the peak down to the floor")
@@ -212,12 +179,26 @@ def clear_sample(ex: D.Example, tok: D.Tokenizer, degraded_latent: tuple, clean_
     seq += [M.Text(tok.encode(first), loss=True),
             M.VaeImage(x_t, grid, t=t, target=v, droppable=False)]  # official: the noised image has enable_cfg=0
     if distill:  # official enable_distill: the ViT copy is resized so its patch grid equals the latent grid
-        seq += bridge.distill_pair(ex.clean, x0, grid, sizes.vit[2])  # the ViT stride is the model's patch
+        seq += distill_pair(ex.clean, x0, grid, sizes.vit[2])  # the ViT stride is the model's patch
     else:
         seq += [M.VaeImage(x0, grid), M.VitImage(D.image_to_tensor(D.resize_image(ex.clean, *sizes.vit)))]
     if rest.strip():  # official: parts[1] is added only when it is not blank
         seq.append(M.Text(tok.encode(rest), loss=True))
     return seq
+
+
+def teacher_size(grid: tuple, vit_patch: int) -> tuple[int, int]:
+    """(w, h) in pixels of the teacher ViT image whose patch grid equals the VAE token grid (official enable_distill)."""
+    return grid[1] * vit_patch, grid[0] * vit_patch
+
+
+def distill_pair(clean, x0: torch.Tensor, grid: tuple, vit_patch: int) -> list:
+    """The restored picture as the student and teacher Stage 2 distils (bridge.py; official _add_image with
+    distill_pair_id): its clean latent at t = 0 (gen expert) and its ViT patches on the same grid (und expert), so
+    token n of both covers one picture cell."""
+    teacher = D.image_to_tensor(clean, teacher_size(grid, vit_patch))
+    return [M.VaeImage(x0, grid, pair=0),  # CLEAR §3.3 distillation student: the clean latent at t=0
+            M.VitImage(teacher, pair=0)]  # teacher, ViT grid == VAE grid
 
 
 def text_reason_sample(ex: D.Example, tok: D.Tokenizer, sizes: D.ImageSizes = D.TOY_SIZES) -> list:
@@ -299,22 +280,16 @@ def pool_draw(world: D.ToyWorld, rng, n: int, encode: Callable, every_clean: boo
     return lambda rng: pool[int(rng.integers(len(pool)))]
 
 
-def picture_sizes(cfg, model_cfg: M.ModelConfig) -> D.ImageSizes:
-    """The official transforms capped by the model for --data (overridable by flags); the toy's own size otherwise."""
-    if cfg.data is None:
-        return D.image_sizes(model_cfg, *D.TOY_SIDES)
-    return D.image_sizes(model_cfg, (cfg.vae_max, cfg.vae_min), (cfg.vit_max, cfg.vit_min))
-
-
-def batches(cfg: SFTConfig, model_cfg: M.ModelConfig, tok: D.Tokenizer, encode: Callable, draw: Callable, device):
-    """batch(step, np_rng, torch_gen): samples until the step's token budget (counted before dropout) is reached,
-    packed into rows with the condition dropouts (BAGEL: expected_num_tokens per rank; pack_sequence's text / ViT / VAE
-    cfg dropout). draw(rng) -> (example, its (degraded, clean) latents or None). Each drawn example becomes a text-only
+def batches(cfg: SFTConfig, model_cfg: M.ModelConfig, tok: D.Tokenizer, encode: Callable, draw: Callable, device,
+            distill: bool = False):
+    """batch(np_rng, torch_gen): samples until the step's token budget (counted before dropout) is reached, packed
+    into rows with the condition dropouts (BAGEL: expected_num_tokens per rank; pack_sequence's text / ViT / VAE cfg
+    dropout). draw(rng) -> (example, its (degraded, clean) latents or None). Each drawn example becomes a text-only
     reasoning sample (cfg.text_reason_rate), a replayed restore edit (cfg.replay, the toy's pool only) or a CLEAR
-    sample."""
-    sizes = picture_sizes(cfg, model_cfg)
+    sample (with the distillation pair when `distill`, Stage 2)."""
+    sizes = cfg.sizes(model_cfg, toy=cfg.data is None)
 
-    def batch(step, rng, gen):
+    def batch(rng, gen):
         samples, tokens = [], 0
         while tokens < cfg.tokens_per_step:
             drawn = [draw(rng) for _ in range(4)]
@@ -322,7 +297,7 @@ def batches(cfg: SFTConfig, model_cfg: M.ModelConfig, tok: D.Tokenizer, encode: 
             kept = [d for d, x in zip(drawn, u) if x >= cfg.text_reason_rate + cfg.replay]
             latents = [lat for _, lat in kept]
             built = build_batch([ex for ex, _ in kept], tok, encode, gen, cfg.system, sizes, model_cfg.timestep_shift,
-                                cfg.distill_weight > 0, None if any(lat is None for lat in latents) else latents)
+                                distill, None if any(lat is None for lat in latents) else latents)
             built += [text_reason_sample(ex, tok, sizes) for (ex, _), x in zip(drawn, u) if x < cfg.text_reason_rate]
             built += [replay_sample(ex, lat, tok, gen, model_cfg.timestep_shift) for (ex, lat), x in zip(drawn, u)
                       if cfg.text_reason_rate <= x < cfg.text_reason_rate + cfg.replay]
@@ -334,7 +309,7 @@ def batches(cfg: SFTConfig, model_cfg: M.ModelConfig, tok: D.Tokenizer, encode: 
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The objective and one step
+# The objective
 
 
 def sft_loss(out: M.TrainOutput, n_ce: float, n_mse: float, ce_weight: float, mse_weight: float):
@@ -344,26 +319,14 @@ def sft_loss(out: M.TrainOutput, n_ce: float, n_mse: float, ce_weight: float, ms
     return ce_weight * ce + mse_weight * mse, ce, mse
 
 
-def step_loss(model, packed: M.Packed, run: C.Run, num_layers: int, ce_weight: float, mse_weight: float,
-              distill_weight: float = 0.0, distill_mode: str = "per_layer_kl", distill_stride: int = 1,
-              flex: bool = False, recompute: bool = False):
-    """The Stage 1 (and Stage 2) objective for one packed batch, normalised by global token / pair counts."""
+def step_loss(model, packed: M.Packed, run: C.Run, cfg: SFTConfig, hidden_hook: Callable | None = None):
+    """The Stage 1 objective of one packed batch, normalised by global token counts: (loss, metrics, model output).
+    hidden_hook(layer, hidden) is called after every decoder layer (Stage 2's distillation reads it)."""
     n_ce = C.all_reduce_sum(packed.ce_idx.numel(), run)
     n_mse = C.all_reduce_sum(int(packed.mse_mask.sum()), run)
-    n_pairs = C.all_reduce_sum(len(packed.pairs), run) if distill_weight > 0 else 0  # every rank joins the sum
-    hook, finish = (None, None)
-    if distill_weight > 0 and packed.pairs:
-        hook, finish = bridge.distill_loss(packed.pairs, num_layers, distill_mode, distill_stride)
-    out = model(packed, hidden_hook=hook, flex=flex, recompute=recompute)
-    loss, ce, mse = sft_loss(out, n_ce, n_mse, ce_weight, mse_weight)
-    metrics = {"ce": float(ce.detach()) * run.world, "mse": float(mse.detach()) * run.world}
-    if finish is not None:
-        distill = finish(out) / max(n_pairs, 1.0)  # CLEAR: normalised by the global number of pairs
-        loss = loss + distill_weight * distill
-        metrics["distill"] = float(distill.detach()) * run.world
-    elif distill_weight > 0:
-        loss = loss + 0 * out.hidden.sum()  # keeps every rank's graph the same shape (official dummy pass)
-    return loss * run.world, metrics  # DDP averages gradients over ranks; the counts above are global
+    out = model(packed, hidden_hook=hidden_hook, flex=cfg.flex_attention, recompute=cfg.fsdp)
+    loss, ce, mse = sft_loss(out, n_ce, n_mse, cfg.ce_weight, cfg.mse_weight)
+    return loss, {"ce": float(ce.detach()) * run.world, "mse": float(mse.detach()) * run.world}, out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -376,12 +339,13 @@ def load_start(cfg: SFTConfig, run: C.Run) -> tuple[M.Bagel, D.Tokenizer, str]:
     if init is None:
         init = BASE
         if (Path(init) / "ema.safetensors").exists():  # Stage 0 is cached in out/base, keyed by its settings
-            built = M.read_json(Path(init) / "nanoclear.json").get("args", {})  # pretrain.py's settings
+            built = CK.read_json(Path(init) / "nanoclear.json").get("args", {})  # pretrain.py's settings
             asked = {"seed": cfg.seed, "world_seed": cfg.world_seed, "steps": cfg.base_steps}
             if any(built.get(k) != v for k, v in asked.items()):
-                flags = lambda a: f"--seed {a.get('seed')} --world-seed {a.get('world_seed')} --base-steps {a.get('steps')}"  # noqa: E731
-                raise M.InputError(f"{init} holds a toy base built with {flags(built)}, this run asks for {flags(asked)}: "
-                                   f"remove {init}, run in another folder, or pass --init {init}")
+                def flags(a):
+                    return f"--seed {a.get('seed')} --world-seed {a.get('world_seed')} --base-steps {a.get('steps')}"
+                raise CK.InputError(f"{init} holds a toy base built with {flags(built)}, this run asks for "
+                                    f"{flags(asked)}: remove {init}, run in another folder, or pass --init {init}")
         else:
             if run.world > 1:
                 raise SystemExit("build the toy base first (python pretrain.py), then launch torchrun")
@@ -393,17 +357,16 @@ def load_start(cfg: SFTConfig, run: C.Run) -> tuple[M.Bagel, D.Tokenizer, str]:
     return C.load_for_training(init, run, cfg.fsdp), D.Tokenizer.from_folder(init), init
 
 
-def finetune(cfg: SFTConfig, name: str) -> tuple[M.Bagel | None, M.Bagel, D.Tokenizer]:
-    """Fine-tune with CE + MSE (+ distillation); returns (start model for the table or None, EMA model, tokenizer).
-    `name` is the stage recorded in the checkpoint ("sft" or "bridge"), which --resume checks."""
+def train(cfg: SFTConfig, stage: str = "sft", objective: Callable = step_loss,
+          distill: bool = False) -> tuple[M.Bagel | None, M.Bagel, D.Tokenizer]:
+    """Fine-tune on CLEAR's samples with `objective` (Stage 1's step_loss, or bridge.py's, which adds the distillation;
+    `distill` adds its pairs to the samples); returns (the start model for the table or None, the EMA model, the
+    tokenizer). `stage` is recorded in the checkpoint ("sft" or "bridge"), and --resume checks it."""
     run = C.setup_run(cfg.device, cfg.dtype, cfg.seed, cfg.threads)
     t0 = time.time()
-    if cfg.resume:  # before any work: --out must hold this very run
-        C.check_resume(cfg.out, name, {**vars(cfg), "init": cfg.init or BASE}, RESUME_MAY_CHANGE, cfg.resume_force, run)
-    else:  # or be a folder the first save may replace
-        C.check_out(cfg.out, cfg.init or BASE)
+    C.prepare_out(cfg, stage, cfg.init or BASE, RESUME_MAY_CHANGE, run.main)
     if cfg.init is not None:
-        M.config_from_folder(cfg.init)  # a wrong --init stops here, before the data is read
+        CK.config_from_folder(cfg.init)  # a wrong --init stops here, before the data is read
     if cfg.data:
         rows, problems = D.read_jsonl(cfg.data, cfg.images)
         if run.main:
@@ -416,28 +379,40 @@ def finetune(cfg: SFTConfig, name: str) -> tuple[M.Bagel | None, M.Bagel, D.Toke
                          model.encode_pixels, every_clean=cfg.replay > 0)
         if run.main:
             print(f"{cfg.examples} toy training examples made and encoded in {time.time() - t:.0f} s")
-    start = M.load_pretrained(init, run.device, run.dtype) if run.main and cfg.eval_n and not cfg.fsdp else None
+    start = CK.load_pretrained(init, run.device, run.dtype) if run.main and cfg.eval_n and not cfg.fsdp else None
     C.freeze_encoders(model)
     opt = C.make_optimizer(model, cfg.lr, weight_decay=cfg.weight_decay)
     ema = C.EMA(model, cfg.ema)
     out = Path(cfg.out)
-    start_step = C.load_resume_state(out, model, ema, opt) if cfg.resume else 0
+    start_step = CK.load_resume_state(out, model, opt, ema.shadow) if cfg.resume else 0
     wrapped = model
     if run.world > 1 and not cfg.fsdp:
         wrapped = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     if cfg.compile:
         wrapped = torch.compile(wrapped)
-    loop = C.LoopConfig(cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr, cfg.ema, cfg.grad_clip, cfg.seed, cfg.save_every, 1)
-    batch = batches(cfg, model.cfg, tok, model.encode_pixels, draw, run.device)
-
-    def loss(m, packed):
-        return step_loss(m, packed, run, model.cfg.num_hidden_layers, cfg.ce_weight, cfg.mse_weight, cfg.distill_weight,
-                         cfg.distill_mode, cfg.distill_stride, cfg.flex_attention, cfg.fsdp)
-
-    C.train_loop(run, model, wrapped, opt, ema, loop, out, name, batch, loss, tok.tk,
-                 {"args": vars(cfg), "init": init}, start_step=start_step)
+    batch = batches(cfg, model.cfg, tok, model.encode_pixels, draw, run.device, distill)
+    log = C.Log(out.with_name(out.name + ".log.jsonl"), start_step if start_step else None, run.main)
+    meta = {"args": vars(cfg), "init": init, "stage": stage}
+    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc=stage, disable=not run.main,
+               dynamic_ncols=True)
+    for step in bar:
+        t = time.time()
+        C.set_lr(opt, C.lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr))
+        rng, gen = C.step_rngs(cfg.seed, step, run.rank)
+        wrapped.train()
+        loss, metrics = objective(wrapped, batch(rng, gen), run, cfg)[:2]
+        loss = loss * run.world  # DDP averages gradients over ranks; the objective divides by global counts
+        loss.backward()
+        gnorm = C.clip_and_step(model, opt, cfg.grad_clip)
+        ema.update(model)
+        if run.main:
+            log({"step": step + 1, "loss": float(loss.detach()), **metrics, "lr": opt.param_groups[0]["lr"],
+                 "gnorm": gnorm, "ms": round(1000 * (time.time() - t))}, bar)
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            C.save(out, run, model, opt, tok.tk, step + 1, meta, ema)
+    bar.close()
     if run.main:
-        print(f"{name} finished in {time.time() - t0:.0f} s -> {out}")
+        print(f"{stage} finished in {time.time() - t0:.0f} s -> {out}")
     ema.copy_to(model)
     if run.world > 1:
         dist.destroy_process_group()
@@ -447,14 +422,12 @@ def finetune(cfg: SFTConfig, name: str) -> tuple[M.Bagel | None, M.Bagel, D.Toke
 def summary_table(cfg: SFTConfig, tok: D.Tokenizer, models: dict, modes: dict) -> str:
     """The held-out toy table printed at the end of the stage."""
     split = D.ToyWorld(cfg.world_seed).eval_split(cfg.eval_n, seed=cfg.eval_seed)
-    icfg = E.InferenceConfig(reentry=cfg.reentry, max_text_tokens=cfg.max_text_tokens, num_timesteps=cfg.eval_steps,
-                             cfg_text_scale=cfg.cfg_text_scale, cfg_img_scale=cfg.cfg_img_scale)
-    return E.toy_table(models, modes, tok, split, icfg, cfg.eval_seed, cfg.system)
+    return E.toy_table(models, modes, tok, split, E.inference_config(cfg, toy=True), cfg.eval_seed, cfg.system)
 
 
 def main(argv=None):
-    cfg = parse_config(__doc__, argv)
-    start, tuned, tok = finetune(cfg, "sft")
+    cfg = parse_config(argv)
+    start, tuned, tok = train(cfg)
     if start is not None:
         modes = {"base": "direct" if cfg.init is None else "interleave", "sft": "interleave"}
         print(summary_table(cfg, tok, {"base": start, "sft": tuned}, modes))

@@ -1,10 +1,12 @@
-"""Shared fixtures: a tiny toy checkpoint (random weights, the toy tokenizer) that the stage tests start from."""
+"""Shared fixtures: a tiny model config and network, a tiny toy checkpoint (random weights, the toy tokenizer) that the
+stage tests start from, and one recorded SDE step."""
 
 from dataclasses import replace
 
 import pytest
 import torch
 
+import checkpoint as CK
 import data as D
 import model as M
 import pretrain
@@ -25,5 +27,41 @@ def toy_ckpt(tmp_path_factory, toy_tok):
     model = M.Bagel(replace(pretrain.toy_config(toy_tok), **TINY))
     pretrain.init_weights(model)
     folder = tmp_path_factory.mktemp("ckpt") / "base"
-    M.save_pretrained(model, folder, tokenizer=toy_tok.tk, meta={"stage": "test"})
+    CK.save_pretrained(model, folder, tokenizer=toy_tok.tk, meta={"stage": "test"})
     return folder
+
+
+def tiny_cfg(**kw):
+    base = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vit_hidden_size=32, vit_intermediate_size=48, vit_num_hidden_layers=2,
+                vit_num_attention_heads=2, vit_patch_size=8, vit_image_size=32, vit_max_num_patch_per_side=4,
+                max_latent_size=4, ae_ch=32, ae_ch_mult=(1, 1), ae_num_res_blocks=1,
+                bos_token_id=60, eos_token_id=61, start_of_image_id=62, end_of_image_id=63)
+    base.update(kw)
+    return M.ModelConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    m = M.Bagel(tiny_cfg())
+    with torch.no_grad():  # random norms and an untrained-looking llm2vae make routing mistakes visible
+        for name, p in m.named_parameters():
+            if p.requires_grad and p.dim() == 1:
+                p.add_(0.2 * torch.randn_like(p))
+            if name.startswith("llm2vae"):
+                p.normal_(0, 0.3)
+    return m.eval()
+
+
+@pytest.fixture
+def sde_step():
+    """sde_step(t, batch) -> (x_t, v, x_next, mean, t, dt, sigma): one step of the rollout sampler (model.sde_step_mean)
+    from seeded random x_t and v, with dt 0.05 and sigma 0.3."""
+    def make(t: float, batch: int = 2):
+        g = torch.Generator().manual_seed(5)
+        x, v = torch.randn(batch, 4, 8, generator=g), torch.randn(batch, 4, 8, generator=g)
+        dt, sigma = 0.05, 0.3
+        mean = M.sde_step_mean(x, v, t, dt, sigma)
+        return x, v, mean + sigma * dt ** 0.5 * torch.randn(batch, 4, 8, generator=g), mean, t, dt, sigma
+    return make

@@ -1,15 +1,16 @@
-"""Stage 2 (bridge.py): the bridge embedding, the distillation losses, pair alignment, and where gradients flow."""
+"""Stage 2 (bridge.py): the distillation losses and their training step, and the re-entry latency probe."""
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+import checkpoint as CK
 import bridge
 import data as D
+import engine as E
 import model as M
 import sft
-from test_model import tiny_cfg
+from conftest import tiny_cfg
 
 
 @pytest.fixture(scope="module")
@@ -41,65 +42,9 @@ def test_kl_zero_iff_student_equals_teacher():
     assert bridge.distill_final_mse(t, t.detach() + 0).item() == 0 and bridge.distill_final_mse(t, s).item() > 0
 
 
-def test_teacher_patches_align_with_vae_tokens_cell_by_cell(net):
-    """In a restore sample, ViT patch n of the teacher covers the same picture cell as latent token n of the student."""
-    cfg = net.cfg
-    grid = (3, 4)
-    side = cfg.latent_downsample
-    cells = np.arange(12).reshape(grid) * 20  # a distinct grey level per latent cell
-    picture = Image.fromarray(np.kron(cells, np.ones((side, side))).astype(np.uint8)).convert("RGB")
-    w, h = bridge.teacher_size(grid, cfg.vit_patch_size)
-    teacher = M.patchify(D.image_to_tensor(picture, (w, h)), cfg.vit_patch_size)
-    assert teacher.shape[0] == grid[0] * grid[1]
-    means = (teacher.mean(1) * 0.5 + 0.5) * 255
-    assert np.allclose(means.numpy(), cells.flatten(), atol=12)
-
-
-def test_bridge_embedding_is_the_clean_vae_input(net):
-    """b(x0) equals the embedding of a clean (t=0) VAE image: the bridge adds no parameter (CLEAR §3.3)."""
-    g = torch.Generator().manual_seed(1)
-    x0 = torch.randn(6, net.cfg.patch_latent_dim, generator=g)
-    b = bridge.bridge_embedding(net, x0[None], (2, 3))[0]
-    packed = M.pack([[M.VaeImage(x0, (2, 3))]], net.cfg)
-    torch.testing.assert_close(b, net.embed_latent(packed.vae_tokens, packed.vae_t, packed.vae_pos))
-    side = net.cfg.max_latent_size  # by hand: row-major ids on the max_latent_size table, time embedding of t = 0
-    by_hand = net.vae2llm(x0) + net.time_embedder(torch.zeros(6)) + net.latent_pos_embed.pos_embed[[0, 1, 2, side, side + 1, side + 2]]
-    torch.testing.assert_close(b, by_hand)
-
-
-def answer_loss_after_restore(net, reentry: str):
-    """Denoise one step with gradients on, re-enter the result, and score an answer: returns the loss."""
-    cfg = net.cfg
-    g = torch.Generator().manual_seed(2)
-    grid = (2, 2)
-    prompt = [M.Text([5, 6, 7])]
-    cache = net.new_cache()
-    net.add_text(cache, [prompt[0].ids])
-    x_t = torch.randn(1, 4, cfg.patch_latent_dim, generator=g)
-    x0 = x_t - net.velocity(cache, x_t, 1.0, grid)  # one Euler step from t=1 to t=0, differentiable
-    if reentry == "bridge":
-        image = M.VaeImage(x0[0], grid)
-    else:
-        picture = bridge.decode_image(net, x0[0], grid)  # 8-bit pixels: the detour
-        image = M.VitImage(D.image_to_tensor(D.resize_image(picture, 16, 8, cfg.vit_patch_size)))
-    out = net(M.pack([prompt + [image, M.Text([8, 9], loss=True)]], cfg))
-    return out.ce.sum()
-
-
-def test_answer_gradient_reaches_the_denoiser_only_through_the_bridge(net):
-    """The answer loss reaches the denoiser's output head (llm2vae) through the bridge, not through decode-reencode."""
-    net.zero_grad()
-    answer_loss_after_restore(net, "bridge").backward()
-    assert net.llm2vae.weight.grad is not None and net.llm2vae.weight.grad.abs().sum() > 0
-    net.zero_grad()
-    answer_loss_after_restore(net, "decode_reencode").backward()
-    assert net.llm2vae.weight.grad is None or net.llm2vae.weight.grad.abs().sum() == 0
-    net.zero_grad()
-
-
 def test_per_layer_distillation_in_the_training_step(toy_ckpt):
     """A Stage-2 step on real restore samples has one pair per sample and a positive term that trains the student."""
-    model = M.load_pretrained(toy_ckpt)
+    model = CK.load_pretrained(toy_ckpt)
     tok = D.Tokenizer.from_folder(toy_ckpt)
     world = D.ToyWorld(0)
     stream = world.stream(np.random.default_rng(3))
@@ -123,7 +68,7 @@ def test_per_layer_distillation_in_the_training_step(toy_ckpt):
 def test_reentry_latency_measures_all_paths(net):
     """The latency probe times every re-entry path on the same context."""
     lat = bridge.reentry_latency(net, (2, 2), context=12, repeats=2)
-    assert set(lat) == set(bridge.REENTRY) and all(v > 0 for v in lat.values())
+    assert set(lat) == set(E.REENTRY) and all(v > 0 for v in lat.values())
 
 
 def test_distill_kl_direction_by_hand():

@@ -11,10 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint as CK
 import common as C
 import model as M
 from common import flag
-from test_model import tiny_cfg
+from conftest import tiny_cfg
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,16 +42,6 @@ def test_ema_by_hand():
     assert float(ema.shadow["weight"]) == pytest.approx(0.1)
 
 
-def test_failed_folder_write_leaves_nothing(tmp_path):
-    """An exception while writing a checkpoint leaves neither a half-written folder nor temporary files."""
-    def boom(tmp):
-        M.save_pretrained(M.Bagel(M.ModelConfig(num_hidden_layers=1, vit_num_hidden_layers=1)), tmp)
-        raise RuntimeError("disk full")
-    with pytest.raises(RuntimeError):
-        C.atomic_write_folder(tmp_path / "c", boom)
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_flags_are_checked_before_any_work(capsys):
     """An out-of-range value stops with exit status 2 and one line naming the flag, the value and what is allowed."""
     from dataclasses import dataclass
@@ -75,128 +66,6 @@ def test_flags_are_checked_before_any_work(capsys):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Checkpoints that survive a kill at any instant
-
-
-class Killed(BaseException):
-    """Stands for SIGKILL: nothing in the program may catch it and clean up."""
-
-
-RUN = C.Run(torch.device("cpu"), torch.float32)
-
-
-def tiny_training(out: Path, resume: bool = False):
-    """4 deterministic steps of a tiny model, saved every 2 (the same calls sft.py makes: check_resume,
-    load_resume_state, train_loop, save_checkpoint)."""
-    torch.manual_seed(0)
-    model = M.Bagel(tiny_cfg())
-    ema, opt = C.EMA(model, 0.9), C.make_optimizer(model, 1e-2)
-    start = 0
-    if resume:
-        C.check_resume(out, "t", {"lr": 1e-2}, (), False, RUN)
-        start = C.load_resume_state(out, model, ema, opt)
-    loop = C.LoopConfig(steps=4, lr=1e-2, warmup=1, min_lr=1e-3, ema=0.9, grad_clip=1.0, seed=0, save_every=2, log_every=1)
-    C.train_loop(RUN, model, model, opt, ema, loop, out, "t", lambda step, rng, gen: torch.randn(3, 64, generator=gen),
-                 lambda m, x: ((m.vae2llm(x) ** 2).mean(), {}), None, {"args": {"lr": 1e-2}}, start_step=start)
-
-
-def saved(out: Path) -> dict:
-    return {f"{f}:{k}": v for f in ("ema.safetensors", "train_state/model.safetensors", "train_state/optimizer.safetensors")
-            for k, v in load_file(str(out / f)).items()}
-
-
-def leftovers(out: Path) -> list:
-    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
-
-
-def faulty(monkeypatch, k: int, calls: list):
-    """os.fsync, os.replace and shutil.rmtree count their calls; call k kills the program instead. (fsync itself is
-    skipped: a kill, unlike a power cut, loses nothing the program wrote, and the test runs 10x faster.)"""
-    def wrap(name, fn):
-        def call(*a, **kw):
-            calls.append(name)
-            if len(calls) == k:
-                raise Killed(f"killed at call {k}, {name}")
-            return fn(*a, **kw)
-        return call
-    monkeypatch.setattr(os, "fsync", wrap("fsync", lambda fd: None))
-    monkeypatch.setattr(os, "replace", wrap("replace", os.replace))
-    monkeypatch.setattr(shutil, "rmtree", wrap("rmtree", shutil.rmtree))
-
-
-def same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_a_kill_at_every_step_of_a_save_leaves_a_complete_checkpoint_for_resume(tmp_path, monkeypatch):
-    """Kill the run at each step of the save that replaces its step-2 checkpoint by the step-4 one (every file and
-    folder flushed, the marker, both renames, removing the old copy): --resume then finds a complete checkpoint, leaves
-    no temporary folder, and ends with the weights of an uninterrupted run. Killed in its first save, a run has no
-    checkpoint yet, and --resume says to start without it."""
-    calls, after_save = [], []
-    real_save = C.save_checkpoint
-    with monkeypatch.context() as m:
-        faulty(m, 0, calls)
-        m.setattr(C, "save_checkpoint", lambda *a, **kw: (real_save(*a, **kw), after_save.append(len(calls))))
-        tiny_training(tmp_path / "straight")
-    straight = saved(tmp_path / "straight")
-    assert after_save == [after_save[0], len(calls)] and calls.count("replace") == 3  # step 2 (no old copy), step 4
-    monkeypatch.setattr(os, "fsync", lambda fd: None)
-    for k in [1, *range(after_save[0] + 1, len(calls) + 1)]:
-        out = tmp_path / str(k) / "out"
-        with monkeypatch.context() as m:
-            faulty(m, k, [])
-            with pytest.raises(Killed):
-                tiny_training(out)
-        try:
-            tiny_training(out, resume=True)
-        except FileNotFoundError as e:  # nothing complete yet: start again, as the message says
-            assert k <= after_save[0] and "start without --resume" in str(e), (k, e)
-            tiny_training(out)
-        assert same(saved(out), straight) and leftovers(out) == [] and (out / C.MARKER).exists(), k
-
-
-def test_stale_temporaries_go_and_folders_get_the_umask(tmp_path, monkeypatch):
-    """What killed writes left (a copy without its marker, an old copy) is removed by the next save; every file is
-    flushed before the swap; the folder's permissions follow the umask like any folder (mkdtemp made them 0700)."""
-    out = tmp_path / "ckpt"
-    (tmp_path / ".ckpt.tmp-0123abcd").mkdir()
-    (tmp_path / ".ckpt.old-0123abcd").mkdir()
-    (tmp_path / ".ckpt.tmp-not-ours").mkdir()  # not a name atomic_write_folder makes: left alone
-    flushed, real = [], C.fsync_path
-    monkeypatch.setattr(C, "fsync_path", lambda p: (flushed.append(Path(p)), real(p)))
-    C.atomic_write_folder(out, lambda tmp: ((tmp / "a.txt").write_text("a"), (tmp / "sub").mkdir(), (tmp / "sub" / "b").write_text("b")))
-    assert leftovers(out) == [".ckpt.tmp-not-ours"]
-    assert {p.name for p in flushed} >= {"a.txt", "b", "sub", C.MARKER, tmp_path.name}
-    umask = os.umask(0)
-    os.umask(umask)
-    assert (out.stat().st_mode & 0o777) == 0o777 & ~umask and (out / "a.txt").read_text() == "a"
-
-
-def test_resume_recovers_a_save_killed_between_its_renames(tmp_path, capsys, monkeypatch):
-    """The kill the old code lost a checkpoint to: --out moved aside, the new copy not yet in place. settle_folder
-    puts the new complete copy in place and says so in one line."""
-    out = tmp_path / "ckpt"
-    C.atomic_write_folder(out, lambda tmp: (tmp / "v").write_text("1"))
-    real = os.replace
-
-    def second_rename_killed(src, dst):
-        if ".tmp-" in str(src):
-            raise Killed("between the renames")
-        return real(src, dst)
-
-    with monkeypatch.context() as m:
-        m.setattr(os, "replace", second_rename_killed)
-        with pytest.raises(Killed):
-            C.atomic_write_folder(out, lambda tmp: (tmp / "v").write_text("2"))
-    assert not out.exists()
-    capsys.readouterr()
-    C.settle_folder(out)
-    assert (out / "v").read_text() == "2" and leftovers(out) == []
-    assert capsys.readouterr().out.count("recovered") == 1
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # Bad inputs: one line on stderr and exit status 2 from every script
 
 
@@ -208,7 +77,7 @@ def test_scripts_turn_input_errors_into_one_line(capsys, monkeypatch):
     def main():
         raise error
 
-    for error in (M.InputError("x.json is not valid JSON\nrestore it"), FileNotFoundError("no such file")):
+    for error in (CK.InputError("x.json is not valid JSON\nrestore it"), FileNotFoundError("no such file")):
         with pytest.raises(SystemExit) as e:
             C.run_cli(main)
         err = capsys.readouterr().err
@@ -242,32 +111,11 @@ def test_paired_bootstrap_on_known_inputs():
     assert paired["lo"] == paired["hi"] == 0.0
 
 
-def test_check_out_protects_what_a_save_would_replace(tmp_path):
-    """A save replaces --out as a whole, so before any work it must be new, empty or a checkpoint: a file, a folder of
-    other things (a save deleted them) and the --init itself (a run overwrote its own start) are refused."""
-    C.check_out(tmp_path / "new")
-    (tmp_path / "empty").mkdir()
-    C.check_out(tmp_path / "empty")
-    (tmp_path / "ckpt").mkdir()
-    (tmp_path / "ckpt" / "nanoclear.json").write_text("{}")
-    C.check_out(tmp_path / "ckpt", init=tmp_path / "other")
-    (tmp_path / "file").write_text("mine")
-    with pytest.raises(M.InputError, match="file is a file"):
-        C.check_out(tmp_path / "file")
-    (tmp_path / "photos").mkdir()
-    (tmp_path / "photos" / "a.jpg").write_text("mine")
-    with pytest.raises(M.InputError, match="photos is a folder that holds no checkpoint"):
-        C.check_out(tmp_path / "photos")
-    with pytest.raises(M.InputError, match="is --init"):
-        C.check_out(tmp_path / "ckpt", init=str(tmp_path / "ckpt") + "/")
-    assert (tmp_path / "photos" / "a.jpg").read_text() == "mine"
-
-
 def test_device_and_seed_flags_are_checked_before_any_work():
     """--device names a device this machine has (a typo or an absent GPU was a traceback); seeds are non-negative
     32-bit integers (-1 was a traceback from numpy after the run had started)."""
     for name in ("foo", "meta", "cuda:64"):
-        with pytest.raises(M.InputError, match=f"--device {name}: "):
+        with pytest.raises(CK.InputError, match=f"--device {name}: "):
             C.pick_device(name)
     assert C.pick_device("cpu") == (torch.device("cpu"), "asked for")
     from dataclasses import dataclass

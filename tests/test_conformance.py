@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint as CK
 import data as D
 import model as M
 
@@ -57,7 +58,7 @@ def overrides_from(tiny: dict) -> dict:
 @pytest.fixture(scope="module")
 def bagel(ref):
     torch.manual_seed(0)
-    return M.load_pretrained(REF, overrides=overrides_from(ref[2]))
+    return CK.load_pretrained(REF, overrides=overrides_from(ref[2]))
 
 
 def resize(img: Image.Image, kw: dict) -> Image.Image:

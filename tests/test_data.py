@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer as RawTokenizer, models
 
+import checkpoint as CK
 import data as D
 import model as M
 
@@ -152,7 +153,7 @@ def test_toy_tokenizer_round_trips_and_keeps_specials_special(tok):
     assert tok.decode(tok.encode(text)) == text
     assert [tok.bos_id, tok.eos_id, tok.soi_id, tok.eoi_id] == [0, 1, 2, 3]
     special = {t.content for t in tok.tk.get_added_tokens_decoder().values() if t.special}
-    assert special == set(M.SPECIAL_TOKENS.values())
+    assert special == set(CK.SPECIAL_TOKENS.values())
     for tag in D.CLEAR_TAGS:
         assert len(tok.encode(tag)) == 1 and tag not in special
     assert tok.encode("<|im_end|>") == [tok.eos_id]
@@ -178,7 +179,7 @@ def test_tokenizer_from_file_looks_specials_up_by_text(tmp_path):
     raw.add_special_tokens(["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>"])
     raw.save(str(tmp_path / "tokenizer.json"))
     t = D.Tokenizer.from_folder(tmp_path)
-    assert (t.bos_id, t.eos_id, t.soi_id, t.eoi_id) == tuple(raw.token_to_id(s) for s in M.SPECIAL_TOKENS.values())
+    assert (t.bos_id, t.eos_id, t.soi_id, t.eoi_id) == tuple(raw.token_to_id(s) for s in CK.SPECIAL_TOKENS.values())
     assert M.ModelConfig(**{**D.config_ids(t), "vocab_size": 16}).eos_token_id == t.eos_id
     plain = RawTokenizer(models.WordLevel({"hello": 0, "<unk>": 1}, unk_token="<unk>"))
     plain.save(str(tmp_path / "plain.json"))
@@ -325,7 +326,7 @@ def test_readers_reject_truncated_and_tiny_pictures_at_read_time(tmp_path):
     assert "truncated" in problems[0][1] and "40x12 pixels, under degrade's minimum side 16" in problems[1][1]
     assert D.skip_report(path, rows, problems, "line").startswith(f"{path}: 1 rows used, 2 skipped (first: line 2: unusable image")
     path.write_text(json.dumps({"image": "cut.jpg", "question": "Q", "answer": "A"}) + "\n")
-    with pytest.raises(M.InputError, match="none of its 1 rows is usable .*truncated"):
+    with pytest.raises(CK.InputError, match="none of its 1 rows is usable .*truncated"):
         D.read_jsonl(path, tmp_path)
 
     b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
@@ -340,20 +341,20 @@ def test_readers_reject_truncated_and_tiny_pictures_at_read_time(tmp_path):
     assert [r["index"] for r in rows] == ["1"] and [i for i, _ in problems] == ["2", "3", "4"]
     assert "truncated" in problems[0][1] and "12x40 pixels" in problems[1][1] and "truncated" in problems[2][1]
     tsv.write_text("\n".join("\t".join(r) for r in [header, *table[1:]]) + "\n")
-    with pytest.raises(M.InputError, match="none of its 3 rows is usable"):
+    with pytest.raises(CK.InputError, match="none of its 3 rows is usable"):
         D.read_tsv(tsv)
     tsv.write_text("\t".join(header) + "\n")
-    with pytest.raises(M.InputError, match="has a header but no rows"):
+    with pytest.raises(CK.InputError, match="has a header but no rows"):
         D.read_tsv(tsv)
 
 
 def test_a_corrupt_tokenizer_json_is_named(tmp_path):
     """tokenizers' own message ("key must be a string ...") names no file; ours does, from either loader."""
     (tmp_path / "tokenizer.json").write_text('{1: "x"}')
-    with pytest.raises(M.InputError, match=f"{tmp_path / 'tokenizer.json'} is not a readable tokenizer.json"):
+    with pytest.raises(CK.InputError, match=f"{tmp_path / 'tokenizer.json'} is not a readable tokenizer.json"):
         D.Tokenizer.from_folder(tmp_path)
-    with pytest.raises(M.InputError, match="tokenizer.json is not a readable tokenizer.json"):
-        M.read_tokenizer(tmp_path / "tokenizer.json")
+    with pytest.raises(CK.InputError, match="tokenizer.json is not a readable tokenizer.json"):
+        CK.read_tokenizer(tmp_path / "tokenizer.json")
 
 
 def test_image_helpers_odd_modes():
@@ -378,7 +379,7 @@ def test_jsonl_reader_bom_encoding_and_paths(tmp_path):
     rows, problems = D.read_jsonl(path, tmp_path)
     assert [r["line"] for r in rows] == [1, 2] and problems == []
     path.write_bytes(json.dumps(row).encode() + b"\n" + json.dumps({**row, "question": "caf\u00e9?"}, ensure_ascii=False).encode("latin-1"))
-    with pytest.raises(M.InputError, match="d.jsonl line 2 is not UTF-8 .*save the file as UTF-8"):
+    with pytest.raises(CK.InputError, match="d.jsonl line 2 is not UTF-8 .*save the file as UTF-8"):
         D.read_jsonl(path, tmp_path)
     with pytest.raises(FileNotFoundError, match="is a folder"):
         D.read_jsonl(tmp_path, tmp_path)
@@ -388,7 +389,7 @@ def test_jsonl_reader_bom_encoding_and_paths(tmp_path):
     rows, problems = D.read_jsonl(path, tmp_path)
     assert problems == [(2, "'image' is [\"a.png\", \"a.png\"], not one picture path")]
     path.write_text("")
-    with pytest.raises(M.InputError, match="d.jsonl is empty"):
+    with pytest.raises(CK.InputError, match="d.jsonl is empty"):
         D.read_jsonl(path, tmp_path)
 
 
@@ -407,7 +408,7 @@ def test_tsv_reader_bom_encoding_duplicates_and_shifted_rows(tmp_path):
     assert problems == [("1", "its index repeats an earlier row's"), ("2", "7 cells where the header has 6"),
                         ("3", "no image"), ("4", "undecodable image ('9' is no row's index, nor a picture in base64)")]
     tsv.write_bytes("\n".join("\t".join(r) for r in [header, table[0]]).encode("utf-8").replace(b"Q?", "Caf\u00e9?".encode("latin-1")))
-    with pytest.raises(M.InputError, match="b.tsv is not UTF-8 text"):
+    with pytest.raises(CK.InputError, match="b.tsv is not UTF-8 text"):
         D.read_tsv(tsv)
     with pytest.raises(FileNotFoundError, match="is a folder"):
         D.read_tsv(tmp_path)

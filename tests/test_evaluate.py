@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint as CK
 import data as D
 import engine as E
 import evaluate
@@ -44,7 +45,7 @@ def icfg():
 
 def test_tsv_malformed_rows_counted_not_scored(toy_ckpt, tmp_path):
     """Undecodable images and option gaps are reported by index; good MC rows are scored; the run completes."""
-    model, tok = M.load_pretrained(toy_ckpt), D.Tokenizer.from_folder(toy_ckpt)
+    model, tok = CK.load_pretrained(toy_ckpt), D.Tokenizer.from_folder(toy_ckpt)
     res = score_tsv(model, tok, write_tsv(tmp_path / "bench.tsv"))
     assert res["rows"] == 3 and {p["index"] for p in res["problems"]} == {"2", "3"}
     assert res["scored"] == 2 and res["unscored"] == ["4"]  # the open row waits for a judge
@@ -53,7 +54,7 @@ def test_tsv_malformed_rows_counted_not_scored(toy_ckpt, tmp_path):
 
 def test_tsv_judge_scores_open_rows_and_interleave_mode_runs(toy_ckpt, tmp_path):
     """A pluggable judge scores open-ended rows (no network); the CLEAR interleaved mode runs on TSV rows too."""
-    model, tok = M.load_pretrained(toy_ckpt), D.Tokenizer.from_folder(toy_ckpt)
+    model, tok = CK.load_pretrained(toy_ckpt), D.Tokenizer.from_folder(toy_ckpt)
     judge = lambda q, pred, truth: 1.0  # noqa: E731
     res = score_tsv(model, tok, write_tsv(tmp_path / "b.tsv"), "interleave", judge)
     assert res["scored"] == 3 and res["unscored"] == [] and res["by_category"]["open"] == 1.0
@@ -72,7 +73,7 @@ def test_judge_spec_and_psnr():
     """--judge takes module:function; PSNR is infinite-capped for identical pictures and drops with noise."""
     assert evaluate.load_judge(None) is None
     assert evaluate.load_judge("math:sqrt")(4.0) == 2.0
-    with pytest.raises(M.InputError, match="give module:function"):
+    with pytest.raises(CK.InputError, match="give module:function"):
         evaluate.load_judge("math")
     a = np.zeros((8, 8, 3), np.uint8)
     assert evaluate.psnr(a, a) == 99.0 and evaluate.psnr(a, a + 10) < 30
@@ -94,7 +95,7 @@ def test_toy_report_end_to_end(toy_ckpt, tmp_path):
     import shutil
     shutil.copytree(toy_ckpt, out_root / "sft")
     evaluate.main(["--out-root", str(out_root), "--n", "2", "--batch", "1", "--n-corruption", "1", "--max-text-tokens", "3",
-                   "--steps", "3", "--probe-n", "20", "--probe-steps", "5",
+                   "--denoise-steps", "3", "--probe-n", "20", "--probe-steps", "5",
                    "--out", str(tmp_path / "eval"), "--threads", "1"])
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert set(report["main"]["sft"]) == set(evaluate.MODES)
@@ -107,7 +108,7 @@ def test_toy_report_end_to_end(toy_ckpt, tmp_path):
 
 def test_a_sets_numbers_do_not_depend_on_the_other_sets(toy_ckpt):
     """Each set samples from its own (seed, name) generator: hard alone equals hard evaluated after mid."""
-    model, tok = M.load_pretrained(toy_ckpt), D.Tokenizer.from_folder(toy_ckpt)
+    model, tok = CK.load_pretrained(toy_ckpt), D.Tokenizer.from_folder(toy_ckpt)
     split = D.ToyWorld(0).eval_split(3, seed=0)
     cfg = E.InferenceConfig(max_text_tokens=4, num_timesteps=3, temperature=1.0)
     with torch.no_grad():
@@ -122,7 +123,7 @@ def test_pictures_are_encoded_once_per_autoencoder(toy_ckpt):
     autoencoder encodes nothing again and answers exactly as with its own encoder; another autoencoder encodes anew."""
     split = {"hard": D.ToyWorld(0).eval_split(3, seed=0)["hard"]}
     cfg = E.InferenceConfig(max_text_tokens=4, num_timesteps=3)
-    first, second, other = (M.load_pretrained(toy_ckpt) for _ in range(3))
+    first, second, other = (CK.load_pretrained(toy_ckpt) for _ in range(3))
     tok = D.Tokenizer.from_folder(toy_ckpt)
     with torch.no_grad():
         other.vae.encoder.conv_in.weight.mul_(1.01)
@@ -144,7 +145,7 @@ def test_pictures_are_encoded_once_per_autoencoder(toy_ckpt):
 def test_generator_check_references_and_a_zero_velocity_head(toy_ckpt):
     """The copy and mean references are exact functions of the latents; the fixture's llm2vae is zero (BAGEL's init),
     so its error is E[(noise - x0)^2] = 1 + E[x0^2] at every t."""
-    model, tok = M.load_pretrained(toy_ckpt), D.Tokenizer.from_folder(toy_ckpt)
+    model, tok = CK.load_pretrained(toy_ckpt), D.Tokenizer.from_folder(toy_ckpt)
     examples = D.ToyWorld(0).eval_split(6, seed=3)["hard"]
     res = evaluate.flow_error_by_t(model, tok, examples, ts=(0.5, 1.0))
     x0 = torch.stack([model.encode_pixels(D.image_to_tensor(ex.clean)[None])[0][0] for ex in examples])
@@ -188,7 +189,7 @@ def test_one_photo_demo(toy_ckpt, tmp_path, capsys):
     photo = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 77, 4), dtype=np.uint8), "RGBA").save(photo)
     evaluate.main(["--init", str(toy_ckpt), "--image", str(photo), "--question", "What colour are the shapes?",
-                   "--degrade", "motion_blur:hard", "--max-text-tokens", "4", "--steps", "3", "--out", str(tmp_path / "demo"),
+                   "--degrade", "motion_blur:hard", "--max-text-tokens", "4", "--denoise-steps", "3", "--out", str(tmp_path / "demo"),
                    "--threads", "1"])
     out = capsys.readouterr().out
     assert "restored:" in out and "answer:" in out and (tmp_path / "demo" / "demo.png").exists()
@@ -213,9 +214,9 @@ def test_evaluate_checks_every_input_before_any_work(toy_ckpt, tmp_path, capsys)
     base = ["--init", str(toy_ckpt), "--out", str(tmp_path / "res"), "--threads", "1", "--max-text-tokens", "4"]
     with pytest.raises(FileNotFoundError, match="nope.tsv does not exist"):
         evaluate.main([*base, "--tsv", str(good), str(tmp_path / "nope.tsv")])
-    with pytest.raises(M.InputError, match="cannot import it"):
+    with pytest.raises(CK.InputError, match="cannot import it"):
         evaluate.main([*base, "--tsv", str(good), "--judge", "no_such_module:judge"])
-    with pytest.raises(M.InputError, match="photo.jpg is not a readable picture"):
+    with pytest.raises(CK.InputError, match="photo.jpg is not a readable picture"):
         evaluate.main([*base, "--image", str(tmp_path / "photo.jpg"), "--question", "Q?"])
     for argv, words in ((["--tsv"], "--tsv needs at least one file"),
                         (["--tsv", str(good), str(tmp_path / "again" / "bench.tsv")], "would overwrite each other"),
@@ -231,5 +232,5 @@ def test_evaluate_checks_every_input_before_any_work(toy_ckpt, tmp_path, capsys)
     assert not (tmp_path / "res").exists() and (tmp_path / "file").read_text() == "mine"
     assert evaluate.judge_score(lambda q, p, a: 1, "j:f", "q", "p", "a", 0) == 1.0
     for bad in (lambda q, p, a: 5, lambda q, p, a: "yes", lambda q, p, a: float("nan"), lambda q, p: 1.0):
-        with pytest.raises(M.InputError, match="--judge j:f"):
+        with pytest.raises(CK.InputError, match="--judge j:f"):
             evaluate.judge_score(bad, "j:f", "q", "p", "a", 0)

@@ -12,11 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint as CK
 import data as D
 import model as M
-from test_model import tiny_cfg
+from conftest import tiny_cfg
 
-DOCUMENTED = (M.InputError, FileNotFoundError)
+DOCUMENTED = (CK.InputError, FileNotFoundError)
 
 
 def random_json(rng, depth: int = 0):
@@ -137,7 +138,7 @@ def test_tokenizer_fuzz(tmp_path, toy_tok):
 def tiny_folder(tmp_path_factory, toy_tok):
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("fuzz") / "ckpt"
-    M.save_pretrained(M.Bagel(tiny_cfg(**D.config_ids(toy_tok))), folder, tokenizer=toy_tok.tk)
+    CK.save_pretrained(M.Bagel(tiny_cfg(**D.config_ids(toy_tok))), folder, tokenizer=toy_tok.tk)
     return folder
 
 
@@ -164,10 +165,10 @@ def test_checkpoint_fuzz(tiny_folder, tmp_path):
         else:  # merges.txt (the toy BPE's) takes the byte mutations only
             data = [rng.bytes(int(rng.integers(0, 300))), cut(files[name], rng), flipped(files[name], rng)][min(kind, 2)]
         (folder / name).write_bytes(data)
-        model = only_documented(lambda: M.load_pretrained(folder), folder)
+        model = only_documented(lambda: CK.load_pretrained(folder), folder)
         loaded += model is not None
         (folder / name).write_bytes(files[name])
     assert 0 < loaded < 48  # some mutations are harmless (a flipped weight), most are not
     (folder / "ema.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="ema.safetensors"):
-        M.load_pretrained(folder)
+        CK.load_pretrained(folder)

@@ -9,29 +9,7 @@ import torch
 from PIL import Image
 
 import model as M
-
-
-def tiny_cfg(**kw):
-    base = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, vit_hidden_size=32, vit_intermediate_size=48, vit_num_hidden_layers=2,
-                vit_num_attention_heads=2, vit_patch_size=8, vit_image_size=32, vit_max_num_patch_per_side=4,
-                max_latent_size=4, ae_ch=32, ae_ch_mult=(1, 1), ae_num_res_blocks=1,
-                bos_token_id=60, eos_token_id=61, start_of_image_id=62, end_of_image_id=63)
-    base.update(kw)
-    return M.ModelConfig(**base)
-
-
-@pytest.fixture(scope="module")
-def net():
-    torch.manual_seed(0)
-    m = M.Bagel(tiny_cfg())
-    with torch.no_grad():  # random norms and an untrained-looking llm2vae make routing mistakes visible
-        for name, p in m.named_parameters():
-            if p.requires_grad and p.dim() == 1:
-                p.add_(0.2 * torch.randn_like(p))
-            if name.startswith("llm2vae"):
-                p.normal_(0, 0.3)
-    return m.eval()
+from conftest import tiny_cfg
 
 
 def sample_segments(cfg, g):
@@ -173,120 +151,6 @@ def test_cfg_batched_equals_branch_by_branch(net):
     torch.testing.assert_close(v, M.cfg_combine(*vs, 4.0, 1.5, "global"), atol=2e-5, rtol=0)
 
 
-def test_save_load_roundtrip_bit_identical(net, tmp_path):
-    """A saved folder has the official key names and loads back bit-identically."""
-    from tokenizers import Tokenizer, models
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(60)} | {t: 60 + i for i, t in enumerate(M.SPECIAL_TOKENS.values())}, unk_token="w0"))
-    M.save_pretrained(net, tmp_path / "ckpt", tokenizer=tok, meta={"stage": "test"})
-    files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
-    assert files == ["ae.safetensors", "ema.safetensors", "llm_config.json", "nanoclear.json", "tokenizer.json", "vit_config.json"]
-    back = M.load_pretrained(tmp_path / "ckpt")
-    assert back.cfg == net.cfg
-    a, b = net.state_dict(), back.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    from safetensors import safe_open
-    with safe_open(str(tmp_path / "ckpt" / "ema.safetensors"), "pt") as f:
-        keys = set(f.keys())
-    assert "language_model.model.layers.1.self_attn.q_proj_moe_gen.weight" in keys and "latent_pos_embed.pos_embed" in keys
-    assert json.loads((tmp_path / "ckpt" / "vit_config.json").read_text())["num_hidden_layers"] == net.cfg.vit_num_hidden_layers + 1
-
-
-def test_bad_checkpoints_are_refused_clearly(net, tmp_path):
-    """Wrong folder, missing file, corrupt safetensors and config/weight mismatch give messages naming the problem."""
-    with pytest.raises(FileNotFoundError, match="not a folder"):
-        M.load_pretrained(tmp_path / "nope")
-    M.save_pretrained(net, tmp_path / "c")
-    (tmp_path / "c" / "ae.safetensors").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="not a readable safetensors"):
-        M.load_pretrained(tmp_path / "c")
-    M.save_pretrained(net, tmp_path / "c")
-    (tmp_path / "c" / "ema.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="ema.safetensors is missing"):
-        M.load_pretrained(tmp_path / "c")
-    M.save_pretrained(net, tmp_path / "c")
-    cfg = json.loads((tmp_path / "c" / "llm_config.json").read_text())
-    cfg["intermediate_size"] = 40
-    (tmp_path / "c" / "llm_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="mis-shaped .*mlp"):
-        M.load_pretrained(tmp_path / "c")
-
-
-def rewrite(path, change):
-    cfg = json.loads(path.read_text())
-    change(cfg)
-    path.write_text(json.dumps(cfg))
-
-
-def test_the_vit_layer_the_official_loader_drops_and_no_other(net, tmp_path, capsys):
-    """BAGEL builds vit_config.json's num_hidden_layers - 1 ViT layers and loads non-strictly: a BAGEL-format folder
-    (no nanoclear.json) whose file holds all num_hidden_layers loses the last one, with one printed line. A nanoCLEAR
-    folder whose vit_config.json says one layer too few (the old loader dropped a trained layer without a word), or
-    an extra layer that is not one complete last layer, is an error naming the tensors."""
-    from safetensors.torch import load_file, save_file
-    M.save_pretrained(net, tmp_path / "ours")
-    rewrite(tmp_path / "ours" / "vit_config.json", lambda c: c.update(num_hidden_layers=2))
-    with pytest.raises(M.InputError, match=r"unexpected ema.safetensors:vit_model.vision_model.encoder.layers.1.mlp.fc1.weight .*"
-                                           r"holds more ViT layers than the 1 .*must say one more"):
-        M.load_pretrained(tmp_path / "ours")
-
-    official = tmp_path / "official"  # SigLIP's whole tower in the file, as the json counts it
-    M.save_pretrained(net, official)
-    (official / "nanoclear.json").unlink()
-    ema = load_file(str(official / "ema.safetensors"))
-    last = {k.replace("layers.1.", "layers.2."): v + 1 for k, v in ema.items() if k.startswith(M.VIT_LAYERS + "1.")}
-    save_file({**ema, **last}, str(official / "ema.safetensors"))
-    code = {k: getattr(net.cfg, k) for k in M.CODE_KEYS}
-    capsys.readouterr()
-    back = M.load_pretrained(official, overrides=code)
-    assert capsys.readouterr().out.count("dropped ViT layer 2 (16 tensors)") == 1
-    assert len(back.vit_model.vision_model.encoder.layers) == 2
-    assert torch.equal(back.state_dict()[M.VIT_LAYERS + "1.mlp.fc1.weight"], net.state_dict()[M.VIT_LAYERS + "1.mlp.fc1.weight"])
-    save_file({**ema, **dict(list(last.items())[:-1])}, str(official / "ema.safetensors"))  # an incomplete extra layer
-    with pytest.raises(M.InputError, match="unexpected ema.safetensors:vit_model.vision_model.encoder.layers.2"):
-        M.load_pretrained(official, overrides=code)
-
-
-def test_a_tensor_in_two_files_is_an_error(net, tmp_path):
-    """A `vae.*` tensor in ema.safetensors that ae.safetensors holds too is named, not silently replaced."""
-    from safetensors.torch import load_file, save_file
-    M.save_pretrained(net, tmp_path / "c")
-    ema = load_file(str(tmp_path / "c" / "ema.safetensors"))
-    save_file({**ema, "vae.decoder.conv_out.bias": torch.zeros(3)}, str(tmp_path / "c" / "ema.safetensors"))
-    with pytest.raises(M.InputError, match="duplicate vae.decoder.conv_out.bias: ema.safetensors:vae.decoder.conv_out.bias "
-                                           "and ae.safetensors:decoder.conv_out.bias"):
-        M.load_pretrained(tmp_path / "c")
-
-
-def test_a_folder_without_nanoclear_json_gets_bagel_7b_code_values_and_is_told(net, tmp_path):
-    """Without nanoclear.json the values no json holds (latent size, AE shape, ...) are BAGEL-7B-MoT's: a folder of
-    another geometry hears that, which file would fix it, and what it needs."""
-    M.save_pretrained(net, tmp_path / "c")
-    (tmp_path / "c" / "nanoclear.json").unlink()
-    with pytest.raises(M.InputError) as e:
-        M.load_pretrained(tmp_path / "c")
-    assert "has no nanoclear.json" in str(e.value) and "max_latent_size" in str(e.value) and "BAGEL-7B-MoT" in str(e.value)
-    assert "\n" not in str(e.value)
-
-
-def test_wrong_json_values_are_named(net, tmp_path):
-    """A json value of the wrong type or size stops at load naming the folder's files and the key, never a TypeError
-    deep in the model; a corrupt tokenizer.json is named too."""
-    M.save_pretrained(net, tmp_path / "c")
-    for file, key, value, words in (("llm_config.json", "hidden_size", "32", "hidden_size is '32'"),
-                                    ("llm_config.json", "num_attention_heads", 0, "num_attention_heads is 0"),
-                                    ("vit_config.json", "num_hidden_layers", [3], "num_hidden_layers is [3]"),
-                                    ("nanoclear.json", "model", [], "nanoclear.json lacks our config's ['model']")):
-        path = tmp_path / "c" / file
-        saved = path.read_text()
-        rewrite(path, lambda c: c.update({key: value}))
-        with pytest.raises(M.InputError, match=re.escape(words)):
-            M.load_pretrained(tmp_path / "c")
-        path.write_text(saved)
-    (tmp_path / "c" / "tokenizer.json").write_text('{1: "x"}')
-    with pytest.raises(M.InputError, match="tokenizer.json is not a readable tokenizer.json .*key must be a string"):
-        M.load_pretrained(tmp_path / "c")
-
-
 def test_bad_inputs(net):
     """Too-large grids, positions past the limit and mis-sized images raise clear errors."""
     cfg = net.cfg
@@ -308,13 +172,9 @@ def test_patchify_roundtrip():
     assert torch.equal(M.unpatchify(M.patchify(x, 8), (2, 3), 8), x)
 
 
-def test_sde_logprob_is_gaussian_density():
+def test_sde_logprob_is_gaussian_density(sde_step):
     """The recorded SDE step log-prob equals the Gaussian log-density (mean over elements, constants dropped)."""
-    g = torch.Generator().manual_seed(5)
-    x, v = torch.randn(2, 4, 8, generator=g), torch.randn(2, 4, 8, generator=g)
-    t, dt, sigma = 0.7, 0.05, 0.3
-    mean = M.sde_step_mean(x, v, t, dt, sigma)
-    x_next = mean + sigma * dt ** 0.5 * torch.randn(2, 4, 8, generator=g)
+    x, v, x_next, mean, t, dt, sigma = sde_step(0.7)
     dist = torch.distributions.Normal(mean, sigma * dt ** 0.5)
     const = -torch.log(torch.tensor(sigma * dt ** 0.5)) - 0.5 * torch.log(torch.tensor(2 * torch.pi))
     expected = (dist.log_prob(x_next) - const).flatten(1).mean(1)
@@ -394,20 +254,3 @@ def test_rmsnorm_by_hand():
     norm = M.RMSNorm(2, eps=0.0)
     assert norm(torch.tensor([3.0, 4.0])).tolist() == pytest.approx([3 / 12.5 ** 0.5, 4 / 12.5 ** 0.5])
 
-
-def test_saved_folder_works_in_the_official_app(net, tmp_path):
-    """Safetensors carry {"format": "pt"} as the official files do; the tokenizer files of the source folder are kept,
-    and a BPE tokenizer without them gets the vocab.json + merges.txt that Qwen2Tokenizer.from_pretrained reads."""
-    from safetensors import safe_open
-    from tokenizers import Tokenizer, models, trainers
-    bpe = Tokenizer(models.BPE())
-    bpe.train_from_iterator(["a b c ab bc abc"] * 10, trainers.BpeTrainer(special_tokens=list(M.SPECIAL_TOKENS.values())))
-    M.save_pretrained(net, tmp_path / "toy", tokenizer=bpe)
-    with safe_open(str(tmp_path / "toy" / "ema.safetensors"), "pt") as f:
-        assert f.metadata() == {"format": "pt"}
-    assert json.loads((tmp_path / "toy" / "vocab.json").read_text()) == bpe.get_vocab(with_added_tokens=False)
-    assert (tmp_path / "toy" / "merges.txt").exists()
-    (tmp_path / "toy" / "tokenizer_config.json").write_text('{"model_max_length": 32768}')
-    M.save_pretrained(net, tmp_path / "tuned", tokenizer=bpe, tokenizer_source=tmp_path / "toy")
-    for name in ("tokenizer_config.json", "vocab.json", "merges.txt"):
-        assert (tmp_path / "tuned" / name).read_bytes() == (tmp_path / "toy" / name).read_bytes()

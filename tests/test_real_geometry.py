@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+import checkpoint as CK
 import bridge
 import data as D
 import evaluate
@@ -34,7 +35,7 @@ def qwen_style_tokenizer(texts) -> Tokenizer:
     tk.decoder = decoders.ByteLevel()
     tk.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                                       show_progress=False))
-    tk.add_special_tokens(list(M.SPECIAL_TOKENS.values()))
+    tk.add_special_tokens(list(CK.SPECIAL_TOKENS.values()))
     return tk
 
 
@@ -45,11 +46,11 @@ def world(tmp_path_factory):
     texts = [D.INTERLEAVE_REASON_SYSTEM_PROMPT, D.VLM_THINK_SYSTEM_PROMPT, "What is in the picture? A red car. <think>"
              "The image is blurred.</think> <image_restore> <think>Clear now.</think><answer>A red car.</answer>"] * 3
     tk = qwen_style_tokenizer(texts)
-    ids = M.special_token_ids(tk, "test tokenizer")
+    ids = CK.special_token_ids(tk, "test tokenizer")
     assert min(ids.values()) >= 256  # not the toy's 0..3: every id must be read from the file
     torch.manual_seed(0)
     cfg = M.ModelConfig(vocab_size=tk.get_vocab_size() + 8, **ids, **WIDTHS)  # padded vocabulary, as Qwen2's
-    M.save_pretrained(M.Bagel(cfg), root / "bagel", tokenizer=tk, meta={"note": "code-only values of this geometry"})
+    CK.save_pretrained(M.Bagel(cfg), root / "bagel", tokenizer=tk, meta={"note": "code-only values of this geometry"})
     rng = np.random.default_rng(0)
     photos = root / "photos"
     photos.mkdir()
@@ -76,7 +77,7 @@ def world(tmp_path_factory):
 
 def test_sizes_come_from_the_checkpoint(world):
     """The official transforms with strides from the model and caps from its position tables."""
-    cfg = M.config_from_folder(world / "bagel")
+    cfg = CK.config_from_folder(world / "bagel")
     assert D.image_sizes(cfg) == D.ImageSizes(vae=(256, 256, 16), vit=(224, 224, 14))  # 16 latent tokens, 16 patches
     assert D.image_sizes(M.PRESETS["bagel-7b-mot"]) == D.ImageSizes(vae=(1024, 512, 16), vit=(518, 224, 14))
     big = D.image_sizes(cfg, (1024, 512), (518, 224))
@@ -94,11 +95,11 @@ def test_every_stage_runs_on_real_geometry(world, tmp_path):
     rl.main(["--init", str(tmp_path / "bridge"), "--out", str(tmp_path / "rl"), "--steps", "1", "--prompts", "1", "--group", "2",
              "--max-text-tokens", "4", "--sde-points", "3", *data])
     for stage in ("sft", "bridge", "rl"):
-        model = M.load_pretrained(tmp_path / stage)
+        model = CK.load_pretrained(tmp_path / stage)
         assert model.cfg.vit_patch_size == 14 and model.cfg.latent_downsample == 16
-        assert D.Tokenizer.from_folder(tmp_path / stage).bos_id == M.config_from_folder(world / "bagel").bos_token_id
+        assert D.Tokenizer.from_folder(tmp_path / stage).bos_id == CK.config_from_folder(world / "bagel").bos_token_id
         assert (tmp_path / stage / "vocab.json").exists()
-    evaluate.main(["--init", str(tmp_path / "rl"), "--tsv", str(world / "bench.tsv"), "--max-text-tokens", "4", "--steps", "3",
+    evaluate.main(["--init", str(tmp_path / "rl"), "--tsv", str(world / "bench.tsv"), "--max-text-tokens", "4", "--denoise-steps", "3",
                    "--out", str(tmp_path / "eval"), "--threads", "1"])
     report = json.loads((tmp_path / "eval" / "bench.json").read_text())
     assert report["rows"] == 3 and report["scored"] == 3 and not report["problems"]

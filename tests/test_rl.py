@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint as CK
 import data as D
 import engine as E
 import model as M
 import rl
-from test_model import tiny_cfg
+from conftest import tiny_cfg
 
 
 def ex(answer="red", options=None):
@@ -128,13 +129,9 @@ def test_kl_k3_and_aggregation():
     assert float(rl.aggregate(per, seq, 2, "dr_grpo", 10)) == pytest.approx(6.0 / 20)
 
 
-def test_flow_step_logprob_matches_sampler_for_t_above_blend():
+def test_flow_step_logprob_matches_sampler_for_t_above_blend(sde_step):
     """The training log-prob equals the rollout's recorded one for t >= 0.1 when the score stays within +-50."""
-    g = torch.Generator().manual_seed(2)
-    x, v = torch.randn(1, 4, 8, generator=g), torch.randn(1, 4, 8, generator=g)
-    t, dt, sigma = 0.6, 0.05, 0.3
-    mean = M.sde_step_mean(x, v, t, dt, sigma)
-    x_next = mean + sigma * dt ** 0.5 * torch.randn(1, 4, 8, generator=g)
+    x, v, x_next, mean, t, dt, sigma = sde_step(0.6, batch=1)
     torch.testing.assert_close(rl.flow_step_logprob(x, v, x_next, t, dt, sigma), M.sde_step_logprob(x_next, mean, sigma, dt))
 
 
@@ -331,7 +328,7 @@ def test_rl_flags_and_resume_refuse_before_any_work(toy_ckpt, tmp_path, capsys):
     (out / "train_state").mkdir(parents=True)  # what save_checkpoint records, without the weights
     (out / "train_state" / "state.json").write_text(json.dumps({"stage": "rl", "step": 1}))
     (out / "nanoclear.json").write_text(json.dumps({"args": vars(rl.parse_config(args)), "init": str(toy_ckpt)}))
-    with pytest.raises(M.InputError, match=r"other settings: --lr 2e-05 -> 0.001; --seed 0 -> 3\. "):
+    with pytest.raises(CK.InputError, match=r"other settings: --seed 0 -> 3; --lr 2e-05 -> 0.001\. "):
         rl.main([*args, "--resume", "--lr", "1e-3", "--seed", "3", "--steps", "9"])
 
 
@@ -345,12 +342,12 @@ def test_rl_refuses_flags_without_effect_and_its_own_init_as_out(toy_ckpt, tmp_p
         with pytest.raises(SystemExit):
             rl.parse_config(argv)
         assert words in capsys.readouterr().err
-    with pytest.raises(M.InputError, match="is --init"):
+    with pytest.raises(CK.InputError, match="is --init"):
         rl.main(["--init", str(toy_ckpt), "--out", str(toy_ckpt), "--eval-n", "0", "--threads", "1"])
     from PIL import Image
     Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
     (tmp_path / "d.jsonl").write_text(json.dumps({"image": "a.png", "question": "Q?", "answer": "<think>x</think><image_restore>"}))
-    with pytest.raises(M.InputError, match="line 1, a tagged answer without <answer>"):
+    with pytest.raises(CK.InputError, match="line 1, a tagged answer without <answer>"):
         rl.main(["--init", str(toy_ckpt), "--out", str(tmp_path / "rl"), "--data", str(tmp_path / "d.jsonl"),
                  "--images", str(tmp_path), "--threads", "1", "--steps", "1", "--prompts", "1", "--group", "2",
                  "--max-text-tokens", "2", "--sde-points", "2"])

@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+import checkpoint as CK
 import data as D
 import model as M
 import sft
@@ -138,7 +140,7 @@ def test_without_distillation_the_clean_picture_is_plain_context(world, tok):
 
 def finetune_args(init, out, *extra):
     pool = [] if "--data" in extra else ["--examples", "24"]  # a small toy pool keeps the runs fast
-    return sft.parse_config("", ["--init", str(init), "--out", str(out), "--steps", "4", "--lr", "1e-3", "--tokens-per-step",
+    return sft.parse_config(["--init", str(init), "--out", str(out), "--steps", "4", "--lr", "1e-3", "--tokens-per-step",
                                  "400", "--eval-n", "0", "--save-every", "2", "--warmup", "1", "--threads", "1", *pool, *extra])
 
 
@@ -155,39 +157,40 @@ def test_sft_loss_normalisation():
 
 def test_resume_reproduces_the_loss_curve(toy_ckpt, tmp_path, monkeypatch):
     """Killed after its step-2 checkpoint and resumed, a run logs exactly the losses of an uninterrupted run."""
-    sft.finetune(finetune_args(toy_ckpt, tmp_path / "a"), "sft")
+    sft.train(finetune_args(toy_ckpt, tmp_path / "a"))
     straight = [r["loss"] for r in log_of(tmp_path / "a")]
 
     real = sft.batches
 
     def dying(*a, **k):
-        fn = real(*a, **k)
+        fn, steps = real(*a, **k), []
 
-        def batch(step, rng, gen):
-            if step == 3:
+        def batch(rng, gen):
+            steps.append(len(steps))
+            if len(steps) == 4:  # the fourth step, after the step-2 checkpoint
                 raise KeyboardInterrupt("simulated kill")
-            return fn(step, rng, gen)
+            return fn(rng, gen)
         return batch
 
     monkeypatch.setattr(sft, "batches", dying)
     with pytest.raises(KeyboardInterrupt):
-        sft.finetune(finetune_args(toy_ckpt, tmp_path / "b"), "sft")
+        sft.train(finetune_args(toy_ckpt, tmp_path / "b"))
     monkeypatch.setattr(sft, "batches", real)
     assert json.loads((tmp_path / "b" / "train_state" / "state.json").read_text())["step"] == 2
-    sft.finetune(finetune_args(toy_ckpt, tmp_path / "b", "--resume"), "sft")
+    sft.train(finetune_args(toy_ckpt, tmp_path / "b", "--resume"))
     resumed = [r["loss"] for r in log_of(tmp_path / "b")]
     assert resumed == straight and len(straight) == 4, (resumed, straight)
-    a, b = M.load_pretrained(tmp_path / "a"), M.load_pretrained(tmp_path / "b")
+    a, b = CK.load_pretrained(tmp_path / "a"), CK.load_pretrained(tmp_path / "b")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
 def test_resume_refuses_wrong_checkpoints(toy_ckpt, tmp_path):
     """--resume on a folder without train_state, or written by another stage, stops with a clear message."""
     with pytest.raises(FileNotFoundError, match="train_state"):
-        sft.finetune(finetune_args(toy_ckpt, toy_ckpt, "--resume"), "sft")
-    sft.finetune(finetune_args(toy_ckpt, tmp_path / "a", "--steps", "2"), "sft")
+        sft.train(finetune_args(toy_ckpt, toy_ckpt, "--resume"))
+    sft.train(finetune_args(toy_ckpt, tmp_path / "a", "--steps", "2"))
     with pytest.raises(ValueError, match="stage 'sft'"):
-        sft.finetune(finetune_args(toy_ckpt, tmp_path / "a", "--resume"), "bridge")
+        sft.train(finetune_args(toy_ckpt, tmp_path / "a", "--resume"), "bridge")
 
 
 def test_resume_refuses_changed_settings_and_names_each(toy_ckpt, tmp_path, capsys):
@@ -195,15 +198,15 @@ def test_resume_refuses_changed_settings_and_names_each(toy_ckpt, tmp_path, caps
     message naming each with its saved and new value; --steps (extending the run), --save-every and --threads may
     change; --resume-force continues on purpose and prints what changed; it means nothing without --resume."""
     out, other = tmp_path / "a", tmp_path / "other"
-    sft.finetune(finetune_args(toy_ckpt, out, "--steps", "2", "--tokens-per-step", "200"), "sft")
-    with pytest.raises(M.InputError) as e:
-        sft.finetune(finetune_args(other, out, "--steps", "2", "--resume", "--seed", "1", "--lr", "2e-3"), "sft")
+    sft.train(finetune_args(toy_ckpt, out, "--steps", "2", "--tokens-per-step", "200"))
+    with pytest.raises(CK.InputError) as e:
+        sft.train(finetune_args(other, out, "--steps", "2", "--resume", "--seed", "1", "--lr", "2e-3"))
     for words in ("--seed 0 -> 1", "--lr 0.001 -> 0.002", "--tokens-per-step 200 -> 400", f"--init {str(toy_ckpt)!r} -> {str(other)!r}"):
         assert words in str(e.value), (words, str(e.value))
     assert "--steps" not in str(e.value) and "--resume-force" in str(e.value)
     capsys.readouterr()
-    sft.finetune(finetune_args(toy_ckpt, out, "--resume", "--steps", "3", "--save-every", "3", "--threads", "2",
-                               "--tokens-per-step", "200", "--seed", "1", "--resume-force"), "sft")
+    sft.train(finetune_args(toy_ckpt, out, "--resume", "--steps", "3", "--save-every", "3", "--threads", "2",
+                               "--tokens-per-step", "200", "--seed", "1", "--resume-force"))
     printed = [line for line in capsys.readouterr().out.splitlines() if "changed settings" in line]
     assert len(printed) == 1 and printed[0].endswith("changed settings: --seed 0 -> 1"), printed
     assert [r["step"] for r in log_of(out)] == [1, 2, 3]
@@ -215,7 +218,7 @@ def test_data_goes_with_images(capsys):
     """--data without --images (or the reverse) stops before any work: the JSONL's paths are relative to --images."""
     for argv in (["--data", "d.jsonl"], ["--images", "pictures"]):
         with pytest.raises(SystemExit) as e:
-            sft.parse_config("", argv)
+            sft.parse_config(argv)
         assert e.value.code == 2 and "--data and --images go together" in capsys.readouterr().err
 
 
@@ -229,8 +232,8 @@ def test_sft_on_jsonl_skips_broken_pictures_and_says_so(toy_ckpt, tmp_path, caps
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"image": f, "question": "What colour?", "answer": "red"}) + "\n"
                             for f in ("ok.jpg", "cut.jpg", "dot.png", "cut.jpg")))
-    sft.finetune(finetune_args(toy_ckpt, tmp_path / "out", "--data", str(data), "--images", str(tmp_path), "--steps", "2",
-                               "--tokens-per-step", "200"), "sft")
+    sft.train(finetune_args(toy_ckpt, tmp_path / "out", "--data", str(data), "--images", str(tmp_path), "--steps", "2",
+                               "--tokens-per-step", "200"))
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith(str(data)))
     assert line.startswith(f"{data}: 1 rows used, 3 skipped (first: line 2: unusable image") and "8x8 pixels" in line
     assert len(log_of(tmp_path / "out")) == 2
@@ -240,7 +243,7 @@ def test_resume_after_a_kill_between_the_renames_of_a_save(toy_ckpt, tmp_path, m
     """Killed after moving its step-2 checkpoint aside and before renaming the step-4 one into place (the old code then
     left no --out, and --resume said to start without it), the run resumes from the newest complete copy, says so, and
     holds the weights of an uninterrupted run."""
-    sft.finetune(finetune_args(toy_ckpt, tmp_path / "a"), "sft")
+    sft.train(finetune_args(toy_ckpt, tmp_path / "a"))
     renames, real = [], os.replace
 
     def replace(src, dst):
@@ -251,14 +254,14 @@ def test_resume_after_a_kill_between_the_renames_of_a_save(toy_ckpt, tmp_path, m
 
     monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(KeyboardInterrupt):
-        sft.finetune(finetune_args(toy_ckpt, tmp_path / "b"), "sft")
+        sft.train(finetune_args(toy_ckpt, tmp_path / "b"))
     monkeypatch.setattr(os, "replace", real)
     assert not (tmp_path / "b").exists()
     capsys.readouterr()
-    sft.finetune(finetune_args(toy_ckpt, tmp_path / "b", "--resume"), "sft")
+    sft.train(finetune_args(toy_ckpt, tmp_path / "b", "--resume"))
     assert "recovered the newest complete checkpoint" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "a.log.jsonl", "b", "b.log.jsonl"]
-    a, b = M.load_pretrained(tmp_path / "a"), M.load_pretrained(tmp_path / "b")
+    a, b = CK.load_pretrained(tmp_path / "a"), CK.load_pretrained(tmp_path / "b")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
@@ -294,12 +297,12 @@ def test_fsdp_two_processes_on_gloo(toy_ckpt, tmp_path):
 def test_packing_fills_the_token_budget_in_bounded_rows(toy_ckpt, toy_tok):
     """A step's batch holds at least --tokens-per-step tokens (counted before condition dropout, switched off here),
     each row at most --row-tokens (a longer sample gets its own row), and every sample is packed whole."""
-    model = M.load_pretrained(toy_ckpt)
-    cfg = sft.parse_config("", ["--init", str(toy_ckpt), "--tokens-per-step", "900", "--row-tokens", "300",
+    model = CK.load_pretrained(toy_ckpt)
+    cfg = sft.parse_config(["--init", str(toy_ckpt), "--tokens-per-step", "900", "--row-tokens", "300",
                                 "--text-dropout", "0", "--vit-dropout", "0"])
     draw = sft.pool_draw(D.ToyWorld(0), np.random.default_rng(0), 24, model.encode_pixels)
     batch = sft.batches(cfg, model.cfg, toy_tok, model.encode_pixels, draw, "cpu")
-    packed = batch(0, np.random.default_rng(0), torch.Generator().manual_seed(0))
+    packed = batch(np.random.default_rng(0), torch.Generator().manual_seed(0))
     assert sum(packed.sample_lens) >= 900
     for r in range(packed.rows):
         used = sum(n for row, s, _, n, mode in packed.splits if row == r and mode != "pad")
@@ -310,7 +313,7 @@ def test_packing_fills_the_token_budget_in_bounded_rows(toy_ckpt, toy_tok):
 def test_replay_samples_are_stage0_restore_edits_of_their_own_example(toy_ckpt, toy_tok):
     """--replay (difference 6): the sample is Stage 0's restore edit of the drawn example, its noised target that
     example's clean latent (x0 = x_t - t v); the pool encodes every clean picture for it, not only restoring ones."""
-    model = M.load_pretrained(toy_ckpt)
+    model = CK.load_pretrained(toy_ckpt)
     pool = [sft.pool_draw(D.ToyWorld(0), np.random.default_rng(0), 12, model.encode_pixels, every_clean=e)
             for e in (False, True)]
     drawn = [[draw(np.random.default_rng(i)) for i in range(12)] for draw in pool]
@@ -328,12 +331,12 @@ def test_replay_samples_are_stage0_restore_edits_of_their_own_example(toy_ckpt, 
 def test_each_drawn_example_becomes_one_kind_of_sample(toy_ckpt, toy_tok, text, replay, ce, mse):
     """--text-reason-rate and --replay share the drawn examples: all text-only reasoning trains CE and no velocity,
     all replay trains velocity and no CE (an edit has no answer)."""
-    model = M.load_pretrained(toy_ckpt)
-    cfg = sft.parse_config("", ["--init", str(toy_ckpt), "--tokens-per-step", "300", "--text-reason-rate", text,
+    model = CK.load_pretrained(toy_ckpt)
+    cfg = sft.parse_config(["--init", str(toy_ckpt), "--tokens-per-step", "300", "--text-reason-rate", text,
                                 "--replay", replay, "--text-dropout", "0", "--vit-dropout", "0"])
     draw = sft.pool_draw(D.ToyWorld(0), np.random.default_rng(0), 12, model.encode_pixels, every_clean=True)
-    packed = sft.batches(cfg, model.cfg, toy_tok, model.encode_pixels, draw, "cpu")(0, np.random.default_rng(0),
-                                                                                 torch.Generator().manual_seed(0))
+    packed = sft.batches(cfg, model.cfg, toy_tok, model.encode_pixels, draw, "cpu")(np.random.default_rng(0),
+                                                                              torch.Generator().manual_seed(0))
     assert (packed.ce_idx.numel() > 0) == ce and (int(packed.mse_mask.sum()) > 0) == mse
 
 
@@ -342,7 +345,7 @@ def test_replay_flag_is_checked(capsys):
     for argv, words in ((["--data", "x.jsonl", "--images", "d", "--replay", "0.1"], "--replay has no effect with --data"),
                         (["--text-reason-rate", "0.5", "--replay", "0.6"], "is above 1")):
         with pytest.raises(SystemExit) as e:
-            sft.parse_config("", argv)
+            sft.parse_config(argv)
         assert e.value.code == 2 and words in capsys.readouterr().err
 
 
@@ -353,9 +356,9 @@ GOLDEN_SFT = [7.688106060028076, 7.665302276611328, 7.529972076416016, 7.5008678
 def test_golden_losses_of_a_tiny_sft_run(toy_ckpt, tmp_path):
     """The first five losses of a fixed tiny run equal the recorded ones (llm.c-style): a change that moves them is a
     behaviour change and must say so (and record the new values)."""
-    cfg = sft.parse_config("", ["--init", str(toy_ckpt), "--out", str(tmp_path / "sft"), "--steps", "5", "--tokens-per-step",
+    cfg = sft.parse_config(["--init", str(toy_ckpt), "--out", str(tmp_path / "sft"), "--steps", "5", "--tokens-per-step",
                                 "600", "--eval-n", "0", "--warmup", "1", "--threads", "1", "--lr", "1e-3", "--examples", "24"])
-    sft.finetune(cfg, "sft")
+    sft.train(cfg)
     assert [r["loss"] for r in log_of(tmp_path / "sft")] == pytest.approx(GOLDEN_SFT, rel=1e-4, abs=1e-7)
 
 
@@ -368,10 +371,10 @@ def test_toy_base_is_cached_by_its_settings(toy_ckpt, tmp_path, monkeypatch):
     meta = json.loads((tmp_path / "out" / "base" / "nanoclear.json").read_text())
     meta["args"] = {"seed": 0, "world_seed": 0, "steps": 1300}
     (tmp_path / "out" / "base" / "nanoclear.json").write_text(json.dumps(meta))
-    cfg = sft.parse_config("", ["--world-seed", "1", "--eval-n", "0", "--threads", "1"])
-    with pytest.raises(M.InputError, match="built with --seed 0 --world-seed 0 --base-steps 1300, this run asks for "
+    cfg = sft.parse_config(["--world-seed", "1", "--eval-n", "0", "--threads", "1"])
+    with pytest.raises(CK.InputError, match="built with --seed 0 --world-seed 0 --base-steps 1300, this run asks for "
                                            "--seed 0 --world-seed 1 --base-steps 1300"):
-        sft.finetune(cfg, "sft")
+        sft.train(cfg)
 
 
 def test_sft_refuses_an_out_it_would_destroy_and_table_flags_without_a_table(toy_ckpt, tmp_path, capsys):
@@ -382,12 +385,26 @@ def test_sft_refuses_an_out_it_would_destroy_and_table_flags_without_a_table(toy
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     (tmp_path / "file").write_text("keep")
     for out, words in ((tmp_path / "mine", "holds no checkpoint"), (tmp_path / "file", "is a file"), (toy_ckpt, "is --init")):
-        with pytest.raises(M.InputError, match=words):
-            sft.finetune(finetune_args(toy_ckpt, out), "sft")
+        with pytest.raises(CK.InputError, match=words):
+            sft.train(finetune_args(toy_ckpt, out))
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep" and (tmp_path / "file").read_text() == "keep"
     assert not (tmp_path / "mine.log.jsonl").exists() and not (tmp_path / "file.log.jsonl").exists()
-    for argv, words in ((["--eval-n", "0", "--eval-steps", "5"], "--eval-steps has no effect with --eval-n 0"),
+    for argv, words in ((["--eval-n", "0", "--denoise-steps", "5"], "--denoise-steps has no effect with --eval-n 0"),
                         (["--fsdp"], "launch with torchrun")):  # --fsdp in one process stopped after the data was read
         with pytest.raises(SystemExit) as e:
-            sft.parse_config("", argv)
+            sft.parse_config(argv)
         assert e.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_teacher_patches_align_with_vae_tokens_cell_by_cell(net):
+    """In a restore sample, ViT patch n of the teacher covers the same picture cell as latent token n of the student."""
+    cfg = net.cfg
+    grid = (3, 4)
+    side = cfg.latent_downsample
+    cells = np.arange(12).reshape(grid) * 20  # a distinct grey level per latent cell
+    picture = Image.fromarray(np.kron(cells, np.ones((side, side))).astype(np.uint8)).convert("RGB")
+    w, h = sft.teacher_size(grid, cfg.vit_patch_size)
+    teacher = M.patchify(D.image_to_tensor(picture, (w, h)), cfg.vit_patch_size)
+    assert teacher.shape[0] == grid[0] * grid[1]
+    means = (teacher.mean(1) * 0.5 + 0.5) * 255
+    assert np.allclose(means.numpy(), cells.flatten(), atol=12)
