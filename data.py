@@ -21,11 +21,10 @@ The toy world (why it is built this way):
   * Degradation must hurt: objects are small (18-26 px) and the six colours 51-74 degrees of hue apart (closer
     hue neighbours were what the toy generator could not redraw, see COLOURS); blur, noise, darkness,
     desaturation, shuffled blocks and occluders destroy exactly the hue and the separate blobs a count needs. A
-    perception proxy (small CNNs per quadrant) trained on clean scenes drops from 100% to 74.5% at "hard" (82.4% colour,
-    66.2% count; the paper's backbone loses ~7 points; `python data.py --calibrate`).
+    perception proxy (small CNNs per quadrant) trained on clean scenes loses much of its accuracy at "hard" (more than
+    the paper's backbone loses; `python data.py --calibrate` prints it, docs/toy_design.md quotes it).
   * Restoration must be able to help: scenes come from a small generative model (this file), so a learned prior can
-    redraw a plausible clean scene from a damaged one; the proxy trained on hard images still gets 89.5% at hard
-    (96.6% colour, 82.1% count; chance 16.7% colour, 25% count).
+    redraw a plausible clean scene from a damaged one; the proxy trained on hard images still answers most of them.
   * A picture holds one kind of object (1-4 copies of one shape in one colour), so every question is
     answered by a pooled look and a tiny model trained from scratch learns the world in minutes on a CPU: what the
     questions need is the detail the corruptions destroy, not object binding (a first version that named objects by
@@ -378,14 +377,8 @@ def think_response(rng: np.random.Generator, restore: bool, answer: str, detail:
 # The adaptive restore decision
 
 
-# Restore when less than half of the question's detail survived. Chosen in the earlier world of eight hue-neighbour
-# colours on training-side pictures (384 scenes per world at mid and hard, never the held-out split), with the SFT
-# checkpoints of the previous version's README runs answering in always-restore mode (official guidance) against their
-# own text-only reasoning, by the detail kept: restoring gains 5 to 19 points below 30%, about nothing from 30% to 50%
-# (-2.0 points in world 0, +4.0 in world 1, about 100 pictures each) and stops paying above (50-60%: -0.8, 60-80%: -1.4,
-# both worlds). So 0.5 restores wherever restoring did not cost the answer. The previous 0.3 restored only where it pays
-# most: labels 39% of hard training pictures (now 57%; mid 9% -> 16%, world 0), and the SFT and RL models, decoding
-# greedily, restored about half as often (17-21% at hard), below the paper's 25-47%.
+# Restore when less than half of the question's detail survived: where restoring did not cost the answer, measured
+# against text-only reasoning by the detail kept (docs/toy_design.md, "The restore decision").
 RESTORE_THRESHOLD = 0.5
 
 
@@ -425,22 +418,14 @@ def needs_restore(clean: np.ndarray, degraded: np.ndarray, boxes: list, colour: 
 MODEL_SIZE = 64  # the tiny model's image side: 4x4 ViT patches of 16 px, 4x4 latent tokens
 SUPERSAMPLE = 256  # scenes are drawn at this side and box-filtered down (antialiasing)
 # Corruptions run at DEGRADE_SIZE, then the picture is resized to MODEL_SIZE. degrade.py applies the official pixel
-# constants at every size (hard: blur sigma 18 px, 32-px blocks, 10-50 px flare discs, noise sigma 67), so the size
-# decides how much of the scene a corruption covers, and the downsample afterwards averages per-pixel damage away.
-# Measured (detail_kept in the question's region at 64 px): at 64 px turbulence wrecks even "low" (0.04 kept) and a
-# block is half the picture; at 256 px the 4x downsample leaves hard noise (0.84) and motion blur (0.74) mild, and the
-# slow ops (inpainting, mean shift) cost 2-4x more; 128 keeps both kinds of damage (hard: noise 0.67, motion blur 0.51).
+# constants at every size, so the size decides how much of the scene a corruption covers, and the downsample afterwards
+# averages per-pixel damage away; 128 keeps both kinds of damage (docs/toy_design.md, "Where pictures are degraded").
 DEGRADE_SIZE = 128
 EVAL_EVERY = 10  # one scene layout in EVAL_EVERY belongs to the held-out split
 
-# Six hues 51-74 degrees apart. The toy generator redraws a hue to within a few tens of degrees: with the earlier eight
-# hue neighbours (red/orange/yellow 24-30 degrees apart, cyan/blue/purple 42-48), a seed-0 SFT model's always-restore
-# pictures of 480 hard training-side questions (world 0) read as the neighbouring colour in 41 of the 263 colour
-# questions whose degraded input the clean-trained probe still read right (yellow -> orange 11, orange -> red 8, cyan ->
-# blue 4, purple -> blue 4), so restoring cost colour questions 7.6 points (70.7% restored against 78.3% on the inputs)
-# while it gained counts 18 (75.6% against 57.6%). With these six, measured the same way on the README's run A: colour
-# 93.0% restored against 76.0% on the inputs, count 84.0% against 62.2%. Darkness, desaturation, colour diffusion, flare
-# and occluders still destroy these hues (the base's clean -> hard drop: README).
+# Six hues 51-74 degrees apart: the toy generator redraws a hue only to within a few tens of degrees, so with closer
+# hue neighbours its restorations were read as the neighbouring colour (docs/toy_design.md, "The palette"). Darkness,
+# desaturation, colour diffusion, flare and occluders still destroy these hues.
 COLOURS = {"red": (215, 35, 35), "yellow": (235, 215, 35), "green": (40, 160, 55), "cyan": (30, 200, 200),
            "blue": (40, 40, 215), "purple": (180, 45, 205)}
 SHAPES = ("circle", "square", "triangle", "star", "cross")

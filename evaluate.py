@@ -2,7 +2,7 @@
 MMD-Bench-style evaluation (CLEAR §4; paper_notes §4-5): the paper's tables and figures in miniature for the toy
 models, and the real VLMEvalKit TSV files (MMD-Bench) for BAGEL-format checkpoints.
 
-Toy (CPU, 5-7 minutes on 2 cores at 288 questions per severity; README's time table):
+Toy (CPU, a few minutes on 2 cores; the README gives the time):
     python evaluate.py                 # every checkpoint under out/ (base, sft, bridge, rl) -> out/eval/
   writes report.md + report.json with
     1. accuracy clean / low / mid / hard and the clean->hard drop, per checkpoint x reasoning mode

@@ -137,14 +137,9 @@ class ModelConfig:
 
 
 PRESETS = {
-    # the CPU toy model: a 64 px picture is 4x4 ViT patches of 16 px and 4x4 latent tokens of 64 numbers (a 16x16x4
-    # latent in 4x4 patches): 16 tokens per picture keep a CPU step short and make "copy the degraded picture's token at
-    # my position" a 16-way choice for the generator (measured after 700 Stage-0 steps, flow-matching MSE at t = 1:
-    # 1.02 with 128-number tokens (z 8), 0.84 with 64 (z 4), against 1.07 for predicting the mean latent). It trains
-    # t with the shift its sampler uses (3): at BAGEL's 1.0 a minutes-trained toy almost never trains the high-noise t
-    # where its sampler spends most steps. The autoencoder is half FLUX's toy width of before (16 channels): it
-    # reconstructs held-out pictures as well (27.5 dB PSNR after 1200 steps, like 32 channels) at a quarter of the cost,
-    # and encoding pictures was the largest part of a CPU training step
+    # the CPU toy model: a 64 px picture is 4x4 ViT patches of 16 px and 4x4 latent tokens of 64 numbers, few enough
+    # tokens for a short CPU step and for the generator to learn to restore; t is trained with the shift its sampler
+    # uses (3); the autoencoder is half FLUX's toy width (docs/toy_design.md, "The picture")
     "tiny": ModelConfig(timestep_shift=3.0, latent_patch_size=4, ae_ch=16, ae_z_channels=4, vit_patch_size=16,
                         vit_max_num_patch_per_side=4, max_latent_size=4),
     "bagel-7b-mot": ModelConfig(  # BAGEL-7B-MoT: llm_config.json, vit_config.json, app.py, load_ae

@@ -70,7 +70,7 @@ class PretrainConfig(C.MachineFlags, C.WorldFlags):
                          group=STAGE0)
     examples: int = flag(6000, "degraded examples made once for the unified phase", "[1, inf)", group=UNIFIED)
     # the generator is what the toy's restorations lack, and training it longer is what lifts them; the step count is
-    # what sft.py's time allows (README, "Results on the toy world", gives the measurements)
+    # what sft.py's time allows (docs/toy_design.md, "Stage 0")
     steps: int = flag(1300, "unified-model training steps", "[1, inf)", group=UNIFIED)
     batch: int = flag(24, "samples per step", "[1, inf)", group=UNIFIED)
     lr: float = flag(2e-3, "peak learning rate", "(0, inf)", group=UNIFIED)
@@ -217,11 +217,8 @@ def scene_questions(scene: D.Scene, rng: np.random.Generator, qtypes: tuple) -> 
 
 
 # Stage 0's mix of tasks (probabilities) and how many flow times each generation sample trains. Restoration is most
-# of it: BAGEL is pretrained on editing at scale, the toy has minutes. Measured on 64 hard held-out pictures after
-# Stage 0 (flow-matching MSE at t = 1, where only the context says what to draw; predicting the mean latent: 1.07):
-# restore share 0.25 x 1 copy x 12 samples x 700 steps (an earlier version) left the generator no better than the
-# mean; 0.5 x 4 x 12 x 700: 0.84; 0.5 x 6 x 24 x 1000: 0.47; 0.7 x 6 x 24 x 1000: 0.42 (PSNR of its restorations
-# 19.6 dB against 16.9 for the degraded inputs).
+# of it: BAGEL is pretrained on editing at scale, the toy has minutes, and with less restoring the generator did not
+# beat predicting the mean latent (docs/toy_design.md, "Stage 0").
 TASK_MIX = {"language": 0.06, "caption": 0.03, "vqa": 0.15, "text_to_image": 0.03, "redraw": 0.03, "restore": 0.70}
 NOISED_COPIES = 6  # noised copies of the target per generation sample, each at its own t (they never see each other)
 

@@ -32,13 +32,13 @@ Differences from the official recipe (numbered):
      TEXT_REASON_SYSTEM_PROMPT, so that comparison does not measure a prompt the model never saw.
   5. On the toy world, the examples are made and encoded once (--examples, as Stage 0 does) and drawn several times
      each, each time with its own flow time, noise and condition dropout: rendering, degrading and encoding fresh
-     pictures were a large part of every CPU step (the README's toy section gives the measurement).
+     pictures were a large part of every CPU step (docs/toy_design.md gives the measurement).
   6. On the toy world, --replay 0.2 of the samples replay Stage 0's restore edit (pretrain.restore_edit: the degraded
      picture, "Restore this picture.", its clean picture as one noised target), so the tiny generator keeps drawing
      what its context shows. CLEAR's samples restore only pictures that lost the answer's detail, and without replay
      the toy's short Stage 1 taught the generator to invent: its restorations of readable pictures got worse than the
-     base's (the README's toy section gives the measurement). BAGEL-7B brings far more generation training than a
-     short SFT can wear down.
+     base's (docs/toy_design.md gives the measurement). BAGEL-7B brings far more generation training than a short SFT
+     can wear down.
 """
 
 from __future__ import annotations
