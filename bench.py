@@ -90,7 +90,7 @@ def build(cfg: M.ModelConfig, device, dtype) -> M.Bagel:
 
 def expert_params(cfg: M.ModelConfig) -> int:
     """Parameters one token touches in the LLM (one expert of every layer, embeddings excluded)."""
-    H, I, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    H, I, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim  # noqa: E741
     attn = H * cfg.num_attention_heads * hd * 2 + H * cfg.num_key_value_heads * hd * 2
     return cfg.num_hidden_layers * (attn + 3 * H * I)
 
@@ -120,7 +120,8 @@ def bench_decode(cfg, device, dtype, context: int = 1024, new: int = 32) -> list
             secs = timed(run, device, repeats=3)
         per_token = secs / (new + 2)
         weight_bytes = (expert_params(cfg) + cfg.hidden_size * cfg.vocab_size) * torch.finfo(dtype).bits // 8
-        kv_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * context * batch * torch.finfo(dtype).bits // 8
+        kv_bytes = (2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * context * batch
+                    * torch.finfo(dtype).bits // 8)
         bound = bw / (weight_bytes + kv_bytes)  # decode steps per second if reading were the only cost
         rows.append({"section": f"decode batch {batch}", "measured": f"{batch / per_token:.1f} tok/s",
                      "bound": f"{batch * bound:.1f} tok/s ({src})", "of bound": f"{100 / per_token / bound:.0f}%",
@@ -146,7 +147,8 @@ def bench_prefill(cfg, device, dtype, tokens: int = 2048) -> list[dict]:
     secs = timed(run, device, repeats=3)
     total = text + n_img + 2
     flops = llm_flops(cfg, total, total / 2)
-    return [{"section": f"prefill {total} tokens (1 ViT image, {n_img} patches)", "measured": f"{total / secs:.0f} tok/s",
+    return [{"section": f"prefill {total} tokens (1 ViT image, {n_img} patches)",
+             "measured": f"{total / secs:.0f} tok/s",
              "bound": f"{peak * total / flops:.0f} tok/s ({src})", "of bound": f"{100 * flops / secs / peak:.0f}%",
              "peak memory": peak_memory(device)}]
 
@@ -186,7 +188,8 @@ def bench_reentry(cfg, device, dtype, latent_tokens: int = 1024, context: int = 
     side = min(int(math.sqrt(latent_tokens)), cfg.max_latent_size)
     lat = bridge.reentry_latency(model, (side, side), context, repeats=5)
     return [{"section": f"re-entry of a {side}x{side}-token image: {k}", "measured": f"{1000 * v:.1f} ms",
-             "bound": "", "of bound": f"{v / lat['bridge']:.1f}x bridge", "peak memory": peak_memory(device)} for k, v in lat.items()]
+             "bound": "", "of bound": f"{v / lat['bridge']:.1f}x bridge", "peak memory": peak_memory(device)}
+            for k, v in lat.items()]
 
 
 def train_config(cfg: M.ModelConfig) -> M.ModelConfig:
@@ -222,7 +225,8 @@ def bench_train(cfg, device, dtype, row_tokens: int = 8192) -> list[dict]:
     secs = timed(step, device, repeats=3)
     flops = 3 * llm_flops(cfg, tokens, per / 2)
     params = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in model.vae.parameters())
-    return [{"section": f"train step, {params / 1e9:.2f}B params, {tokens} tokens", "measured": f"{tokens / secs:.0f} tok/s",
+    return [{"section": f"train step, {params / 1e9:.2f}B params, {tokens} tokens",
+             "measured": f"{tokens / secs:.0f} tok/s",
              "bound": f"{peak * tokens / flops:.0f} tok/s ({src})", "of bound": f"{100 * flops / secs / peak:.0f}% MFU",
              "peak memory": peak_memory(device)}]
 
@@ -249,7 +253,8 @@ class PlainBlock(torch.nn.Module):
 
 
 def bench_train_overhead(cfg, device, dtype) -> list[dict]:
-    """The tiny toy training step (packed CLEAR samples: masks, routing, images) vs a plain transformer on as many tokens."""
+    """The tiny toy training step (packed CLEAR samples: masks, routing, images) vs a plain transformer on as many
+    tokens."""
     import data as D
     import pretrain
     import sft
@@ -261,7 +266,8 @@ def bench_train_overhead(cfg, device, dtype) -> list[dict]:
     world = D.ToyWorld(0)
     import numpy as np
     stream = world.stream(np.random.default_rng(0))
-    samples = sft.build_batch([next(stream) for _ in range(12)], tok, model.encode_pixels, torch.Generator().manual_seed(0))
+    samples = sft.build_batch([next(stream) for _ in range(12)], tok, model.encode_pixels,
+                              torch.Generator().manual_seed(0))
     packed = M.pack(samples, tiny, row_tokens=512).to(device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
@@ -283,7 +289,8 @@ def bench_train_overhead(cfg, device, dtype) -> list[dict]:
         opt2.zero_grad(set_to_none=True)
     t_ours, t_plain = timed(ours, device), timed(reference, device)
     tokens = packed.rows * packed.row_len
-    return [{"section": f"tiny training step ({packed.rows} rows x {packed.row_len} tokens)", "measured": f"{1000 * t_ours:.0f} ms",
+    return [{"section": f"tiny training step ({packed.rows} rows x {packed.row_len} tokens)",
+             "measured": f"{1000 * t_ours:.0f} ms",
              "bound": f"plain transformer {1000 * t_plain:.0f} ms", "of bound": f"{t_ours / t_plain:.2f}x plain",
              "peak memory": peak_memory(device), "tokens": tokens}]
 

@@ -80,8 +80,8 @@ def parse_config(argv=None) -> BridgeConfig:
 def distill_layer_weights(num_layers: int, stride: int = 1) -> dict:
     """Layers {stride-1, 2 stride-1, ...} plus the last, weighted (l+1)/sum (CLEAR §3.3, per_layer_kl)."""
     layers = sorted(set(range(stride - 1, num_layers, stride)) | {num_layers - 1})
-    total = sum(l + 1 for l in layers)
-    return {l: (l + 1) / total for l in layers}
+    total = sum(l + 1 for l in layers)  # noqa: E741
+    return {l: (l + 1) / total for l in layers}  # noqa: E741
 
 
 def distill_kl(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
@@ -119,7 +119,8 @@ def step_loss(model, packed: M.Packed, run: C.Run, cfg: BridgeConfig):
     n_pairs = C.all_reduce_sum(len(packed.pairs), run) if cfg.distill_weight > 0 else 0  # every rank joins the sum
     hook, finish = None, None
     if cfg.distill_weight > 0 and packed.pairs:
-        hook, finish = distill_loss(packed.pairs, C.unwrap(model).cfg.num_hidden_layers, cfg.distill_mode, cfg.distill_stride)
+        hook, finish = distill_loss(packed.pairs, C.unwrap(model).cfg.num_hidden_layers, cfg.distill_mode,
+                                    cfg.distill_stride)
     loss, metrics, out = sft.step_loss(model, packed, run, cfg, hidden_hook=hook)
     if finish is not None:
         distill = finish(out) / max(n_pairs, 1.0)

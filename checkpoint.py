@@ -27,7 +27,8 @@ import torch.distributed as dist
 import model as M
 
 # ----------------------------------------------------------------------------------------------------------------------
-# BAGEL-format folders: ema.safetensors, ae.safetensors, llm_config.json, vit_config.json, tokenizer.json, nanoclear.json
+# BAGEL-format folders: ema.safetensors, ae.safetensors, llm_config.json, vit_config.json, tokenizer.json,
+# nanoclear.json
 
 # What BAGEL's app.py / load_ae pass in code (no json holds them): read from nanoclear.json for our checkpoints, and
 # from the bagel-7b-mot preset for a folder without one
@@ -53,11 +54,13 @@ def read_json(path: Path) -> dict:
     try:
         value = json.loads(Path(path).read_bytes())
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path} is missing: a BAGEL-format folder holds llm_config.json, vit_config.json, ema.safetensors and ae.safetensors") from None
+        raise FileNotFoundError(f"{path} is missing: a BAGEL-format folder holds llm_config.json, vit_config.json, "
+                                "ema.safetensors and ae.safetensors") from None
     except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
         raise InputError(f"{path} is not valid JSON ({e}); restore the file from the original checkpoint") from None
     if not isinstance(value, dict):
-        raise InputError(f"{path} holds a JSON {type(value).__name__}, not an object; restore the file from the original checkpoint")
+        raise InputError(f"{path} holds a JSON {type(value).__name__}, not an object; "
+                         "restore the file from the original checkpoint")
     return value
 
 
@@ -67,7 +70,8 @@ def read_tokenizer(path: Path):
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception, e.g. "key must be a string at line 1 column 2"
-        raise InputError(f"{path} is not a readable tokenizer.json ({e}); restore it from the original checkpoint") from None
+        raise InputError(f"{path} is not a readable tokenizer.json ({e}); "
+                         "restore it from the original checkpoint") from None
 
 
 def special_token_ids(tk, source: str) -> dict:
@@ -75,33 +79,39 @@ def special_token_ids(tk, source: str) -> dict:
     ids = {k: tk.token_to_id(text) for k, text in SPECIAL_TOKENS.items()}
     missing = [SPECIAL_TOKENS[k] for k, v in ids.items() if v is None]
     if missing:
-        raise InputError(f"{source} lacks the special tokens {missing}; use BAGEL's Qwen2 tokenizer.json or one saved by nanoCLEAR")
+        raise InputError(f"{source} lacks the special tokens {missing}; "
+                         "use BAGEL's Qwen2 tokenizer.json or one saved by nanoCLEAR")
     return ids
 
 
 def code_values_hint(folder: Path) -> str:
     """What a folder without nanoclear.json gets for the values no json holds, and how to give it others."""
     return (f"{folder} has no nanoclear.json, so the values no json holds ({', '.join(CODE_KEYS)}) are BAGEL-7B-MoT's "
-            f"(model.PRESETS['bagel-7b-mot']). If these are not BAGEL-7B-MoT's weights, add the nanoclear.json saved with "
-            f"them (or one holding {{\"model\": {{...}}}} with the right values), or pass the right folder.")
+            f"(model.PRESETS['bagel-7b-mot']). If these are not BAGEL-7B-MoT's weights, add the nanoclear.json "
+            f"saved with them (or one holding {{\"model\": {{...}}}} with the right values), or pass the right folder.")
 
 
 def config_from_folder(folder, overrides: dict | None = None) -> M.ModelConfig:
-    """M.ModelConfig from a BAGEL-format folder: llm/vit json, then nanoclear.json (or BAGEL-7B-MoT's code values), then overrides."""
+    """M.ModelConfig from a BAGEL-format folder: llm/vit json, then nanoclear.json (or BAGEL-7B-MoT's code values),
+    then overrides."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is not a folder: pass a BAGEL-format checkpoint folder (e.g. out/sft or BAGEL-7B-MoT)")
+        raise FileNotFoundError(f"{folder} is not a folder: pass a BAGEL-format checkpoint folder "
+                                "(e.g. out/sft or BAGEL-7B-MoT)")
     llm, vit = read_json(folder / "llm_config.json"), read_json(folder / "vit_config.json")
     if llm.get("rope_scaling") not in (None, {}):
-        raise InputError(f"{folder}/llm_config.json: rope_scaling {llm['rope_scaling']} is not supported (BAGEL uses none)")
+        raise InputError(f"{folder}/llm_config.json: rope_scaling {llm['rope_scaling']} is not supported "
+                         "(BAGEL uses none)")
     if llm.get("hidden_act", "silu") != "silu":
-        raise InputError(f"{folder}/llm_config.json: hidden_act {llm['hidden_act']!r}; the Qwen2 MLP here is SwiGLU (silu)")
+        raise InputError(f"{folder}/llm_config.json: hidden_act {llm['hidden_act']!r}; "
+                         "the Qwen2 MLP here is SwiGLU (silu)")
     if vit.get("rope", False):
         raise InputError(f"{folder}/vit_config.json: rope=true; BAGEL's loader forces rope=False and so do we")
     missing = [k for k in VIT_KEYS if k not in vit]
     if missing or not M.is_int(vit["num_hidden_layers"], 1):
         raise InputError(f"{folder}/vit_config.json: " + (f"lacks {missing}" if missing else
-                         f"num_hidden_layers is {vit['num_hidden_layers']!r}, not an integer >= 1") + "; restore the file")
+                         f"num_hidden_layers is {vit['num_hidden_layers']!r}, not an integer >= 1")
+                         + "; restore the file")
     kw = {k: llm[k] for k in LLM_KEYS if k in llm}
     kw.update(vit_hidden_size=vit["hidden_size"], vit_intermediate_size=vit["intermediate_size"],
               vit_num_hidden_layers=vit["num_hidden_layers"] - 1,  # BAGEL: num_hidden_layers -= 1 at load
@@ -121,7 +131,8 @@ def config_from_folder(folder, overrides: dict | None = None) -> M.ModelConfig:
     try:
         return M.ModelConfig(**kw)
     except ValueError as e:
-        files = ", ".join(f for f in ("llm_config.json", "vit_config.json", "nanoclear.json", "tokenizer.json") if (folder / f).exists())
+        files = ", ".join(f for f in ("llm_config.json", "vit_config.json", "nanoclear.json", "tokenizer.json")
+                          if (folder / f).exists())
         hint = "" if ours.exists() else " " + code_values_hint(folder)
         raise InputError(f"{folder}: the values of its {files} make no valid model ({e}).{hint}") from None
 
@@ -147,7 +158,8 @@ def open_safetensors(path: Path, device):
     except InputError:
         raise
     except Exception as e:  # safetensors raises its own error type for truncated or foreign files
-        raise InputError(f"{path} is not a readable safetensors file ({e}); re-download or re-save the checkpoint") from None
+        raise InputError(f"{path} is not a readable safetensors file ({e}); "
+                         "re-download or re-save the checkpoint") from None
 
 
 def drop_extra_vit_layer(folder: Path, cfg: M.ModelConfig, expected: dict, found: dict):
@@ -157,7 +169,8 @@ def drop_extra_vit_layer(folder: Path, cfg: M.ModelConfig, expected: dict, found
     without nanoclear.json (ours hold exactly the layers they build), whose extra tensors are one complete layer, the
     last, of the shapes the model's layers have. Anything else is left for read_weights to report."""
     n = cfg.vit_num_hidden_layers
-    layer = {k.replace(f"{VIT_LAYERS}0.", f"{VIT_LAYERS}{n}.", 1): s for k, s in expected.items() if k.startswith(f"{VIT_LAYERS}0.")}
+    layer = {k.replace(f"{VIT_LAYERS}0.", f"{VIT_LAYERS}{n}.", 1): s for k, s in expected.items()
+             if k.startswith(f"{VIT_LAYERS}0.")}
     extra = {k: t.shape for k, (_, t) in found.items() if k.startswith(VIT_LAYERS) and k not in expected}
     if (folder / "nanoclear.json").exists() or not extra or extra != layer:
         return
@@ -173,10 +186,11 @@ def mismatch_hint(folder: Path, cfg: M.ModelConfig, problems: list) -> str:
     if any(p.startswith("duplicate") for p in problems):
         return "A tensor belongs in one file: ae.safetensors holds the autoencoder, ema.safetensors everything else."
     if any(f"{VIT_LAYERS}{n}." in p for p in problems):
-        return (f"ema.safetensors holds more ViT layers than the {n} that vit_config.json's num_hidden_layers {n + 1} builds "
-                "(BAGEL's loader subtracts one): " + ("a nanoCLEAR checkpoint holds exactly the layers it builds, so "
-                "vit_config.json must say one more than the layers saved; restore the file from the original checkpoint."
-                if (folder / "nanoclear.json").exists() else "fix vit_config.json's num_hidden_layers."))
+        return (f"ema.safetensors holds more ViT layers than the {n} that vit_config.json's num_hidden_layers {n + 1} "
+                "builds (BAGEL's loader subtracts one): "
+                + ("a nanoCLEAR checkpoint holds exactly the layers it builds, so vit_config.json must say one more "
+                   "than the layers saved; restore the file from the original checkpoint."
+                   if (folder / "nanoclear.json").exists() else "fix vit_config.json's num_hidden_layers."))
     if not (folder / "nanoclear.json").exists():
         return code_values_hint(folder)
     return "Check that llm_config.json / vit_config.json and nanoclear.json belong to these weights."
@@ -215,8 +229,8 @@ def read_weights(folder, cfg: M.ModelConfig, device="cpu", dtype=torch.float32) 
     problems += [f"missing {k} {tuple(s)}" for k, s in expected.items() if k not in found]
     if problems:
         shown = "; ".join(problems[:20]) + (f"; ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-        raise InputError(f"{folder} does not match its config ({len(problems)} problem{'s' * (len(problems) > 1)}: {shown}). "
-                         + mismatch_hint(folder, cfg, problems))
+        raise InputError(f"{folder} does not match its config ({len(problems)} problem{'s' * (len(problems) > 1)}: "
+                         f"{shown}). " + mismatch_hint(folder, cfg, problems))
     return state
 
 
@@ -231,8 +245,9 @@ def load_pretrained(folder, device="cpu", dtype=torch.float32, overrides: dict |
     return model.eval()
 
 
+# what Qwen2Tokenizer.from_pretrained (the official app) reads besides tokenizer.json
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
-                   "generation_config.json")  # what Qwen2Tokenizer.from_pretrained (the official app) reads besides tokenizer.json
+                   "generation_config.json")
 
 
 def save_pretrained(model: M.Bagel, folder, tokenizer=None, meta: dict | None = None, state: dict | None = None,
@@ -251,7 +266,8 @@ def save_pretrained(model: M.Bagel, folder, tokenizer=None, meta: dict | None = 
     llm = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu", "rope_scaling": None,
            "tie_word_embeddings": False, "qk_norm": True, "layer_module": "Qwen2MoTDecoderLayer",
            "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, **{k: getattr(cfg, k) for k in LLM_KEYS}}
-    vit = {"model_type": "siglip_vision_model", "hidden_size": cfg.vit_hidden_size, "intermediate_size": cfg.vit_intermediate_size,
+    vit = {"model_type": "siglip_vision_model", "hidden_size": cfg.vit_hidden_size,
+           "intermediate_size": cfg.vit_intermediate_size,
            "num_hidden_layers": cfg.vit_num_hidden_layers + 1,  # BAGEL's loader subtracts one
            "num_attention_heads": cfg.vit_num_attention_heads, "patch_size": cfg.vit_patch_size,
            "image_size": cfg.vit_image_size, "layer_norm_eps": cfg.vit_layer_norm_eps, "hidden_act": cfg.vit_hidden_act}
@@ -364,12 +380,14 @@ def check_out(out, init=None):
     or a checkpoint (it holds nanoclear.json), and not the --init the run starts from; model.InputError otherwise."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file: pass a folder for the checkpoint (a new one, or an earlier checkpoint)")
+        raise InputError(f"--out {out} is a file: pass a folder for the checkpoint "
+                         "(a new one, or an earlier checkpoint)")
     if out.is_dir() and any(out.iterdir()) and not (out / "nanoclear.json").exists():
         raise InputError(f"--out {out} is a folder that holds no checkpoint, and saving replaces it as a whole: pass "
                            "a new or empty folder (or an earlier checkpoint)")
     if init is not None and out.resolve() == Path(init).resolve():
-        raise InputError(f"--out {out} is --init: the run would overwrite the checkpoint it starts from; pass another --out")
+        raise InputError(f"--out {out} is --init: the run would overwrite the checkpoint it starts from; "
+                         "pass another --out")
 
 
 def save_checkpoint(folder, raw: M.Bagel, optimizer, tokenizer, step: int, meta: dict, main: bool = True,
@@ -403,7 +421,8 @@ def save_checkpoint(folder, raw: M.Bagel, optimizer, tokenizer, step: int, meta:
                 else:
                     scalars[f"{names[id(p)]}::{k}"] = v
         save_file(tensors, str(d / "optimizer.safetensors"))
-        (d / "state.json").write_text(json.dumps({"step": step, "optimizer_scalars": scalars, "stage": meta.get("stage")}))
+        (d / "state.json").write_text(json.dumps({"step": step, "optimizer_scalars": scalars,
+                                                  "stage": meta.get("stage")}))
 
     atomic_write_folder(folder, write)
 
@@ -418,10 +437,12 @@ def check_resume(folder, stage: str, settings: dict, may_change: tuple, force: b
     if dist.is_initialized():  # the other ranks read the folder once the main one has settled it
         dist.barrier()
     if not (folder / "train_state" / "state.json").exists():
-        raise FileNotFoundError(f"{folder} has no train_state/: it is not a resumable {stage} checkpoint (start without --resume)")
+        raise FileNotFoundError(f"{folder} has no train_state/: it is not a resumable {stage} checkpoint "
+                                "(start without --resume)")
     state = read_json(folder / "train_state" / "state.json")
     if state.get("stage") != stage:
-        raise InputError(f"{folder} was written by stage {state.get('stage')!r}, not {stage!r}: resume it with that stage")
+        raise InputError(f"{folder} was written by stage {state.get('stage')!r}, not {stage!r}: "
+                         "resume it with that stage")
     saved = read_json(folder / "nanoclear.json")
     recorded = {**(saved.get("args") if isinstance(saved.get("args"), dict) else {}), "init": saved.get("init")}
     now = json.loads(json.dumps(settings))  # tuples as the json holds them
@@ -429,8 +450,8 @@ def check_resume(folder, stage: str, settings: dict, may_change: tuple, force: b
     changed = [f"{flag(k)} {recorded[k]!r} -> {v!r}" if k in recorded else f"{flag(k)} (not recorded) -> {v!r}"
                for k, v in now.items() if k not in may_change and (k not in recorded or recorded[k] != v)]
     if changed and not force:
-        raise InputError(f"{folder} was trained with other settings: {'; '.join(changed)}. Resume with its values, pass "
-                         "--resume-force to continue with these on purpose, or start a fresh --out")
+        raise InputError(f"{folder} was trained with other settings: {'; '.join(changed)}. Resume with its values, "
+                         "pass --resume-force to continue with these on purpose, or start a fresh --out")
     if changed and main:
         print(f"--resume-force: continuing {folder} with changed settings: {'; '.join(changed)}")
 
@@ -444,7 +465,8 @@ def load_resume_state(folder, raw: M.Bagel, optimizer, ema_weights: dict | None 
     state = read_json(d / "state.json")
     saved_cfg = read_json(folder / "nanoclear.json").get("model")
     if saved_cfg != json.loads(json.dumps(asdict(raw.cfg))):
-        raise InputError(f"{folder} holds a model of another shape than this run's; use matching flags or a fresh --out")
+        raise InputError(f"{folder} holds a model of another shape than this run's; "
+                         "use matching flags or a fresh --out")
     try:
         weights = load_file(str(d / "model.safetensors"))
         opt_tensors = load_file(str(d / "optimizer.safetensors"))

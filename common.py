@@ -155,8 +155,8 @@ def pick_device(name: str = "auto") -> tuple[torch.device, str]:
         if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()) \
                 or dev.type == "mps" and not torch.backends.mps.is_available():
             raise CK.InputError(f"--device {name}: no such device here ({torch.cuda.device_count()} CUDA devices, MPS "
-                               f"{'' if torch.backends.mps.is_available() else 'not '}available, torch {torch.__version__}); "
-                               "use --device auto or cpu")
+                               f"{'' if torch.backends.mps.is_available() else 'not '}available, "
+                               f"torch {torch.__version__}); use --device auto or cpu")
         return dev, "asked for"
     if torch.cuda.is_available():
         return torch.device("cuda"), f"auto: CUDA {torch.cuda.get_device_name()}"
@@ -195,7 +195,8 @@ def setup_run(device: str = "auto", dtype: str = "auto", seed: int = 0, threads:
         torch.set_num_threads(threads)
     seed_everything(seed + rank)
     if rank == 0 and not quiet:
-        print(f"device {dev} ({why_dev}) | dtype {str(dt).replace('torch.', '')} ({why_dt}) | processes {world} | torch {torch.__version__}")
+        print(f"device {dev} ({why_dev}) | dtype {str(dt).replace('torch.', '')} ({why_dt}) | processes {world} | "
+              f"torch {torch.__version__}")
     return Run(dev, dt, rank, world)
 
 
@@ -224,7 +225,8 @@ def all_reduce_sum(x: float, run: Run) -> float:
 
 @dataclass
 class MachineFlags:
-    device: str = flag("auto", "auto | cpu | cuda | cuda:N | mps (auto: cuda, then mps, then cpu; printed with the reason)")
+    device: str = flag("auto", "auto | cpu | cuda | cuda:N | mps "
+                               "(auto: cuda, then mps, then cpu; printed with the reason)")
     dtype: str = flag("auto", "auto | fp32 | bf16 (auto: bf16 on a GPU that supports it, else fp32)",
                       choices=["auto", *DTYPES])
     threads: int = flag(0, "CPU threads for torch (0 = its default)", "[0, inf)")
@@ -443,7 +445,8 @@ class Log:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         keep = []
         if resume_step is not None and self.path.exists():  # drop what the killed run logged after its checkpoint
-            keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= resume_step]
+            keep = [line for line in self.path.read_text().splitlines()
+                    if line and json.loads(line).get("step", 0) <= resume_step]
         self.path.write_text("".join(line + "\n" for line in keep))
 
     def __call__(self, record: dict, bar: tqdm | None = None):

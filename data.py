@@ -1,7 +1,8 @@
 """
 nanoCLEAR data: tokenizer, a procedurally generated toy VQA world, readers for real data, and the builders that turn
-(image, question, answer, corruption) into CLEAR's Stage-1 samples (CLEAR §3.1-3.2; shared/research/clear_method.md §1;
-official data/interleave_datasets/interleave_reason.py, corruption_datasets_create/generate_interleave_datasets_by_gpt.py).
+(image, question, answer, corruption) into CLEAR's Stage-1 samples (CLEAR §3.1-3.2;
+shared/research/clear_method.md §1; official data/interleave_datasets/interleave_reason.py,
+corruption_datasets_create/generate_interleave_datasets_by_gpt.py).
 
 A sample is a list of model.py segments (Text / VitImage / VaeImage with loss flags) that `model.pack` flattens.
 Restore sample (pattern B), exactly as the official parse_row builds it:
@@ -62,9 +63,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from tqdm import tqdm
 from PIL import Image, ImageDraw, ImageFont
 from tokenizers import Regex, Tokenizer as RawTokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm import tqdm
 
 import checkpoint as CK
 import model as M
@@ -78,17 +79,20 @@ def open_image(path) -> Image.Image:
     """A picture file, fully decoded (a truncated file fails here, not at the step that draws it), as RGB."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} {'is a folder' if path.is_dir() else 'does not exist'}: pass a picture file (JPEG, PNG, ...)")
+        raise FileNotFoundError(f"{path} {'is a folder' if path.is_dir() else 'does not exist'}: pass a picture file "
+                                "(JPEG, PNG, ...)")
     try:
         with Image.open(path) as im:
             im.load()
             return to_rgb(im)
     except Exception as e:  # Pillow raises several types for foreign or truncated files
-        raise CK.InputError(f"{path} is not a readable picture ({type(e).__name__}: {e}); pass a complete JPEG, PNG, ... file") from None
+        raise CK.InputError(f"{path} is not a readable picture ({type(e).__name__}: {e}); pass a complete JPEG, PNG, "
+                            "... file") from None
 
 
 def fit_size(w: int, h: int, max_size: int, min_size: int, stride: int, max_pixels: int = 14 * 14 * 9 * 1024):
-    """Target (w, h): long edge <= max, short edge >= min, both multiples of stride (BAGEL: MaxLongEdgeMinShortEdgeResize)."""
+    """Target (w, h): long edge <= max, short edge >= min, both multiples of stride
+    (BAGEL: MaxLongEdgeMinShortEdgeResize)."""
     def apply(w, h, s):
         return tuple(max(stride, int(round(round(d * s) / stride) * stride)) for d in (w, h))  # Python round: half-even
 
@@ -128,23 +132,27 @@ def tensor_to_image(x: torch.Tensor) -> Image.Image:
 RESTORE_TOKEN = "<image_restore>"  # official: ordinary text, not a special token
 CLEAR_TAGS = ("<think>", "</think>", RESTORE_TOKEN, "<answer>", "</answer>")
 
-INTERLEAVE_REASON_SYSTEM_PROMPT = """You are a specialized multimodal assistant. Your purpose is to solve visual question answering tasks by thinking step-by-step and utilizing an image restoration tool when necessary.
+INTERLEAVE_REASON_SYSTEM_PROMPT = """You are a specialized multimodal assistant. Your purpose is to solve visual \
+question answering tasks by thinking step-by-step and utilizing an image restoration tool when necessary.
 
 # Skills
 
 You can trigger image restoration by generating the following special token sequence:
 <image_restore>
 
-This tool performs enhancement operations (e.g., deblurring, denoising) on the input image to reveal details that are currently obscured.
+This tool performs enhancement operations (e.g., deblurring, denoising) on the input image to reveal details that are \
+currently obscured.
 
 # Instruction
 
-1. **Reasoning (`<think>`):** In each turn, you must start with a <think> tag. Inside, conduct a step-by-step reasoning process:
+1. **Reasoning (`<think>`):** In each turn, you must start with a <think> tag. Inside, conduct a step-by-step \
+reasoning process:
    - **Analyze Image Quality:** Identify degradations (blur, noise, low resolution, etc.).
    - **Assess Sufficiency:** Determine if the current image quality allows you to answer the question confidently.
 
 2. **Tool Usage:**
-   - If the degradation prevents you from seeing critical details required for the answer, you MUST trigger the restoration tool by outputting: <image_restore>.
+   - If the degradation prevents you from seeing critical details required for the answer, you MUST trigger the \
+restoration tool by outputting: <image_restore>.
    - If the answer is visible despite the degradation, do NOT use the tool.
 
 3. **Answering (`<answer>`):**
@@ -156,29 +164,36 @@ This tool performs enhancement operations (e.g., deblurring, denoising) on the i
 The structure of your response should follow these patterns:
 
 **Scenario 1: Restoration Needed**
-<think>The image is heavily blurred, making the text unreadable. I need to restore it to extract the information.</think> <image_restore> <think>The restored image is clear. The text says "EXIT".</think><answer>The text on the sign is "EXIT".</answer>
+<think>The image is heavily blurred, making the text unreadable. I need to restore it to extract the \
+information.</think> <image_restore> <think>The restored image is clear. The text says "EXIT".</think><answer>The \
+text on the sign is "EXIT".</answer>
 
 **Scenario 2: Direct Answer**
-<think>Although there is some noise, the red car is clearly visible in the foreground.</think><answer>The car is red.</answer>
+<think>Although there is some noise, the red car is clearly visible in the foreground.</think><answer>The car is \
+red.</answer>
 """
 
-VLM_THINK_SYSTEM_PROMPT = """You should first think about the reasoning process in the mind and then provide the user with the answer. 
-The reasoning process is enclosed within <think> </think> tags, i.e. <think> reasoning process here </think> answer here"""
+VLM_THINK_SYSTEM_PROMPT = ("You should first think about the reasoning process in the mind and then provide the user "
+                           "with the answer. \nThe reasoning process is enclosed within <think> </think> tags, i.e. "
+                           "<think> reasoning process here </think> answer here")
 
-TEXT_REASON_SYSTEM_PROMPT = """You are a specialized multimodal language model. Your purpose is to solve visual question answering tasks by thinking step-by-step.
+TEXT_REASON_SYSTEM_PROMPT = """You are a specialized multimodal language model. Your purpose is to solve visual \
+question answering tasks by thinking step-by-step.
 
 # Instruction
 
-1. You should first think with <think> tag. In this tag, you need to conduct a step-by-step reasoning process about the image and question.
-2. If you think that you could find the right answer, you can answer in <answer> tag. You need to provide a concise summary of your reasoning process that leads to the final answer.
+1. You should first think with <think> tag. In this tag, you need to conduct a step-by-step reasoning process about \
+the image and question.
+2. If you think that you could find the right answer, you can answer in <answer> tag. You need to provide a concise \
+summary of your reasoning process that leads to the final answer.
 
 The structure of your response should be like this:
 <think> thinking process satisfying the Instruction 1 </think>
 <answer> answer satisfying the Instruction 2 </answer>
 """
 
-TOY_SYSTEM_PROMPT = ("Think inside <think></think>. If degradation hides what the question needs, output <image_restore> "
-                     "to restore the image. Answer inside <answer></answer>.")
+TOY_SYSTEM_PROMPT = ("Think inside <think></think>. If degradation hides what the question needs, output "
+                     "<image_restore> to restore the image. Answer inside <answer></answer>.")
 
 SYSTEM_PROMPTS = {"toy": TOY_SYSTEM_PROMPT, "official": INTERLEAVE_REASON_SYSTEM_PROMPT}
 
@@ -199,15 +214,16 @@ class Tokenizer:
     def from_file(cls, path) -> "Tokenizer":
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist: pass a tokenizer.json (BAGEL-7B-MoT's, or a nanoCLEAR checkpoint's)")
+            raise FileNotFoundError(f"{path} does not exist: pass a tokenizer.json (BAGEL-7B-MoT's, or a nanoCLEAR "
+                                    "checkpoint's)")
         return cls(CK.read_tokenizer(path), str(path))
 
     @classmethod
     def from_folder(cls, folder) -> "Tokenizer":
         path = Path(folder) / "tokenizer.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{folder} has no tokenizer.json: pass a BAGEL-format checkpoint folder, or train the "
-                                    "toy tokenizer with data.train_toy_tokenizer")
+            raise FileNotFoundError(f"{folder} has no tokenizer.json: pass a BAGEL-format checkpoint folder, "
+                                    "or train the toy tokenizer with data.train_toy_tokenizer")
         return cls.from_file(path)
 
     def encode(self, text: str) -> list[int]:
@@ -229,7 +245,8 @@ def config_ids(tokenizer: Tokenizer) -> dict:
 
 # GPT-2/Qwen2-style word split, except that the CLEAR tags stay whole, so BPE can learn each as one ordinary token
 TAGS_RE = "|".join(re.escape(t) for t in CLEAR_TAGS)
-TOY_SPLIT = TAGS_RE + rf"""|'s|'t|'re|'ve|'m|'ll|'d| ?\p{{L}}+| ?\p{{N}}| ?(?:(?!{TAGS_RE})[^\s\p{{L}}\p{{N}}])+|\s+(?!\S)|\s+"""
+TOY_SPLIT = TAGS_RE + (rf"""|'s|'t|'re|'ve|'m|'ll|'d| ?\p{{L}}+| ?\p{{N}}| ?(?:(?!{TAGS_RE})[^\s\p{{L}}\p{{N}}])+"""
+                       r"""|\s+(?!\S)|\s+""")
 
 
 def train_toy_tokenizer(corpus_texts: list[str], vocab_size: int = 768) -> Tokenizer:
@@ -383,7 +400,8 @@ RESTORE_THRESHOLD = 0.5
 
 
 def detail_kept(clean: np.ndarray, degraded: np.ndarray, box: tuple, colour: bool) -> float:
-    """How much of the clean detail in box (x0, y0, x1, y1) is still in the degraded image: cov(c, d) / (s_c max(s_c, s_d)).
+    """How much of the clean detail in box (x0, y0, x1, y1) is still in the degraded image:
+    cov(c, d) / (s_c max(s_c, s_d)).
 
     That is the normalised cross-correlation, scaled down by the contrast ratio when contrast was lost: 1 for an
     intact region, 0.2 for one darkened to 20%, low for noise, blur, occlusion or displacement. Structure questions
@@ -434,9 +452,11 @@ ANSWERS = {"colour": tuple(COLOURS), "shape": SHAPES, "count": ("1", "2", "3", "
 QUESTIONS = {  # (questions, what restoring would reveal, the fact stated in the think text). A picture holds one kind
     # of object (1-4 copies of one shape in one colour), so a pooled look answers every question and the
     # tiny model learns them in minutes; what they need is the detail the corruptions destroy
-    "colour": (("What colour are the shapes?", "Which colour do the shapes have?"), "their colour", "the shapes are {colour}"),
+    "colour": (("What colour are the shapes?", "Which colour do the shapes have?"), "their colour",
+               "the shapes are {colour}"),
     "shape": (("What shape is shown?", "Which shape do you see?"), "their outline", "the shapes are {shape}s"),
-    "count": (("How many shapes are there?", "How many objects are in the image?"), "the number of shapes", "I count {count}"),
+    "count": (("How many shapes are there?", "How many objects are in the image?"), "the number of shapes",
+              "I count {count}"),
     "position": (("In which quadrant is the {shape}?", "Where is the {colour} shape?"), "the {colour} {shape}",
                  "the {colour} {shape} is in the {position}"),
 }
@@ -451,7 +471,8 @@ class Scene:
     def key(self) -> str:
         """The layout, quantised to whole pixels: equal keys look the same to the model."""
         q = lambda v: round(v) if isinstance(v, float) else v  # noqa: E731
-        return repr((tuple(tuple(q(v) for v in o) for o in self.objects), tuple(q(c) for c in self.background[0] + self.background[1])))
+        return repr((tuple(tuple(q(v) for v in o) for o in self.objects),
+                     tuple(q(c) for c in self.background[0] + self.background[1])))
 
     def boxes(self) -> list:
         return [_box(o[3], o[4], 1.3 * o[5], 1.3 * o[5]) for o in self.objects]
@@ -493,7 +514,8 @@ def _outline(shape, x, y, r, rot):
                 (1.2 if i % 2 == 0 else .5) * math.sin(math.radians(-90 + 36 * i))) for i in range(10)]
     else:  # cross
         a, b = .36, 1.0
-        pts = [(-a, -b), (a, -b), (a, -a), (b, -a), (b, a), (a, a), (a, b), (-a, b), (-a, a), (-b, a), (-b, -a), (-a, -a)]
+        pts = [(-a, -b), (a, -b), (a, -a), (b, -a), (b, a), (a, a), (a, b), (-a, b), (-a, a), (-b, a), (-b, -a),
+               (-a, -a)]
     c, s = math.cos(math.radians(rot)), math.sin(math.radians(rot))
     return [(x + r * (px * c - py * s), y + r * (px * s + py * c)) for px, py in pts]
 
@@ -508,7 +530,8 @@ def render(scene: Scene, size: int = DEGRADE_SIZE) -> Image.Image:
     tex_rng = np.random.default_rng(tex_seed)
     for cells, amp in ((4, 7.0), (12, 3.0)):  # faint blotches and texture: a photo-like background the toy's generator
         # can draw (at 3x these amplitudes, in an earlier version, the texture was what restorations got most wrong)
-        noise = tex_rng.normal(0, amp, (cells, cells, 1)) + tex_rng.normal(0, amp / 3, (cells, cells, 3))  # mostly brightness
+        noise = (tex_rng.normal(0, amp, (cells, cells, 1))
+                 + tex_rng.normal(0, amp / 3, (cells, cells, 3)))  # mostly brightness
         lo = np.clip(128 + noise, 0, 255).astype(np.uint8)
         img += np.asarray(Image.fromarray(lo).resize((B, B), Image.BICUBIC), np.float32) - 128
     im = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).resize((S, S), Image.BICUBIC)
@@ -538,7 +561,8 @@ def ask(scene: Scene, qtype: str, rng: np.random.Generator, mc: bool) -> tuple:
     choices = [answer] + [others[j] for j in rng.permutation(len(others))[:3]]
     options = {"ABCD"[j]: choices[c] for j, c in enumerate(rng.permutation(4))}
     letter = next(k for k, v in options.items() if v == answer)
-    return mc_prompt(dict(question=question, options=options)), letter, options, detail, f"{fact}, option {letter}", boxes
+    return (mc_prompt(dict(question=question, options=options)), letter, options, detail, f"{fact}, option {letter}",
+            boxes)
 
 
 # What the toy asks by default. Shape and quadrant questions are built and tested too, but the tiny model answers
@@ -568,7 +592,8 @@ class ToyWorld:
             if self.is_eval(scene) == held_out:
                 return qtype, scene
 
-    def examples(self, rng: np.random.Generator, held_out: bool, corruption: str | None, severities: list) -> list[Example]:
+    def examples(self, rng: np.random.Generator, held_out: bool, corruption: str | None,
+                 severities: list) -> list[Example]:
         """One scene and question, degraded with one corruption at each severity (None = the clean picture)."""
         qtype, scene = self.scene(rng, held_out)
         question, answer, options, detail, fact, boxes = ask(scene, qtype, rng, rng.random() < self.mc_rate)
@@ -581,9 +606,11 @@ class ToyWorld:
                 degraded, restore, kind = clean, False, None
             else:
                 degraded = degrade(big, corruption, sev, rng).resize((MODEL_SIZE, MODEL_SIZE), Image.BICUBIC)
-                restore, kind = needs_restore(clean_np, np.asarray(degraded), boxes, colour=qtype == "colour"), corruption
+                restore, kind = needs_restore(clean_np, np.asarray(degraded), boxes,
+                                              colour=qtype == "colour"), corruption
             response = think_response(rng, restore, answer, detail, fact, kind, sev)
-            out.append(Example(degraded, question, answer, response, clean, options, kind, sev, qtype, caption=caption(scene), scene=scene))
+            out.append(Example(degraded, question, answer, response, clean, options, kind, sev, qtype,
+                               caption=caption(scene), scene=scene))
         return out
 
     def pictures(self, rng: np.random.Generator | int) -> Iterator[tuple[Scene, Image.Image]]:
@@ -607,7 +634,8 @@ class ToyWorld:
         levels = {"clean": None, **SEVERITIES}
         split = {name: [] for name in levels}
         for i in range(n):
-            for name, ex in zip(levels, self.examples(rng, True, sample_corruption(rng, "benchmark")[0], list(levels.values()))):
+            for name, ex in zip(levels, self.examples(rng, True, sample_corruption(rng, "benchmark")[0],
+                                                      list(levels.values()))):
                 ex.id = f"toy-{self.seed}-{seed}-{i}"
                 split[name].append(ex)
         return split
@@ -656,7 +684,8 @@ def image_sizes(cfg: M.ModelConfig, vae_sides: tuple = BAGEL_SIDES[0], vit_sides
     s_vae, s_vit = cfg.latent_downsample, cfg.vit_patch_size
     vae_max = min(vae_sides[0], cfg.max_latent_size * s_vae)
     vit_max = min(vit_sides[0], cfg.vit_max_num_patch_per_side * s_vit)
-    return ImageSizes(vae=(vae_max, min(vae_sides[1], vae_max), s_vae), vit=(vit_max, min(vit_sides[1], vit_max), s_vit))
+    return ImageSizes(vae=(vae_max, min(vae_sides[1], vae_max), s_vae),
+                      vit=(vit_max, min(vit_sides[1], vit_max), s_vit))
 
 
 TOY_SIZES = image_sizes(M.PRESETS["tiny"], *TOY_SIDES)
@@ -675,7 +704,8 @@ def encode_images(pixels: list[torch.Tensor], encode: Callable) -> list[tuple]:
 
 
 def clear_prefix(ex: Example, tok: Tokenizer, latent: tuple, system: str, sizes: ImageSizes) -> list:
-    """CLEAR's prefix (official parse_row items 1-4): system prompt, degraded picture as VAE latent and as ViT, question."""
+    """CLEAR's prefix (official parse_row items 1-4): system prompt, degraded picture as VAE latent and as ViT,
+    question."""
     if system not in SYSTEM_PROMPTS:
         raise ValueError(f"system prompt must be one of {sorted(SYSTEM_PROMPTS)}, not {system!r}")
     tokens, grid = latent
@@ -733,8 +763,8 @@ def read_jsonl(path, images_dir) -> tuple[list[dict], list[tuple]]:
     """
     path, images_dir = Path(path), Path(images_dir)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} {'is a folder' if path.is_dir() else 'does not exist'}: pass a JSONL file with "
-                                "one LLaVA-style record per line")
+        raise FileNotFoundError(f"{path} {'is a folder' if path.is_dir() else 'does not exist'}: pass a JSONL file "
+                                "with one LLaVA-style record per line")
     if not images_dir.is_dir():
         raise FileNotFoundError(f"--images {images_dir} is not a folder: pass the folder the image paths of {path} are "
                                 "relative to")
@@ -744,7 +774,8 @@ def read_jsonl(path, images_dir) -> tuple[list[dict], list[tuple]]:
             try:
                 line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a UTF-8 byte-order mark is allowed
             except UnicodeDecodeError as e:
-                raise CK.InputError(f"{path} line {n} is not UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8") from None
+                raise CK.InputError(f"{path} line {n} is not UTF-8 (byte 0x{raw[e.start]:02x}); save the file as "
+                                    "UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -776,8 +807,9 @@ def read_jsonl(path, images_dir) -> tuple[list[dict], list[tuple]]:
     if not rows and not problems:
         raise CK.InputError(f"{path} is empty: pass a JSONL file with one LLaVA-style record per line")
     if not rows:
-        raise CK.InputError(f"{path}: none of its {len(problems)} rows is usable" + (f" (first: line {problems[0][0]}, "
-                           f"{problems[0][1]})" if problems else "") + "; is it LLaVA-style JSONL with --images its image folder?")
+        raise CK.InputError(f"{path}: none of its {len(problems)} rows is usable"
+                            + (f" (first: line {problems[0][0]}, {problems[0][1]})" if problems else "")
+                            + "; is it LLaVA-style JSONL with --images its image folder?")
     return rows, problems
 
 
@@ -795,7 +827,8 @@ def jsonl_example(row: dict, rng: np.random.Generator) -> Example:
     if RESTORE_TOKEN not in response and not TAG_RE.search(response):
         small = [np.asarray(im.resize((MODEL_SIZE, MODEL_SIZE), Image.BICUBIC)) for im in (clean, degraded)]
         restore = needs_restore(*small, [(0, 0, MODEL_SIZE, MODEL_SIZE)])
-        response = think_response(rng, restore, answer, "the relevant detail", "I can answer the question", corruption, severity)
+        response = think_response(rng, restore, answer, "the relevant detail", "I can answer the question", corruption,
+                                  severity)
     return Example(degraded, row["question"], answer, response, clean, None, corruption, severity,
                    id=f"{Path(row['image']).name}:{row['line']}")
 
@@ -818,10 +851,12 @@ def read_tsv(path) -> tuple[list[dict], list[tuple]]:
     except csv.Error as e:
         raise CK.InputError(f"{path} is not a readable TSV ({e}): is it a VLMEvalKit TSV?") from None
     except UnicodeDecodeError as e:
-        raise CK.InputError(f"{path} is not UTF-8 text ({e.reason}, byte 0x{e.object[e.start]:02x}); save it as UTF-8") from None
+        raise CK.InputError(f"{path} is not UTF-8 text ({e.reason}, byte 0x{e.object[e.start]:02x}); save it as "
+                            "UTF-8") from None
     missing = {"index", "image", "question", "answer"} - columns
     if missing:
-        raise CK.InputError(f"{path} lacks the columns {sorted(missing)}: is it a VLMEvalKit TSV (tab-separated, with a header)?")
+        raise CK.InputError(f"{path} lacks the columns {sorted(missing)}: is it a VLMEvalKit TSV (tab-separated, "
+                            "with a header)?")
     if not table:
         raise CK.InputError(f"{path} has a header but no rows: nothing to evaluate")
     images = {}
@@ -838,7 +873,8 @@ def read_tsv(path) -> tuple[list[dict], list[tuple]]:
                   if None in r else "no index" if not (r["index"] or "").strip()
                   else "its index repeats an earlier row's" if r["index"] in seen
                   else "no image" if not (r["image"] or "").strip()
-                  else f"undecodable image ({r['image'].strip()!r} is no row's index, nor a picture in base64)" if not image
+                  else f"undecodable image ({r['image'].strip()!r} is no row's index, "
+                       "nor a picture in base64)" if not image
                   else None)
         seen.add(r["index"])
         if reason:
@@ -857,7 +893,8 @@ def read_tsv(path) -> tuple[list[dict], list[tuple]]:
         answer = (value("answer") or "").strip()
         reason = ("no question" if value("question") is None else "no answer" if not answer
                   else f"option {gaps[0]} missing while later options exist" if gaps
-                  else f"answer {answer!r} is not among the options {sorted(options)}" if options and answer not in options
+                  else f"answer {answer!r} is not among the "
+                       f"options {sorted(options)}" if options and answer not in options
                   else None)
         if reason:
             problems.append((r["index"], reason))
@@ -904,7 +941,8 @@ def contact_sheet(split: dict, n: int) -> Image.Image:
 def probe_net() -> torch.nn.Module:
     """The perception probe: a small CNN reading one quadrant crop -> empty-or-shape logits, colour logits."""
     c = torch.nn
-    return c.Sequential(c.Conv2d(3, 32, 3, 1, 1), c.ReLU(), c.MaxPool2d(2), c.Conv2d(32, 64, 3, 1, 1), c.ReLU(), c.MaxPool2d(2),
+    return c.Sequential(c.Conv2d(3, 32, 3, 1, 1), c.ReLU(), c.MaxPool2d(2),
+                        c.Conv2d(32, 64, 3, 1, 1), c.ReLU(), c.MaxPool2d(2),
                         c.Conv2d(64, 64, 3, 1, 1), c.ReLU(), c.AdaptiveMaxPool2d(1), c.Flatten(),
                         c.Linear(64, 1 + len(SHAPES) + len(COLOURS)))
 
@@ -926,7 +964,8 @@ def probe_set(world: ToyWorld, rng: np.random.Generator, n: int, hard: bool) -> 
             big = degrade(big, sample_corruption(rng, "benchmark")[0], SEVERITIES["hard"], rng)
         crops.append(quadrants(image_to_tensor(big.resize((MODEL_SIZE, MODEL_SIZE), Image.BICUBIC))))
         cells = {o[2]: o for o in scene.objects}
-        labels += [(SHAPES.index(cells[c][0]) + 1, cols.index(cells[c][1])) if c in cells else (0, -100) for c in range(4)]
+        labels += [(SHAPES.index(cells[c][0]) + 1, cols.index(cells[c][1])) if c in cells else (0, -100)
+                   for c in range(4)]
     return torch.cat(crops), torch.tensor(labels)
 
 
@@ -940,7 +979,9 @@ def train_probe(crops: torch.Tensor, labels: torch.Tensor, steps: int = 500, see
         i = torch.randint(len(crops), (128,))
         out = net(crops[i])
         loss = ce(out[:, :k], labels[i, 0]) + ce(out[:, k:], labels[i, 1])
-        opt.zero_grad(), loss.backward(), opt.step()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     return net.eval()
 
 
@@ -957,17 +998,21 @@ def probe_answers(net: torch.nn.Module, images: list[Image.Image], examples: lis
                         "colour": lambda: cols[int(colour_p[cell].argmax())],
                         "shape": lambda: SHAPES[int(shape_p[cell, 1:].argmax())],
                         "position": lambda: POSITIONS[int((colour_p[:, cols.index(words[3])] if words[3] in COLOURS else
-                                                           shape_p[:, 1 + SHAPES.index(words[-1])]).argmax())]}[ex.qtype]())
+                                                           shape_p[:, 1 + SHAPES.index(words[-1])]).argmax())]
+                        }[ex.qtype]())
     return answers
 
 
 def perception_probe(world: ToyWorld, folder: Path | None = None, n_train: int = 3000, steps: int = 500,
                      seed: int = 0) -> torch.nn.Module:
     """The fixed probe trained on clean pictures only (a clean-trained perception model, like BAGEL's understanding),
-    cached in `folder` (probe.safetensors + probe.json, keyed by its settings) so every evaluation reads the same one."""
+    cached in `folder` (probe.safetensors + probe.json, keyed by its settings) so every evaluation reads the same
+    one."""
     from safetensors.torch import load_file, save_file
-    key = dict(world_seed=world.seed, qtypes=list(world.qtypes), size=MODEL_SIZE, n_train=n_train, steps=steps, seed=seed)
-    if folder is not None and (folder / "probe.json").exists() and json.loads((folder / "probe.json").read_text()) == key:
+    key = dict(world_seed=world.seed, qtypes=list(world.qtypes), size=MODEL_SIZE, n_train=n_train, steps=steps,
+               seed=seed)
+    if (folder is not None and (folder / "probe.json").exists() and
+            json.loads((folder / "probe.json").read_text()) == key):
         net = probe_net()
         net.load_state_dict(load_file(str(folder / "probe.safetensors")))
         return net.eval()
@@ -985,11 +1030,13 @@ def calibrate_world(world: ToyWorld, n_train: int = 3000, n_eval: int = 400, ste
     per (trained on, level, qtype)."""
     split, results = world.eval_split(n_eval, seed), {}
     for cond in ("clean", "hard"):
-        net = train_probe(*probe_set(world, np.random.default_rng([seed, cond == "hard"]), n_train, cond == "hard"), steps, seed)
+        net = train_probe(*probe_set(world, np.random.default_rng([seed, cond == "hard"]), n_train, cond == "hard"),
+                          steps, seed)
         for level, exs in split.items():
             hits = [a == ex.answer for a, ex in zip(probe_answers(net, [ex.degraded for ex in exs], exs), exs)]
             for q in [*world.qtypes, "all"]:
-                results[(cond, level, q)] = 100 * float(np.mean([h for h, ex in zip(hits, exs) if q in ("all", ex.qtype)]))
+                results[(cond, level, q)] = 100 * float(np.mean([h for h, ex in zip(hits, exs)
+                                                                 if q in ("all", ex.qtype)]))
     return results
 
 
@@ -997,7 +1044,8 @@ def main():
     ap = argparse.ArgumentParser(description="The toy VQA world of nanoCLEAR: contact sheet and calibration.")
     ap.add_argument("--seed", type=int, default=0, help="world seed (salts the train / held-out split)")
     ap.add_argument("--show", type=int, default=0,
-                    help="held-out items to draw at clean / low / mid / hard (at most 32 rows) and to count restores over")
+                    help="held-out items to draw at clean / low / mid / hard (at most 32 rows) and to count restores "
+                         "over")
     ap.add_argument("--out", default="toy_sheet.png", help="where --show writes the contact sheet")
     ap.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=False,
                     help="train proxy CNNs on clean and on hard images and print accuracy per level and question type")
@@ -1007,7 +1055,8 @@ def main():
     for name in ("seed", "show"):
         if getattr(args, name) < 0:
             ap.error(f"--{name} {getattr(args, name)}: must be an integer >= 0")
-    if args.show and (Path(args.out).suffix.lower() not in Image.registered_extensions() or not Path(args.out).parent.is_dir()):
+    if args.show and (Path(args.out).suffix.lower() not in Image.registered_extensions() or
+                      not Path(args.out).parent.is_dir()):
         ap.error(f"--out {args.out}: must name a picture file (.png, .jpg, ...) in an existing folder")
     world = ToyWorld(args.seed)
     if args.show:
@@ -1022,7 +1071,8 @@ def main():
         print(f"{'trained on':<11}{'level':<7}" + "".join(f"{q:>9}" for q in [*world.qtypes, "all"]))
         for trained_on in ("clean", "hard"):
             for level in ("clean", "low", "mid", "hard"):
-                print(f"{trained_on:<11}{level:<7}" + "".join(f"{res[(trained_on, level, q)]:9.1f}" for q in [*world.qtypes, "all"]))
+                print(f"{trained_on:<11}{level:<7}"
+                      + "".join(f"{res[(trained_on, level, q)]:9.1f}" for q in [*world.qtypes, "all"]))
         print("chance     " + " " * 7 + "".join(f"{100 / len(ANSWERS[q]):9.1f}" for q in world.qtypes))
 
 

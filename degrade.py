@@ -724,8 +724,8 @@ def contact_sheet(image, seed=0, size=512, row_height=96):
     if size:
         clean.thumbnail((size, size), Image.LANCZOS)
         if min(clean.size) < MIN_SIZE:
-            raise BadInput(f"the image shrunk to --size {size} is {clean.width}x{clean.height} px, under the {MIN_SIZE} px "
-                           "minimum side; pass a larger --size, or --size 0 to keep its size")
+            raise BadInput(f"the image shrunk to --size {size} is {clean.width}x{clean.height} px, under the "
+                           f"{MIN_SIZE} px minimum side; pass a larger --size, or --size 0 to keep its size")
     cell = (max(1, round(row_height * clean.width / clean.height)), row_height)
     label_w, header = 170, 22
     sheet = Image.new("RGB", (label_w + 4 * cell[0], header + len(CORRUPTIONS) * row_height), "white")
@@ -929,18 +929,21 @@ def main(argv=None):
     parser.add_argument("--severity", choices=[*SEVERITIES, "all"], help="severity to write (--jsonl; default all)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same outputs")
     parser.add_argument("--size", type=int,
-                        help="contact sheet: shrink the image to this long side before degrading (default 512; 0: keep size)")
+                        help="contact sheet: shrink the image to this long side before degrading "
+                             "(default 512; 0: keep size)")
     args = parser.parse_args(argv)
     if (args.image is None) == (args.jsonl is None):
         parser.error("give either IMAGE (contact sheet) or --jsonl with --images (dataset)")
     if args.jsonl and not args.images:
         parser.error("--jsonl needs --images, the folder its image paths are relative to")
     if args.image and (args.images or args.severity):
-        parser.error(f"{'--images' if args.images else '--severity'} has no effect on a contact sheet (it goes with --jsonl)")
+        parser.error(f"{'--images' if args.images else '--severity'} has no effect on a contact sheet "
+                     "(it goes with --jsonl)")
     if args.jsonl and args.size is not None:
         parser.error("--size has no effect with --jsonl (it shrinks the contact sheet's image)")
     if args.seed < 0 or (args.size or 0) < 0:
-        parser.error(f"--seed {args.seed}: must be >= 0" if args.seed < 0 else f"--size {args.size}: must be >= 0 (0 keeps the size)")
+        parser.error(f"--seed {args.seed}: must be >= 0" if args.seed < 0
+                     else f"--size {args.size}: must be >= 0 (0 keeps the size)")
     args.severity, args.size = args.severity or "all", 512 if args.size is None else args.size
     try:
         if args.jsonl:

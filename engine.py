@@ -23,7 +23,8 @@ import data as D
 import model as M
 from common import SEED, flag, refuse, refuse_given
 
-MODES = ("direct", "text", "interleave", "always_restore")  # answer at once | text-only reasoning | CLEAR | restore first
+# answer at once | text-only reasoning | CLEAR | restore first
+MODES = ("direct", "text", "interleave", "always_restore")
 REENTRY = ("bridge", "decode_reencode", "decode_reencode_vae")  # how a restored picture re-enters the context
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -109,7 +110,8 @@ class InferenceFlags:
                                        "[1, inf)", group="inference", type=int)
     denoise_steps: int | None = flag(None, "denoising points when restoring (default: toy 10; real data 50, official)",
                                      "[2, inf)", group="inference", type=int)
-    timestep_shift: float = flag(3.0, "timestep shift of the denoising grid (official 3.0)", "(0, inf)", group="inference")
+    timestep_shift: float = flag(3.0, "timestep shift of the denoising grid (official 3.0)", "(0, inf)",
+                                 group="inference")
     cfg_text_scale: float = flag(3.0, "text CFG when restoring (official 3.0)", "[0, inf)", group="inference")
     cfg_img_scale: float = flag(1.5, "image CFG when restoring (official 1.5)", "[0, inf)", group="inference")
     cfg_interval: tuple = flag((0.4, 1.0), "CFG on for t in (LO, HI] (official 0.4 1.0)", "[0, 1]", group="inference")
@@ -138,7 +140,8 @@ def inference_config(flags: InferenceFlags, toy: bool, **overrides) -> Inference
     values = dict(reentry=flags.reentry, max_rounds=flags.max_rounds, timestep_shift=flags.timestep_shift,
                   cfg_text_scale=flags.cfg_text_scale, cfg_img_scale=flags.cfg_img_scale,
                   cfg_interval=tuple(flags.cfg_interval), cfg_renorm_type=flags.cfg_renorm_type,
-                  max_text_tokens=default["max_text_tokens"] if flags.max_text_tokens is None else flags.max_text_tokens,
+                  max_text_tokens=(default["max_text_tokens"] if flags.max_text_tokens is None
+                                   else flags.max_text_tokens),
                   num_timesteps=default["num_timesteps"] if flags.denoise_steps is None else flags.denoise_steps)
     return InferenceConfig(**{**values, **overrides})
 
@@ -224,22 +227,27 @@ def reason(model: M.Bagel, tokenizer, prefixes: list[list], cfg: InferenceConfig
             if not active[b]:
                 continue
             tr, text = traces[b], tokenizer.decode(ids[b])
-            tr.texts.append(text), tr.ids.append(ids[b]), tr.logps.append(logps[b])
+            tr.texts.append(text)
+            tr.ids.append(ids[b])
+            tr.logps.append(logps[b])
             tr.stopped.append(stops[b] == model.cfg.eos_token_id)
             tr.answer = D.extract_answer(text)
-            if tr.answer is None and D.requests_restore(text) and cfg.allow_restore and round_ < cfg.max_rounds and grid:
+            if (tr.answer is None and D.requests_restore(text) and cfg.allow_restore and
+                    round_ < cfg.max_rounds and grid):
                 want[b] = True  # official: restore only while rounds remain
         if not want.any():
             break
         rows = want.nonzero().squeeze(1)
         x0, steps = restore(model, cache.rows(rows), grid, cfg, generator,
-                            text_cache.rows(rows) if guided else None, img_cache.rows(rows) if img_cache is not None else None)
+                            text_cache.rows(rows) if guided else None,
+                            img_cache.rows(rows) if img_cache is not None else None)
         full = x0.new_zeros(B, *x0.shape[1:])  # x0 stays on its device
         full[rows] = x0
         reenter(model, cache, full, grid, want, cfg.reentry, cfg.vit_transform)
         for j, b in enumerate(rows.tolist()):
             traces[b].latents.append(x0[j].cpu())
-            traces[b].steps.append([{k: (v[j].cpu() if torch.is_tensor(v) else v) for k, v in s.items()} for s in steps])
+            traces[b].steps.append([{k: (v[j].cpu() if torch.is_tensor(v) else v) for k, v in s.items()}
+                                    for s in steps])
         if img_cache is not None:
             img_cache = cache.copy()  # official: both CFG contexts become copies of the context after restoration
         active = want
@@ -254,7 +262,8 @@ def restore(model: M.Bagel, cache: M.KVCache, grid: tuple, cfg: InferenceConfig,
     if cfg.sampler == "sde":  # CLEAR §3.4: SDE sampler, CFG off, every step recorded for Flow-GRPO
         return model.sample_sde(cache, grid, noise, cfg.num_timesteps, cfg.timestep_shift, cfg.sde_sigma, generator)
     x0, _ = model.generate_image(cache, grid, noise, cfg.num_timesteps, cfg.timestep_shift, cfg_text_cache=text_cache,
-                              cfg_img_cache=img_cache, cfg_text_scale=cfg.cfg_text_scale if text_cache is not None else 1.0,
+                              cfg_img_cache=img_cache,
+                              cfg_text_scale=cfg.cfg_text_scale if text_cache is not None else 1.0,
                               cfg_img_scale=cfg.cfg_img_scale, cfg_interval=cfg.cfg_interval,
                               cfg_renorm_type=cfg.cfg_renorm_type, cfg_renorm_min=cfg.cfg_renorm_min)
     return x0, []
@@ -281,7 +290,8 @@ def mode_prefixes(mode: str, examples: list, tok, encode, system: str = "toy", s
     if mode == "direct":
         return [[vit(ex), M.Text(tok.encode(ex.question))] for ex in examples]
     if mode == "text":
-        return [[M.Text(tok.encode(D.VLM_THINK_SYSTEM_PROMPT)), vit(ex), M.Text(tok.encode(ex.question))] for ex in examples]
+        return [[M.Text(tok.encode(D.VLM_THINK_SYSTEM_PROMPT)), vit(ex), M.Text(tok.encode(ex.question))]
+                for ex in examples]
     return D.inference_prefix(examples, tok, encode, system, sizes)
 
 
@@ -314,7 +324,8 @@ def benchmark(model: M.Bagel, tok, split: dict, mode: str, cfg: InferenceConfig,
     return result
 
 
-def toy_table(models: dict, modes: dict, tok, split: dict, cfg: InferenceConfig, seed: int = 0, system: str = "toy") -> str:
+def toy_table(models: dict, modes: dict, tok, split: dict, cfg: InferenceConfig, seed: int = 0,
+              system: str = "toy") -> str:
     """Markdown table: accuracy per severity and restore rate on the held-out toy split, one row per checkpoint."""
     lines = ["| model | mode | clean | low | mid | hard | restore low / mid / hard | seconds |",
              "|---|---|---|---|---|---|---|---|"]

@@ -108,7 +108,8 @@ class EvalConfig(C.MachineFlags, C.WorldFlags, C.PictureSizeFlags, E.InferenceFl
 
 def per_corruption_split(world: D.ToyWorld, n: int, seed: int) -> dict:
     """16 sets at hard: the same n held-out questions degraded by each corruption (MMD-Bench per-degradation sets)."""
-    return {kind: [world.examples(np.random.default_rng([world.seed, seed, 2, i]), True, kind, [D.SEVERITIES["hard"]])[0]
+    return {kind: [world.examples(np.random.default_rng([world.seed, seed, 2, i]), True, kind,
+                                  [D.SEVERITIES["hard"]])[0]
                    for i in range(n)] for kind in CORRUPTIONS}  # question i: its own seed, so every set asks the same
 
 
@@ -129,15 +130,19 @@ def restoration_quality(examples: list, pictures: list, probe) -> dict:
     if not kept:
         return {"n": 0, "restored_psnr": None, "degraded_psnr": None, "probe_restored": None, "probe_degraded": None}
     exs, ims = [ex for ex, _ in kept], [im for _, im in kept]
-    probe_acc = lambda pics: float(np.mean([a == ex.answer for a, ex in zip(D.probe_answers(probe, pics, exs), exs)]))  # noqa: E731
-    return {"n": len(kept), "restored_psnr": float(np.mean([psnr(np.asarray(im), np.asarray(ex.clean)) for ex, im in kept])),
+    probe_acc = lambda pics: float(np.mean([a == ex.answer  # noqa: E731
+                                            for a, ex in zip(D.probe_answers(probe, pics, exs), exs)]))
+    return {"n": len(kept),
+            "restored_psnr": float(np.mean([psnr(np.asarray(im), np.asarray(ex.clean)) for ex, im in kept])),
             "degraded_psnr": float(np.mean([psnr(np.asarray(ex.degraded), np.asarray(ex.clean)) for ex in exs])),
             "probe_restored": probe_acc(ims), "probe_degraded": probe_acc([ex.degraded for ex in exs])}
 
 
 # (checkpoint, mode) - (checkpoint, mode) at hard: does restoring help the answer? (CLEAR's claim, Table 1 / Fig. 4)
-COMPARISONS = [(("sft", "always restore"), ("sft", "text reasoning")), (("sft", "interleaved, bridge"), ("sft", "text reasoning")),
-               (("rl", "always restore"), ("rl", "text reasoning")), (("rl", "interleaved, bridge"), ("rl", "text reasoning")),
+COMPARISONS = [(("sft", "always restore"), ("sft", "text reasoning")),
+               (("sft", "interleaved, bridge"), ("sft", "text reasoning")),
+               (("rl", "always restore"), ("rl", "text reasoning")),
+               (("rl", "interleaved, bridge"), ("rl", "text reasoning")),
                (("rl", "interleaved, bridge"), ("base", "direct"))]
 
 
@@ -146,7 +151,8 @@ def comparisons(results: dict, severity: str = "hard", seed: int = 0) -> list:
     for (ca, ma), (cb, mb) in COMPARISONS:
         if ma in results.get(ca, {}) and mb in results.get(cb, {}):
             out.append({"a": [ca, ma], "b": [cb, mb], "severity": severity,
-                        **C.paired_bootstrap(results[ca][ma][severity]["correct"], results[cb][mb][severity]["correct"], seed=seed)})
+                        **C.paired_bootstrap(results[ca][ma][severity]["correct"], results[cb][mb][severity]["correct"],
+                                             seed=seed)})
     return out
 
 
@@ -162,22 +168,25 @@ def decision_split(results: dict, severity: str = "hard", seed: int = 0) -> list
             idx = [i for i, r in enumerate(inter["restored"]) if r == keep]
             if idx:
                 a, b = [inter["correct"][i] for i in idx], [text["correct"][i] for i in idx]
-                out.append({"checkpoint": ckpt, "subset": subset, "severity": severity, "acc_interleaved": sum(a) / len(a),
-                            "acc_text": sum(b) / len(b), **C.paired_bootstrap(a, b, seed=seed)})
+                out.append({"checkpoint": ckpt, "subset": subset, "severity": severity,
+                            "acc_interleaved": sum(a) / len(a), "acc_text": sum(b) / len(b),
+                            **C.paired_bootstrap(a, b, seed=seed)})
     return out
 
 
 def decision_table(rows: list) -> str:
-    lines = ["| checkpoint | hard questions | n | interleaved, bridge | text reasoning | difference (points) | 95% bootstrap interval |",
+    lines = ["| checkpoint | hard questions | n | interleaved, bridge | text reasoning | difference (points) | "
+             "95% bootstrap interval |",
              "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['checkpoint']} | {r['subset']} | {r['n']} | {100 * r['acc_interleaved']:.1f} | {100 * r['acc_text']:.1f} | "
-              f"{r['diff']:+.1f} | [{r['lo']:+.1f}, {r['hi']:+.1f}] |" for r in rows]
+    lines += [f"| {r['checkpoint']} | {r['subset']} | {r['n']} | {100 * r['acc_interleaved']:.1f} | "
+              f"{100 * r['acc_text']:.1f} | {r['diff']:+.1f} | [{r['lo']:+.1f}, {r['hi']:+.1f}] |" for r in rows]
     return "\n".join(lines)
 
 
 def comparison_table(rows: list) -> str:
     lines = ["| comparison (hard, same questions) | difference (points) | 95% bootstrap interval |", "|---|---|---|"]
-    lines += [f"| {r['a'][0]} {r['a'][1]} - {r['b'][0]} {r['b'][1]} | {r['diff']:+.1f} | [{r['lo']:+.1f}, {r['hi']:+.1f}] |"
+    lines += [f"| {r['a'][0]} {r['a'][1]} - {r['b'][0]} {r['b'][1]} | {r['diff']:+.1f} | "
+              f"[{r['lo']:+.1f}, {r['hi']:+.1f}] |"
               for r in rows]
     return "\n".join(lines)
 
@@ -209,7 +218,8 @@ def flow_error_by_t(model: M.Bagel, tok, examples: list, ts=FLOW_CHECK_T, seed: 
             noised.append([M.Text(tok.encode(D.RESTORE_TOKEN)), M.VaeImage(x_t, grid, t=t, target=v)])
         err = {}
         for name, context in (("model", prefixes), ("shuffled", shuffled)):
-            err[name] = float(model(M.pack([c + n for c, n in zip(context, noised)], model.cfg).to(model.device)).mse.mean())
+            err[name] = float(model(M.pack([c + n for c, n in zip(context, noised)],
+                                           model.cfg).to(model.device)).mse.mean())
         out[t] = {**err, "copy": copy, "mean": mean}
     return out
 
@@ -219,7 +229,8 @@ def flow_table(flow: dict) -> str:
     lines = ["| predictor | " + " | ".join(f"t = {t}" for t in ts) + " |", "|---|" + "---|" * len(ts)]
     for ckpt, by_t in flow.items():
         lines.append(f"| {ckpt} | " + " | ".join(f"{by_t[t]['model']:.3f}" for t in ts) + " |")
-        lines.append(f"| {ckpt}, another question's picture as context | " + " | ".join(f"{by_t[t]['shuffled']:.3f}" for t in ts) + " |")
+        lines.append(f"| {ckpt}, another question's picture as context | "
+                     + " | ".join(f"{by_t[t]['shuffled']:.3f}" for t in ts) + " |")
     first = next(iter(flow.values()))
     lines.append("| copy the degraded latent | " + " | ".join(f"{first[t]['copy']:.3f}" for t in ts) + " |")
     lines.append("| predict the mean latent (0) | " + " | ".join(f"{first[t]['mean']:.3f}" for t in ts) + " |")
@@ -264,7 +275,8 @@ def main_table(results: dict) -> str:
             acc = [100 * r[s]["acc"] for s in SEVERITIES]
             rr = " / ".join(f"{100 * r[s]['restore']:.0f}%" for s in ("low", "mid", "hard"))
             secs = sum(r[s]["seconds"] for s in SEVERITIES)
-            lines.append(f"| {ckpt} | {label} | " + " | ".join(f"{a:.1f}" for a in acc) + f" | {acc[0] - acc[3]:.1f} | {rr} | {secs:.0f} |")
+            lines.append(f"| {ckpt} | {label} | " + " | ".join(f"{a:.1f}" for a in acc)
+                         + f" | {acc[0] - acc[3]:.1f} | {rr} | {secs:.0f} |")
     return "\n".join(lines)
 
 
@@ -302,7 +314,8 @@ def draw_examples(examples: list, traces: list, pictures: list, path: Path, n: i
         reply = E.final_text(tr)
         ok = D.is_correct(reply, ex)
         lines = [f"{ex.corruption} (hard): input | restored | clean", ex.question.split("\n")[0][:56],
-                 f"answer: {(D.extract_answer(reply) or reply)[:40]!r}", f"truth: {ex.answer}   {'RIGHT' if ok else 'WRONG'}"]
+                 f"answer: {(D.extract_answer(reply) or reply)[:40]!r}",
+                 f"truth: {ex.answer}   {'RIGHT' if ok else 'WRONG'}"]
         for j, line in enumerate(lines):
             draw.text((3 * cell + 6, y * cell + 6 + 20 * j), line, fill=(0, 120, 0) if ok and j == 3 else "black")
     sheet.save(path)
@@ -339,7 +352,8 @@ def evaluate_toy(cfg: EvalConfig, run: C.Run):
     world = D.ToyWorld(cfg.world_seed)
     split = world.eval_split(cfg.n, seed=cfg.seed)
     icfg = E.inference_config(cfg, toy=True)
-    probe = D.perception_probe(world, Path(cfg.out_root) / "probe", cfg.probe_n, cfg.probe_steps)  # clean-trained, cached
+    probe = D.perception_probe(world, Path(cfg.out_root) / "probe", cfg.probe_n,
+                               cfg.probe_steps)  # clean-trained, cached
     results, models, toks, latents, t0 = {}, {}, {}, {}, time.time()
     for name, folder in ckpts.items():
         models[name] = CK.load_pretrained(folder, run.device, run.dtype)
@@ -348,7 +362,8 @@ def evaluate_toy(cfg: EvalConfig, run: C.Run):
         print(f"evaluating {name} ({len(modes)} modes x {len(SEVERITIES)} severities x {cfg.n} questions)")
         results[name] = evaluate_checkpoint(models[name], toks[name], split, modes, icfg, cfg.seed, probe, cfg.batch,
                                             remembered_encoder(models[name], latents))
-    best = max((c for c in results if c != "base"), key=lambda c: results[c]["interleaved, bridge"]["hard"]["acc"], default=None)
+    best = max((c for c in results if c != "base"), key=lambda c: results[c]["interleaved, bridge"]["hard"]["acc"],
+               default=None)
     per, hard = {}, per_corruption_split(world, cfg.n_corruption, cfg.seed)
     for name, mode in (("base", "direct"), (best, "interleave")) if cfg.n_corruption else ():
         if name is None or name not in models:
@@ -356,27 +371,33 @@ def evaluate_toy(cfg: EvalConfig, run: C.Run):
         res = E.benchmark(models[name], toks[name], hard, mode, icfg, models[name].encode_pixels, cfg.batch, cfg.seed)
         per[f"{name} ({mode})"] = {k: v["acc"] for k, v in res.items()}
     flow_set = split["hard"][:FLOW_CHECK_N]
-    flow = {name: flow_error_by_t(models[name], toks[name], flow_set, seed=cfg.seed) for name in models if name != "base"}
+    flow = {name: flow_error_by_t(models[name], toks[name], flow_set, seed=cfg.seed) for name in models
+            if name != "base"}
     paired, split_rows = comparisons(results, seed=cfg.seed), decision_split(results, seed=cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = ["# Toy MMD-Bench", "", f"`python evaluate.py --n {cfg.n} --batch {cfg.batch} --seed {cfg.seed}` on {run.device}, "
+    report = ["# Toy MMD-Bench", "",
+              f"`python evaluate.py --n {cfg.n} --batch {cfg.batch} --seed {cfg.seed}` on {run.device}, "
               f"{time.time() - t0:.0f} s in all.", "", "## Accuracy (%) and restore rate", "", main_table(results), "",
               "## Does restoring help the answer?", "", comparison_table(paired), "",
-              "Split by each checkpoint's own decision at hard (\"interleaved, bridge\"): the questions it chose to restore, "
-              "and the others, against its text-only reasoning on the same questions.", "", decision_table(split_rows), "",
+              "Split by each checkpoint's own decision at hard (\"interleaved, bridge\"): the questions it chose "
+              "to restore, and the others, against its text-only reasoning on the same questions.", "",
+              decision_table(split_rows), "",
               "## Accuracy (%) at hard per corruption", "", corruption_table(per), "",
               "## Restoration quality at hard (PSNR against the clean picture, dB; accuracy % of a perception probe "
               "trained on clean pictures, reading each picture)", "", quality_table(results), ""]
     if flow:
-        report += [f"## Generator check at hard (flow-matching MSE of the clean latent at fixed t, {len(flow_set)} questions, "
-                   "restore context)", "", flow_table(flow), ""]
+        report += [f"## Generator check at hard (flow-matching MSE of the clean latent at fixed t, {len(flow_set)} "
+                   "questions, restore context)", "", flow_table(flow), ""]
     write_atomic(out / "report.md", "\n".join(report))  # scripts read these: whole or not at all
-    clean = {c: {m: {k: v for k, v in r.items() if k != "_shown"} for m, r in rows.items()} for c, rows in results.items()}
+    clean = {c: {m: {k: v for k, v in r.items() if k != "_shown"} for m, r in rows.items()}
+             for c, rows in results.items()}
     write_atomic(out / "report.json", json.dumps({"main": clean, "comparisons": paired, "decision_split": split_rows,
-                                                  "per_corruption": per, "flow_check": flow, "args": vars(cfg)}, indent=1))
+                                                  "per_corruption": per, "flow_check": flow, "args": vars(cfg)},
+                                                 indent=1))
     show = "sft" if "sft" in results else best or "base"  # the SFT generator restoring every hard picture
-    draw_examples(split["hard"], *results[show]["always restore" if show != "base" else "direct"]["_shown"], out / "examples.png")
+    draw_examples(split["hard"], *results[show]["always restore" if show != "base" else "direct"]["_shown"],
+                  out / "examples.png")
     draw_bars(results, out / "accuracy.png")
     print("\n".join(report))
     print(f"wrote {out}/report.md, report.json, examples.png, accuracy.png")
@@ -397,7 +418,8 @@ def load_judge(spec: str | None):
     try:
         judge = getattr(importlib.import_module(module), fn)
     except (ImportError, AttributeError) as e:
-        raise CK.InputError(f"--judge {spec}: cannot import it ({e}); the module must be importable from here") from None
+        raise CK.InputError(f"--judge {spec}: cannot import it ({e}); "
+                            "the module must be importable from here") from None
     if not callable(judge):
         raise CK.InputError(f"--judge {spec}: {fn} is not a function")
     return judge
@@ -414,12 +436,14 @@ def judge_score(judge, spec, question: str, pred: str, answer: str, index) -> fl
     except (TypeError, ValueError):
         value = math.nan
     if not 0 <= value <= 1:  # NaN too
-        raise CK.InputError(f"--judge {spec or judge} returned {score!r} for index {index}: a judge returns a score in [0, 1]")
+        raise CK.InputError(f"--judge {spec or judge} returned {score!r} for index {index}: "
+                            "a judge returns a score in [0, 1]")
     return value
 
 
-def evaluate_tsv(model, tok, path: Path, mode: str, sizes: D.ImageSizes, system: str, seed: int, icfg: E.InferenceConfig,
-                 judge=None, table: tuple | None = None, judge_spec: str | None = None) -> dict:
+def evaluate_tsv(model, tok, path: Path, mode: str, sizes: D.ImageSizes, system: str, seed: int,
+                 icfg: E.InferenceConfig, judge=None, table: tuple | None = None,
+                 judge_spec: str | None = None) -> dict:
     """Score one VLMEvalKit TSV in one reasoning mode; malformed rows are counted and listed, never scored. table: what
     D.read_tsv(path) returned, when the caller read it already."""
     rows, problems = table or D.read_tsv(path)
@@ -436,7 +460,8 @@ def evaluate_tsv(model, tok, path: Path, mode: str, sizes: D.ImageSizes, system:
             score = float(D.is_correct(reply, ex))
         elif judge is not None:
             pred = D.extract_answer(reply)
-            score = judge_score(judge, judge_spec, ex.question, reply.strip() if pred is None else pred, ex.answer, row["index"])
+            score = judge_score(judge, judge_spec, ex.question, reply.strip() if pred is None else pred, ex.answer,
+                                row["index"])
         else:
             unscored.append(row["index"])
             score = None
@@ -463,7 +488,8 @@ def evaluate_real(cfg: EvalConfig, run: C.Run):
     out = Path(cfg.out)
     summary = []
     for tsv in cfg.tsv:
-        res = evaluate_tsv(model, tok, Path(tsv), cfg.mode, sizes, cfg.system, cfg.seed, icfg, judge, tables[tsv], cfg.judge)
+        res = evaluate_tsv(model, tok, Path(tsv), cfg.mode, sizes, cfg.system, cfg.seed, icfg, judge, tables[tsv],
+                           cfg.judge)
         name = Path(tsv).stem
         write_atomic(out / f"{name}.json", json.dumps(res, indent=1))  # each benchmark's results once it is done
         acc = "n/a" if res["accuracy"] is None else f"{100 * res['accuracy']:.2f}"
@@ -511,9 +537,11 @@ def demo(cfg: EvalConfig, run: C.Run):
     for i, text in enumerate(tr.texts):
         print(f"[{i + 1}] {text}")
         if i < len(tr.latents):
-            print(f"    -> restored a {tr.grid[0]}x{tr.grid[1]}-token picture, back into the context by the {icfg.reentry}")
+            print(f"    -> restored a {tr.grid[0]}x{tr.grid[1]}-token picture, back into the context by the "
+                  f"{icfg.reentry}")
     answer = D.extract_answer(tr.texts[-1]) if tr.texts else None
-    print(f"restored: {'yes' if tr.restored else 'no'} | answer: {answer if answer is not None else '(no <answer> tag)'}")
+    print(f"restored: {'yes' if tr.restored else 'no'} | "
+          f"answer: {answer if answer is not None else '(no <answer> tag)'}")
     restored = E.decode_image(model, tr.latents[0], tr.grid) if tr.latents else None
     cell = 320
     sheet = Image.new("RGB", (3 * cell, cell + 40), "white")
@@ -536,7 +564,8 @@ def demo(cfg: EvalConfig, run: C.Run):
 
 def default_checkpoint(out_root: str) -> str | None:
     """The latest toy stage there is: rl, then bridge, then sft."""
-    return next((str(Path(out_root) / s) for s in ("rl", "bridge", "sft") if (Path(out_root) / s / "ema.safetensors").exists()), None)
+    return next((str(Path(out_root) / s) for s in ("rl", "bridge", "sft")
+                 if (Path(out_root) / s / "ema.safetensors").exists()), None)
 
 
 def main(argv=None):
@@ -563,7 +592,8 @@ def main(argv=None):
                            f"{D.MIN_SIZE} px a side")
         init = cfg.init or default_checkpoint(cfg.out_root)
         if init is None:
-            C.refuse(prog, f"no --init and no checkpoint under {cfg.out_root}/ (rl, bridge, sft): run python sft.py first")
+            C.refuse(prog, f"no --init and no checkpoint under {cfg.out_root}/ (rl, bridge, sft): "
+                           "run python sft.py first")
         toy = checkpoint_system(init) == "toy"
         cfg = replace(cfg, init=init, out=cfg.out or "out/demo")
         mode = "demo"
@@ -596,8 +626,8 @@ def main(argv=None):
         tokens = E.inference_config(cfg, toy).max_text_tokens
         if tokens >= limit:
             C.refuse(prog, f"--max-text-tokens {tokens}" + ("" if "max_text_tokens" in given else " (the default)")
-                     + f" does not fit {cfg.init}, whose positions end at {limit}: pass a smaller --max-text-tokens (48 "
-                     "for the toy checkpoints)")
+                     + f" does not fit {cfg.init}, whose positions end at {limit}: pass a smaller --max-text-tokens "
+                     "(48 for the toy checkpoints)")
     run = C.setup_run(cfg.device, cfg.dtype, cfg.seed, cfg.threads)
     with torch.no_grad():
         {"demo": demo, "tsv": evaluate_real, "toy": evaluate_toy}[mode](cfg, run)

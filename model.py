@@ -23,10 +23,8 @@ Differences from the official code:
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 import numpy as np
@@ -54,7 +52,8 @@ def is_int(v, least: int) -> bool:
 
 
 # sizes are >= 1 and factors > 0, except these: the ViT may have no layer, ids start at 0, the AE shift has any sign
-MAY_BE_ZERO = ("vit_num_hidden_layers", "ae_shift_factor", "bos_token_id", "eos_token_id", "start_of_image_id", "end_of_image_id")
+MAY_BE_ZERO = ("vit_num_hidden_layers", "ae_shift_factor", "bos_token_id", "eos_token_id", "start_of_image_id",
+               "end_of_image_id")
 VALID = {  # field type -> test of a value
     "int": lambda v, name: is_int(v, 0 if name in MAY_BE_ZERO else 1),
     "float": lambda v, name: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -62,7 +61,8 @@ VALID = {  # field type -> test of a value
     "str": lambda v, name: isinstance(v, str),
     "tuple": lambda v, name: isinstance(v, (list, tuple)) and len(v) > 0 and all(is_int(m, 1) for m in v),
 }
-VALID_WORDS = {"int": "an integer >= 1 (>= 0 for ViT layers and token ids)", "float": "a finite number (> 0 but the AE shift)",
+VALID_WORDS = {"int": "an integer >= 1 (>= 0 for ViT layers and token ids)",
+               "float": "a finite number (> 0 but the AE shift)",
                "str": "a string", "tuple": "a non-empty list of integers >= 1"}
 
 
@@ -115,14 +115,18 @@ class ModelConfig:
         self.ae_ch_mult = tuple(self.ae_ch_mult)
         checks = [
             (self.hidden_size % self.num_attention_heads == 0, "hidden_size must be divisible by num_attention_heads"),
-            (self.num_attention_heads % self.num_key_value_heads == 0, "num_attention_heads must be a multiple of num_key_value_heads"),
+            (self.num_attention_heads % self.num_key_value_heads == 0,
+             "num_attention_heads must be a multiple of num_key_value_heads"),
             (self.head_dim % 2 == 0, "the LLM head dim must be even (RoPE rotates halves)"),
             (self.hidden_size % 4 == 0, "hidden_size must be divisible by 4 (2-D sin-cos tables)"),
-            (self.vit_hidden_size % self.vit_num_attention_heads == 0, "vit_hidden_size must be divisible by its heads"),
+            (self.vit_hidden_size % self.vit_num_attention_heads == 0,
+             "vit_hidden_size must be divisible by its heads"),
             (self.vit_image_size // self.vit_patch_size >= self.vit_max_num_patch_per_side,
              "vit_image_size / vit_patch_size must be >= vit_max_num_patch_per_side (ViT ids index the learned table)"),
-            (all((self.ae_ch * m) % self.ae_norm_groups == 0 for m in self.ae_ch_mult), "autoencoder channels must be multiples of ae_norm_groups"),
-            (self.connector_act in ACTIVATIONS and self.vit_hidden_act in ACTIVATIONS, f"activations must be one of {sorted(ACTIVATIONS)}"),
+            (all((self.ae_ch * m) % self.ae_norm_groups == 0 for m in self.ae_ch_mult),
+             "autoencoder channels must be multiples of ae_norm_groups"),
+            (self.connector_act in ACTIVATIONS and self.vit_hidden_act in ACTIVATIONS,
+             f"activations must be one of {sorted(ACTIVATIONS)}"),
             (max(self.bos_token_id, self.eos_token_id, self.start_of_image_id, self.end_of_image_id) < self.vocab_size,
              "the special token ids must be below vocab_size"),
         ]
@@ -146,8 +150,9 @@ PRESETS = {
         vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
         num_key_value_heads=4, max_position_embeddings=32768, vit_hidden_size=1152, vit_intermediate_size=4304,
         vit_num_hidden_layers=26, vit_num_attention_heads=16, vit_patch_size=14, vit_image_size=980,
-        max_latent_size=64, vit_max_num_patch_per_side=70, ae_ch=128, ae_ch_mult=(1, 2, 4, 4), ae_num_res_blocks=2, ae_norm_groups=32,
-        bos_token_id=151644, eos_token_id=151645, start_of_image_id=151652, end_of_image_id=151653),
+        max_latent_size=64, vit_max_num_patch_per_side=70, ae_ch=128, ae_ch_mult=(1, 2, 4, 4), ae_num_res_blocks=2,
+        ae_norm_groups=32, bos_token_id=151644, eos_token_id=151645, start_of_image_id=151652,
+        end_of_image_id=151653),
 }
 
 
@@ -169,7 +174,8 @@ class RMSNorm(nn.Module):
 
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype):
     """RoPE tables for positions [...] -> cos, sin [..., head_dim] (BAGEL: Qwen2RotaryEmbedding, default type)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float() / head_dim)
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float()
+                               / head_dim)
     freqs = position_ids.float()[..., None] * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)  # BAGEL: split-halves layout, not interleaved
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -239,7 +245,8 @@ class MoTAttention(nn.Module):
                 return torch.cat([getattr(self, "q_norm" + suffix)(q), getattr(self, "k_norm" + suffix)(k), v], dim=1)
             return f
 
-        q, k, v = route(flat, qkv(""), qkv("_moe_gen")).view(B, T, -1, self.hd).split([self.nh, self.nkv, self.nkv], dim=2)
+        q, k, v = route(flat, qkv(""), qkv("_moe_gen")).view(B, T, -1, self.hd).split([self.nh, self.nkv, self.nkv],
+                                                                                       dim=2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, hd]
         if kv_write is not None:  # inference: new keys go into the cache, queries attend to the whole cache
@@ -261,7 +268,8 @@ class MoTDecoderLayer(nn.Module):
         self.self_attn = MoTAttention(cfg)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
         self.mlp_moe_gen = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
-        for name in ("input_layernorm", "input_layernorm_moe_gen", "post_attention_layernorm", "post_attention_layernorm_moe_gen"):
+        for name in ("input_layernorm", "input_layernorm_moe_gen", "post_attention_layernorm",
+                     "post_attention_layernorm_moe_gen"):
             setattr(self, name, RMSNorm(cfg.hidden_size, cfg.rms_norm_eps))
 
     def forward(self, x, route, cos, sin, mask, kv_write=None):
@@ -384,7 +392,8 @@ class MLPConnector(nn.Module):
 
 
 def sincos_2d(dim: int, grid: int) -> torch.Tensor:
-    """Row r*grid+c = [E(c), E(r)], E(p) = [sin(p w), cos(p w)], w_k = 10000^(-k/(dim/4)) (BAGEL: get_2d_sincos_pos_embed)."""
+    """Row r*grid+c = [E(c), E(r)], E(p) = [sin(p w), cos(p w)], w_k = 10000^(-k/(dim/4))
+    (BAGEL: get_2d_sincos_pos_embed)."""
     omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
     rows, cols = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij")
 
@@ -496,7 +505,8 @@ class Level(nn.Module):
 class Mid(nn.Module):
     def __init__(self, c: int, groups: int):
         super().__init__()
-        self.block_1, self.attn_1, self.block_2 = ResnetBlock(c, c, groups), AttnBlock(c, groups), ResnetBlock(c, c, groups)
+        self.block_1, self.attn_1, self.block_2 = (ResnetBlock(c, c, groups), AttnBlock(c, groups),
+                                                   ResnetBlock(c, c, groups))
 
     def forward(self, x):
         return self.block_2(self.attn_1(self.block_1(x)))
@@ -644,7 +654,8 @@ def unpatchify(tokens: torch.Tensor, grid: tuple[int, int], p: int) -> torch.Ten
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Interleaved samples and packing (BAGEL: data/dataset_base.py pack_sequence, data_utils.prepare_attention_mask_per_sample)
+# Interleaved samples and packing (BAGEL: data/dataset_base.py pack_sequence,
+# data_utils.prepare_attention_mask_per_sample)
 
 
 @dataclass
@@ -701,7 +712,8 @@ class Packed:
     vit_pos: torch.Tensor = _part("tensor")  # [n_vit] learned / sin-cos table rows
     vit_lens: list = _part("list")  # tokens per ViT image
     vit_idx: torch.Tensor = _part("index")
-    vae_tokens: torch.Tensor = _part("tensor", torch.float32, lambda c: c.patch_latent_dim)  # [n_vae, p^2 z]: x_t (x0 at t=0)
+    vae_tokens: torch.Tensor = _part("tensor", torch.float32,
+                                     lambda c: c.patch_latent_dim)  # [n_vae, p^2 z]: x_t (x0 at t=0)
     vae_t: torch.Tensor = _part("tensor", torch.float32)  # [n_vae] flow time per token
     vae_pos: torch.Tensor = _part("tensor")
     vae_idx: torch.Tensor = _part("index")
@@ -797,14 +809,15 @@ def layout(sample: list, cfg: ModelConfig, dropout: tuple, generator) -> dict:
         else:
             raise TypeError(f"a sample holds Text, VitImage or VaeImage segments, not {type(seg).__name__}")
     if T and max(L["pos"]) >= cfg.max_position_embeddings:
-        raise ValueError(f"a sample reaches RoPE position {max(L['pos'])} >= max_position_embeddings {cfg.max_position_embeddings}")
+        raise ValueError(f"a sample reaches RoPE position {max(L['pos'])} >= max_position_embeddings "
+                         f"{cfg.max_position_embeddings}")
     L["pairs"] = [(pair_vit[k], pair_vae[k]) for k in pair_vit if k in pair_vae]  # CLEAR: only if neither was dropped
     L["length"] = T
     return L
 
 
-def pack(samples: list[list], cfg: ModelConfig, dropout: tuple = (0.0, 0.0, 0.0), generator: torch.Generator | None = None,
-         row_tokens: int | None = None) -> Packed:
+def pack(samples: list[list], cfg: ModelConfig, dropout: tuple = (0.0, 0.0, 0.0),
+         generator: torch.Generator | None = None, row_tokens: int | None = None) -> Packed:
     """Lay samples (lists of Text / VitImage / VaeImage) out in padded rows: one sample per row, or, with row_tokens,
     several samples per row (first fit) that never attend to each other (BAGEL's packed sequences)."""
     lays = [layout(s, cfg, dropout, generator) for s in samples]
@@ -812,7 +825,8 @@ def pack(samples: list[list], cfg: ModelConfig, dropout: tuple = (0.0, 0.0, 0.0)
     for i, lay in enumerate(lays):
         r = next((j for j, f in enumerate(fill) if row_tokens and f + lay["length"] <= row_tokens), None)
         if r is None:
-            rows.append([]), fill.append(0)
+            rows.append([])
+            fill.append(0)
             r = len(rows) - 1
         rows[r].append(i)
         fill[r] += lay["length"]
@@ -842,7 +856,8 @@ def pack(samples: list[list], cfg: ModelConfig, dropout: tuple = (0.0, 0.0, 0.0)
             return torch.tensor(values, dtype=torch.long)
         return torch.cat(values) if values else torch.zeros((0, width(cfg)) if width else (0,), dtype=dtype)
 
-    return Packed(rows=len(rows), row_len=T, position_ids=pos, splits=splits, sample_lens=[lay["length"] for lay in lays],
+    return Packed(rows=len(rows), row_len=T, position_ids=pos, splits=splits,
+                  sample_lens=[lay["length"] for lay in lays],
                   pairs=pairs, ce_sample=torch.tensor(ce_sample, dtype=torch.long),
                   **{f.name: tensor(f, parts[f.name]) for f in PARTS})
 
@@ -936,8 +951,10 @@ class KVCache:
         """Concatenate the rows of several caches (e.g. the three CFG contexts) into one batched cache."""
         cap = max(int(c.lens.max()) for c in caches) + 1
         out = KVCache.__new__(KVCache)
-        out.k = [torch.cat([c.k[i][:, :, :cap] if c.capacity >= cap else F.pad(c.k[i], (0, 0, 0, cap - c.capacity)) for c in caches]) for i in range(len(caches[0].k))]
-        out.v = [torch.cat([c.v[i][:, :, :cap] if c.capacity >= cap else F.pad(c.v[i], (0, 0, 0, cap - c.capacity)) for c in caches]) for i in range(len(caches[0].v))]
+        out.k = [torch.cat([c.k[i][:, :, :cap] if c.capacity >= cap else F.pad(c.k[i], (0, 0, 0, cap - c.capacity))
+                            for c in caches]) for i in range(len(caches[0].k))]
+        out.v = [torch.cat([c.v[i][:, :, :cap] if c.capacity >= cap else F.pad(c.v[i], (0, 0, 0, cap - c.capacity))
+                            for c in caches]) for i in range(len(caches[0].v))]
         out.lens = torch.cat([c.lens for c in caches]).clone()
         out.ropes = torch.cat([c.ropes for c in caches]).clone()
         return out
@@ -972,7 +989,8 @@ class Bagel(nn.Module):
         return self.connector(x) + self.vit_pos_embed(pos_ids)
 
     def embed_latent(self, tokens, t, pos_ids):
-        """vae2llm(x_t) + time_embedder(t) + latent_pos_embed: LLM input rows of latent tokens (BAGEL; CLEAR's bridge at t=0)."""
+        """vae2llm(x_t) + time_embedder(t) + latent_pos_embed: LLM input rows of latent tokens
+        (BAGEL; CLEAR's bridge at t=0)."""
         return self.vae2llm(tokens.to(self.dtype)) + self.time_embedder(t) + self.latent_pos_embed(pos_ids)
 
     def run_layers(self, x, pos, gen_mask, mask, kv_write=None, hidden_hook=None, recompute=False):
@@ -1048,7 +1066,8 @@ class Bagel(nn.Module):
         """
         B, n, _ = x.shape
         if int(pos.max()) >= self.cfg.max_position_embeddings:
-            raise ValueError(f"RoPE position {int(pos.max())} >= max_position_embeddings {self.cfg.max_position_embeddings}")
+            raise ValueError(f"RoPE position {int(pos.max())} >= max_position_embeddings "
+                             f"{self.cfg.max_position_embeddings}")
         n_valid = torch.full((B,), n, device=self.device) if n_valid is None else n_valid.to(self.device)
         cache.reserve(n)
         old = cache.lens
@@ -1093,13 +1112,15 @@ class Bagel(nn.Module):
     def image_block(self, cache: KVCache, inner: torch.Tensor):
         """Frame per-row inner rows [B, N, H] with <|vision_start|> / <|vision_end|> at one RoPE id (BAGEL)."""
         B, N, _ = inner.shape
-        marks = self.language_model.model.embed_tokens(torch.tensor([self.cfg.start_of_image_id, self.cfg.end_of_image_id], device=self.device))
+        marks = self.language_model.model.embed_tokens(torch.tensor([self.cfg.start_of_image_id,
+                                                                     self.cfg.end_of_image_id], device=self.device))
         x = torch.cat([marks[0].expand(B, 1, -1), inner.to(self.dtype), marks[1].expand(B, 1, -1)], dim=1)
         pos = cache.ropes[:, None].expand(B, N + 2)  # BAGEL: every token of an image block shares one RoPE id
         return x, pos
 
     def add_vit_image(self, cache: KVCache, pixels: torch.Tensor, active=None):
-        """Prefill a ViT block, one image [3, H, W] or one per row [B, 3, H, W]; returns its hidden states (BAGEL: forward_cache_update_vit)."""
+        """Prefill a ViT block, one image [3, H, W] or one per row [B, 3, H, W]; returns its hidden states
+        (BAGEL: forward_cache_update_vit)."""
         P = self.cfg.vit_patch_size
         pixels = pixels.expand(cache.batch, *pixels.shape[-3:]) if pixels.dim() == 3 else pixels
         h, w = pixels.shape[-2] // P, pixels.shape[-1] // P
@@ -1111,7 +1132,8 @@ class Bagel(nn.Module):
 
     def commit_block(self, cache: KVCache, x, pos, gen_mask, active):
         """Prefill an image block (full attention) in the rows where `active` (all if None), then advance their RoPE."""
-        keep = torch.ones(cache.batch, dtype=torch.long, device=self.device) if active is None else active.long().to(self.device)
+        keep = (torch.ones(cache.batch, dtype=torch.long, device=self.device) if active is None
+                else active.long().to(self.device))
         h = self.extend(cache, x, pos, gen_mask, causal=False, n_valid=keep * x.shape[1])
         cache.ropes = cache.ropes + keep  # BAGEL: an image advances RoPE by 1
         return h
@@ -1122,7 +1144,8 @@ class Bagel(nn.Module):
         ids = vit_position_ids(h, w, self.cfg.max_latent_size, self.device)
         B, N = tokens.shape[0], h * w
         t = torch.as_tensor(t, dtype=torch.float32, device=self.device).reshape(-1).expand(B)
-        return self.embed_latent(tokens.reshape(B * N, -1).to(self.device), t.repeat_interleave(N), ids.repeat(B)).view(B, N, -1)
+        return self.embed_latent(tokens.reshape(B * N, -1).to(self.device), t.repeat_interleave(N),
+                                 ids.repeat(B)).view(B, N, -1)
 
     def latent_block(self, cache: KVCache, emb: torch.Tensor):
         """Framed latent rows at one RoPE id, and the mask routing them (not the markers) to the gen expert."""
@@ -1132,7 +1155,8 @@ class Bagel(nn.Module):
         return x, pos, gen_mask
 
     def add_latent(self, cache: KVCache, tokens: torch.Tensor, grid: tuple, active=None):
-        """Prefill clean latent tokens [B, N, p^2 z] at t=0: a VAE conditioning image (BAGEL: forward_cache_update_vae)."""
+        """Prefill clean latent tokens [B, N, p^2 z] at t=0: a VAE conditioning image
+        (BAGEL: forward_cache_update_vae)."""
         return self.add_latent_embedding(cache, self.latent_embedding(tokens, 0.0, grid), active)
 
     def add_latent_embedding(self, cache: KVCache, emb: torch.Tensor, active=None):
@@ -1171,7 +1195,8 @@ class Bagel(nn.Module):
             feed = torch.tensor([s != DONE for s in state], device=self.device)
             if not bool(feed.any()):
                 break
-            h = self.extend(cache, self.language_model.model.embed_tokens(tok)[:, None], cache.ropes[:, None], n_valid=feed.long())
+            h = self.extend(cache, self.language_model.model.embed_tokens(tok)[:, None], cache.ropes[:, None],
+                            n_valid=feed.long())
             cache.ropes = cache.ropes + feed.long()  # BAGEL: +1 RoPE and +1 KV slot per decoded token
             state = [DONE if s == CLOSE else s for s in state]
             if GEN not in state:
@@ -1200,7 +1225,8 @@ class Bagel(nn.Module):
         if pixels.shape[-1] % s or pixels.shape[-2] % s:
             raise ValueError(f"image {tuple(pixels.shape[-2:])}: sides must be multiples of {s} for the autoencoder")
         z = self.vae.encode(pixels.to(self.device, self.dtype)).float().cpu()
-        return torch.stack([patchify(x, self.cfg.latent_patch_size) for x in z]), (pixels.shape[2] // s, pixels.shape[3] // s)
+        return (torch.stack([patchify(x, self.cfg.latent_patch_size) for x in z]),
+                (pixels.shape[2] // s, pixels.shape[3] // s))
 
     def decode_latent(self, tokens: torch.Tensor, grid: tuple) -> torch.Tensor:
         """Latent tokens [h*w, p^2 z] -> pixels [3, H, W] (float, unclamped) (BAGEL: decode_image)."""
@@ -1208,8 +1234,8 @@ class Bagel(nn.Module):
         return self.vae.decode(z[None])[0]
 
     @torch.no_grad()
-    def generate_image(self, cache: KVCache, grid: tuple, noise: torch.Tensor, num_timesteps: int = 50, shift: float = 3.0,
-                       cfg_text_cache: KVCache | None = None, cfg_img_cache: KVCache | None = None,
+    def generate_image(self, cache: KVCache, grid: tuple, noise: torch.Tensor, num_timesteps: int = 50,
+                       shift: float = 3.0, cfg_text_cache: KVCache | None = None, cfg_img_cache: KVCache | None = None,
                        cfg_text_scale: float = 1.0, cfg_img_scale: float = 1.0, cfg_interval=(0.4, 1.0),
                        cfg_renorm_type: str = "global", cfg_renorm_min: float = 0.0):
         """Euler ODE sampling with classifier-free guidance (BAGEL: generate_image + _forward_flow).
@@ -1258,7 +1284,8 @@ class Bagel(nn.Module):
             t, dt = float(ts[i]), float(ts[i] - ts[i + 1])
             v = self.velocity(cache, x, t, grid)
             mean = sde_step_mean(x, v, t, dt, sigma)
-            z = torch.randn(x.shape, generator=generator, device=x.device if generator is None else generator.device).to(x.device)
+            z = torch.randn(x.shape, generator=generator,
+                            device=x.device if generator is None else generator.device).to(x.device)
             x_next = mean + sigma * math.sqrt(dt) * z  # CLEAR: x_next = x_t - drift dt + sigma sqrt(dt) z
             steps.append(dict(x_t=x, x_next=x_next, t=t, dt=dt, logprob=sde_step_logprob(x_next, mean, sigma, dt)))
             x = x_next

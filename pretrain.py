@@ -172,7 +172,8 @@ class VisionProbe(torch.nn.Module):
                                               colour=torch.nn.Linear(dim, len(D.COLOURS)),
                                               count=torch.nn.Linear(dim, 5), occupied=torch.nn.Linear(dim, 1)))
         half = (torch.arange(grid) >= grid // 2).long()
-        self.register_buffer("quadrant", (2 * half[:, None] + half[None, :]).flatten(), persistent=False)  # patch -> quadrant
+        self.register_buffer("quadrant", (2 * half[:, None] + half[None, :]).flatten(),
+                             persistent=False)  # patch -> quadrant
 
     def forward(self, h: torch.Tensor, labels: dict):
         """h [N, patches, D] -> summed losses of the heads, and picture-level accuracies."""
@@ -231,8 +232,8 @@ def example_pool(world: D.ToyWorld, rng: np.random.Generator, n: int, encode, ch
     examples = [next(stream) for _ in range(n)]
     latents = []
     for i in range(0, n, chunk):
-        encoded = D.encode_images([D.image_to_tensor(p) for ex in examples[i:i + chunk] for p in (ex.clean, ex.degraded)],
-                                  encode)
+        encoded = D.encode_images([D.image_to_tensor(p) for ex in examples[i:i + chunk]
+                                   for p in (ex.clean, ex.degraded)], encode)
         latents += [(encoded[2 * j], encoded[2 * j + 1]) for j in range(len(encoded) // 2)]  # (clean, degraded)
     return list(zip(examples, latents))
 
@@ -280,7 +281,8 @@ def base_samples(pool: list[tuple], tok: D.Tokenizer, rng: np.random.Generator, 
                 turns += [M.Text(tok.encode(question)), M.Text(tok.encode(answer), loss=True)]
             samples.append(turns)
         elif task == "caption":
-            samples.append(seen + [M.Text(tok.encode("Describe the picture.")), M.Text(tok.encode(ex.caption), loss=True)])
+            samples.append(seen + [M.Text(tok.encode("Describe the picture.")),
+                                   M.Text(tok.encode(ex.caption), loss=True)])
         elif task == "vqa":  # every question the scene supports, as turns of one conversation (LLaVA-style)
             turns = [M.Text(tok.encode(ex.question)), M.Text(tok.encode(ex.answer), loss=True)]
             for question, answer in scene_questions(ex.scene, rng, qtypes):
@@ -290,7 +292,8 @@ def base_samples(pool: list[tuple], tok: D.Tokenizer, rng: np.random.Generator, 
             if task == "text_to_image":
                 prompt = [M.Text(tok.encode(ex.caption))]
             elif task == "redraw":
-                prompt = [M.VaeImage(c0, grid), M.VitImage(D.image_to_tensor(ex.clean)), M.Text(tok.encode("Draw this picture again."))]
+                prompt = [M.VaeImage(c0, grid), M.VitImage(D.image_to_tensor(ex.clean)),
+                          M.Text(tok.encode("Draw this picture again."))]
             else:
                 prompt = restore_edit((d0, grid), ex.degraded, tok)
             samples.append(prompt + noised_targets(c0, grid, gen, shift, NOISED_COPIES))
@@ -312,7 +315,8 @@ def unified_loss(model, packed: M.Packed, mse_weight: float = 1.0):
 
 
 def train_phase(run: C.Run, model: M.Bagel, optimizer, name: str, steps: int, lr: float, warmup: int, min_lr: float,
-                seed: int, batch_fn: Callable, loss_fn: Callable, log_path: Path, log_every: int, ema: C.EMA | None = None):
+                seed: int, batch_fn: Callable, loss_fn: Callable, log_path: Path, log_every: int,
+                ema: C.EMA | None = None):
     """One phase's loop: batch_fn(np_rng, torch_gen) -> batch, loss_fn(model, batch) -> (loss, metrics); linear
     warmup then cosine, gradient clip 1.0."""
     log = C.Log(log_path, None, run.main)
@@ -363,7 +367,8 @@ def build_base(args: "PretrainConfig", run: C.Run) -> M.Bagel:
     print(f"Phase 2/3: vision encoder (the SigLIP stand-in), {args.vit_steps} steps of scene attributes.")
     model.requires_grad_(False).vit_model.requires_grad_(True)
     probe = VisionProbe(model.cfg.vit_hidden_size, model.cfg.vit_image_size // model.cfg.vit_patch_size).to(run.device)
-    opt = torch.optim.AdamW([p for _, p in C.trainable(model)] + list(probe.parameters()), lr=args.vit_lr, betas=(0.9, 0.99))
+    opt = torch.optim.AdamW([p for _, p in C.trainable(model)] + list(probe.parameters()), lr=args.vit_lr,
+                            betas=(0.9, 0.99))
     train_phase(run, model, opt, "pretrain-vit", steps=args.vit_steps, lr=args.vit_lr, warmup=args.vit_steps // 20,
                 min_lr=args.vit_lr / 20, seed=args.seed,
                 batch_fn=lambda rng, gen: vision_batch(pool, scenes, rng, args.vit_batch),
@@ -374,17 +379,19 @@ def build_base(args: "PretrainConfig", run: C.Run) -> M.Bagel:
     model.requires_grad_(True)
     for frozen in (model.vae, model.vit_model, model.vit_pos_embed, model.latent_pos_embed):
         frozen.requires_grad_(False)
-    pool = example_pool(world, np.random.default_rng([args.world_seed, args.seed, 5]), args.examples, model.encode_pixels)
+    pool = example_pool(world, np.random.default_rng([args.world_seed, args.seed, 5]), args.examples,
+                        model.encode_pixels)
     opt = C.make_optimizer(model, args.lr)
     ema = C.EMA(model, args.ema)
 
     def batch_fn(rng, gen):
         drawn = [pool[i] for i in rng.integers(0, len(pool), args.batch)]
-        return M.pack(base_samples(drawn, tok, rng, gen, model.cfg.timestep_shift, world.qtypes), model.cfg).to(run.device)
+        return M.pack(base_samples(drawn, tok, rng, gen, model.cfg.timestep_shift, world.qtypes),
+                      model.cfg).to(run.device)
 
     train_phase(run, model, opt, "pretrain", steps=args.steps, lr=args.lr, warmup=args.warmup, min_lr=args.lr / 10,
-                seed=args.seed, batch_fn=batch_fn, loss_fn=unified_loss, log_path=out.with_name(out.name + ".log.jsonl"),
-                log_every=max(1, args.steps // 20), ema=ema)
+                seed=args.seed, batch_fn=batch_fn, loss_fn=unified_loss,
+                log_path=out.with_name(out.name + ".log.jsonl"), log_every=max(1, args.steps // 20), ema=ema)
     C.save(out, run, model, opt, tok.tk, args.steps,
            {"args": vars(args), "seconds": round(time.time() - t_start), "stage": "pretrain"}, ema)
     print(f"Stage 0 done in {time.time() - t_start:.0f} s: {out}")

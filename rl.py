@@ -26,8 +26,9 @@ The official recipe, as presets (--recipe; a flag given explicitly overrides its
   the training score clamped at +-50 after a blend toward (1 - t) v below t = 0.1, "restored" = <image_restore> in
   the completion text, AdamW (0.9, 0.999) lr 5e-6 cosine without warmup, 400 (head) / 200 (release) steps.
 
-CPU (toy): python rl.py                  # from out/bridge/ (or out/sft/), ~5 min on 2 cores, writes out/rl/, then prints
-                                         # the restore-decision signal (decision_signal) and a before/after table
+CPU (toy): python rl.py                  # from out/bridge/ (or out/sft/), a few minutes on 2 cores, writes
+                                         # out/rl/, then prints the restore-decision signal (decision_signal) and
+                                         # a before/after table
 GPU:       python rl.py --device cuda --dtype bf16 --init path/to/CLEAR-or-BAGEL --data rl.jsonl --images DIR
            torchrun --nproc_per_node 8 rl.py ... (each process rolls out its own prompts; gradients are averaged)
 
@@ -76,7 +77,8 @@ RECIPES = {  # official scripts/train_reason_interleave_grpo.sh at HEAD (411d6bd
 class RLConfig(C.TrainingFlags, C.DataFlags, C.PictureSizeFlags, E.InferenceFlags, E.ToyTableFlags):
     # rollouts (also: --reentry, --max-rounds, --max-text-tokens, --timestep-shift of the inference group)
     prompts: int = flag(4, "questions per step (and process)", "[1, inf)", group="rollouts")
-    group: int = flag(4, "rollouts per question, G (official 8); advantages need at least 2", "[2, inf)", group="rollouts")
+    group: int = flag(4, "rollouts per question, G (official 8); advantages need at least 2", "[2, inf)",
+                      group="rollouts")
     temperature: float = flag(1.0, "text sampling temperature (official 1.0)", "(0, inf)", group="rollouts")
     top_p: float = flag(1.0, "nucleus sampling (official 1.0)", "(0, 1]", group="rollouts")
     sde_points: int = flag(10, "SDE grid points, N-1 steps (official 20)", "[2, inf)", group="rollouts")
@@ -87,7 +89,8 @@ class RLConfig(C.TrainingFlags, C.DataFlags, C.PictureSizeFlags, E.InferenceFlag
     w_accuracy: float = flag(0.75, "accuracy reward weight (official 0.75)", "[0, inf)", group="rewards")
     w_format: float = flag(0.10, "format reward weight (official 0.10)", "[0, inf)", group="rewards")
     w_decision: float = flag(0.0, "decision reward weight (official head 0, release 0.15)", "[0, inf)", group="rewards")
-    w_latent: float = flag(0.0, "latent-quality weight in the scalar reward (official 0.0)", "[0, inf)", group="rewards")
+    w_latent: float = flag(0.0, "latent-quality weight in the scalar reward (official 0.0)", "[0, inf)",
+                           group="rewards")
     decision_smooth: bool = flag(False, "1.0/0.5/0.5/-0.2 decision table (official False)", group="rewards")
     separate_image_rewards: bool = flag(False, "image advantages from the latent-quality reward (official head False, "
                                         "release True)", group="rewards")
@@ -150,14 +153,17 @@ def accuracy_reward(reply: str, example: D.Example, judge=None) -> float:
     judge(question, prediction, truth) -> [0, 1] scores open answers instead (official: an LLM judge)."""
     if judge is not None and not example.options:
         pred = D.extract_answer(reply)
-        return float(min(1.0, max(0.0, judge(example.question, reply.strip() if pred is None else pred, example.answer))))
+        return float(min(1.0, max(0.0, judge(example.question, reply.strip() if pred is None else pred,
+                                             example.answer))))
     return float(D.is_correct(reply, example))
 
 
 def format_reward(texts: list[str]) -> float:
-    """0.35 for a complete <think>, 0.35 for a complete <answer>, 0.3 for think before answer (official format_reward_v2)."""
+    """0.35 for a complete <think>, 0.35 for a complete <answer>, 0.3 for think before answer
+    (official format_reward_v2)."""
     s = " ".join(texts)
-    r = 0.35 * bool(re.search(r"<think>.+?</think>", s, re.DOTALL)) + 0.35 * bool(re.search(r"<answer>.+?</answer>", s, re.DOTALL))
+    r = (0.35 * bool(re.search(r"<think>.+?</think>", s, re.DOTALL))
+         + 0.35 * bool(re.search(r"<answer>.+?</answer>", s, re.DOTALL)))
     end_think, answer = s.find("</think>"), s.find("<answer>")
     return r + 0.3 * (end_think > 0 and answer > end_think)
 
@@ -212,7 +218,8 @@ def decision_signal(log_path: Path, prompts: int) -> str:
     split = {"reference restores": [g for rec in records for g in rec.get("gaps_ref_restores", [])],
              "reference does not": [g for rec in records for g in rec.get("gaps_ref_keeps", [])]}
     every = split["reference restores"] + split["reference does not"]
-    line = f"restore decision signal: the rollouts disagreed on restoring in {len(every)} of {len(records) * prompts} groups"
+    line = (f"restore decision signal: the rollouts disagreed on restoring in {len(every)} of "
+            f"{len(records) * prompts} groups")
     if not every:
         return line + " (GRPO had nothing to learn the decision from)"
     line += "; there, restored minus not restored accuracy (points)"
@@ -303,7 +310,8 @@ def grpo_loss(model, ref: M.Bagel | None, rollouts: list[Rollout], adv: torch.Te
     samples, masks, chosen = [], [], []
     for i, r in enumerate(rollouts):
         # official: one step per completion, from all its images' steps but each trajectory's last
-        cands = [(img, s) for img, st in enumerate(r.trace.steps) for s in range(len(st) - 1)] if cfg.image_loss_weight > 0 else []
+        cands = ([(img, s) for img, st in enumerate(r.trace.steps) for s in range(len(st) - 1)]
+                 if cfg.image_loss_weight > 0 else [])
         per_image = [[] for _ in r.trace.steps]
         if cands:
             img, s = cands[choose_step([r.trace.steps[a][b]["t"] for a, b in cands], cfg.step_strategy, counter, rng)]
@@ -311,7 +319,8 @@ def grpo_loss(model, ref: M.Bagel | None, rollouts: list[Rollout], adv: torch.Te
             per_image[img].append(s)
             chosen.append((i, img, s))
         seq, mask = replay_sample(r, per_image, cfg.reentry, raw, sizes.vit)
-        samples.append(seq), masks.append(mask)
+        samples.append(seq)
+        masks.append(mask)
     packed = M.pack(samples, raw.cfg).to(raw.device)
     out = model(packed, temperature=cfg.temperature)
     label_mask = torch.tensor([m for ms in masks for m in ms], dtype=torch.bool, device=raw.device)
@@ -335,7 +344,8 @@ def grpo_loss(model, ref: M.Bagel | None, rollouts: list[Rollout], adv: torch.Te
         lps = []
         for (i, img, s), v in zip(chosen, vs):
             st = rollouts[i].trace.steps[img][s]
-            lps.append(flow_step_logprob(st["x_t"].to(dev)[None], v.float()[None], st["x_next"].to(dev)[None], st["t"], st["dt"], cfg.sde_sigma)[0])
+            lps.append(flow_step_logprob(st["x_t"].to(dev)[None], v.float()[None], st["x_next"].to(dev)[None], st["t"],
+                                         st["dt"], cfg.sde_sigma)[0])
         lps = torch.stack(lps)
         a_img = img_adv.to(dev)[[i for i, _, _ in chosen]]
         img_loss, _ = ppo_clip_loss(lps, lps.detach(), a_img, cfg.epsilon)  # ratio 1 at the only update, as officially
@@ -344,7 +354,8 @@ def grpo_loss(model, ref: M.Bagel | None, rollouts: list[Rollout], adv: torch.Te
     img = cfg.image_loss_weight * abs(l_img.item())
     stats = {"kl": float(kl.detach().sum() / max(1, len(kl))), "clip": float(clipped.mean()) if len(clipped) else 0.0,
              "img_share": img / (abs(l_text.item()) + img + 1e-8),  # |lambda L_image| / (|L_text| + |lambda L_image|)
-             "logp_drift": float(max((abs(float(a) - b) for a, b in zip(logp.tolist(), rollout_logps(rollouts))), default=0.0))}
+             "logp_drift": float(max((abs(float(a) - b) for a, b in zip(logp.tolist(), rollout_logps(rollouts))),
+                                     default=0.0))}
     return loss, stats, counter
 
 
@@ -366,7 +377,8 @@ def score(rollouts: list[Rollout], clean_latents: list, cfg: RLConfig, judge=Non
                  "decision": decision_reward(any(D.requests_restore(t) for t in r.trace.texts), acc > 0.5,  # official
                                              cfg.decision_smooth),  # restored = <image_restore> in the completion text
                  "latent": latent_quality_reward(r.trace.latents[0] if r.trace.latents else None, clean)}
-        weights = {"accuracy": cfg.w_accuracy, "format": cfg.w_format, "decision": cfg.w_decision, "latent": cfg.w_latent}
+        weights = {"accuracy": cfg.w_accuracy, "format": cfg.w_format, "decision": cfg.w_decision,
+                   "latent": cfg.w_latent}
         r.reward = sum(0.0 if math.isnan(v) else weights[k] * v for k, v in parts.items())  # official: NaN -> 0
         r.parts = parts
 
@@ -411,7 +423,8 @@ def main(argv=None):
         rows, problems = D.read_jsonl(cfg.data, cfg.images)
         unscorable = {r["line"] for r in rows if D.extract_answer(r["response"]) is None
                       and (D.RESTORE_TOKEN in r["response"] or D.TAG_RE.search(r["response"]))}
-        problems += [(n, "a tagged answer without <answer>...</answer>: nothing to score against") for n in sorted(unscorable)]
+        problems += [(n, "a tagged answer without <answer>...</answer>: nothing to score against")
+                     for n in sorted(unscorable)]
         rows = [r for r in rows if r["line"] not in unscorable]
         if not rows:
             raise CK.InputError(f"{cfg.data}: none of its rows has an answer to score (first: line {problems[0][0]}, "
@@ -430,12 +443,14 @@ def main(argv=None):
     start = CK.load_resume_state(out, model, opt) if cfg.resume else 0
     wrapped = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if run.world > 1 else model
     if cfg.data:
-        stream_fn = lambda rng: (D.jsonl_example(rows[int(i)], rng) for i in iter(lambda: rng.integers(len(rows)), None))  # noqa: E731
+        stream_fn = lambda rng: (D.jsonl_example(rows[int(i)], rng)  # noqa: E731
+                                 for i in iter(lambda: rng.integers(len(rows)), None))
     else:
         stream_fn = D.ToyWorld(cfg.world_seed).stream
     log = C.Log(out.with_name(out.name + ".log.jsonl"), start if start else None, run.main)
     if run.main:
-        print(f"Interleaved GRPO from {init}: {cfg.prompts} questions x G={cfg.group} rollouts per step, {cfg.steps} steps")
+        print(f"Interleaved GRPO from {init}: {cfg.prompts} questions x G={cfg.group} rollouts per step, "
+              f"{cfg.steps} steps")
     t_start, counter = time.time(), CK.read_json(out / "nanoclear.json")["counter"] if start else 0  # round-robin step
     for step in range(start, cfg.steps):
         t0 = time.time()
@@ -444,7 +459,8 @@ def main(argv=None):
         examples = [next(stream) for _ in range(cfg.prompts)]
         model.eval()
         rollouts = collect(model, tok, examples, cfg, encode, gen, sizes)
-        references = {id(ex): encode(D.vae_pixels(ex.clean, sizes)[None])[0][0] for ex in examples if ex.clean is not None}
+        references = {id(ex): encode(D.vae_pixels(ex.clean, sizes)[None])[0][0] for ex in examples
+                      if ex.clean is not None}
         clean = [references.get(id(r.example)) for r in rollouts]  # official: VAE.encode(vae_transform(clean image))
         score(rollouts, clean, cfg)
         rewards = torch.tensor([r.reward for r in rollouts])

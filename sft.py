@@ -188,7 +188,8 @@ def clear_sample(ex: D.Example, tok: D.Tokenizer, degraded_latent: tuple, clean_
 
 
 def teacher_size(grid: tuple, vit_patch: int) -> tuple[int, int]:
-    """(w, h) in pixels of the teacher ViT image whose patch grid equals the VAE token grid (official enable_distill)."""
+    """(w, h) in pixels of the teacher ViT image whose patch grid equals the VAE token grid
+    (official enable_distill)."""
     return grid[1] * vit_patch, grid[0] * vit_patch
 
 
@@ -208,7 +209,8 @@ def text_reason_sample(ex: D.Example, tok: D.Tokenizer, sizes: D.ImageSizes = D.
     is the one the official evaluation's text reasoning uses (VLM_THINK_SYSTEM_PROMPT; difference 4)."""
     turn = split_response(ex.response)
     cot = ex.response if turn is None else turn[1].strip()
-    return [M.Text(tok.encode(D.VLM_THINK_SYSTEM_PROMPT)), M.VitImage(D.image_to_tensor(D.resize_image(ex.degraded, *sizes.vit))),
+    return [M.Text(tok.encode(D.VLM_THINK_SYSTEM_PROMPT)),
+            M.VitImage(D.image_to_tensor(D.resize_image(ex.degraded, *sizes.vit))),
             M.Text(tok.encode(ex.question.replace("<image>", "").strip())), M.Text(tok.encode(cot), loss=True)]
 
 
@@ -227,7 +229,8 @@ def encode_examples(examples: list[D.Example], encode: Callable, sizes: D.ImageS
     """Each example's (degraded latent, clean latent or None): the clean picture is encoded only where the sample
     restores to it, or wherever there is one with every_clean (replay); one encode call per picture size."""
     restoring = [i for i, ex in enumerate(examples) if (ex.restore or every_clean) and ex.clean is not None]
-    pixels = [D.vae_pixels(ex.degraded, sizes) for ex in examples] + [D.vae_pixels(examples[i].clean, sizes) for i in restoring]
+    pixels = ([D.vae_pixels(ex.degraded, sizes) for ex in examples]
+              + [D.vae_pixels(examples[i].clean, sizes) for i in restoring])
     encoded = D.encode_images(pixels, encode)
     clean = dict(zip(restoring, encoded[len(examples):]))
     return [(encoded[i], clean.get(i)) for i in range(len(examples))]
@@ -266,7 +269,8 @@ def mixed_draw(rows: list[dict], tool_share: float) -> Callable:
     return draw
 
 
-def pool_draw(world: D.ToyWorld, rng, n: int, encode: Callable, every_clean: bool = False, chunk: int = 256) -> Callable:
+def pool_draw(world: D.ToyWorld, rng, n: int, encode: Callable, every_clean: bool = False,
+              chunk: int = 256) -> Callable:
     """draw(rng) -> (example, its latents) from n toy training examples made and encoded once, as Stage 0 does
     (pretrain.example_pool): rendering, degrading and encoding fresh pictures would be over a third of every CPU step
     (difference 5); each draw still gets its own flow time, noise and condition dropout. every_clean: encode every

@@ -9,7 +9,8 @@ import torch.distributed as dist
 import sft
 
 args = sft.parse_config(["--init", sys.argv[1], "--out", sys.argv[2], "--steps", "2", "--lr", "1e-3",
-                             "--tokens-per-step", "300", "--eval-n", "0", "--examples", "8", "--warmup", "1", "--threads", "1"])
+                         "--tokens-per-step", "300", "--eval-n", "0", "--examples", "8", "--warmup", "1",
+                         "--threads", "1"])
 real_destroy = dist.destroy_process_group
 dist.destroy_process_group = lambda: None  # keep the group alive for the check below
 _, tuned, _ = sft.train(args)

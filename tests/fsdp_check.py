@@ -1,5 +1,5 @@
-"""Run by test_sft.py under torchrun (2 CPU processes, gloo): two FSDP2 Stage-2 steps (the distillation on), then the saved folder
-must load whole and equal the gathered EMA weights of the sharded model."""
+"""Run by test_sft.py under torchrun (2 CPU processes, gloo): two FSDP2 Stage-2 steps (the distillation on), then the
+saved folder must load whole and equal the gathered EMA weights of the sharded model."""
 
 import os
 import sys

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint as CK
 import bridge
+import checkpoint as CK
 import data as D
 import engine as E
 import model as M
@@ -30,7 +30,8 @@ def test_layer_weights_sum_to_one_and_grow():
 
 
 def test_kl_zero_iff_student_equals_teacher():
-    """KL(softmax(teacher) || softmax(student)) is 0 for equal hidden states, positive otherwise, and the teacher is detached."""
+    """KL(softmax(teacher) || softmax(student)) is 0 for equal hidden states, positive otherwise, and the teacher is
+    detached."""
     g = torch.Generator().manual_seed(0)
     t = torch.randn(5, 16, generator=g, requires_grad=True)
     assert float(bridge.distill_kl(t, t.detach().clone())) == pytest.approx(0.0, abs=1e-6)
@@ -75,4 +76,5 @@ def test_distill_kl_direction_by_hand():
     """KL(P_teacher || Q_student) for P = (1/2, 1/2), Q = (1/4, 3/4): 0.5 ln 2 + 0.5 ln(2/3) (the reverse is 0.1308)."""
     teacher, student = torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, float(np.log(3.0))]])
     assert float(bridge.distill_kl(teacher, student)) == pytest.approx(0.5 * np.log(2) + 0.5 * np.log(2 / 3), abs=1e-6)
-    assert float(bridge.distill_final_mse(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.zeros(1, 2))) == pytest.approx((4 + 9) / 2)
+    assert float(bridge.distill_final_mse(torch.tensor([[1.0, 2.0], [3.0, 4.0]]),
+                                          torch.zeros(1, 2))) == pytest.approx((4 + 9) / 2)

@@ -20,10 +20,12 @@ from conftest import tiny_cfg
 def test_save_load_roundtrip_bit_identical(net, tmp_path):
     """A saved folder has the official key names and loads back bit-identically."""
     from tokenizers import Tokenizer, models
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(60)} | {t: 60 + i for i, t in enumerate(CK.SPECIAL_TOKENS.values())}, unk_token="w0"))
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(60)}
+                                     | {t: 60 + i for i, t in enumerate(CK.SPECIAL_TOKENS.values())}, unk_token="w0"))
     CK.save_pretrained(net, tmp_path / "ckpt", tokenizer=tok, meta={"stage": "test"})
     files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
-    assert files == ["ae.safetensors", "ema.safetensors", "llm_config.json", "nanoclear.json", "tokenizer.json", "vit_config.json"]
+    assert files == ["ae.safetensors", "ema.safetensors", "llm_config.json", "nanoclear.json", "tokenizer.json",
+                     "vit_config.json"]
     back = CK.load_pretrained(tmp_path / "ckpt")
     assert back.cfg == net.cfg
     a, b = net.state_dict(), back.state_dict()
@@ -31,8 +33,10 @@ def test_save_load_roundtrip_bit_identical(net, tmp_path):
     from safetensors import safe_open
     with safe_open(str(tmp_path / "ckpt" / "ema.safetensors"), "pt") as f:
         keys = set(f.keys())
-    assert "language_model.model.layers.1.self_attn.q_proj_moe_gen.weight" in keys and "latent_pos_embed.pos_embed" in keys
-    assert json.loads((tmp_path / "ckpt" / "vit_config.json").read_text())["num_hidden_layers"] == net.cfg.vit_num_hidden_layers + 1
+    assert ("language_model.model.layers.1.self_attn.q_proj_moe_gen.weight" in keys and
+            "latent_pos_embed.pos_embed" in keys)
+    assert (json.loads((tmp_path / "ckpt" / "vit_config.json").read_text())["num_hidden_layers"]
+            == net.cfg.vit_num_hidden_layers + 1)
 
 
 def test_bad_checkpoints_are_refused_clearly(net, tmp_path):
@@ -69,8 +73,8 @@ def test_the_vit_layer_the_official_loader_drops_and_no_other(net, tmp_path, cap
     from safetensors.torch import load_file, save_file
     CK.save_pretrained(net, tmp_path / "ours")
     rewrite(tmp_path / "ours" / "vit_config.json", lambda c: c.update(num_hidden_layers=2))
-    with pytest.raises(CK.InputError, match=r"unexpected ema.safetensors:vit_model.vision_model.encoder.layers.1.mlp.fc1.weight .*"
-                                           r"holds more ViT layers than the 1 .*must say one more"):
+    with pytest.raises(CK.InputError, match=r"unexpected ema.safetensors:vit_model.vision_model.encoder.layers.1."
+                                           r"mlp.fc1.weight .*holds more ViT layers than the 1 .*must say one more"):
         CK.load_pretrained(tmp_path / "ours")
 
     official = tmp_path / "official"  # SigLIP's whole tower in the file, as the json counts it
@@ -84,7 +88,8 @@ def test_the_vit_layer_the_official_loader_drops_and_no_other(net, tmp_path, cap
     back = CK.load_pretrained(official, overrides=code)
     assert capsys.readouterr().out.count("dropped ViT layer 2 (16 tensors)") == 1
     assert len(back.vit_model.vision_model.encoder.layers) == 2
-    assert torch.equal(back.state_dict()[CK.VIT_LAYERS + "1.mlp.fc1.weight"], net.state_dict()[CK.VIT_LAYERS + "1.mlp.fc1.weight"])
+    assert torch.equal(back.state_dict()[CK.VIT_LAYERS + "1.mlp.fc1.weight"],
+                       net.state_dict()[CK.VIT_LAYERS + "1.mlp.fc1.weight"])
     save_file({**ema, **dict(list(last.items())[:-1])}, str(official / "ema.safetensors"))  # an incomplete extra layer
     with pytest.raises(CK.InputError, match="unexpected ema.safetensors:vit_model.vision_model.encoder.layers.2"):
         CK.load_pretrained(official, overrides=code)
@@ -96,7 +101,8 @@ def test_a_tensor_in_two_files_is_an_error(net, tmp_path):
     CK.save_pretrained(net, tmp_path / "c")
     ema = load_file(str(tmp_path / "c" / "ema.safetensors"))
     save_file({**ema, "vae.decoder.conv_out.bias": torch.zeros(3)}, str(tmp_path / "c" / "ema.safetensors"))
-    with pytest.raises(CK.InputError, match="duplicate vae.decoder.conv_out.bias: ema.safetensors:vae.decoder.conv_out.bias "
+    with pytest.raises(CK.InputError, match="duplicate vae.decoder.conv_out.bias: "
+                                           "ema.safetensors:vae.decoder.conv_out.bias "
                                            "and ae.safetensors:decoder.conv_out.bias"):
         CK.load_pretrained(tmp_path / "c")
 
@@ -108,7 +114,8 @@ def test_a_folder_without_nanoclear_json_gets_bagel_7b_code_values_and_is_told(n
     (tmp_path / "c" / "nanoclear.json").unlink()
     with pytest.raises(CK.InputError) as e:
         CK.load_pretrained(tmp_path / "c")
-    assert "has no nanoclear.json" in str(e.value) and "max_latent_size" in str(e.value) and "BAGEL-7B-MoT" in str(e.value)
+    assert ("has no nanoclear.json" in str(e.value) and "max_latent_size" in str(e.value) and
+            "BAGEL-7B-MoT" in str(e.value))
     assert "\n" not in str(e.value)
 
 
@@ -137,7 +144,8 @@ def test_saved_folder_works_in_the_official_app(net, tmp_path):
     from safetensors import safe_open
     from tokenizers import Tokenizer, models, trainers
     bpe = Tokenizer(models.BPE())
-    bpe.train_from_iterator(["a b c ab bc abc"] * 10, trainers.BpeTrainer(special_tokens=list(CK.SPECIAL_TOKENS.values())))
+    bpe.train_from_iterator(["a b c ab bc abc"] * 10,
+                            trainers.BpeTrainer(special_tokens=list(CK.SPECIAL_TOKENS.values())))
     CK.save_pretrained(net, tmp_path / "toy", tokenizer=bpe)
     with safe_open(str(tmp_path / "toy" / "ema.safetensors"), "pt") as f:
         assert f.metadata() == {"format": "pt"}
@@ -191,7 +199,8 @@ def tiny_training(out: Path, resume: bool = False):
 
 
 def saved(out: Path) -> dict:
-    return {f"{f}:{k}": v for f in ("ema.safetensors", "train_state/model.safetensors", "train_state/optimizer.safetensors")
+    return {f"{f}:{k}": v
+            for f in ("ema.safetensors", "train_state/model.safetensors", "train_state/optimizer.safetensors")
             for k, v in load_file(str(out / f)).items()}
 
 
@@ -255,7 +264,8 @@ def test_stale_temporaries_go_and_folders_get_the_umask(tmp_path, monkeypatch):
     (tmp_path / ".ckpt.tmp-not-ours").mkdir()  # not a name atomic_write_folder makes: left alone
     flushed, real = [], CK.fsync_path
     monkeypatch.setattr(CK, "fsync_path", lambda p: (flushed.append(Path(p)), real(p)))
-    CK.atomic_write_folder(out, lambda tmp: ((tmp / "a.txt").write_text("a"), (tmp / "sub").mkdir(), (tmp / "sub" / "b").write_text("b")))
+    CK.atomic_write_folder(out, lambda tmp: ((tmp / "a.txt").write_text("a"), (tmp / "sub").mkdir(),
+                                             (tmp / "sub" / "b").write_text("b")))
     assert leftovers(out) == [".ckpt.tmp-not-ours"]
     assert {p.name for p in flushed} >= {"a.txt", "b", "sub", CK.MARKER, tmp_path.name}
     umask = os.umask(0)

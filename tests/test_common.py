@@ -1,7 +1,6 @@
 """common.py: flags checked before any work, the optimiser schedule, the EMA, atomic folders that survive a kill at any
 instant, --resume, and the scripts' one-line errors."""
 
-import os
 import shutil
 import subprocess
 import sys
@@ -9,13 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import checkpoint as CK
 import common as C
-import model as M
 from common import flag
-from conftest import tiny_cfg
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -101,12 +97,14 @@ def test_a_corrupt_checkpoint_is_one_line_from_the_command_line(toy_ckpt, tmp_pa
 
 
 def test_paired_bootstrap_on_known_inputs():
-    """The difference is the mean of a - b in points; the interval is the spread of resampled means (about +-1.96 SE)."""
+    """The difference is the mean of a - b in points; the interval is the spread of resampled means
+    (about +-1.96 SE)."""
     ones, zeros = [1] * 100, [0] * 100
     assert C.paired_bootstrap(ones, zeros) == {"diff": 100.0, "lo": 100.0, "hi": 100.0, "n": 100}
     assert C.paired_bootstrap(ones, ones)["hi"] == 0.0
     half = C.paired_bootstrap([1] * 50 + [0] * 50, zeros)  # SE of a 0.5 mean over 100 items: 5 points
-    assert half["diff"] == 50.0 and half["lo"] == pytest.approx(40.2, abs=1.5) and half["hi"] == pytest.approx(59.8, abs=1.5)
+    assert (half["diff"] == 50.0 and half["lo"] == pytest.approx(40.2, abs=1.5) and
+            half["hi"] == pytest.approx(59.8, abs=1.5))
     paired = C.paired_bootstrap([1, 0] * 50, [1, 0] * 50)  # identical per question: no spread at all
     assert paired["lo"] == paired["hi"] == 0.0
 

@@ -83,7 +83,8 @@ def test_text_lm_and_packed_rows(bagel, ref):
     h2 = bagel.add_text(cache2, [x.tolist() for x in ids], wrap=False)
     got = torch.cat([h2[i, :n] for i, n in enumerate(lens)])
     close(bagel.logits(got), c["c1b_logits"], TOL_LOGITS)
-    assert cache2.ropes.tolist() == [int(p) + 1 for p in (c["c1b_position_ids"].split(lens)[i][-1] for i in range(len(lens)))]
+    assert cache2.ropes.tolist() == [int(p) + 1 for p in (c["c1b_position_ids"].split(lens)[i][-1]
+                                                          for i in range(len(lens)))]
 
 
 def test_chunked_prefill_equals_one_shot(bagel, ref):
@@ -153,7 +154,8 @@ def test_generation_forward_and_text_cfg(bagel, ref):
     close(x_t, c["c3_x_t_tokens"], 1e-6)
     cache = bagel.new_cache()
     bagel.add_text(cache, [c["c3_prompt_ids"].tolist()], wrap=False)
-    assert int(cache.ropes[0]) == int(c["c3_query_position_ids"][0]) and int(cache.lens[0]) == int(c["c3_query_kv_indexes"][0])
+    assert (int(cache.ropes[0]) == int(c["c3_query_position_ids"][0]) and
+            int(cache.lens[0]) == int(c["c3_query_kv_indexes"][0]))
     v = bagel.velocity(cache, c["c3_x_t_tokens"][None], t, grid)[0]
     close(v, c["c3_velocity"])
     vu = bagel.velocity(bagel.new_cache(), c["c3_x_t_tokens"][None], t, grid)[0]
@@ -207,7 +209,8 @@ def test_text_to_image_generation(bagel, ref):
         cache, img_cache = bagel.new_cache(), bagel.new_cache()
         for ctx in (cache, img_cache):  # t2i: the image-unconditional context is the same text context
             bagel.add_text(ctx, [c["c5_prompt_ids"].tolist()], wrap=False)
-        assert int(cache.lens[0]) == int(c["c5_key_values_lens"][0]) and int(cache.ropes[0]) == int(c["c5_packed_position_ids"][0])
+        assert (int(cache.lens[0]) == int(c["c5_key_values_lens"][0]) and
+                int(cache.ropes[0]) == int(c["c5_packed_position_ids"][0]))
         check_generation(bagel, c, name, variant, cache, bagel.new_cache(), img_cache, grid)
 
 
@@ -243,7 +246,8 @@ def test_sincos_table_matches_official(bagel, ref):
     close(M.sincos_2d(cfg.hidden_size, cfg.max_latent_size), bagel.latent_pos_embed.pos_embed, 1e-6)
     close(M.sincos_2d(cfg.hidden_size, cfg.vit_max_num_patch_per_side), bagel.vit_pos_embed.pos_embed, 1e-6)
     if "ref_sincos_latent_pos_embed" in c:
-        close(M.sincos_2d(c["ref_sincos_latent_pos_embed"].shape[1], int(c["ref_sincos_latent_pos_embed"].shape[0] ** 0.5)),
+        close(M.sincos_2d(c["ref_sincos_latent_pos_embed"].shape[1],
+                          int(c["ref_sincos_latent_pos_embed"].shape[0] ** 0.5)),
               c["ref_sincos_latent_pos_embed"], 1e-6)
 
 
@@ -251,7 +255,8 @@ def test_training_forward_matches_inference(bagel, ref):
     """The packed training forward (causal text, full image, noise block) gives the inference-path numbers (c2, c3)."""
     c, _, _ = ref
     seq, (a, n_img, b) = c["c2_seq_token_ids"], c["c2_split_lens"].tolist()
-    sample = [M.Text(seq[1:a - 1].tolist()), M.VitImage(c["c2_pixel_values"]), M.Text(seq[a + n_img + 1:a + n_img + b - 1].tolist())]
+    sample = [M.Text(seq[1:a - 1].tolist()), M.VitImage(c["c2_pixel_values"]),
+              M.Text(seq[a + n_img + 1:a + n_img + b - 1].tolist())]
     packed = M.pack([sample], bagel.cfg)
     assert packed.position_ids[0].tolist() == c["c2_seq_position_ids"].tolist()
     out = bagel(packed)

@@ -54,7 +54,8 @@ def test_world_stream_and_eval_split_are_deterministic(world):
     assert len({image_hash(x.degraded) for x in a}) == 4  # and the stream moves on
     s1, s2 = world.eval_split(3, seed=1), D.ToyWorld(0).eval_split(3, seed=1)
     assert all(image_hash(x.degraded) == image_hash(y.degraded) for k in s1 for x, y in zip(s1[k], s2[k]))
-    longer = world.eval_split(5, seed=1)  # a larger split starts with the smaller one (stage tables ask 192, evaluate 384)
+    # a larger split starts with the smaller one (stage tables ask 192, evaluate 384)
+    longer = world.eval_split(5, seed=1)
     assert all(image_hash(x.degraded) == image_hash(y.degraded) and x.question == y.question
                for k in s1 for x, y in zip(s1[k], longer[k][:3]))
 
@@ -168,12 +169,14 @@ def test_toy_tokenizer_is_deterministic_and_short():
     assert a.tk.to_str() == b.tk.to_str()
     rng = np.random.default_rng(0)
     for sev in (0.23, 0.45, 0.9):
-        text = D.think_response(rng, True, "B", "the red star's colour", "the star is red, option B", "gaussian_noise", sev)
+        text = D.think_response(rng, True, "B", "the red star's colour", "the star is red, option B", "gaussian_noise",
+                                sev)
         assert all(len(a.encode(part)) <= 30 for part in text.split("\n"))
 
 
 def test_tokenizer_from_file_looks_specials_up_by_text(tmp_path):
-    """A Qwen2-style tokenizer.json (specials anywhere in the vocab) loads; missing specials or files are clear errors."""
+    """A Qwen2-style tokenizer.json (specials anywhere in the vocab) loads; missing specials or files are clear
+    errors."""
     vocab = {"hello": 0, "<unk>": 1, "<|im_start|>": 7, "<|im_end|>": 8, "<|vision_start|>": 9, "<|vision_end|>": 5}
     raw = RawTokenizer(models.WordLevel({k: v for k, v in vocab.items() if not k.startswith("<|")}, unk_token="<unk>"))
     raw.add_special_tokens(["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>"])
@@ -206,9 +209,10 @@ def test_inference_prefix_has_no_loss(world, tok):
 # answers
 
 
-@pytest.mark.parametrize("text,letter", [("B", "B"), ("B.", "B"), ("(B)", "B"), ("B) blue", "B"), ("The answer is B", "B"),
-                                         ("Answer: (C)", "C"), ("  d  ", None), ("A red circle", None), ("blue", "B"),
-                                         ("I think it is B, not really", "B"), ("B or C", None), ("", None)])
+@pytest.mark.parametrize("text,letter", [("B", "B"), ("B.", "B"), ("(B)", "B"), ("B) blue", "B"),
+                                         ("The answer is B", "B"), ("Answer: (C)", "C"), ("  d  ", None),
+                                         ("A red circle", None), ("blue", "B"), ("I think it is B, not really", "B"),
+                                         ("B or C", None), ("", None)])
 def test_mc_letter(text, letter):
     """Reply forms seen in practice map to the right option letter, ambiguous ones to None."""
     assert D.mc_letter(text, {"A": "red", "B": "blue", "C": "green", "D": "pink"}) == letter
@@ -245,14 +249,16 @@ def test_jsonl_reader_skips_and_reports_malformed_rows(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not an image")
     clear = "<think>Blurred.</think>\n<image_restore>\n<think>Clear now.</think>\n<answer>red</answer>"
     lines = [
-        {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "Red."}]},
+        {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat colour?"},
+                                             {"from": "gpt", "value": "Red."}]},
         "{not json",
         {"image": "a.png", "question": "What colour?", "answer": "red"},
         {"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]},
         {"image": "a.png", "conversations": [{"from": "human", "value": "Q"}]},
         {"image": "missing.png", "question": "Q", "answer": "A"},
         {"image": "broken.png", "question": "Q", "answer": "A"},
-        {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": clear}]},
+        {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nColour?"},
+                                             {"from": "gpt", "value": clear}]},
     ]
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
@@ -281,7 +287,8 @@ def test_tsv_reader_resolves_references_and_reports_bad_rows(tmp_path):
     """VLMEvalKit TSV: circular rows borrow an image by index; undecodable images and missing options are reported."""
     header = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image"]
     table = [
-        [10, "What colour is the box?", "Look closely.", "red", "blue", "green", "", "B", "colour", b64_png((0, 0, 255))],
+        [10, "What colour is the box?", "Look closely.", "red", "blue", "green", "", "B", "colour",
+         b64_png((0, 0, 255))],
         [11, "What colour is the box?", "", "blue", "red", "green", "", "A", "colour", "10"],
         [12, "Broken?", "", "x", "y", "", "", "A", "colour", "bm90IGFuIGltYWdl"],
         [13, "Which?", "", "x", "y", "z", "", "D", "colour", b64_png((9, 9, 9))],
@@ -294,8 +301,8 @@ def test_tsv_reader_resolves_references_and_reports_bad_rows(tmp_path):
     assert [r["index"] for r in rows] == ["10", "11"] and [p[0] for p in problems] == ["12", "13", "14"]
     assert "undecodable" in problems[0][1] and "not among the options" in problems[1][1] and "missing" in problems[2][1]
     assert rows[1]["image"] == rows[0]["image"] and rows[0]["options"] == {"A": "red", "B": "blue", "C": "green"}
-    assert D.mc_prompt(rows[0]) == ("Hint: Look closely.\nQuestion: What colour is the box?\nOptions:\nA. red\nB. blue\n"
-                                    "C. green\nPlease select the correct answer from the options above. \n")
+    assert D.mc_prompt(rows[0]) == ("Hint: Look closely.\nQuestion: What colour is the box?\nOptions:\nA. red\n"
+                                    "B. blue\nC. green\nPlease select the correct answer from the options above. \n")
     ex = D.tsv_example(rows[1])
     assert ex.degraded.getpixel((0, 0)) == (0, 0, 255) and ex.answer == "A" and ex.question.startswith("Question:")
     with pytest.raises(ValueError, match="lacks the columns"):
@@ -305,7 +312,8 @@ def test_tsv_reader_resolves_references_and_reports_bad_rows(tmp_path):
 
 def jpeg_bytes(size=(64, 48), seed=0) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "JPEG")
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3),
+                                                         dtype=np.uint8)).save(buf, "JPEG")
     return buf.getvalue()
 
 
@@ -320,11 +328,13 @@ def test_readers_reject_truncated_and_tiny_pictures_at_read_time(tmp_path):
     (tmp_path / "cut.jpg").write_bytes(whole[:len(whole) // 2])
     Image.new("RGB", (40, 12)).save(tmp_path / "thin.png")
     path = tmp_path / "d.jsonl"
-    path.write_text("".join(json.dumps({"image": f, "question": "Q", "answer": "A"}) + "\n" for f in ("ok.jpg", "cut.jpg", "thin.png")))
+    path.write_text("".join(json.dumps({"image": f, "question": "Q", "answer": "A"}) + "\n"
+                            for f in ("ok.jpg", "cut.jpg", "thin.png")))
     rows, problems = D.read_jsonl(path, tmp_path)
     assert [r["line"] for r in rows] == [1] and [n for n, _ in problems] == [2, 3]
     assert "truncated" in problems[0][1] and "40x12 pixels, under degrade's minimum side 16" in problems[1][1]
-    assert D.skip_report(path, rows, problems, "line").startswith(f"{path}: 1 rows used, 2 skipped (first: line 2: unusable image")
+    assert D.skip_report(path, rows, problems, "line").startswith(f"{path}: 1 rows used, 2 skipped "
+                                                                  "(first: line 2: unusable image")
     path.write_text(json.dumps({"image": "cut.jpg", "question": "Q", "answer": "A"}) + "\n")
     with pytest.raises(CK.InputError, match="none of its 1 rows is usable .*truncated"):
         D.read_jsonl(path, tmp_path)
@@ -358,13 +368,15 @@ def test_a_corrupt_tokenizer_json_is_named(tmp_path):
 
 
 def test_image_helpers_odd_modes():
-    """Any PIL mode becomes RGB (alpha on white, degrade.to_rgb's rule everywhere); fit_size keeps sides on the stride."""
+    """Any PIL mode becomes RGB (alpha on white, degrade.to_rgb's rule everywhere); fit_size keeps sides on the
+    stride."""
     rgba = Image.new("RGBA", (10, 10), (255, 0, 0, 0))
     assert D.to_rgb(rgba).getpixel((0, 0)) == (255, 255, 255)
     for mode in ("L", "P", "CMYK", "I;16", "F", "LA"):
         assert D.to_rgb(Image.new(mode, (5, 5))).mode == "RGB"
     wide = Image.fromarray((np.arange(40 * 30) % 65536).reshape(30, 40).astype(np.uint16))  # I;16: one rule everywhere
-    assert D.image_to_tensor(wide).shape == (3, 30, 40) and np.array_equal(np.asarray(D.to_rgb(wide))[..., 0], np.asarray(wide) >> 8)
+    assert D.image_to_tensor(wide).shape == (3, 30, 40) and np.array_equal(np.asarray(D.to_rgb(wide))[..., 0],
+                                                                           np.asarray(wide) >> 8)
     assert D.fit_size(1000, 300, 980, 224, 14) == (980, 294) and D.fit_size(100, 60, 980, 224, 14) == (378, 224)
 
 
@@ -378,7 +390,8 @@ def test_jsonl_reader_bom_encoding_and_paths(tmp_path):
     path.write_bytes(("\ufeff" + json.dumps(row) + "\r\n" + json.dumps(row) + "\r\n").encode())
     rows, problems = D.read_jsonl(path, tmp_path)
     assert [r["line"] for r in rows] == [1, 2] and problems == []
-    path.write_bytes(json.dumps(row).encode() + b"\n" + json.dumps({**row, "question": "caf\u00e9?"}, ensure_ascii=False).encode("latin-1"))
+    path.write_bytes(json.dumps(row).encode() + b"\n"
+                     + json.dumps({**row, "question": "caf\u00e9?"}, ensure_ascii=False).encode("latin-1"))
     with pytest.raises(CK.InputError, match="d.jsonl line 2 is not UTF-8 .*save the file as UTF-8"):
         D.read_jsonl(path, tmp_path)
     with pytest.raises(FileNotFoundError, match="is a folder"):
@@ -399,7 +412,8 @@ def test_tsv_reader_bom_encoding_duplicates_and_shifted_rows(tmp_path):
     index are skipped with those reasons (they were scored twice, or reported as undecodable pictures)."""
     header = ["index", "question", "A", "B", "answer", "image"]
     good = b64_png((9, 9, 9))
-    table = [["1", "Q?", "x", "y", "A", good], ["1", "Q?", "x", "y", "B", good], ["2", "Q?", "x", "y", "A", good, "extra"],
+    table = [["1", "Q?", "x", "y", "A", good], ["1", "Q?", "x", "y", "B", good],
+             ["2", "Q?", "x", "y", "A", good, "extra"],
              ["3", "Q?", "x", "y", "A", ""], ["4", "Q?", "x", "y", "A", "9"], ["5", "Q?", "x", "y", "B", "1"]]
     tsv = tmp_path / "b.tsv"
     tsv.write_bytes(("\ufeff" + "\n".join("\t".join(r) for r in [header, *table]) + "\n").encode())
@@ -407,7 +421,8 @@ def test_tsv_reader_bom_encoding_duplicates_and_shifted_rows(tmp_path):
     assert [r["index"] for r in rows] == ["1", "5"] and rows[1]["image"] == good
     assert problems == [("1", "its index repeats an earlier row's"), ("2", "7 cells where the header has 6"),
                         ("3", "no image"), ("4", "undecodable image ('9' is no row's index, nor a picture in base64)")]
-    tsv.write_bytes("\n".join("\t".join(r) for r in [header, table[0]]).encode("utf-8").replace(b"Q?", "Caf\u00e9?".encode("latin-1")))
+    tsv.write_bytes("\n".join("\t".join(r) for r in [header, table[0]]).encode("utf-8")
+                    .replace(b"Q?", "Caf\u00e9?".encode("latin-1")))
     with pytest.raises(CK.InputError, match="b.tsv is not UTF-8 text"):
         D.read_tsv(tsv)
     with pytest.raises(FileNotFoundError, match="is a folder"):
@@ -417,7 +432,8 @@ def test_tsv_reader_bom_encoding_duplicates_and_shifted_rows(tmp_path):
 def test_data_cli_refuses_bad_flags(monkeypatch, capsys, tmp_path):
     """python data.py: a negative --seed or --show, or an --out that is no picture file name, stops in one line."""
     for argv, words in ((["--show", "2", "--seed", "-1"], "--seed -1: must be an integer >= 0"),
-                        (["--show", "-3"], "--show -3"), (["--show", "2", "--out", str(tmp_path)], "must name a picture file")):
+                        (["--show", "-3"], "--show -3"),
+                        (["--show", "2", "--out", str(tmp_path)], "must name a picture file")):
         monkeypatch.setattr("sys.argv", ["data.py", *argv])
         with pytest.raises(SystemExit) as e:
             D.main()

@@ -457,6 +457,7 @@ def test_cli_flags_checked_before_any_work(tmp_path, capsys):
     for argv, words in (([*sheet, "--seed", "-1"], "--seed -1"), ([*sheet, "--size", "-4"], "--size -4"),
                         ([str(tmp_path / "thin.png"), "--out", str(tmp_path / "sheet.png"), "--size", "64"], "64x3 px"),
                         ([*sheet, "--severity", "low"], "--severity has no effect"),
-                        ([*dataset, "--size", "64"], "--size has no effect"), ([*dataset, "--seed", "-3"], "--seed -3")):
+                        ([*dataset, "--size", "64"], "--size has no effect"),
+                        ([*dataset, "--seed", "-3"], "--seed -3")):
         assert words in _fails(capsys, argv), argv
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl", "in.png", "thin.png"]

@@ -13,7 +13,6 @@ import checkpoint as CK
 import data as D
 import engine as E
 import evaluate
-import model as M
 
 
 def b64_image(seed: int) -> str:
@@ -94,12 +93,13 @@ def test_toy_report_end_to_end(toy_ckpt, tmp_path):
     (out_root).mkdir()
     import shutil
     shutil.copytree(toy_ckpt, out_root / "sft")
-    evaluate.main(["--out-root", str(out_root), "--n", "2", "--batch", "1", "--n-corruption", "1", "--max-text-tokens", "3",
-                   "--denoise-steps", "3", "--probe-n", "20", "--probe-steps", "5",
+    evaluate.main(["--out-root", str(out_root), "--n", "2", "--batch", "1", "--n-corruption", "1",
+                   "--max-text-tokens", "3", "--denoise-steps", "3", "--probe-n", "20", "--probe-steps", "5",
                    "--out", str(tmp_path / "eval"), "--threads", "1"])
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert set(report["main"]["sft"]) == set(evaluate.MODES)
-    assert (report["args"]["cfg_text_scale"], report["args"]["cfg_img_scale"]) == (3.0, 1.5)  # official CFG on the toy too
+    # official CFG on the toy too
+    assert (report["args"]["cfg_text_scale"], report["args"]["cfg_img_scale"]) == (3.0, 1.5)
     assert len(report["main"]["sft"]["always restore"]["hard"]["restored"]) == 2
     assert sum(r["n"] for r in report["decision_split"]) == 2  # each hard question in one subset
     assert (tmp_path / "eval" / "examples.png").exists() and (tmp_path / "eval" / "accuracy.png").exists()
@@ -112,7 +112,8 @@ def test_a_sets_numbers_do_not_depend_on_the_other_sets(toy_ckpt):
     split = D.ToyWorld(0).eval_split(3, seed=0)
     cfg = E.InferenceConfig(max_text_tokens=4, num_timesteps=3, temperature=1.0)
     with torch.no_grad():
-        both = E.benchmark(model, tok, {"mid": split["mid"], "hard": split["hard"]}, "always_restore", cfg, model.encode_pixels)
+        both = E.benchmark(model, tok, {"mid": split["mid"], "hard": split["hard"]}, "always_restore", cfg,
+                           model.encode_pixels)
         alone = E.benchmark(model, tok, {"hard": split["hard"]}, "always_restore", cfg, model.encode_pixels)
     for a, b in zip(both["hard"]["traces"], alone["hard"]["traces"]):
         assert a.texts == b.texts and all(torch.equal(x, y) for x, y in zip(a.latents, b.latents))
@@ -130,7 +131,8 @@ def test_pictures_are_encoded_once_per_autoencoder(toy_ckpt):
     calls, memo = [], {}
     for name, m in (("first", first), ("second", second), ("other", other)):
         m.encode_pixels = (lambda enc, name: lambda px: calls.append((name, len(px))) or enc(px))(m.encode_pixels, name)
-    run = lambda m, encode: E.benchmark(m, tok, split, "always_restore", cfg, encode, batch_size=2)["hard"]["traces"]  # noqa: E731
+    run = lambda m, encode: E.benchmark(m, tok, split, "always_restore", cfg, encode,  # noqa: E731
+                                        batch_size=2)["hard"]["traces"]
     with torch.no_grad():
         run(first, evaluate.remembered_encoder(first, memo))
         shared = run(second, evaluate.remembered_encoder(second, memo))
@@ -159,10 +161,12 @@ def test_generator_check_references_and_a_zero_velocity_head(toy_ckpt):
 
 def test_decision_split_compares_on_the_questions_each_decision_picked():
     """Interleaved vs text reasoning, on the questions the interleaved run restored and on the others, paired."""
-    rows = {"interleaved, bridge": {"hard": {"restored": [True, True, False, False, False], "correct": [1, 1, 1, 0, 1]}},
+    rows = {"interleaved, bridge": {"hard": {"restored": [True, True, False, False, False],
+                                             "correct": [1, 1, 1, 0, 1]}},
             "text reasoning": {"hard": {"restored": [False] * 5, "correct": [0, 1, 1, 1, 1]}}}
     split = evaluate.decision_split({"base": {"direct": {}}, "sft": rows})  # the base has no such modes: skipped
-    assert [(r["checkpoint"], r["subset"], r["n"]) for r in split] == [("sft", "restored", 2), ("sft", "not restored", 3)]
+    assert [(r["checkpoint"], r["subset"], r["n"]) for r in split] == [("sft", "restored", 2),
+                                                                       ("sft", "not restored", 3)]
     assert split[0]["acc_interleaved"] == 1.0 and split[0]["acc_text"] == 0.5 and split[0]["diff"] == 50.0
     assert split[1]["diff"] == pytest.approx(-100 / 3)
     assert "| sft | restored | 2 | 100.0 | 50.0 | +50.0 |" in evaluate.decision_table(split)
@@ -178,8 +182,10 @@ def test_probe_answers_on_known_readings():
             out[3, 0], out[3, 2], out[3, 1 + len(D.SHAPES) + 5] = -20.0, 9.0, 9.0
             return out
     picture = Image.new("RGB", (D.MODEL_SIZE, D.MODEL_SIZE))
-    ask = lambda q: D.Example(picture, q, "", qtype=q.split()[0].lower().replace("what", "colour").replace("how", "count"))  # noqa: E731
-    answers = D.probe_answers(Fixed(), [picture] * 2, [ask("How many shapes are there?"), ask("What colour are the shapes?")])
+    ask = lambda q: D.Example(picture, q, "",  # noqa: E731
+                              qtype=q.split()[0].lower().replace("what", "colour").replace("how", "count"))
+    answers = D.probe_answers(Fixed(), [picture] * 2,
+                              [ask("How many shapes are there?"), ask("What colour are the shapes?")])
     assert answers == ["2", list(D.COLOURS)[5]]
 
 
@@ -189,8 +195,8 @@ def test_one_photo_demo(toy_ckpt, tmp_path, capsys):
     photo = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 77, 4), dtype=np.uint8), "RGBA").save(photo)
     evaluate.main(["--init", str(toy_ckpt), "--image", str(photo), "--question", "What colour are the shapes?",
-                   "--degrade", "motion_blur:hard", "--max-text-tokens", "4", "--denoise-steps", "3", "--out", str(tmp_path / "demo"),
-                   "--threads", "1"])
+                   "--degrade", "motion_blur:hard", "--max-text-tokens", "4", "--denoise-steps", "3",
+                   "--out", str(tmp_path / "demo"), "--threads", "1"])
     out = capsys.readouterr().out
     assert "restored:" in out and "answer:" in out and (tmp_path / "demo" / "demo.png").exists()
     with pytest.raises(SystemExit) as e:
@@ -221,11 +227,13 @@ def test_evaluate_checks_every_input_before_any_work(toy_ckpt, tmp_path, capsys)
     for argv, words in ((["--tsv"], "--tsv needs at least one file"),
                         (["--tsv", str(good), str(tmp_path / "again" / "bench.tsv")], "would overwrite each other"),
                         (["--tsv", str(good), "--cfg-interval", "0.9", "0.1"], "LO must be below HI"),
-                        (["--tsv", str(good), "--mode", "text", "--reentry", "decode_reencode"], "--reentry has no effect with --mode text"),
+                        (["--tsv", str(good), "--mode", "text", "--reentry", "decode_reencode"],
+                         "--reentry has no effect with --mode text"),
                         (["--tsv", str(good), "--out", str(tmp_path / "file")], "is a file"),
                         (["--tsv", str(good), "--batch", "8"], "--batch has no effect with --tsv"),
                         (["--tsv", str(good), "--max-text-tokens", "4096"], "positions end at 2048"),
-                        (["--image", str(tmp_path / "dot.png"), "--question", "Q?", "--degrade", "motion_blur:hard"], "8x8 px")):
+                        (["--image", str(tmp_path / "dot.png"), "--question", "Q?", "--degrade", "motion_blur:hard"],
+                         "8x8 px")):
         with pytest.raises(SystemExit) as e:
             evaluate.main([*base, *argv])
         assert e.value.code == 2 and words in capsys.readouterr().err, argv

@@ -163,7 +163,8 @@ def test_checkpoint_fuzz(tiny_folder, tmp_path):
             target[str(rng.choice(sorted(target)))] = random_json(rng)
             data = json.dumps(values).encode()
         else:  # merges.txt (the toy BPE's) takes the byte mutations only
-            data = [rng.bytes(int(rng.integers(0, 300))), cut(files[name], rng), flipped(files[name], rng)][min(kind, 2)]
+            data = [rng.bytes(int(rng.integers(0, 300))), cut(files[name], rng),
+                    flipped(files[name], rng)][min(kind, 2)]
         (folder / name).write_bytes(data)
         model = only_documented(lambda: CK.load_pretrained(folder), folder)
         loaded += model is not None

@@ -1,12 +1,9 @@
 """Behaviour of model.py beyond the official reference: cache vs full forward, expert routing, masks, I/O, errors."""
 
-import json
-import re
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import model as M
 from conftest import tiny_cfg
@@ -92,7 +89,8 @@ def test_attention_rule_matrix():
     p = M.pack([s1, s2], cfg, row_tokens=100)  # both samples in one row, then padding
     # sample 0: text [0,1,2] causal, noise [3,4,5], clean [6,7,8], text [9,10,11]; sample 1: text [12,13]
     assert p.rows == 1 and p.row_len == 14
-    assert [s[1:] for s in p.splits] == [(0, 0, 3, "causal"), (0, 3, 3, "noise"), (0, 6, 3, "full"), (0, 9, 3, "causal"), (1, 12, 2, "causal")]
+    assert [s[1:] for s in p.splits] == [(0, 0, 3, "causal"), (0, 3, 3, "noise"), (0, 6, 3, "full"),
+                                         (0, 9, 3, "causal"), (1, 12, 2, "causal")]
     allowed = set()
     for q in range(12):
         for k in range(12):
@@ -144,8 +142,8 @@ def test_cfg_batched_equals_branch_by_branch(net):
     net.add_text(img, [[3, 4, 5]])
     net.add_text(full, [[6, 7]])
     noise = torch.randn(1, 4, net.cfg.patch_latent_dim, generator=g)
-    _, steps = net.generate_image(full, (2, 2), noise, num_timesteps=3, shift=3.0, cfg_text_cache=txt, cfg_img_cache=img,
-                                  cfg_text_scale=4.0, cfg_img_scale=1.5, cfg_interval=(0.0, 1.0))
+    _, steps = net.generate_image(full, (2, 2), noise, num_timesteps=3, shift=3.0, cfg_text_cache=txt,
+                                  cfg_img_cache=img, cfg_text_scale=4.0, cfg_img_scale=1.5, cfg_interval=(0.0, 1.0))
     x, t, v = steps[0]["x_t"], steps[0]["t"], steps[0]["v"]
     vs = [net.velocity(c, x, t, (2, 2)) for c in (full, txt, img)]
     torch.testing.assert_close(v, M.cfg_combine(*vs, 4.0, 1.5, "global"), atol=2e-5, rtol=0)
@@ -187,7 +185,8 @@ def test_flex_attention_equals_dense_mask(net):
     """The FlexAttention block-mask path gives the dense-mask path's outputs on packed rows with every split kind."""
     g = torch.Generator().manual_seed(7)
     D = net.cfg.patch_latent_dim
-    segs = sample_segments(net.cfg, g) + [M.VaeImage(torch.randn(6, D, generator=g), (2, 3), t=0.4, target=torch.zeros(6, D))]
+    segs = sample_segments(net.cfg, g) + [M.VaeImage(torch.randn(6, D, generator=g), (2, 3), t=0.4,
+                                                     target=torch.zeros(6, D))]
     packed = M.pack([segs, segs[:2], [M.Text([4, 5], loss=True)]], net.cfg, row_tokens=200)
     with torch.no_grad():  # FlexAttention has no CPU backward; the path is meant for GPU training
         dense = net(packed)

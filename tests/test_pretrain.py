@@ -45,7 +45,8 @@ def test_vision_probe_reads_shape_and_colour_from_occupied_quadrants_only():
     probe = P.VisionProbe(dim=4, grid=8)
     with torch.no_grad():
         for head in probe.heads.values():
-            head.weight.zero_(), head.bias.zero_()
+            head.weight.zero_()
+            head.bias.zero_()
         probe.heads["shape"].weight[0, 0] = probe.heads["shape"].weight[1, 1] = 1.0
         probe.heads["colour"].weight[2, 0] = probe.heads["colour"].weight[3, 1] = 1.0
     h = torch.zeros(1, 64, 4)

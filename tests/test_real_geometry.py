@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-import checkpoint as CK
 import bridge
+import checkpoint as CK
 import data as D
 import evaluate
 import model as M
@@ -33,7 +33,8 @@ def qwen_style_tokenizer(texts) -> Tokenizer:
     tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(D.TOY_SPLIT), behavior="isolated"),
                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    tk.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400,
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                                       show_progress=False))
     tk.add_special_tokens(list(CK.SPECIAL_TOKENS.values()))
     return tk
@@ -62,9 +63,10 @@ def world(tmp_path_factory):
                                                      {"from": "gpt", "value": "A red car."}]}
     clear = {"image": "portrait.png", "conversations": [
         {"from": "human", "value": "<image>\nWhat colour is the car?"},
-        {"from": "gpt", "value": "<think>The image is heavily blurred.</think>\n<image_restore>\n<think>The restored image"
-                                 " is clear.</think><answer>Red.</answer>"}]}
-    rows = [plain, clear] + [{"image": n, "question": "What is shown?", "answer": "A car."} for n in ("odd.png", "grey.png", "alpha.png")]
+        {"from": "gpt", "value": "<think>The image is heavily blurred.</think>\n<image_restore>\n<think>The restored "
+                                 "image is clear.</think><answer>Red.</answer>"}]}
+    rows = [plain, clear] + [{"image": n, "question": "What is shown?", "answer": "A car."}
+                             for n in ("odd.png", "grey.png", "alpha.png")]
     (root / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     tsv = ["index\timage\tquestion\tA\tB\tanswer\tcategory"]
     for i, name in enumerate(("wide.jpg", "grey.png", "portrait.png")):
@@ -89,17 +91,20 @@ def test_sizes_come_from_the_checkpoint(world):
 
 def test_every_stage_runs_on_real_geometry(world, tmp_path):
     """sft.py -> bridge.py -> rl.py -> evaluate.py on the BAGEL-geometry folder, real photos, JSONL and TSV."""
-    data = ["--data", str(world / "train.jsonl"), "--images", str(world / "photos"), "--system", "official", "--threads", "1"]
-    sft.main(["--init", str(world / "bagel"), "--out", str(tmp_path / "sft"), "--steps", "2", "--tokens-per-step", "600", *data])
-    bridge.main(["--init", str(tmp_path / "sft"), "--out", str(tmp_path / "bridge"), "--steps", "1", "--tokens-per-step", "600", *data])
-    rl.main(["--init", str(tmp_path / "bridge"), "--out", str(tmp_path / "rl"), "--steps", "1", "--prompts", "1", "--group", "2",
-             "--max-text-tokens", "4", "--sde-points", "3", *data])
+    data = ["--data", str(world / "train.jsonl"), "--images", str(world / "photos"), "--system", "official",
+            "--threads", "1"]
+    sft.main(["--init", str(world / "bagel"), "--out", str(tmp_path / "sft"), "--steps", "2",
+              "--tokens-per-step", "600", *data])
+    bridge.main(["--init", str(tmp_path / "sft"), "--out", str(tmp_path / "bridge"), "--steps", "1",
+                 "--tokens-per-step", "600", *data])
+    rl.main(["--init", str(tmp_path / "bridge"), "--out", str(tmp_path / "rl"), "--steps", "1", "--prompts", "1",
+             "--group", "2", "--max-text-tokens", "4", "--sde-points", "3", *data])
     for stage in ("sft", "bridge", "rl"):
         model = CK.load_pretrained(tmp_path / stage)
         assert model.cfg.vit_patch_size == 14 and model.cfg.latent_downsample == 16
         assert D.Tokenizer.from_folder(tmp_path / stage).bos_id == CK.config_from_folder(world / "bagel").bos_token_id
         assert (tmp_path / stage / "vocab.json").exists()
-    evaluate.main(["--init", str(tmp_path / "rl"), "--tsv", str(world / "bench.tsv"), "--max-text-tokens", "4", "--denoise-steps", "3",
-                   "--out", str(tmp_path / "eval"), "--threads", "1"])
+    evaluate.main(["--init", str(tmp_path / "rl"), "--tsv", str(world / "bench.tsv"), "--max-text-tokens", "4",
+                   "--denoise-steps", "3", "--out", str(tmp_path / "eval"), "--threads", "1"])
     report = json.loads((tmp_path / "eval" / "bench.json").read_text())
     assert report["rows"] == 3 and report["scored"] == 3 and not report["problems"]

@@ -84,7 +84,8 @@ def test_restore_gaps_only_where_the_group_disagrees():
 def test_decision_gaps_split_groups_by_the_reference_answer():
     """A group's gap goes to the side of its question's reference answer: restoring or not (the rule SFT taught)."""
     def rollout(response, restored, acc):
-        return rl.Rollout([], SimpleNamespace(restored=restored), SimpleNamespace(response=response), parts={"accuracy": acc})
+        return rl.Rollout([], SimpleNamespace(restored=restored), SimpleNamespace(response=response),
+                          parts={"accuracy": acc})
     ref_restores, ref_keeps = f"<think>a</think>\n{D.RESTORE_TOKEN}", "<think>a</think><answer>b</answer>"
     rollouts = [rollout(ref_restores, True, 1.0), rollout(ref_restores, False, 0.0),  # gap +1
                 rollout(ref_keeps, True, 0.0), rollout(ref_keeps, False, 1.0),  # gap -1
@@ -132,7 +133,8 @@ def test_kl_k3_and_aggregation():
 def test_flow_step_logprob_matches_sampler_for_t_above_blend(sde_step):
     """The training log-prob equals the rollout's recorded one for t >= 0.1 when the score stays within +-50."""
     x, v, x_next, mean, t, dt, sigma = sde_step(0.6, batch=1)
-    torch.testing.assert_close(rl.flow_step_logprob(x, v, x_next, t, dt, sigma), M.sde_step_logprob(x_next, mean, sigma, dt))
+    torch.testing.assert_close(rl.flow_step_logprob(x, v, x_next, t, dt, sigma),
+                               M.sde_step_logprob(x_next, mean, sigma, dt))
 
 
 def test_choose_step_strategies():
@@ -189,12 +191,14 @@ def test_group_rollouts_differ_and_are_reproducible(policy):
 
 
 def test_replay_reproduces_rollout_logprobs(policy):
-    """The training forward on the replayed context gives the sampler's own log-probs (text) and step log-probs (image)."""
+    """The training forward on the replayed context gives the sampler's own log-probs (text) and step log-probs
+    (image)."""
     rollouts = forced_restore_rollouts(policy, 4)
-    masks, samples, chosen = [], [], []
+    masks, samples = [], []
     for r in rollouts:
         seq, mask = rl.replay_sample(r, [[0, 1]], "bridge", policy)
-        samples.append(seq), masks.append(mask)
+        samples.append(seq)
+        masks.append(mask)
     packed = M.pack(samples, policy.cfg)
     out = policy(packed)
     label_mask = torch.tensor([m for ms in masks for m in ms])
@@ -204,7 +208,8 @@ def test_replay_reproduces_rollout_logprobs(policy):
     vs = out.v.split(packed.flow_lens)
     for k, (r, s) in enumerate((r, s) for r in rollouts for s in (0, 1)):
         st = r.trace.steps[0][s]
-        lp = M.sde_step_logprob(st["x_next"][None], M.sde_step_mean(st["x_t"][None], vs[k][None], st["t"], st["dt"], 0.3), 0.3, st["dt"])
+        lp = M.sde_step_logprob(st["x_next"][None],
+                                M.sde_step_mean(st["x_t"][None], vs[k][None], st["t"], st["dt"], 0.3), 0.3, st["dt"])
         assert lp.item() == pytest.approx(float(st["logprob"]), abs=1e-3)
 
 
@@ -247,7 +252,8 @@ def test_latent_quality_by_hand():
 
 
 def test_flow_step_logprob_by_hand():
-    """mean = x - (v + sigma^2 / 2 * s) dt with s = (x + (1 - t) v) / t; log p = -mean((x' - mean)^2) / (2 sigma^2 dt)."""
+    """mean = x - (v + sigma^2 / 2 * s) dt with s = (x + (1 - t) v) / t;
+    log p = -mean((x' - mean)^2) / (2 sigma^2 dt)."""
     x, v, x_next = torch.tensor([[1.0]]), torch.tensor([[2.0]]), torch.tensor([[0.0]])
     t, dt, sigma = 0.5, 0.1, 0.5
     s = (1.0 + 0.5 * 2.0) / 0.5
@@ -273,7 +279,8 @@ def test_golden_losses_of_a_tiny_rl_run(toy_ckpt, tmp_path, monkeypatch):
 
 
 def test_flow_step_small_t_blend_by_hand():
-    """Below t = 0.1 the score is w (1 - t) v + (1 - w) (x + (1 - t) v) / t with w = t / 0.1, clamped after (official)."""
+    """Below t = 0.1 the score is w (1 - t) v + (1 - w) (x + (1 - t) v) / t with w = t / 0.1, clamped after
+    (official)."""
     x, v, x_next = torch.tensor([[0.01]]), torch.tensor([[0.02]]), torch.tensor([[0.0]])
     t, dt, sigma = 0.05, 0.05, 0.3
     score = 0.5 * 0.95 * 0.02 + 0.5 * (0.01 + 0.95 * 0.02) / 0.05
@@ -292,10 +299,12 @@ def test_image_loss_is_per_completion_over_all_completions(policy):
     cfg = rollout_args(image_loss_weight=1.0)
     _, stats, counter = rl.grpo_loss(policy, None, rollouts, adv, adv, cfg, 0, np.random.default_rng(0), policy)
     assert counter == 4  # one chosen step per restoring completion
-    text_only = rl.grpo_loss(policy, None, rollouts, adv, adv, replace(cfg, image_loss_weight=0.0), 0, np.random.default_rng(0), policy)[0]
+    text_only = rl.grpo_loss(policy, None, rollouts, adv, adv, replace(cfg, image_loss_weight=0.0), 0,
+                             np.random.default_rng(0), policy)[0]
     both = rl.grpo_loss(policy, None, rollouts, adv, adv, cfg, 0, np.random.default_rng(0), policy)[0]
     plain = [rl.Rollout(r.prefix, replace(r.trace, latents=[], steps=[], ids=r.trace.ids[:1], logps=r.trace.logps[:1],
-                                          texts=r.trace.texts[:1], stopped=r.trace.stopped[:1]), r.example) for r in rollouts]
+                                          texts=r.trace.texts[:1], stopped=r.trace.stopped[:1]), r.example)
+             for r in rollouts]
     zero = torch.zeros(4)
     doubled = rl.grpo_loss(policy, None, rollouts + plain, torch.cat([adv, zero]), torch.cat([adv, zero]), cfg, 0,
                            np.random.default_rng(0), policy)[0]
@@ -308,8 +317,8 @@ def test_recipes_are_the_official_presets():
     """head: 0.75 acc + 0.1 format, dr_grpo, shared advantages; release: + 0.15 decision, grpo, latent-quality image
     advantages; an explicit flag overrides its preset value."""
     head, release = rl.parse_config([]), rl.parse_config(["--recipe", "release"])
-    assert (head.w_accuracy, head.w_format, head.w_decision, head.w_latent, head.loss_type, head.separate_image_rewards) == \
-        (0.75, 0.10, 0.0, 0.0, "dr_grpo", False)
+    assert (head.w_accuracy, head.w_format, head.w_decision, head.w_latent, head.loss_type,
+            head.separate_image_rewards) == (0.75, 0.10, 0.0, 0.0, "dr_grpo", False)
     assert (release.w_decision, release.loss_type, release.separate_image_rewards) == (0.15, "grpo", True)
     assert rl.parse_config(["--recipe", "release", "--loss-type", "dr_grpo"]).loss_type == "dr_grpo"
     assert head.image_loss_weight == release.image_loss_weight == 0.5
@@ -336,7 +345,8 @@ def test_rl_refuses_flags_without_effect_and_its_own_init_as_out(toy_ckpt, tmp_p
     """--max-completion-length only divides dr_grpo's loss, --eval-seed only seeds the final table: refused where they
     do nothing. --out equal to --init overwrote the start checkpoint, and the final table then compared RL with itself;
     a tagged answer without <answer> gave the accuracy reward the whole text as truth. Each stops before any work."""
-    for argv, words in ((["--loss-type", "grpo", "--max-completion-length", "9"], "--max-completion-length has no effect"),
+    for argv, words in ((["--loss-type", "grpo", "--max-completion-length", "9"],
+                         "--max-completion-length has no effect"),
                         (["--recipe", "release", "--max-completion-length", "9"], "with --loss-type grpo"),
                         (["--eval-n", "0", "--eval-seed", "3"], "--eval-seed has no effect with --eval-n 0")):
         with pytest.raises(SystemExit):
@@ -346,7 +356,8 @@ def test_rl_refuses_flags_without_effect_and_its_own_init_as_out(toy_ckpt, tmp_p
         rl.main(["--init", str(toy_ckpt), "--out", str(toy_ckpt), "--eval-n", "0", "--threads", "1"])
     from PIL import Image
     Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
-    (tmp_path / "d.jsonl").write_text(json.dumps({"image": "a.png", "question": "Q?", "answer": "<think>x</think><image_restore>"}))
+    (tmp_path / "d.jsonl").write_text(json.dumps({"image": "a.png", "question": "Q?",
+                                                  "answer": "<think>x</think><image_restore>"}))
     with pytest.raises(CK.InputError, match="line 1, a tagged answer without <answer>"):
         rl.main(["--init", str(toy_ckpt), "--out", str(tmp_path / "rl"), "--data", str(tmp_path / "d.jsonl"),
                  "--images", str(tmp_path), "--threads", "1", "--steps", "1", "--prompts", "1", "--group", "2",

@@ -1,11 +1,11 @@
 """Stage 1 (sft.py): CLEAR's sample layout, the objective, the packing budget, resume, flags, DDP/FSDP on gloo."""
 
 import json
-from dataclasses import replace
 import os
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def restore_example(world, restore=True):
     ex = next(world.stream(7))
-    ex.response = D.think_response(np.random.default_rng(0), restore, ex.answer, "their colour", "the shapes are red", "motion_blur", 0.9)
+    ex.response = D.think_response(np.random.default_rng(0), restore, ex.answer, "their colour", "the shapes are red",
+                                   "motion_blur", 0.9)
     return ex
 
 
@@ -42,7 +43,8 @@ def test_restore_sample_layout_is_clear_section_1_3(world, tok):
     assert [s.t > 0 for s in seq if isinstance(s, M.VaeImage)] == [False, True, False]
     noised, student, teacher = seq[5], seq[6], seq[7]
     assert noised.target is not None and not noised.droppable and noised.pair is None
-    torch.testing.assert_close(noised.tokens, (1 - noised.t) * student.tokens + noised.t * (noised.target + student.tokens))
+    torch.testing.assert_close(noised.tokens,
+                               (1 - noised.t) * student.tokens + noised.t * (noised.target + student.tokens))
     assert student.pair == teacher.pair == 0 and seq[1].pair is None and seq[2].pair is None
     P = D.TOY_SIZES.vit[2]
     assert (teacher.pixels.shape[1] // P, teacher.pixels.shape[2] // P) == student.grid
@@ -75,12 +77,13 @@ def test_samples_pack_and_train_in_the_real_model(world, tok):
     def encode(px):
         z = net.vae.encode(px)
         return torch.stack([M.patchify(x, p) for x in z]), (z.shape[2] // p, z.shape[3] // p)
-    batch = sft.build_batch([restore_example(world), restore_example(world, False)], tok, encode, torch.Generator().manual_seed(0),
-                            distill=True)
+    batch = sft.build_batch([restore_example(world), restore_example(world, False)], tok, encode,
+                            torch.Generator().manual_seed(0), distill=True)
     packed = M.pack(batch, cfg)
     grid = batch[0][5].grid
     n_vit = (D.MODEL_SIZE // cfg.vit_patch_size) ** 2
-    assert len(packed.pairs) == 1 and packed.flow_lens == [grid[0] * grid[1]] and packed.vit_lens == [n_vit, grid[0] * grid[1], n_vit]
+    assert (len(packed.pairs) == 1 and packed.flow_lens == [grid[0] * grid[1]] and
+            packed.vit_lens == [n_vit, grid[0] * grid[1], n_vit])
     with torch.no_grad():
         out = net(packed)
     assert out.mse.shape == (grid[0] * grid[1],) and torch.isfinite(out.ce).all() and torch.isfinite(out.mse).all()
@@ -140,8 +143,9 @@ def test_without_distillation_the_clean_picture_is_plain_context(world, tok):
 
 def finetune_args(init, out, *extra):
     pool = [] if "--data" in extra else ["--examples", "24"]  # a small toy pool keeps the runs fast
-    return sft.parse_config(["--init", str(init), "--out", str(out), "--steps", "4", "--lr", "1e-3", "--tokens-per-step",
-                                 "400", "--eval-n", "0", "--save-every", "2", "--warmup", "1", "--threads", "1", *pool, *extra])
+    return sft.parse_config(["--init", str(init), "--out", str(out), "--steps", "4", "--lr", "1e-3",
+                             "--tokens-per-step", "400", "--eval-n", "0", "--save-every", "2", "--warmup", "1",
+                             "--threads", "1", *pool, *extra])
 
 
 def log_of(out: Path) -> list[dict]:
@@ -201,7 +205,8 @@ def test_resume_refuses_changed_settings_and_names_each(toy_ckpt, tmp_path, caps
     sft.train(finetune_args(toy_ckpt, out, "--steps", "2", "--tokens-per-step", "200"))
     with pytest.raises(CK.InputError) as e:
         sft.train(finetune_args(other, out, "--steps", "2", "--resume", "--seed", "1", "--lr", "2e-3"))
-    for words in ("--seed 0 -> 1", "--lr 0.001 -> 0.002", "--tokens-per-step 200 -> 400", f"--init {str(toy_ckpt)!r} -> {str(other)!r}"):
+    for words in ("--seed 0 -> 1", "--lr 0.001 -> 0.002", "--tokens-per-step 200 -> 400",
+                  f"--init {str(toy_ckpt)!r} -> {str(other)!r}"):
         assert words in str(e.value), (words, str(e.value))
     assert "--steps" not in str(e.value) and "--resume-force" in str(e.value)
     capsys.readouterr()
@@ -321,7 +326,8 @@ def test_replay_samples_are_stage0_restore_edits_of_their_own_example(toy_ckpt, 
     ex, ((d0, grid), (c0, _)) = next(d for d in drawn[1] if not d[0].restore)
     seq = sft.replay_sample(ex, ((d0, grid), (c0, grid)), toy_tok, torch.Generator().manual_seed(0), 3.0)
     assert [type(s).__name__ for s in seq] == ["VaeImage", "VitImage", "Text", "VaeImage"]
-    assert torch.equal(seq[0].tokens, d0) and seq[0].target is None and toy_tok.decode(seq[2].ids) == "Restore this picture."
+    assert (torch.equal(seq[0].tokens, d0) and seq[0].target is None and
+            toy_tok.decode(seq[2].ids) == "Restore this picture.")
     target = seq[3]
     assert target.target is not None and not target.droppable and 0 < target.t < 1
     torch.testing.assert_close(target.tokens - target.t * target.target, c0, atol=1e-5, rtol=1e-5)
@@ -342,7 +348,8 @@ def test_each_drawn_example_becomes_one_kind_of_sample(toy_ckpt, toy_tok, text, 
 
 def test_replay_flag_is_checked(capsys):
     """--replay is a toy-world share of the samples: refused with --data, and with --text-reason-rate above 1 in sum."""
-    for argv, words in ((["--data", "x.jsonl", "--images", "d", "--replay", "0.1"], "--replay has no effect with --data"),
+    for argv, words in ((["--data", "x.jsonl", "--images", "d", "--replay", "0.1"],
+                         "--replay has no effect with --data"),
                         (["--text-reason-rate", "0.5", "--replay", "0.6"], "is above 1")):
         with pytest.raises(SystemExit) as e:
             sft.parse_config(argv)
@@ -356,8 +363,9 @@ GOLDEN_SFT = [7.688106060028076, 7.665302276611328, 7.529972076416016, 7.5008678
 def test_golden_losses_of_a_tiny_sft_run(toy_ckpt, tmp_path):
     """The first five losses of a fixed tiny run equal the recorded ones (llm.c-style): a change that moves them is a
     behaviour change and must say so (and record the new values)."""
-    cfg = sft.parse_config(["--init", str(toy_ckpt), "--out", str(tmp_path / "sft"), "--steps", "5", "--tokens-per-step",
-                                "600", "--eval-n", "0", "--warmup", "1", "--threads", "1", "--lr", "1e-3", "--examples", "24"])
+    cfg = sft.parse_config(["--init", str(toy_ckpt), "--out", str(tmp_path / "sft"), "--steps", "5",
+                            "--tokens-per-step", "600", "--eval-n", "0", "--warmup", "1", "--threads", "1",
+                            "--lr", "1e-3", "--examples", "24"])
     sft.train(cfg)
     assert [r["loss"] for r in log_of(tmp_path / "sft")] == pytest.approx(GOLDEN_SFT, rel=1e-4, abs=1e-7)
 
@@ -384,7 +392,8 @@ def test_sft_refuses_an_out_it_would_destroy_and_table_flags_without_a_table(toy
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     (tmp_path / "file").write_text("keep")
-    for out, words in ((tmp_path / "mine", "holds no checkpoint"), (tmp_path / "file", "is a file"), (toy_ckpt, "is --init")):
+    for out, words in ((tmp_path / "mine", "holds no checkpoint"), (tmp_path / "file", "is a file"),
+                       (toy_ckpt, "is --init")):
         with pytest.raises(CK.InputError, match=words):
             sft.train(finetune_args(toy_ckpt, out))
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep" and (tmp_path / "file").read_text() == "keep"
