@@ -246,15 +246,6 @@ def test_latent_quality_by_hand():
     assert rl.latent_quality_reward(gen, clean) == pytest.approx(0.3 * np.exp(-0.5))
 
 
-def test_flow_step_logprob_by_hand():
-    """mean = x - (v + sigma^2 / 2 * s) dt with s = (x + (1 - t) v) / t; log p = -mean((x' - mean)^2) / (2 sigma^2 dt)."""
-    x, v, x_next = torch.tensor([[1.0]]), torch.tensor([[2.0]]), torch.tensor([[0.0]])
-    t, dt, sigma = 0.5, 0.1, 0.5
-    s = (1.0 + 0.5 * 2.0) / 0.5
-    mean = 1.0 - (2.0 + 0.125 * s) * dt
-    assert float(rl.flow_step_logprob(x, v, x_next, t, dt, sigma)) == pytest.approx(-mean ** 2 / (2 * 0.25 * dt))
-
-
 GOLDEN_RL = [(0.0, 0.5), (0.0039069876074790955, 0.5), (0.025392236188054085, 0.75),  # recorded with the head recipe,
              (0.023439759388566017, 0.75), (0.001954656559973955, 0.5)]  # the 4x4-token toy preset and six colours
 
@@ -272,16 +263,49 @@ def test_golden_losses_of_a_tiny_rl_run(toy_ckpt, tmp_path, monkeypatch):
     assert [r["loss"] for r in log] == pytest.approx([loss for loss, _ in GOLDEN_RL], rel=1e-4, abs=1e-7)
 
 
-def test_flow_step_small_t_blend_by_hand():
-    """Below t = 0.1 the score is w (1 - t) v + (1 - w) (x + (1 - t) v) / t with w = t / 0.1, clamped after (official)."""
-    x, v, x_next = torch.tensor([[0.01]]), torch.tensor([[0.02]]), torch.tensor([[0.0]])
-    t, dt, sigma = 0.05, 0.05, 0.3
-    score = 0.5 * 0.95 * 0.02 + 0.5 * (0.01 + 0.95 * 0.02) / 0.05
-    mean = 0.01 - (0.02 + 0.045 * score) * dt
-    assert float(rl.flow_step_logprob(x, v, x_next, t, dt, sigma)) == pytest.approx(-mean ** 2 / (2 * 0.09 * dt))
-    big = torch.tensor([[10.0]])  # a score beyond +-50 is clamped after the blend
-    mean = 10.0 - (10.0 + 0.045 * 50.0) * dt
-    assert float(rl.flow_step_logprob(big, big, x_next, t, dt, sigma)) == pytest.approx(-mean ** 2 / (2 * 0.09 * dt))
+def test_flow_step_logprob_head_by_hand():
+    """HEAD (trainer.py:1019-1035 @411d6bd): below t = 0.1 the score is blended toward (1 - t) v, then clamped at
+    +-50. sigma = 1, dt = 0.5, t = 0.05, so the blend weight is t / 0.1 = 0.5 and the variance sigma^2 dt = 0.5.
+      element 1, x = 0.1, v = 1: (x + 0.95 v) / 0.05 = 21, blend 0.5 * 0.95 + 0.5 * 21 = 10.975 (under 50),
+        mean = 0.1 - (1 + 10.975 / 2) * 0.5 = -3.14375; x' = mean + 0.5: squared error / variance = 0.5
+      element 2, x = v = 10: (10 + 9.5) / 0.05 = 390, blend 0.5 * 9.5 + 0.5 * 390 = 199.75, clamped to 50,
+        mean = 10 - (10 + 25) * 0.5 = -7.5; x' = mean + 1: 1 / 0.5 = 2
+      log p = -mean(0.5, 2) / 2 = -0.625. (Clamping before the blend gives element 2 a score of 29.75; no blend 390.)"""
+    x, v, x_next = torch.tensor([[0.1, 10.0]]), torch.tensor([[1.0, 10.0]]), torch.tensor([[-2.64375, -6.5]])
+    head = rl.TRAINING_SCORE["head"]
+    assert float(rl.flow_step_logprob(x, v, x_next, 0.05, 0.5, 1.0, **head)) == pytest.approx(-0.625)
+    assert float(rl.flow_step_logprob(x, v, x_next, 0.05, 0.5, 1.0)) == pytest.approx(-0.625)  # the default
+    # t = 0: weight 0, t' = t_min = 1e-4, and the score uses (1 - t') v: with x = 0, v = 1e-5 it is 0.09999
+    # ((1 - t) v would give 0.1); mean = -(1e-5 + 0.09999 / 2) * 0.5 = -0.0250025; x' = mean + 0.5: log p = -0.25
+    x, v = torch.zeros(1, 1, dtype=torch.float64), torch.full((1, 1), 1e-5, dtype=torch.float64)
+    x_next = torch.full((1, 1), 0.4749975, dtype=torch.float64)
+    assert float(rl.flow_step_logprob(x, v, x_next, 0.0, 0.5, 1.0, **head)) == pytest.approx(-0.25, rel=1e-9)
+
+
+def test_flow_step_logprob_release_by_hand():
+    """Release (trainer.py:1017-1022 @a65d61f): no blend, t' = max(t, 1e-6), clamp at +-100. The same x, v, t, sigma,
+    dt as the HEAD test: element 1 keeps the score 21, mean = 0.1 - (1 + 10.5) * 0.5 = -5.65, x' = mean + 0.5;
+    element 2: 390 clamped to 100, mean = 10 - (10 + 50) * 0.5 = -20, x' = mean + 1; log p = -(0.5 + 2) / 4 = -0.625.
+    The HEAD score on these x' gives another value."""
+    x, v, x_next = torch.tensor([[0.1, 10.0]]), torch.tensor([[1.0, 10.0]]), torch.tensor([[-5.15, -19.0]])
+    release = rl.TRAINING_SCORE["release"]
+    assert float(rl.flow_step_logprob(x, v, x_next, 0.05, 0.5, 1.0, **release)) == pytest.approx(-0.625)
+    assert float(rl.flow_step_logprob(x, v, x_next, 0.05, 0.5, 1.0)) != pytest.approx(-0.625, abs=0.1)
+    # t = 0: t' = 1e-6, score (1 - 1e-6) * 1e-5 / 1e-6 = 9.99999, mean = -(1e-5 + 9.99999 / 2) * 0.5 = -2.5000025
+    x, v = torch.zeros(1, 1, dtype=torch.float64), torch.full((1, 1), 1e-5, dtype=torch.float64)
+    x_next = torch.full((1, 1), -2.0000025, dtype=torch.float64)
+    assert float(rl.flow_step_logprob(x, v, x_next, 0.0, 0.5, 1.0, **release)) == pytest.approx(-0.25, rel=1e-9)
+
+
+def test_release_recipe_scores_with_the_release_form(policy, monkeypatch):
+    """grpo_loss hands flow_step_logprob the preset's score form (--recipe release: t_min 1e-6, no blend, +-100)."""
+    seen = []
+    real = rl.flow_step_logprob
+    monkeypatch.setattr(rl, "flow_step_logprob", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    rollouts = forced_restore_rollouts(policy, 5)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    rl.grpo_loss(policy, None, rollouts, adv, adv, rollout_args(recipe="release"), 0, np.random.default_rng(0), policy)
+    assert seen and all(kw == dict(t_min=1e-6, blend_below=0.0, clamp=100.0) for kw in seen)
 
 
 def test_image_loss_is_per_completion_over_all_completions(policy):
