@@ -283,6 +283,48 @@ def choose_step(ts: list, strategy: str, counter: int, rng: np.random.Generator)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Research: the attention mask of the official RL training forward (off by default; tests/official_mask_rl.py runs the
+# toy RL under it). Its OutputTransfer.pack_sequence appends a mode for every text split ("causal",
+# data/output_transfer.py:223 @411d6bd) and ViT split ("full", :268) but none for a VAE split (:274-321), and
+# prepare_attention_mask_per_sample pairs lengths with modes by zip (data/data_utils.py:82): after each VAE split the
+# modes land one split early, and the last splits get none, so their rows attend to nothing. Same code at a65d61f.
+
+
+def official_layout(splits: list) -> list:
+    """(length, mode) per split of one replayed sample, as the official training forward pairs them; mode None:
+    the split's rows attend to nothing. `splits` are the sample's (row, sample, start, length, mode) from M.pack, in
+    the official roles: the first full split is the question picture's VAE block and each noise split a restored
+    picture's VAE block (where the official puts x_t); the rest are text (causal) or a picture the model reads
+    (full: the question's ViT block, or our re-entered restoration, which the official re-enters through the ViT).
+    Exact when every restoration carries its x_t split (one per completion, as trained); the official gives an
+    untrained restoration a VAE block too (zero-filled), ours none."""
+    first_full = next(i for i, sp in enumerate(splits) if sp[4] == "full")
+    modes = [sp[4] for i, sp in enumerate(splits) if i != first_full and sp[4] != "noise"]  # official: none for VAE
+    return [(sp[3], modes[i] if i < len(modes) else None) for i, sp in enumerate(splits)]  # official: zip
+
+
+def official_mask(splits: list, rows: int, row_len: int, device=None) -> torch.Tensor:
+    """Boolean [B, T, T] mask of the official training forward, a drop-in for M.attention_mask on replayed samples:
+    per sample, prepare_attention_mask_per_sample (data_utils.py:72-103 @411d6bd) on official_layout; samples never
+    see each other and padding sees itself, as in ours."""
+    mask = torch.zeros(rows, row_len, row_len, dtype=torch.bool)
+    for r, s in dict.fromkeys((sp[0], sp[1]) for sp in splits):
+        own = [sp for sp in splits if sp[:2] == (r, s)]
+        if s == -1:  # padding
+            mask[r].diagonal()[own[0][2]:] = True
+            continue
+        at = own[0][2]
+        for length, mode in official_layout(own):
+            block = mask[r, at:at + length]
+            if mode is not None:  # official: a split's rows see all earlier tokens of the sample, and their own split
+                block[:, own[0][2]:at] = True  # causally or in full ("noise" never occurs here)
+                inside = torch.ones(length, length, dtype=torch.bool)
+                block[:, at:at + length] = inside.tril() if mode == "causal" else inside
+            at += length
+    return mask.to(device)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Replaying a rollout as a training sequence
 
 

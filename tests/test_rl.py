@@ -376,3 +376,72 @@ def test_rl_refuses_flags_without_effect_and_its_own_init_as_out(toy_ckpt, tmp_p
                  "--images", str(tmp_path), "--threads", "1", "--steps", "1", "--prompts", "1", "--group", "2",
                  "--max-text-tokens", "2", "--sde-points", "2"])
     assert not (tmp_path / "rl").exists() and not (tmp_path / "rl.log.jsonl").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Research: the official training forward's attention mask (rl.official_mask)
+
+
+def replay_masks(policy, rollout, steps):
+    """Our mask and the official one on one replayed rollout, and its splits by name."""
+    seq, _ = rl.replay_sample(rollout, steps, "bridge", policy)
+    packed = M.pack([seq], policy.cfg)
+    ours = M.attention_mask(packed.splits, 1, packed.row_len)[0]
+    official = rl.official_mask(packed.splits, 1, packed.row_len)[0]
+    names = ["system", "vae", "vit", "question", "text1", "x_t", "reentry", "text2"]
+    return ours, official, {n: slice(sp[2], sp[2] + sp[3]) for n, sp in zip(names, packed.splits)}, packed
+
+
+def test_official_mask_without_restoration_blinds_every_completion_row(policy):
+    """No restoration: splits system, VAE, ViT, question, text1 but only four modes (causal, full, causal, causal),
+    zipped: the VAE block gets "full" (as ours), the ViT "causal", the question "causal" and text1 none, so every
+    scored row attends to nothing. Nothing else differs."""
+    r = forced_restore_rollouts(policy, 6)[0]
+    plain = rl.Rollout(r.prefix, replace(r.trace, latents=[], steps=[], ids=r.trace.ids[:1], logps=r.trace.logps[:1],
+                                         texts=r.trace.texts[:1], stopped=r.trace.stopped[:1]), r.example)
+    ours, official, at, packed = replay_masks(policy, plain, [])
+    assert [(n, m) for n, m in rl.official_layout(packed.splits)] == [(4, "causal"), (6, "full"), (6, "causal"),
+                                                                       (5, "causal"), (len(plain.trace.ids[0]) + 2, None)]
+    assert not official[packed.ce_idx].any() and ours[packed.ce_idx].any(1).all()
+    vit = at["vit"]
+    assert ours[vit, vit].all() and torch.equal(official[vit, vit], torch.ones(6, 6, dtype=torch.bool).tril())
+    expected = torch.zeros_like(ours)
+    expected[vit, vit] = ~torch.ones(6, 6, dtype=torch.bool).tril()
+    expected[at["text1"]] = ours[at["text1"]]
+    assert torch.equal(ours ^ official, expected)
+
+
+def test_official_mask_with_restoration(policy):
+    """One restoration: eight splits, six modes (the two VAE blocks have none). Zipped: text1 becomes "full", so its
+    scored rows see the tokens they predict; the x_t block becomes "causal" (ours: full inside, hidden from later
+    rows); the re-entered picture and text2 get none and attend to nothing; the ViT block is causal, as without."""
+    r = forced_restore_rollouts(policy, 6)[0]
+    ours, official, at, packed = replay_masks(policy, r, [[0]])
+    n1 = len(r.trace.ids[0]) + 2
+    assert [m for _, m in rl.official_layout(packed.splits)] == ["causal", "full", "causal", "causal", "full", "causal",
+                                                                 None, None]
+    text1, x_t, vit = at["text1"], at["x_t"], at["vit"]
+    assert official[text1, text1].all() and torch.equal(ours[text1, text1], torch.ones(n1, n1, dtype=torch.bool).tril())
+    assert ours[x_t, x_t].all() and torch.equal(official[x_t, x_t], torch.ones(6, 6, dtype=torch.bool).tril())
+    blind = slice(at["reentry"].start, packed.row_len)
+    assert not official[blind].any() and ours[blind].any(1).all()
+    expected = torch.zeros_like(ours)
+    expected[vit, vit] = expected[x_t, x_t] = ~torch.ones(6, 6, dtype=torch.bool).tril()
+    expected[text1, text1] = ~torch.ones(n1, n1, dtype=torch.bool).tril()
+    expected[blind] = ours[blind]
+    assert torch.equal(ours ^ official, expected)
+
+
+def test_toy_rl_runs_under_the_official_mask(toy_ckpt, tmp_path, monkeypatch):
+    """The research switch (tests/official_mask_rl.py): the training forward under rl.official_mask runs, stays
+    finite, and no longer reproduces the sampler's log-probs (ours does, to 1e-3)."""
+    monkeypatch.setattr(D, "requests_restore", lambda text: len(text) % 2 == 0)  # as in the golden run above
+    monkeypatch.setattr(rl, "accuracy_reward", lambda reply, example, judge=None: float(len(reply) % 3) / 2)
+    argv = ["--init", str(toy_ckpt), "--steps", "1", "--prompts", "2", "--group", "2", "--max-text-tokens", "6",
+            "--sde-points", "3", "--eval-n", "0", "--threads", "1"]
+    rl.main([*argv, "--out", str(tmp_path / "ours")])
+    monkeypatch.setattr(M, "attention_mask", rl.official_mask)
+    rl.main([*argv, "--out", str(tmp_path / "official")])
+    ours, official = (json.loads((tmp_path / f"{n}.log.jsonl").read_text()) for n in ("ours", "official"))
+    assert ours["logp_drift"] < 1e-4 < 0.01 < official["logp_drift"]
+    assert math.isfinite(official["loss"]) and 0 < official["gnorm"] < math.inf
