@@ -196,10 +196,26 @@ def prefill(model: M.Bagel, cache: M.KVCache, prefixes: list[list], texts_only: 
             model.add_latent(cache, torch.stack([s.tokens for s in segs]), seg.grid, active=active)
 
 
+def structure(prefix: list) -> tuple:
+    """What the rows of one batch must share: segment kinds in order and every picture's size (texts may differ)."""
+    size = {M.VaeImage: lambda s: s.grid, M.VitImage: lambda s: tuple(s.pixels.shape)}
+    return tuple((type(s).__name__, size.get(type(s), lambda s: None)(s)) for s in prefix)
+
+
 @torch.no_grad()
 def reason(model: M.Bagel, tokenizer, prefixes: list[list], cfg: InferenceConfig,
            generator: torch.Generator | None = None) -> list[Trace]:
-    """Run CLEAR's interleaved reasoning loop on a batch of prefixes; returns one Trace per row."""
+    """Run CLEAR's interleaved reasoning loop on a batch of prefixes; returns one Trace per row. Rows whose prefixes
+    differ in structure (real data: pictures of other sizes) run as separate batches, in order of first appearance."""
+    groups = {}
+    for i, p in enumerate(prefixes):
+        groups.setdefault(structure(p), []).append(i)
+    if len(groups) > 1:
+        traces = [None] * len(prefixes)
+        for rows in groups.values():
+            for i, tr in zip(rows, reason(model, tokenizer, [prefixes[i] for i in rows], cfg, generator)):
+                traces[i] = tr
+        return traces
     B = len(prefixes)
     grid = next((s.grid for s in prefixes[0] if isinstance(s, M.VaeImage)), None)
     cache = model.new_cache(B)

@@ -17,14 +17,16 @@ The official recipe, as presets (--recipe; a flag given explicitly overrides its
   * head (official scripts/train_reason_interleave_grpo.sh at HEAD 411d6bd): reward = 0.75 accuracy + 0.10 format
     (enable_reward_decision False, enable_reward_latent_quality False); loss_type dr_grpo, i.e. the text loss summed
     over tokens / (B * max_completion_length); the image term uses the same advantages (separate_image_rewards False);
+    the training score with t_safe 1e-4, blended toward (1 - t) v below t = 0.1, clamped at +-50;
   * release (the same script at the release a65d61f): + 0.15 decision reward; loss_type grpo (per-sequence token
     mean); image advantages from the latent-quality reward alone (separate_image_rewards True; NaN -> 0 before the
-    group mean), which never enters the scalar reward (weight_map latent_quality 0.0).
+    group mean), which never enters the scalar reward (weight_map latent_quality 0.0); the training score with
+    t_safe 1e-6, no blend, clamped at +-100 (as at rollout).
   Both (interleave_grpo.py and the trainer, bagel_interleave_grpo_trainer.py): image_loss_weight 0.5, G = 8,
   epsilon 0.2, beta 0.04, temperature 1.0, top_p 1.0, SDE sigma 0.3 on a 20-point grid with shift 3 and no CFG,
   num_iterations 1 (ratio 1), scale_rewards False, round-robin step choice excluding each trajectory's last step,
-  the training score clamped at +-50 after a blend toward (1 - t) v below t = 0.1, "restored" = <image_restore> in
-  the completion text, AdamW (0.9, 0.999) lr 5e-6 cosine without warmup, 400 (head) / 200 (release) steps.
+  "restored" = <image_restore> in the completion text, AdamW (0.9, 0.999) lr 5e-6 cosine without warmup, 400 (head) /
+  200 (release) steps.
 
 CPU (toy): python rl.py                  # from out/bridge/ (or out/sft/), a few minutes on 2 cores, writes
                                          # out/rl/, then prints the restore-decision signal (decision_signal) and
@@ -251,15 +253,29 @@ def aggregate(per_token: torch.Tensor, seq: torch.Tensor, n_seq: int, kind: str,
     return (sums / counts.clamp(min=1)).mean()
 
 
-def flow_step_logprob(x_t, v, x_next, t: float, dt: float, sigma: float):
-    """Log-probability of a recorded SDE step under the current velocity, in the official training form: below
-    t = 0.1 the score is blended toward (1 - t) v with weight t / 0.1, then clamped to +-50 (the rollout used +-100)."""
-    score = (x_t + (1 - t) * v) / max(t, 1e-4)  # official: t_safe = max(t, 1e-4)
-    if t < 0.1:  # official: weight * (1 - t) v + (1 - weight) * standard score, weight = t / 0.1
-        w = t / 0.1
+# The Flow-GRPO training score of each preset, passed to flow_step_logprob by grpo_loss. A score is clamped in both;
+# HEAD also blends it toward (1 - t) v below t = 0.1 (never on the official grid: its candidate steps have t >= 0.26).
+TRAINING_SCORE = {
+    "head": dict(t_min=1e-4, blend_below=0.1, clamp=50.0),  # bagel_interleave_grpo_trainer.py:1019-1035 @411d6bd
+    "release": dict(t_min=1e-6, blend_below=0.0, clamp=100.0),  # bagel_interleave_grpo_trainer.py:1017-1022 @a65d61f
+}
+
+
+def flow_step_logprob(x_t, v, x_next, t: float, dt: float, sigma: float,
+                      t_min: float = 1e-4, blend_below: float = 0.1, clamp: float = 50.0):
+    """Log-probability of a recorded SDE step under the current velocity v, as the official trainer scores it:
+    score s = (x_t + (1 - t') v) / t' with t' = max(t, t_min); below t = blend_below, s is blended toward (1 - t) v
+    with weight t / blend_below; s is clamped to +-clamp; mean = x_t - (v + sigma^2 / 2 * s) dt and
+    log p = -mean over elements of min((x_next - mean)^2 / (sigma^2 dt), 1e8) / 2. Defaults: the HEAD preset."""
+    t_safe = max(t, t_min)
+    score = (x_t + (1 - t_safe) * v) / t_safe
+    if t < blend_below:
+        w = t / blend_below
         score = w * (1 - t) * v + (1 - w) * score
-    mean = x_t - (v + 0.5 * sigma ** 2 * score.clamp(-50.0, 50.0)) * dt  # official: clamp after the blend
-    return M.sde_step_logprob(x_next, mean, sigma, dt)
+    # HEAD then zeroes a score holding NaN; a NaN score needs a NaN x_t or v, which makes log p NaN anyway: omitted
+    mean = x_t - (v + 0.5 * sigma ** 2 * score.clamp(-clamp, clamp)) * dt
+    sq = ((x_next - mean) ** 2 / (sigma ** 2 * dt)).clamp(max=1e8)  # official: the squared error clamped at 1e8
+    return -0.5 * sq.flatten(1).mean(1)
 
 
 def choose_step(ts: list, strategy: str, counter: int, rng: np.random.Generator) -> int:
@@ -271,6 +287,48 @@ def choose_step(ts: list, strategy: str, counter: int, rng: np.random.Generator)
         return int(rng.integers(len(ts)))
     w = np.array([1.0 / (abs(0.5 - t) + 0.1) for t in ts])
     return int(rng.choice(len(ts), p=w / w.sum()))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Research: the attention mask of the official RL training forward (off by default; tests/official_mask_rl.py runs the
+# toy RL under it). Its OutputTransfer.pack_sequence appends a mode for every text split ("causal",
+# data/output_transfer.py:223 @411d6bd) and ViT split ("full", :268) but none for a VAE split (:274-321), and
+# prepare_attention_mask_per_sample pairs lengths with modes by zip (data/data_utils.py:82): after each VAE split the
+# modes land one split early, and the last splits get none, so their rows attend to nothing. Same code at a65d61f.
+
+
+def official_layout(splits: list) -> list:
+    """(length, mode) per split of one replayed sample, as the official training forward pairs them; mode None:
+    the split's rows attend to nothing. `splits` are the sample's (row, sample, start, length, mode) from M.pack, in
+    the official roles: the first full split is the question picture's VAE block and each noise split a restored
+    picture's VAE block (where the official puts x_t); the rest are text (causal) or a picture the model reads
+    (full: the question's ViT block, or our re-entered restoration, which the official re-enters through the ViT).
+    Exact when every restoration carries its x_t split (one per completion, as trained); the official gives an
+    untrained restoration a VAE block too (zero-filled), ours none."""
+    first_full = next(i for i, sp in enumerate(splits) if sp[4] == "full")
+    modes = [sp[4] for i, sp in enumerate(splits) if i != first_full and sp[4] != "noise"]  # official: none for VAE
+    return [(sp[3], modes[i] if i < len(modes) else None) for i, sp in enumerate(splits)]  # official: zip
+
+
+def official_mask(splits: list, rows: int, row_len: int, device=None) -> torch.Tensor:
+    """Boolean [B, T, T] mask of the official training forward, a drop-in for M.attention_mask on replayed samples:
+    per sample, prepare_attention_mask_per_sample (data_utils.py:72-103 @411d6bd) on official_layout; samples never
+    see each other and padding sees itself, as in ours."""
+    mask = torch.zeros(rows, row_len, row_len, dtype=torch.bool)
+    for r, s in dict.fromkeys((sp[0], sp[1]) for sp in splits):
+        own = [sp for sp in splits if sp[:2] == (r, s)]
+        if s == -1:  # padding
+            mask[r].diagonal()[own[0][2]:] = True
+            continue
+        at = own[0][2]
+        for length, mode in official_layout(own):
+            block = mask[r, at:at + length]
+            if mode is not None:  # official: a split's rows see all earlier tokens of the sample, and their own split
+                block[:, own[0][2]:at] = True  # causally or in full ("noise" never occurs here)
+                inside = torch.ones(length, length, dtype=torch.bool)
+                block[:, at:at + length] = inside.tril() if mode == "causal" else inside
+            at += length
+    return mask.to(device)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -344,8 +402,9 @@ def grpo_loss(model, ref: M.Bagel | None, rollouts: list[Rollout], adv: torch.Te
         lps = []
         for (i, img, s), v in zip(chosen, vs):
             st = rollouts[i].trace.steps[img][s]
-            lps.append(flow_step_logprob(st["x_t"].to(dev)[None], v.float()[None], st["x_next"].to(dev)[None], st["t"],
-                                         st["dt"], cfg.sde_sigma)[0])
+            x_t, x_next = st["x_t"].to(dev).float()[None], st["x_next"].to(dev).float()[None]
+            lps.append(flow_step_logprob(x_t, v.float()[None], x_next, st["t"], st["dt"], cfg.sde_sigma,
+                                         **TRAINING_SCORE[cfg.recipe])[0])
         lps = torch.stack(lps)
         a_img = img_adv.to(dev)[[i for i, _, _ in chosen]]
         img_loss, _ = ppo_clip_loss(lps, lps.detach(), a_img, cfg.epsilon)  # ratio 1 at the only update, as officially

@@ -248,35 +248,31 @@ def test_mean_shift_keeps_edges_and_flattens_noise():
     img = np.zeros((64, 64, 3), np.uint8)
     img[:, 32:] = 200
     out = np.asarray(corrupt(Image.fromarray(img), "mean_shift", "hard", 0))
-    # as in OpenCV, the outer rows keep a pyrUp blend; elsewhere black is lifted only where a sparse window sample
-    # lands on the pyrDown blend of the edge, a colour within sr of black (OpenCV: by 1 level; ours: by ≤ 6)
-    assert np.abs(out[2:-2].astype(int) - img[2:-2]).max() <= 8
+    # as in OpenCV, the outer rows keep a pyrUp blend; elsewhere black is lifted by 1 level at most, where a window
+    # reaches the pyrDown blend of the edge (a colour within sr of black)
+    assert np.abs(out[2:-2].astype(int) - img[2:-2]).max() <= 1
     noisy = np.clip(img + np.random.default_rng(0).normal(0, 6, img.shape), 0, 255).astype(np.uint8)
     out = np.asarray(corrupt(Image.fromarray(noisy), "mean_shift", "hard", 0)).astype(float)
     assert out[8:-8, 14:26].std() < noisy[8:-8, 14:26].std() / 2 and abs(out[8:-8, 40:56].mean() - 200) < 3
-    assert out[8:-8, :26].max() <= 10  # the same lift, on noise
+    assert out[8:-8, :26].max() <= 3  # the same lift, on noise
 
 
-@pytest.mark.parametrize("severity, digest", [
-    ("mid", "e3cbfc7f335743b6455cfb147d92cdca30ebeafb48fad6d2ca8f2d0ca2c1ef2c"),
-    ("hard", "44cb2100d172c240015484bd87b63411d004b25e48f3cd76d1af54a8493b9826")])
-def test_mean_shift_with_full_windows_is_opencv(monkeypatch, severity, digest):
-    """Read in full instead of sampled, each window gives cv2.pyrMeanShiftFiltering bit for bit: pyramid, walks,
-    stopping rule, edge mask and rounding are OpenCV's. Digests: sha256 of OpenCV 5.0's output for this image."""
-    sampled = degrade._shift_to_mode
-    monkeypatch.setattr(degrade, "_shift_to_mode", lambda src, starts, sp, sr, n: sampled(
-        src, starts, sp, sr, 2 * int(np.ceil(sp)) + 1))  # n = window side: every pixel of the window
-    img = np.asarray(degrade.demo_image(64))[::2, ::2][:23, :31].copy()  # odd sizes on purpose
-    out = degrade.mean_shift(img, SEVERITIES[severity], None)
-    assert hashlib.sha256(out.tobytes()).hexdigest() == digest
-
-
-def test_mean_shift_flattens_as_much_as_opencv():
-    """The sampled windows must keep the official op's damage: PSNR to the clean demo image within 1.25 dB of
-    cv2.pyrMeanShiftFiltering's (OpenCV 5.0: 37.70 / 34.47 / 24.61 dB at low / mid / hard)."""
-    img = degrade.demo_image(256)
-    for severity, official in zip(SEVERITIES, [37.70, 34.47, 24.61]):
-        assert abs(psnr(img, corrupt(img, "mean_shift", severity, 0)) - official) < 1.25, severity
+@pytest.mark.parametrize("severity, tiny, larger", [
+    ("low", "248f52f37cab763523da3f1e1e5992b9bbe3d014a353d85b716f6b3ee47f8b12",
+     "da9c7a1ee87ca4405a30f320c48cbc48d8d2eaf13e2b2baef5cc8ee7d15c6de2"),
+    ("mid", "e3cbfc7f335743b6455cfb147d92cdca30ebeafb48fad6d2ca8f2d0ca2c1ef2c",
+     "a16950e1a395152d7d2a331665227240a1995e8fe352e5c71a25e59e6965f99d"),
+    ("hard", "44cb2100d172c240015484bd87b63411d004b25e48f3cd76d1af54a8493b9826",
+     "440cccdbfbd34edb2271c235a3ba90f208333f6bcc6523ac495d22859c34d1de")])
+def test_mean_shift_is_opencv(severity, tiny, larger):
+    """mean_shift gives cv2.pyrMeanShiftFiltering bit for bit: pyramid, full windows (cvRound bounds, 9 or 11 wide
+    by parity at low's half-size radius 4.5), walks, stopping rule, edge mask and rounding are OpenCV's. Digests:
+    sha256 of OpenCV 5.1's output (5.0 gives the same at mid and hard) for two odd-sized crops of the demo image, the
+    second larger than a 16-pixel tile so walkers cross tiles."""
+    demo = np.asarray(degrade.demo_image(64))
+    for img, digest in ((demo[::2, ::2][:23, :31], tiny), (demo[:, :57], larger)):
+        out = np.asarray(corrupt(Image.fromarray(img), "mean_shift", severity, 0))  # degrade(): one torch thread
+        assert hashlib.sha256(out.tobytes()).hexdigest() == digest
 
 
 def _write_dataset(tmp_path):

@@ -92,3 +92,31 @@ def test_decode_reencode_sees_the_decoded_picture(net):
     vae, vit2 = E.reentry_segments(net, x0, (2, 2), "decode_reencode_vae", VIT)
     assert torch.equal(vit2.pixels, vit.pixels)
     assert torch.equal(vae.tokens, net.encode_pixels(D.image_to_tensor(picture)[None])[0][0])
+
+
+def prefix(grid, vit_side, g):
+    """System text, a VAE picture of `grid` tokens, a ViT picture vit_side px wide, a question."""
+    tokens = torch.randn(grid[0] * grid[1], tiny_cfg().patch_latent_dim, generator=g)
+    return [M.Text([5, 6]), M.VaeImage(tokens, grid), M.VitImage(torch.rand(3, 16, vit_side, generator=g) * 2 - 1),
+            M.Text([7, 8, 9])]
+
+
+def test_rows_with_pictures_of_other_sizes_run_as_separate_batches():
+    """Real data mixes picture sizes in one step: rows are grouped by prefix structure (first appearance first) and
+    each group runs as its own batch, so traces come back in the rows' order, each with its own grid, exactly as
+    running the groups one after the other with the same generator (stacking them crashed)."""
+    from test_rl import ByteTok
+    torch.manual_seed(0)
+    model = M.Bagel(tiny_cfg()).eval()
+    g = torch.Generator().manual_seed(0)
+    a, b = prefix((2, 2), 16, g), prefix((2, 3), 24, g)
+    assert E.structure(a) != E.structure(b) and E.structure(a) == E.structure(prefix((2, 2), 16, g))
+    cfg = E.InferenceConfig(max_rounds=2, max_text_tokens=4, temperature=1.0, sampler="sde", num_timesteps=3,
+                            force_restore=True, vit_transform=VIT)
+    mixed = E.reason(model, ByteTok(), [a, b, a, b], cfg, torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(1)
+    alone_a, alone_b = E.reason(model, ByteTok(), [a, a], cfg, gen), E.reason(model, ByteTok(), [b, b], cfg, gen)
+    assert [tr.grid for tr in mixed] == [(2, 2), (2, 3), (2, 2), (2, 3)]
+    assert [tuple(tr.latents[0].shape) for tr in mixed] == [(4, 64), (6, 64), (4, 64), (6, 64)]
+    for got, want in zip(mixed, [alone_a[0], alone_b[0], alone_a[1], alone_b[1]]):
+        assert got.ids == want.ids and torch.equal(got.latents[0], want.latents[0])

@@ -251,16 +251,6 @@ def test_latent_quality_by_hand():
     assert rl.latent_quality_reward(gen, clean) == pytest.approx(0.3 * np.exp(-0.5))
 
 
-def test_flow_step_logprob_by_hand():
-    """mean = x - (v + sigma^2 / 2 * s) dt with s = (x + (1 - t) v) / t;
-    log p = -mean((x' - mean)^2) / (2 sigma^2 dt)."""
-    x, v, x_next = torch.tensor([[1.0]]), torch.tensor([[2.0]]), torch.tensor([[0.0]])
-    t, dt, sigma = 0.5, 0.1, 0.5
-    s = (1.0 + 0.5 * 2.0) / 0.5
-    mean = 1.0 - (2.0 + 0.125 * s) * dt
-    assert float(rl.flow_step_logprob(x, v, x_next, t, dt, sigma)) == pytest.approx(-mean ** 2 / (2 * 0.25 * dt))
-
-
 GOLDEN_RL = [(0.0, 0.5), (0.0039069876074790955, 0.5), (0.025392236188054085, 0.75),  # recorded with the head recipe,
              (0.023439759388566017, 0.75), (0.001954656559973955, 0.5)]  # the 4x4-token toy preset and six colours
 
@@ -278,17 +268,49 @@ def test_golden_losses_of_a_tiny_rl_run(toy_ckpt, tmp_path, monkeypatch):
     assert [r["loss"] for r in log] == pytest.approx([loss for loss, _ in GOLDEN_RL], rel=1e-4, abs=1e-7)
 
 
-def test_flow_step_small_t_blend_by_hand():
-    """Below t = 0.1 the score is w (1 - t) v + (1 - w) (x + (1 - t) v) / t with w = t / 0.1, clamped after
-    (official)."""
-    x, v, x_next = torch.tensor([[0.01]]), torch.tensor([[0.02]]), torch.tensor([[0.0]])
-    t, dt, sigma = 0.05, 0.05, 0.3
-    score = 0.5 * 0.95 * 0.02 + 0.5 * (0.01 + 0.95 * 0.02) / 0.05
-    mean = 0.01 - (0.02 + 0.045 * score) * dt
-    assert float(rl.flow_step_logprob(x, v, x_next, t, dt, sigma)) == pytest.approx(-mean ** 2 / (2 * 0.09 * dt))
-    big = torch.tensor([[10.0]])  # a score beyond +-50 is clamped after the blend
-    mean = 10.0 - (10.0 + 0.045 * 50.0) * dt
-    assert float(rl.flow_step_logprob(big, big, x_next, t, dt, sigma)) == pytest.approx(-mean ** 2 / (2 * 0.09 * dt))
+def test_flow_step_logprob_head_by_hand():
+    """HEAD (trainer.py:1019-1035 @411d6bd): below t = 0.1 the score is blended toward (1 - t) v, then clamped at
+    +-50. sigma = 1, dt = 0.5, t = 0.05, so the blend weight is t / 0.1 = 0.5 and the variance sigma^2 dt = 0.5.
+      element 1, x = 0.1, v = 1: (x + 0.95 v) / 0.05 = 21, blend 0.5 * 0.95 + 0.5 * 21 = 10.975 (under 50),
+        mean = 0.1 - (1 + 10.975 / 2) * 0.5 = -3.14375; x' = mean + 0.5: squared error / variance = 0.5
+      element 2, x = v = 10: (10 + 9.5) / 0.05 = 390, blend 0.5 * 9.5 + 0.5 * 390 = 199.75, clamped to 50,
+        mean = 10 - (10 + 25) * 0.5 = -7.5; x' = mean + 1: 1 / 0.5 = 2
+      log p = -mean(0.5, 2) / 2 = -0.625. (Clamping before the blend gives element 2 a score of 29.75; no blend 390.)"""
+    x, v, x_next = torch.tensor([[0.1, 10.0]]), torch.tensor([[1.0, 10.0]]), torch.tensor([[-2.64375, -6.5]])
+    head = rl.TRAINING_SCORE["head"]
+    assert float(rl.flow_step_logprob(x, v, x_next, 0.05, 0.5, 1.0, **head)) == pytest.approx(-0.625)
+    assert float(rl.flow_step_logprob(x, v, x_next, 0.05, 0.5, 1.0)) == pytest.approx(-0.625)  # the default
+    # t = 0: weight 0, t' = t_min = 1e-4, and the score uses (1 - t') v: with x = 0, v = 1e-5 it is 0.09999
+    # ((1 - t) v would give 0.1); mean = -(1e-5 + 0.09999 / 2) * 0.5 = -0.0250025; x' = mean + 0.5: log p = -0.25
+    x, v = torch.zeros(1, 1, dtype=torch.float64), torch.full((1, 1), 1e-5, dtype=torch.float64)
+    x_next = torch.full((1, 1), 0.4749975, dtype=torch.float64)
+    assert float(rl.flow_step_logprob(x, v, x_next, 0.0, 0.5, 1.0, **head)) == pytest.approx(-0.25, rel=1e-9)
+
+
+def test_flow_step_logprob_release_by_hand():
+    """Release (trainer.py:1017-1022 @a65d61f): no blend, t' = max(t, 1e-6), clamp at +-100. The same x, v, t, sigma,
+    dt as the HEAD test: element 1 keeps the score 21, mean = 0.1 - (1 + 10.5) * 0.5 = -5.65, x' = mean + 0.5;
+    element 2: 390 clamped to 100, mean = 10 - (10 + 50) * 0.5 = -20, x' = mean + 1; log p = -(0.5 + 2) / 4 = -0.625.
+    The HEAD score on these x' gives another value."""
+    x, v, x_next = torch.tensor([[0.1, 10.0]]), torch.tensor([[1.0, 10.0]]), torch.tensor([[-5.15, -19.0]])
+    release = rl.TRAINING_SCORE["release"]
+    assert float(rl.flow_step_logprob(x, v, x_next, 0.05, 0.5, 1.0, **release)) == pytest.approx(-0.625)
+    assert float(rl.flow_step_logprob(x, v, x_next, 0.05, 0.5, 1.0)) != pytest.approx(-0.625, abs=0.1)
+    # t = 0: t' = 1e-6, score (1 - 1e-6) * 1e-5 / 1e-6 = 9.99999, mean = -(1e-5 + 9.99999 / 2) * 0.5 = -2.5000025
+    x, v = torch.zeros(1, 1, dtype=torch.float64), torch.full((1, 1), 1e-5, dtype=torch.float64)
+    x_next = torch.full((1, 1), -2.0000025, dtype=torch.float64)
+    assert float(rl.flow_step_logprob(x, v, x_next, 0.0, 0.5, 1.0, **release)) == pytest.approx(-0.25, rel=1e-9)
+
+
+def test_release_recipe_scores_with_the_release_form(policy, monkeypatch):
+    """grpo_loss hands flow_step_logprob the preset's score form (--recipe release: t_min 1e-6, no blend, +-100)."""
+    seen = []
+    real = rl.flow_step_logprob
+    monkeypatch.setattr(rl, "flow_step_logprob", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    rollouts = forced_restore_rollouts(policy, 5)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    rl.grpo_loss(policy, None, rollouts, adv, adv, rollout_args(recipe="release"), 0, np.random.default_rng(0), policy)
+    assert seen and all(kw == dict(t_min=1e-6, blend_below=0.0, clamp=100.0) for kw in seen)
 
 
 def test_image_loss_is_per_completion_over_all_completions(policy):
@@ -363,3 +385,72 @@ def test_rl_refuses_flags_without_effect_and_its_own_init_as_out(toy_ckpt, tmp_p
                  "--images", str(tmp_path), "--threads", "1", "--steps", "1", "--prompts", "1", "--group", "2",
                  "--max-text-tokens", "2", "--sde-points", "2"])
     assert not (tmp_path / "rl").exists() and not (tmp_path / "rl.log.jsonl").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Research: the official training forward's attention mask (rl.official_mask)
+
+
+def replay_masks(policy, rollout, steps):
+    """Our mask and the official one on one replayed rollout, and its splits by name."""
+    seq, _ = rl.replay_sample(rollout, steps, "bridge", policy)
+    packed = M.pack([seq], policy.cfg)
+    ours = M.attention_mask(packed.splits, 1, packed.row_len)[0]
+    official = rl.official_mask(packed.splits, 1, packed.row_len)[0]
+    names = ["system", "vae", "vit", "question", "text1", "x_t", "reentry", "text2"]
+    return ours, official, {n: slice(sp[2], sp[2] + sp[3]) for n, sp in zip(names, packed.splits)}, packed
+
+
+def test_official_mask_without_restoration_blinds_every_completion_row(policy):
+    """No restoration: splits system, VAE, ViT, question, text1 but only four modes (causal, full, causal, causal),
+    zipped: the VAE block gets "full" (as ours), the ViT "causal", the question "causal" and text1 none, so every
+    scored row attends to nothing. Nothing else differs."""
+    r = forced_restore_rollouts(policy, 6)[0]
+    plain = rl.Rollout(r.prefix, replace(r.trace, latents=[], steps=[], ids=r.trace.ids[:1], logps=r.trace.logps[:1],
+                                         texts=r.trace.texts[:1], stopped=r.trace.stopped[:1]), r.example)
+    ours, official, at, packed = replay_masks(policy, plain, [])
+    layout = [(4, "causal"), (6, "full"), (6, "causal"), (5, "causal"), (len(plain.trace.ids[0]) + 2, None)]
+    assert [(n, m) for n, m in rl.official_layout(packed.splits)] == layout
+    assert not official[packed.ce_idx].any() and ours[packed.ce_idx].any(1).all()
+    vit = at["vit"]
+    assert ours[vit, vit].all() and torch.equal(official[vit, vit], torch.ones(6, 6, dtype=torch.bool).tril())
+    expected = torch.zeros_like(ours)
+    expected[vit, vit] = ~torch.ones(6, 6, dtype=torch.bool).tril()
+    expected[at["text1"]] = ours[at["text1"]]
+    assert torch.equal(ours ^ official, expected)
+
+
+def test_official_mask_with_restoration(policy):
+    """One restoration: eight splits, six modes (the two VAE blocks have none). Zipped: text1 becomes "full", so its
+    scored rows see the tokens they predict; the x_t block becomes "causal" (ours: full inside, hidden from later
+    rows); the re-entered picture and text2 get none and attend to nothing; the ViT block is causal, as without."""
+    r = forced_restore_rollouts(policy, 6)[0]
+    ours, official, at, packed = replay_masks(policy, r, [[0]])
+    n1 = len(r.trace.ids[0]) + 2
+    assert [m for _, m in rl.official_layout(packed.splits)] == ["causal", "full", "causal", "causal", "full", "causal",
+                                                                 None, None]
+    text1, x_t, vit = at["text1"], at["x_t"], at["vit"]
+    assert official[text1, text1].all() and torch.equal(ours[text1, text1], torch.ones(n1, n1, dtype=torch.bool).tril())
+    assert ours[x_t, x_t].all() and torch.equal(official[x_t, x_t], torch.ones(6, 6, dtype=torch.bool).tril())
+    blind = slice(at["reentry"].start, packed.row_len)
+    assert not official[blind].any() and ours[blind].any(1).all()
+    expected = torch.zeros_like(ours)
+    expected[vit, vit] = expected[x_t, x_t] = ~torch.ones(6, 6, dtype=torch.bool).tril()
+    expected[text1, text1] = ~torch.ones(n1, n1, dtype=torch.bool).tril()
+    expected[blind] = ours[blind]
+    assert torch.equal(ours ^ official, expected)
+
+
+def test_toy_rl_runs_under_the_official_mask(toy_ckpt, tmp_path, monkeypatch):
+    """The research switch (tests/official_mask_rl.py): the training forward under rl.official_mask runs, stays
+    finite, and no longer reproduces the sampler's log-probs (ours does, to 1e-3)."""
+    monkeypatch.setattr(D, "requests_restore", lambda text: len(text) % 2 == 0)  # as in the golden run above
+    monkeypatch.setattr(rl, "accuracy_reward", lambda reply, example, judge=None: float(len(reply) % 3) / 2)
+    argv = ["--init", str(toy_ckpt), "--steps", "1", "--prompts", "2", "--group", "2", "--max-text-tokens", "6",
+            "--sde-points", "3", "--eval-n", "0", "--threads", "1"]
+    rl.main([*argv, "--out", str(tmp_path / "ours")])
+    monkeypatch.setattr(M, "attention_mask", rl.official_mask)
+    rl.main([*argv, "--out", str(tmp_path / "official")])
+    ours, official = (json.loads((tmp_path / f"{n}.log.jsonl").read_text()) for n in ("ours", "official"))
+    assert ours["logp_drift"] < 1e-4 < 0.01 < official["logp_drift"]
+    assert math.isfinite(official["loss"]) and 0 < official["gnorm"] < math.inf
