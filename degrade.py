@@ -393,7 +393,8 @@ def _shift_to_mode(src, starts, sp, sr, tile=16):  # tile 16: faster than 8, 32,
     Each step groups the walkers by the tile x tile square they stand in; a group reads one block of the image (the
     union of its windows). A matmul of [2c, 1] against the block's [r, g, b, -|colour|²] gives 2·sample·c -
     |sample|², which plus limit - |c|² is ≥ 0 exactly where |sample - c|² ≤ round(sr²); pixels outside a walker's
-    window get -1e9. A second matmul sums count, position and colour. Every value is an integer below 2^24: exact in float32."""
+    window get -1e9. A second matmul sums count, position and colour. Every value is an integer below 2^24: exact in
+    float32."""
     h, w = src.shape[:2]
     colour = torch.from_numpy(src.astype(np.float32))
     ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
