@@ -192,6 +192,8 @@ class Route:
     """Which rows of a flat token batch go through the und expert and which through the gen expert (MoT)."""
 
     def __init__(self, gen_mask: torch.Tensor | None):
+        """gen_mask [N] (bool): True rows go to the gen expert, the others to und; None (or no True) sends every row
+        to und."""
         self.gen = None if gen_mask is None or not bool(gen_mask.any()) else gen_mask.nonzero().squeeze(1)
         self.und = None if self.gen is None else (~gen_mask).nonzero().squeeze(1)
         if self.gen is not None:  # und rows then gen rows -> original order

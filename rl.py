@@ -191,7 +191,8 @@ def latent_quality_reward(gen: torch.Tensor | None, clean: torch.Tensor | None, 
 
 
 def group_advantages(rewards: torch.Tensor, group: int, scale: bool = False) -> torch.Tensor:
-    """A_i = R_i - mean of its group (official: scale_rewards=False); optionally divided by the group std."""
+    """A_i = R_i - mean of its group (official: scale_rewards=False); with scale, divided by the group's standard
+    deviation (unbiased, as torch.std) + 1e-4 (TRL)."""
     r = rewards.view(-1, group)
     a = r - r.mean(1, keepdim=True)
     if scale:

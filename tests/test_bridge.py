@@ -78,3 +78,43 @@ def test_distill_kl_direction_by_hand():
     assert float(bridge.distill_kl(teacher, student)) == pytest.approx(0.5 * np.log(2) + 0.5 * np.log(2 / 3), abs=1e-6)
     assert float(bridge.distill_final_mse(torch.tensor([[1.0, 2.0], [3.0, 4.0]]),
                                           torch.zeros(1, 2))) == pytest.approx((4 + 9) / 2)
+
+
+def test_distill_weights_and_kl_by_hand():
+    """Layer weights: 4 layers, stride 1: 1, 2, 3, 4 tenths; 8 layers, stride 3: layers 2, 5, 7 with 3, 6, 8
+    seventeenths; 5 layers, stride 2: layers 1, 3, 4 with 2, 4, 5 elevenths. KL is averaged over tokens: a second token
+    with equal rows halves it; the final MSE's teacher is detached."""
+    assert bridge.distill_layer_weights(4, 1) == pytest.approx({0: 0.1, 1: 0.2, 2: 0.3, 3: 0.4})
+    assert bridge.distill_layer_weights(8, 3) == pytest.approx({2: 3 / 17, 5: 6 / 17, 7: 8 / 17})
+    assert bridge.distill_layer_weights(5, 2) == pytest.approx({1: 2 / 11, 3: 4 / 11, 4: 5 / 11})
+    k = 0.5 * np.log(2) + 0.5 * np.log(2 / 3)
+    teacher, student = torch.zeros(2, 2), torch.tensor([[0.0, float(np.log(3.0))], [0.0, 0.0]])
+    assert float(bridge.distill_kl(teacher, student)) == pytest.approx(k / 2, abs=1e-6)
+    t = torch.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
+    s = torch.zeros(1, 2, requires_grad=True)
+    bridge.distill_final_mse(t, s).backward()
+    assert t.grad is None and s.grad[0].tolist() == pytest.approx([-2.0, -3.0])  # d/ds of ((2 - s)^2 + (3 - s)^2) / 2
+
+
+def test_distill_loss_by_hand():
+    """per_layer_kl: the hook, called after every layer with all hidden rows, adds weight(l) * the sum over pairs of
+    KL(teacher rows || student rows); finish() returns the total. Three layers, stride 1 (weights 1/6, 2/6, 3/6): pair
+    one differs by KL k at layers 0 and 2, pair two never: (1/6 + 3/6) k. Stride 2: layers 1, 2 (2/5, 3/5): 3/5 k.
+    final_mse: no hook; finish(out) sums each pair's MSE of mean-pooled final rows: teacher rows (1, 2) and (5, 5)
+    pool to (3, 3.5) against (0, 0): (9 + 12.25) / 2, plus 0 for the second pair. Unknown modes are refused."""
+    k = 0.5 * np.log(2) + 0.5 * np.log(2 / 3)
+    pairs = [(torch.tensor([0]), torch.tensor([1])), (torch.tensor([2]), torch.tensor([3]))]
+    apart = torch.tensor([[0.0, 0.0], [0.0, float(np.log(3.0))], [1.0, 2.0], [1.0, 2.0]])
+    alike = torch.tensor([[0.5, 0.5], [0.5, 0.5], [1.0, 2.0], [1.0, 2.0]])
+    for stride, total in ((1, 4 / 6 * k), (2, 3 / 5 * k)):
+        hook, finish = bridge.distill_loss(pairs, 3, "per_layer_kl", stride)
+        for layer, h in enumerate((apart, alike, apart)):
+            hook(layer, h)
+        assert float(finish(None)) == pytest.approx(total, abs=1e-6), stride
+    hidden = torch.tensor([[1.0, 2.0], [0.0, 0.0], [5.0, 5.0], [5.0, 5.0]])
+    pairs2 = [(torch.tensor([0, 2]), torch.tensor([1])), (torch.tensor([3]), torch.tensor([2]))]
+    hook, finish = bridge.distill_loss(pairs2, 3, "final_mse", 1)
+    assert hook is None and float(finish(M.TrainOutput(ce=None, mse=None, v=None, hidden=hidden))) == pytest.approx(
+        (9 + 12.25) / 2)
+    with pytest.raises(ValueError, match="per_layer_kl"):
+        bridge.distill_loss(pairs, 3, "cosine", 1)

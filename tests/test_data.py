@@ -144,6 +144,44 @@ def test_detail_kept_ignores_gain_but_not_noise():
     assert D.detail_kept(clean, noisy, box, colour=False) < 0.8
 
 
+
+def grey(*values):
+    """A one-row picture of grey pixels: its luminance is the values themselves (0.299 + 0.587 + 0.114 = 1)."""
+    return np.array([[[v, v, v] for v in values]], np.uint8)
+
+
+def test_detail_kept_by_hand():
+    """cov(c, d) / (s_c max(s_c, s_d)) on centred channels. Luminance: clean 10, 30 (centred -10, 10); 20, 24 keeps
+    40 / 200 = 0.2 of it; 0, 60 is the same pattern with more contrast: 1; reversed: -1; flat: 0; a flat clean box: 1.
+    Colour (r - g and b - (r + g) / 2): red, blue against their grey luminance (88, 58) lost all of it (0) though the
+    luminance kept all (1); (120, 80, 80), (80, 80, 200) keeps (2 * 80 * 20 + 2 * 120 * 70) / 41600 = 0.4808."""
+    clean, box = grey(10, 30), (0, 0, 2, 1)
+    for degraded, kept in (((20, 24), 0.2), ((0, 60), 1.0), ((30, 10), -1.0), ((40, 40), 0.0)):
+        assert D.detail_kept(clean, grey(*degraded), box, colour=False) == pytest.approx(kept, abs=1e-9), degraded
+    assert D.detail_kept(grey(50, 50), grey(0, 255), box, colour=False) == 1.0
+    red_blue = np.array([[[200, 40, 40], [40, 40, 200]]], np.uint8)
+    assert D.detail_kept(red_blue, grey(88, 58), box, colour=True) == pytest.approx(0.0, abs=1e-9)
+    assert D.detail_kept(red_blue, grey(88, 58), box, colour=False) == pytest.approx(1.0)
+    shifted = np.array([[[120, 80, 80], [80, 80, 200]]], np.uint8)
+    assert D.detail_kept(red_blue, shifted, box, colour=True) == pytest.approx(20000 / 41600)
+    wide = np.concatenate([grey(7, 7), grey(10, 30), grey(9, 9)], 1)  # only the box (columns 2-3) is read
+    assert D.detail_kept(wide, np.concatenate([grey(90, 0), grey(20, 24), grey(0, 99)], 1), (2, 0, 4, 1),
+                         colour=False) == pytest.approx(0.2)
+
+
+def test_needs_restore_by_hand():
+    """Restore when the worst box kept less than the threshold: boxes keeping 1 and 0.2 restore at 0.5 and 0.21, not at
+    0.19; the box alone that kept everything does not; colour questions read the colour channels."""
+    clean, degraded = grey(10, 30, 10, 30), grey(10, 30, 20, 24)
+    boxes = [(0, 0, 2, 1), (2, 0, 4, 1)]
+    assert D.needs_restore(clean, degraded, boxes) and D.needs_restore(clean, degraded, boxes, threshold=0.21)
+    assert not D.needs_restore(clean, degraded, boxes, threshold=0.19)
+    assert not D.needs_restore(clean, degraded, boxes[:1])
+    red_blue = np.array([[[200, 40, 40], [40, 40, 200]]], np.uint8)
+    assert D.needs_restore(red_blue, grey(88, 58), boxes[:1], colour=True)
+    assert not D.needs_restore(red_blue, grey(88, 58), boxes[:1], colour=False)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # tokenizer
 

@@ -197,9 +197,9 @@ def test_dark_illumination_is_one_minus_i_squared(value):
 def test_jpeg_quality_formula(photo):
     """JPEG quality is clamp(int(100 - 95I), 5, 100): 78 / 57 / 14 at low / mid / hard."""
     for s, quality in zip(SEVERITIES, [78, 57, 14]):
-        buffer = io.BytesIO()
-        photo.save(buffer, "JPEG", quality=quality)
-        assert np.array_equal(np.asarray(corrupt(photo, "jpeg_compression", s, 0)), np.asarray(Image.open(buffer)))
+        encoded = io.BytesIO()
+        photo.save(encoded, "JPEG", quality=quality)
+        assert np.array_equal(np.asarray(corrupt(photo, "jpeg_compression", s, 0)), np.asarray(Image.open(encoded)))
 
 
 def test_scan_lines_pattern():
@@ -457,3 +457,78 @@ def test_cli_flags_checked_before_any_work(tmp_path, capsys):
                         ([*dataset, "--seed", "-3"], "--seed -3")):
         assert words in _fails(capsys, argv), argv
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl", "in.png", "thin.png"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Each corruption pinned by values worked out by hand, with the random draws under the test's control (a stub
+# Generator answers the ways an op may ask for them), so a wrong formula cannot pass and the draw order does not matter
+
+
+class StubRng:
+    """A numpy Generator stand-in whose normals are `z` (standard_normal, or normal(loc, scale)) and whose uniforms are
+    `u` (random(), or uniform(low, high))."""
+
+    def __init__(self, z=None, u=0.0):
+        self.z, self.u = z, u
+
+    def standard_normal(self, size=None, dtype=np.float64, out=None):
+        return np.broadcast_to(self.z, size).astype(dtype)
+
+    def normal(self, loc=0.0, scale=1.0, size=None):
+        return loc + scale * np.broadcast_to(self.z, size)
+
+    def random(self, size=None, dtype=np.float64, out=None):
+        return self.u
+
+    def uniform(self, low=0.0, high=1.0, size=None):
+        return low + self.u * (high - low)
+
+
+def test_gaussian_noise_by_hand():
+    """img + 75 I z, clipped to [0, 255], truncated: 100 + 0.23 * 75 * (-1.19) = 79.475 -> 79; 255 + 0.2 * 67.5 -> 255
+    (no wrap); 0 - 0.1 * 17.25 -> 0; 128 + 2.9 * 33.75 = 225.875 -> 225 (not 226: truncated, not rounded)."""
+    img = np.array([[[10, 100, 250], [0, 255, 128]], [[50, 60, 70], [200, 201, 202]]], np.uint8)
+    z = np.array([[[0.5, -1.19, 0.3], [-0.1, 0.2, 2.9]], [[-1.3, 1.1, -2.2], [0.7, -0.02, -3.3]]])
+    expected = {0.23: [[[18, 79, 255], [0, 255, 178]], [[27, 78, 32], [212, 200, 145]]],
+                0.45: [[[26, 59, 255], [0, 255, 225]], [[6, 97, 0], [223, 200, 90]]],
+                0.9: [[[43, 19, 255], [0, 255, 255]], [[0, 134, 0], [247, 199, 0]]]}
+    for intensity, want in expected.items():
+        out = degrade.gaussian_noise(img.copy(), intensity, StubRng(z))
+        assert out.dtype == np.uint8 and out.tolist() == want, intensity
+
+
+def test_gaussian_noise_spread_by_severity():
+    """Seeded draws: on flat grey 128 at low the noise has standard deviation 75 * 0.23 = 17.25 and, truncated, mean
+    -0.5 (rounding would give 0); on flat 250 at hard, 255 is reached with probability P(z > 5 / 67.5) = 0.47."""
+    out = degrade.gaussian_noise(np.full((192, 192, 3), 128, np.uint8), 0.23, np.random.default_rng(0))
+    d = out.astype(float) - 128
+    assert abs(d.std() - 17.25) < 0.25 and abs(d.mean() + 0.5) < 0.25, (d.std(), d.mean())
+    out = degrade.gaussian_noise(np.full((96, 96, 3), 250, np.uint8), 0.9, np.random.default_rng(1))
+    assert abs((out == 255).mean() - 0.4705) < 0.02 and out.min() < 60
+
+
+@pytest.mark.parametrize("severity, u, expected", [
+    ("low", 0.0, {(32 + 3 - i, 32 + 3 - i): 40 for i in range(6)}),  # d = 6, the diagonal, 240 / 6
+    ("low", 0.25, {(32 + 3 - i, 32 - 3 + i): 48 for i in range(1, 6)}),  # 90 degrees: 5 cells in the kernel, 240 / 5
+    ("mid", 0.0, {(32 + 6 - i, 32 + 6 - i): 18 for i in range(13)}),  # d = 13: 240 / 13 = 18.5 -> 18
+    ("hard", 0.0, {(32 + 13 - i, 32 + 13 - i): 9 for i in range(27)})])  # d = 27: 240 / 27 = 8.9 -> 9
+def test_motion_blur_impulse_response_by_hand(severity, u, expected):
+    """One lit pixel (240) blurred shows the kernel: d = max(5, int(30 I)) cells of the line drawn at the angle
+    u * 360 degrees (rotated about its centre), each weighing 1 / (the kernel's sum), rounded; zero elsewhere."""
+    img = np.zeros((64, 64, 3), np.uint8)
+    img[32, 32] = 240
+    out = degrade.motion_blur(img, SEVERITIES[severity], StubRng(u=u))
+    want = np.zeros((64, 64), np.uint8)
+    for (y, x), value in expected.items():
+        want[y, x] = value
+    assert out.dtype == np.uint8 and all(np.array_equal(out[..., c], want) for c in range(3))
+
+
+def test_sample_corruption_takes_a_seed_and_returns_names():
+    """An int seed works like a Generator seeded with it; the kinds are CORRUPTIONS' names, severities the three
+    training intensities."""
+    draws = [degrade.sample_corruption(seed, "train") for seed in range(40)]
+    assert draws == [degrade.sample_corruption(np.random.default_rng(seed), "train") for seed in range(40)]
+    assert {k for k, _ in draws} <= set(CORRUPTIONS) and {s for _, s in draws} == {0.23, 0.45, 0.9}
+    kind, severity = degrade.sample_corruption(3)  # benchmark weights by default
+    assert kind in CORRUPTIONS and severity is None

@@ -94,6 +94,32 @@ def test_decode_reencode_sees_the_decoded_picture(net):
     assert torch.equal(vae.tokens, net.encode_pixels(D.image_to_tensor(picture)[None])[0][0])
 
 
+def test_embed_latent_at_any_t(net):
+    """embed_latent is how every latent token enters the LLM: vae2llm of the token, plus the timestep embedding of its
+    own t, plus the latent position embedding of its own id (each token's t and id are used, none shared)."""
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randn(6, net.cfg.patch_latent_dim, generator=g, dtype=torch.float64)  # cast to the model's dtype
+    t = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0, 0.1])
+    ids = torch.tensor([0, 1, 2, 4, 5, 6])
+    out = net.embed_latent(tokens, t, ids)
+    assert out.dtype == torch.float32 and out.shape == (6, net.cfg.hidden_size)
+    for i in range(6):
+        row = net.vae2llm(tokens[i].float()) + net.time_embedder(t[i:i + 1])[0] + net.latent_pos_embed.pos_embed[ids[i]]
+        torch.testing.assert_close(out[i], row)
+
+
+def test_reentry_segments_are_fixed_context_and_named(net):
+    """Every re-entered segment is context that condition dropout must not remove (droppable False), the bridge block
+    is clean (t = 0, no target, no pair), and an unknown path is refused with the choices named."""
+    x0 = torch.randn(4, net.cfg.patch_latent_dim, generator=torch.Generator().manual_seed(6))
+    for reentry in E.REENTRY:
+        segs = E.reentry_segments(net, x0, (2, 2), reentry, VIT)
+        assert segs and all(not s.droppable and s.pair is None for s in segs), reentry
+        assert all(s.t == 0 and s.target is None and s.grid == (2, 2) for s in segs if isinstance(s, M.VaeImage))
+    with pytest.raises(ValueError, match="decode_reencode_vae"):
+        E.reentry_segments(net, x0, (2, 2), "pixels", VIT)
+
+
 def prefix(grid, vit_side, g):
     """System text, a VAE picture of `grid` tokens, a ViT picture vit_side px wide, a question."""
     tokens = torch.randn(grid[0] * grid[1], tiny_cfg().patch_latent_dim, generator=g)

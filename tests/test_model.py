@@ -177,8 +177,24 @@ def test_sde_logprob_is_gaussian_density(sde_step):
     const = -torch.log(torch.tensor(sigma * dt ** 0.5)) - 0.5 * torch.log(torch.tensor(2 * torch.pi))
     expected = (dist.log_prob(x_next) - const).flatten(1).mean(1)
     torch.testing.assert_close(M.sde_step_logprob(x_next, mean, sigma, dt), expected)
-    eps_hat = x + (1 - t) * v
-    torch.testing.assert_close(mean, x - (v + 0.5 * sigma ** 2 * eps_hat / t) * dt)
+
+
+def test_sde_step_by_hand():
+    """mean = x - (v + sigma^2 / 2 * s) dt with the score s = (x + (1 - t) v) / max(t, 1e-6), clamped to +-score_clamp:
+      x = 1, v = 2, t = 0.5, dt = 0.1, sigma = 1: s = (1 + 1) / 0.5 = 4, mean = 1 - (2 + 2) * 0.1 = 0.6;
+      x = v = 1 at t = 0.001: s = 1999 -> 100, mean = 1 - (1 + 50) * 0.1 = -4.1 (and mirrored: 4.1);
+      x = 0, v = 1e-5 at t = 0: s = 1e-5 / 1e-6 = 10, mean = -(1e-5 + 5) * 0.1 = -0.500001.
+    log p = -mean over elements of (x' - mean)^2 / (2 sigma^2 dt): offsets 0.1, -0.2 with sigma 0.5, dt 0.04 (variance
+    0.01) give -(0.5 + 2) / 2 = -1.25 for row one; a row exactly at its mean gives 0."""
+    one = lambda x: torch.tensor([[x]], dtype=torch.float64)  # noqa: E731
+    assert float(M.sde_step_mean(one(1.0), one(2.0), 0.5, 0.1, 1.0)) == pytest.approx(0.6)
+    assert float(M.sde_step_mean(one(1.0), one(1.0), 0.001, 0.1, 1.0)) == pytest.approx(-4.1)
+    assert float(M.sde_step_mean(one(-1.0), one(-1.0), 0.001, 0.1, 1.0)) == pytest.approx(4.1)
+    assert float(M.sde_step_mean(one(1.0), one(1.0), 0.001, 0.1, 1.0, score_clamp=1000.0)) == pytest.approx(-49.1)
+    assert float(M.sde_step_mean(one(0.0), one(1e-5), 0.0, 0.1, 1.0)) == pytest.approx(-0.500001, rel=1e-9)
+    mean = torch.zeros(2, 1, 2)
+    x_next = torch.tensor([[[0.1, -0.2]], [[0.0, 0.0]]])
+    assert M.sde_step_logprob(x_next, mean, 0.5, 0.04).tolist() == pytest.approx([-1.25, 0.0])
 
 
 def test_flex_attention_equals_dense_mask(net):
@@ -204,12 +220,44 @@ def test_timestep_shift_and_flow_path_by_hand():
     assert float(M.shift_time(torch.tensor(0.5), 3.0)) == pytest.approx(0.75)
     assert float(M.shift_time(torch.tensor(0.25), 3.0)) == pytest.approx(0.5)
     assert M.flow_timesteps(3, 3.0).tolist() == pytest.approx([1.0, 0.75, 0.0])
-    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    u = torch.sigmoid(torch.randn(4, generator=g2))
-    torch.testing.assert_close(M.sample_flow_time(4, 3.0, g1), 3 * u / (1 + 2 * u))
+    assert M.flow_timesteps(5, 1.0).tolist() == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
     x_t, v = M.flow_interpolate(torch.tensor([2.0]), torch.tensor([-1.0]), 0.25)
     assert float(x_t) == pytest.approx(1.25) and float(v) == pytest.approx(-3.0)
     assert M.flow_matching_loss(torch.tensor([[1.0, 3.0]]), torch.tensor([[0.0, 0.0]])).tolist() == [5.0]
+    x0, noise = torch.tensor([[1.0, -2.0], [0.0, 4.0]]), torch.tensor([[3.0, 0.0], [-1.0, 1.0]])
+    x_t, v = M.flow_interpolate(x0, noise, torch.tensor([[0.5], [1.0]]))  # one t per token, broadcast over channels
+    assert x_t.tolist() == [[2.0, -1.0], [-1.0, 1.0]] and v.tolist() == [[2.0, 2.0], [-1.0, -3.0]]
+    loss = M.flow_matching_loss(torch.tensor([[1.0, 1.0], [2.0, -2.0]], dtype=torch.float16), torch.zeros(2, 2))
+    assert loss.dtype == torch.float32 and loss.tolist() == [1.0, 4.0]  # per token, in float32
+
+
+def test_sample_flow_time_is_shifted_logit_normal():
+    """t = shift(sigmoid(z)), z ~ N(0, 1), drawn from the given generator: undoing the shift (u = t / (s - (s - 1) t))
+    and the sigmoid of 4000 draws gives back standard normals (mean, spread and Kolmogorov-Smirnov distance), whatever
+    the order of the draws; the same generator state gives the same times, the global seed does not matter."""
+    for shift in (1.0, 3.0):
+        t = M.sample_flow_time(4000, shift, torch.Generator().manual_seed(0)).double()
+        assert t.shape == (4000,) and bool(((t > 0) & (t < 1)).all())
+        u = t / (shift - (shift - 1) * t)
+        z = torch.log(u / (1 - u)).sort().values
+        assert abs(float(z.mean())) < 0.08 and abs(float(z.std()) - 1) < 0.06, (shift, z.mean(), z.std())
+        cdf = 0.5 * (1 + torch.erf(z / 2 ** 0.5))
+        ks = float(torch.maximum(torch.arange(1, 4001) / 4000 - cdf, cdf - torch.arange(4000) / 4000).max())
+        assert ks < 0.035, (shift, ks)
+    torch.manual_seed(1)
+    a = M.sample_flow_time(5, 3.0, torch.Generator().manual_seed(7))
+    torch.manual_seed(2)
+    assert torch.equal(a, M.sample_flow_time(5, 3.0, torch.Generator().manual_seed(7)))
+    assert not torch.equal(a, M.sample_flow_time(5, 3.0, torch.Generator().manual_seed(8)))
+
+
+@pytest.mark.golden
+def test_sample_flow_time_draws_as_bagel():
+    """The reference draws z with one torch.randn(n) call (BAGEL's order): runs stay bit-identical to the recorded ones.
+    Not an exercise test: another correct implementation may draw differently."""
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    u = torch.sigmoid(torch.randn(4, generator=g2))
+    torch.testing.assert_close(M.sample_flow_time(4, 3.0, g1), 3 * u / (1 + 2 * u))
 
 
 def test_rope_by_hand():
@@ -247,6 +295,62 @@ def test_sincos_and_time_embedding_by_hand():
     out = emb(torch.tensor([0.5]))[0]
     f = torch.exp(-float(np.log(10000)) * torch.arange(128, dtype=torch.float32) / 128)
     torch.testing.assert_close(out, torch.cat([torch.cos(0.5 * f), torch.sin(0.5 * f)]))
+
+
+def test_cfg_renorm_by_hand():
+    """No guidance unless the text scale exceeds 1; image guidance only above 1; the renorm rescales the guided v to at
+    most |v| (at least renorm_min times it), over each row's whole image (global), per token (channel), or, for
+    text_channel, per token of the text-guided v only, before the image guidance."""
+    v, vt, vi = torch.tensor([[[3.0, 4.0]]]), torch.tensor([[[1.0, 0.0]]]), torch.tensor([[[0.0, 1.0]]])
+    assert torch.equal(M.cfg_combine(v, vt, vi, 1.0, 2.0), v)  # text scale 1: v as it is, image scale ignored
+    out = M.cfg_combine(v, vt, vi, 2.0, 1.0, "global", renorm_min=1.0)  # no image guidance at scale 1
+    torch.testing.assert_close(out, torch.tensor([[[5.0, 8.0]]]))
+    out = M.cfg_combine(v, vt, None, 2.0, 0.5, "global", renorm_min=1.0)  # none below 1 either (vi unused)
+    torch.testing.assert_close(out, torch.tensor([[[5.0, 8.0]]]))
+    # global, per row: row 0 is guided to 2 v (rescaled by 1/2), row 1 stays v (rescaled by 1): two rows, two factors
+    v2 = torch.tensor([[[3.0, 0.0], [0.0, 4.0]], [[1.0, 0.0], [0.0, 0.0]]])
+    vt2 = torch.tensor([[[0.0, 0.0], [0.0, 0.0]], [[1.0, 0.0], [0.0, 0.0]]])
+    torch.testing.assert_close(M.cfg_combine(v2, vt2, None, 2.0, 1.0, "global"), v2)
+    # channel: per token; guided [[6, 8], [1, 0]] has token norms 10 and 1 against 5 and 1
+    vc, vtc = torch.tensor([[[3.0, 4.0], [1.0, 0.0]]]), torch.tensor([[[0.0, 0.0], [1.0, 0.0]]])
+    torch.testing.assert_close(M.cfg_combine(vc, vtc, None, 2.0, 1.0, "channel"), vc)
+    # renorm_min: guided 4 v is rescaled by max(1/4, 0.5) = 0.5; a guided v shorter than v is never scaled up
+    torch.testing.assert_close(M.cfg_combine(v, torch.zeros_like(v), None, 4.0, 1.0, "global", renorm_min=0.5), 2 * v)
+    torch.testing.assert_close(M.cfg_combine(torch.tensor([[[1.0, 0.0]]]), torch.tensor([[[2.0, 0.0]]]), None, 1.5,
+                                             1.0, "channel"), torch.tensor([[[0.5, 0.0]]]))
+    # text_channel: the text-guided [6, 8] is renormed to [3, 4], then image guidance 1 + 1.5 (3 - 1), 1 + 1.5 (4 - 1)
+    out = M.cfg_combine(v, torch.zeros_like(v), torch.tensor([[[1.0, 1.0]]]), 2.0, 1.5, "text_channel")
+    torch.testing.assert_close(out, torch.tensor([[[4.0, 5.5]]]))
+    # global with both scales: 0 + 1.5 (2 v - 0) = 3 v, rescaled to v
+    torch.testing.assert_close(M.cfg_combine(v, torch.zeros_like(v), torch.zeros_like(v), 2.0, 1.5, "global"), v)
+    with pytest.raises(ValueError, match="renorm"):
+        M.cfg_combine(v, vt, vi, 2.0, 1.5, "per_token")
+
+
+def test_route_by_hand():
+    """Route sends the rows of gen_mask to `gen` and the others to `und`, each expert called once on its own rows in
+    their order, and puts the results back in place; without gen rows everything goes to `und`; gradients flow."""
+    seen = []
+
+    def expert(name, f):
+        return lambda h: seen.append((name, h.flatten(1)[:, 0].tolist())) or f(h)
+    und, gen = expert("und", lambda h: h * 10), expert("gen", lambda h: -h)
+    x = torch.arange(5.0)[:, None, None].repeat(1, 2, 3).requires_grad_()  # [N, heads, hd], as in MoTAttention
+    route = M.Route(torch.tensor([False, True, False, True, True]))
+    y = route(x, und, gen)
+    assert y[:, 0, 0].tolist() == [0.0, -1.0, 20.0, -3.0, -4.0] and y.shape == x.shape
+    assert sorted(seen) == [("gen", [1.0, 3.0, 4.0]), ("und", [0.0, 2.0])]
+    y.sum().backward()
+    assert x.grad[:, 0, 0].tolist() == [10.0, -1.0, 10.0, -1.0, -1.0]
+    seen.clear()
+    torch.testing.assert_close(route(x, und, gen), y)  # one Route serves every layer
+    for mask in (None, torch.zeros(5, dtype=torch.bool)):
+        seen.clear()
+        assert M.Route(mask)(x, und, gen)[:, 0, 0].tolist() == [0.0, 10.0, 20.0, 30.0, 40.0]
+        assert seen == [("und", [0.0, 1.0, 2.0, 3.0, 4.0])]
+    seen.clear()
+    assert M.Route(torch.ones(5, dtype=torch.bool))(x, und, gen)[:, 0, 0].tolist() == [0.0, -1.0, -2.0, -3.0, -4.0]
+    assert [s for s in seen if s[1]] == [("gen", [0.0, 1.0, 2.0, 3.0, 4.0])]
 
 
 def test_rmsnorm_by_hand():

@@ -251,10 +251,59 @@ def test_latent_quality_by_hand():
     assert rl.latent_quality_reward(gen, clean) == pytest.approx(0.3 * np.exp(-0.5))
 
 
+def test_rewards_by_hand():
+    """accuracy: the judge gets the extracted answer (or the whole reply, stripped, when there is none) and its score is
+    clipped to [0, 1]; format: the texts joined, <think> spanning lines counts; latent quality on two tokens:
+    gen (1, 0), (1, 1) vs clean (1, 0), (0, 1): MSE 0.25, global cosine 2 / sqrt(6), token cosines 1 and 1 / sqrt(2);
+    a token pointing away counts 0 in the token mean (not -1), the global cosine is clipped at 0 too; mse_scale scales
+    the MSE; the longer latent is cut to the shorter."""
+    asked = []
+    judge = lambda q, pred, truth: asked.append((q, pred, truth)) or 1.7  # noqa: E731
+    assert rl.accuracy_reward(" the red one \n", ex(), judge) == 1.0
+    assert rl.accuracy_reward("<answer> maroon</answer>", ex(), lambda q, p, t: -0.3) == 0.0
+    assert asked == [("What colour?", "the red one", "red")]
+    assert rl.format_reward(["<think>a\nb</think>\n<image_restore>", "<answer>c</answer>"]) == pytest.approx(1.0)
+    assert rl.format_reward(["</think><answer>b</answer>"]) == pytest.approx(0.35)  # no complete think; at 0: no order
+    gen, clean = torch.tensor([[1.0, 0.0], [1.0, 1.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    want = 0.3 * np.exp(-0.125) + 0.3 * 2 / np.sqrt(6) + 0.4 * (1 + 1 / np.sqrt(2)) / 2
+    assert rl.latent_quality_reward(gen, clean) == pytest.approx(want)
+    longer = torch.cat([gen, torch.full((3, 2), 9.0)])
+    assert rl.latent_quality_reward(longer, clean) == pytest.approx(want)
+    assert rl.latent_quality_reward(gen, clean, mse_scale=2.0) == pytest.approx(want - 0.3 * np.exp(-0.125)
+                                                                               + 0.3 * np.exp(-0.5))
+    away = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+    assert rl.latent_quality_reward(away, torch.tensor([[1.0, 0.0], [1.0, 0.0]])) == pytest.approx(
+        0.3 * np.exp(-0.5) + 0.4 * 0.5)
+    assert rl.latent_quality_reward(-clean, clean) == pytest.approx(0.3 * np.exp(-1.0))
+    assert math.isnan(rl.latent_quality_reward(gen, None))
+
+
+def test_grpo_pieces_by_hand():
+    """Advantages per group (rows [1, 0, 0.5, 0.5] and [1, 3, 0, 0]): centred; with scale divided by the unbiased group
+    std + 1e-4 (a group of equal rewards gets 0, not NaN); groups of 2 split [1, 3, 0, 0] into [-1, 1] and [0, 0].
+    PPO-clip inside the clip range is -rho A (ratio e^0.1, not clipped); k3 at a log-ratio of 1 is e^-1 - (-1) - 1."""
+    r = torch.tensor([1.0, 0.0, 0.5, 0.5, 2.0, 2.0, 2.0, 2.0])
+    std = float(np.sqrt(0.5 / 3))
+    assert rl.group_advantages(r, 4, scale=True).tolist() == pytest.approx(
+        [0.5 / (std + 1e-4), -0.5 / (std + 1e-4), 0, 0, 0, 0, 0, 0], abs=1e-6)
+    assert rl.group_advantages(torch.tensor([1.0, 3.0, 0.0, 0.0]), 2).tolist() == [-1.0, 1.0, 0.0, 0.0]
+    loss, clipped = rl.ppo_clip_loss(torch.tensor([0.1, -0.1]), torch.zeros(2), torch.tensor([1.0, 2.0]), 0.2)
+    assert loss.tolist() == pytest.approx([-np.exp(0.1), -2 * np.exp(-0.1)]) and clipped.tolist() == [0.0, 0.0]
+    assert float(rl.kl_k3(torch.tensor([-2.0]), torch.tensor([-1.0]))) == pytest.approx(np.exp(1.0) - 2)
+    per = torch.tensor([1.0, 3.0, 2.0, 4.0], requires_grad=True)
+    seq = torch.tensor([0, 0, 1, 2])
+    out = rl.aggregate(per, seq, 3, "grpo", 7)  # (2 + 2 + 4) / 3
+    assert float(out.detach()) == pytest.approx(8 / 3)
+    out.backward()
+    assert per.grad.tolist() == pytest.approx([1 / 6, 1 / 6, 1 / 3, 1 / 3])
+    assert float(rl.aggregate(per.detach(), seq, 3, "dr_grpo", 7)) == pytest.approx(10 / 21)
+
+
 GOLDEN_RL = [(0.0, 0.5), (0.0039069876074790955, 0.5), (0.025392236188054085, 0.75),  # recorded with the head recipe,
              (0.023439759388566017, 0.75), (0.001954656559973955, 0.5)]  # the 4x4-token toy preset and six colours
 
 
+@pytest.mark.golden
 def test_golden_losses_of_a_tiny_rl_run(toy_ckpt, tmp_path, monkeypatch):
     """The first five (loss, restore rate) of a fixed tiny `python rl.py` run equal the recorded ones. The untrained
     fixture never writes a tag, so a deterministic stand-in reward and restore rule make the groups differ and the

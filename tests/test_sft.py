@@ -54,6 +54,24 @@ def test_restore_sample_layout_is_clear_section_1_3(world, tok):
     assert calls == [2]  # degraded and clean latents in one encode call
 
 
+def test_restore_sample_items_in_order(world, tok):
+    """Without the distillation pair (Stage 1): items 1-9 in order, loss flags on the two assistant texts only, t > 0
+    only on the noised clean latent (its own target, never dropped), the texts split at <image_restore> as the
+    official parse_row does, the prompt and question as given, both pictures encoded in one call."""
+    ex, calls = restore_example(world), []
+    seq = sft.build_batch([ex], tok, fake_encode(calls), torch.Generator().manual_seed(0))[0]
+    assert [type(s).__name__ for s in seq] == ["Text", "VaeImage", "VitImage", "Text", "Text", "VaeImage", "VaeImage",
+                                              "VitImage", "Text"]
+    assert [s.loss for s in seq if isinstance(s, M.Text)] == [False, False, True, True]
+    assert [s.t > 0 for s in seq if isinstance(s, M.VaeImage)] == [False, True, False]
+    assert seq[5].target is not None and not seq[5].droppable and seq[5].grid == seq[6].grid
+    assert tok.decode(seq[0].ids) == D.TOY_SYSTEM_PROMPT and tok.decode(seq[3].ids) == ex.question.strip()
+    assert tok.decode(seq[4].ids).endswith("</think>\n<image_restore>")
+    assert tok.decode(seq[8].ids).startswith("\n<think>") and tok.decode(seq[8].ids).endswith("</answer>")
+    assert tok.decode(seq[4].ids) + tok.decode(seq[8].ids) == ex.response
+    assert calls == [2]
+
+
 def test_direct_sample_layout(world, tok):
     """A direct answer is items 1-4 plus one CE text; no clean-image blocks."""
     ex = restore_example(world, restore=False)
@@ -132,6 +150,53 @@ def test_official_response_split_keeps_whitespace():
     assert sft.split_response("x<image_restore>y<image_restore>z") == ("x<image_restore>", "y")
     assert sft.split_response("<think>a</think><answer>b</answer>") is None
 
+def test_restore_sample_noises_its_target_with_the_flow_path(world, tok):
+    """The restore target is one noised copy of the clean latent, recovered from the sample itself: with noise = v + x0,
+    x_t = (1 - t) x0 + t noise for one t per picture; over 300 samples t follows the shifted logit-normal (shift 3:
+    undoing the shift and the sigmoid gives standard normals) and the noise is standard normal; the generator alone
+    decides the draws. The clean context (item 7) is x0 itself at t = 0."""
+    ex = restore_example(world)
+    x0 = torch.linspace(-2, 2, 16 * 64).view(16, 64)
+    degraded = (torch.zeros(16, 64), (4, 4))
+    ts, noises = [], []
+    for seed in range(300):
+        seq = sft.clear_sample(ex, tok, degraded, (x0, (4, 4)), torch.Generator().manual_seed(seed), shift=3.0)
+        noised, clean = seq[5], seq[6]
+        assert noised.target is not None and clean.target is None and clean.t == 0 and torch.equal(clean.tokens, x0)
+        t, noise = float(noised.t), noised.target + x0
+        torch.testing.assert_close(noised.tokens, (1 - t) * x0 + t * noise, atol=1e-5, rtol=1e-5)
+        ts.append(t)
+        noises.append(noise)
+    t = torch.tensor(ts, dtype=torch.float64)
+    z = torch.logit(t / (3 - 2 * t)).sort().values
+    cdf = 0.5 * (1 + torch.erf(z / 2 ** 0.5))
+    n = len(z)
+    assert float(torch.maximum(torch.arange(1, n + 1) / n - cdf, cdf - torch.arange(n) / n).max()) < 0.12
+    noise = torch.stack(noises)
+    assert abs(float(noise.mean())) < 0.02 and abs(float(noise.std()) - 1) < 0.02
+    assert len(set(ts)) == 300  # a fresh t for every sample
+    again = sft.clear_sample(ex, tok, degraded, (x0, (4, 4)), torch.Generator().manual_seed(299), shift=3.0)[5]
+    assert again.t == ts[-1] and torch.equal(again.tokens, seq[5].tokens)
+
+
+def test_clear_sample_refuses_what_it_cannot_train_and_drops_a_blank_continuation(world, tok):
+    """No response, or a restore without a clean picture (or its latent), is a clear error; a restore turn with nothing
+    after <image_restore> but whitespace ends with the clean context (official: a blank parts[1] is not added)."""
+    ex = restore_example(world)
+    latent = (torch.zeros(16, 64), (4, 4))
+    with pytest.raises(ValueError, match="no response"):
+        sft.clear_sample(replace(ex, response=""), tok, latent, latent, torch.Generator())
+    with pytest.raises(ValueError, match="no clean image"):
+        sft.clear_sample(replace(ex, clean=None), tok, latent, latent, torch.Generator())
+    with pytest.raises(ValueError, match="no clean image"):
+        sft.clear_sample(ex, tok, latent, None, torch.Generator())
+    blank = replace(ex, response="<think>lost</think>\n<image_restore>\n  ")
+    seq = sft.clear_sample(blank, tok, latent, latent, torch.Generator().manual_seed(0))
+    assert [type(s).__name__ for s in seq] == ["Text", "VaeImage", "VitImage", "Text", "Text", "VaeImage", "VaeImage",
+                                              "VitImage"]
+    assert tok.decode(seq[4].ids) == "<think>lost</think>\n<image_restore>"
+
+
 def test_without_distillation_the_clean_picture_is_plain_context(world, tok):
     """distill=False (sft.py's default): items 7-8 are the clean latent and the clean picture through the standard ViT
     transform, with no distillation pair."""
@@ -157,6 +222,21 @@ def test_sft_loss_normalisation():
     out = M.TrainOutput(ce=torch.tensor([1.0, 3.0]), mse=torch.tensor([2.0]), v=torch.zeros(0), hidden=torch.zeros(0))
     loss, ce, mse = sft.sft_loss(out, 4.0, 2.0, ce_weight=1.0, mse_weight=0.5)
     assert float(ce) == 1.0 and float(mse) == 1.0 and float(loss) == 1.5
+
+
+def test_sft_loss_by_hand():
+    """ce_weight * sum(ce) / n_ce + mse_weight * sum(mse) / n_mse, with the global counts given (here 3 CE tokens over
+    all ranks, 2 of them local); the terms come back unweighted, gradients reach both, and a batch without a restore
+    target (no MSE tokens anywhere: n_mse 0) has an MSE term of 0, not NaN."""
+    ce, mse = torch.tensor([2.0, 4.0], requires_grad=True), torch.tensor([3.0], requires_grad=True)
+    loss, c, m = sft.sft_loss(M.TrainOutput(ce=ce, mse=mse, v=torch.zeros(0), hidden=torch.zeros(0)), 3.0, 1.0,
+                              ce_weight=2.0, mse_weight=0.1)
+    assert float(c) == 2.0 and float(m) == 3.0 and float(loss) == pytest.approx(4.3)
+    loss.backward()
+    assert ce.grad.tolist() == pytest.approx([2 / 3, 2 / 3]) and mse.grad.tolist() == pytest.approx([0.1])
+    loss, c, m = sft.sft_loss(M.TrainOutput(ce=torch.tensor([1.0, 2.0]), mse=torch.zeros(0), v=torch.zeros(0),
+                                            hidden=torch.zeros(0)), 2.0, 0.0, 1.0, 1.0)
+    assert float(m) == 0.0 and float(loss) == 1.5
 
 
 def test_resume_reproduces_the_loss_curve(toy_ckpt, tmp_path, monkeypatch):
@@ -360,6 +440,7 @@ def test_replay_flag_is_checked(capsys):
 GOLDEN_SFT = [7.688106060028076, 7.665302276611328, 7.529972076416016, 7.50086784362793, 7.5305657386779785]
 
 
+@pytest.mark.golden
 def test_golden_losses_of_a_tiny_sft_run(toy_ckpt, tmp_path):
     """The first five losses of a fixed tiny run equal the recorded ones (llm.c-style): a change that moves them is a
     behaviour change and must say so (and record the new values)."""
@@ -416,4 +497,24 @@ def test_teacher_patches_align_with_vae_tokens_cell_by_cell(net):
     teacher = M.patchify(D.image_to_tensor(picture, (w, h)), cfg.vit_patch_size)
     assert teacher.shape[0] == grid[0] * grid[1]
     means = (teacher.mean(1) * 0.5 + 0.5) * 255
+    assert np.allclose(means.numpy(), cells.flatten(), atol=12)
+
+
+def test_distill_pair_is_the_clean_picture_twice_on_one_grid(net):
+    """The pair: the clean latent itself as a t = 0 VAE block (student) and the clean picture as ViT patches on the
+    VAE token grid (teacher), both carrying pair id 0; for a 2 x 3 grid with 8 px patches the teacher is 24 x 16 px,
+    and its patch n covers latent cell n."""
+    cfg = net.cfg
+    assert sft.teacher_size((2, 3), 8) == (24, 16) and sft.teacher_size((5, 1), 14) == (14, 70)
+    side = cfg.latent_downsample
+    cells = np.arange(6).reshape(2, 3) * 40
+    picture = Image.fromarray(np.kron(cells, np.ones((side, side))).astype(np.uint8)).convert("RGB")
+    x0 = torch.randn(6, cfg.patch_latent_dim, generator=torch.Generator().manual_seed(0))
+    student, teacher = sft.distill_pair(picture, x0, (2, 3), cfg.vit_patch_size)
+    assert isinstance(student, M.VaeImage) and isinstance(teacher, M.VitImage)
+    assert student.pair == teacher.pair == 0 and student.t == 0 and student.target is None
+    assert torch.equal(student.tokens, x0) and student.grid == (2, 3)
+    P = cfg.vit_patch_size
+    assert teacher.pixels.shape == (3, 2 * P, 3 * P)
+    means = (M.patchify(teacher.pixels, P).mean(1) * 0.5 + 0.5) * 255
     assert np.allclose(means.numpy(), cells.flatten(), atol=12)
