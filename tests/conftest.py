@@ -1,7 +1,10 @@
 """Shared fixtures: a tiny model config and network, a tiny toy checkpoint (random weights, the toy tokenizer) that the
-stage tests start from, and one recorded SDE step."""
+stage tests start from, and one recorded SDE step. `--exercise A3.2` (or `A3`) runs only the tests course/manifest.py
+lists for that exercise (or assignment)."""
 
+import importlib.util
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +13,28 @@ import checkpoint as CK
 import data as D
 import model as M
 import pretrain
+
+
+def pytest_addoption(parser):
+    parser.addoption("--exercise", action="append", default=[],
+                     help="run only the tests of this course exercise or assignment (course/manifest.py), e.g. A3.2")
+
+
+def pytest_collection_modifyitems(config, items):
+    wanted = config.getoption("--exercise")
+    if not wanted:
+        return
+    spec = importlib.util.spec_from_file_location("manifest", Path(__file__).parent.parent / "course" / "manifest.py")
+    manifest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(manifest)
+    known = {ex["id"] for ex in manifest.EXERCISES} | set(manifest.ASSIGNMENTS)
+    if set(wanted) - known:
+        raise pytest.UsageError(f"--exercise {sorted(set(wanted) - known)[0]}: not in course/manifest.py")
+    tests = {t for ex in manifest.EXERCISES if {ex["id"], ex["id"].split(".")[0]} & set(wanted) for t in ex["tests"]}
+    keep = [item for item in items if item.nodeid in tests or item.nodeid.split("[")[0] in tests]
+    config.hook.pytest_deselected(items=[item for item in items if item not in keep])
+    items[:] = keep
+
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
             vit_hidden_size=32, vit_intermediate_size=64, vit_num_hidden_layers=1, vit_num_attention_heads=2)
