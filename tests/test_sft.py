@@ -231,7 +231,7 @@ def test_sft_loss_by_hand():
     ce, mse = torch.tensor([2.0, 4.0], requires_grad=True), torch.tensor([3.0], requires_grad=True)
     loss, c, m = sft.sft_loss(M.TrainOutput(ce=ce, mse=mse, v=torch.zeros(0), hidden=torch.zeros(0)), 3.0, 1.0,
                               ce_weight=2.0, mse_weight=0.1)
-    assert float(c) == 2.0 and float(m) == 3.0 and float(loss) == pytest.approx(4.3)
+    assert float(c.detach()) == 2.0 and float(m.detach()) == 3.0 and float(loss.detach()) == pytest.approx(4.3)
     loss.backward()
     assert ce.grad.tolist() == pytest.approx([2 / 3, 2 / 3]) and mse.grad.tolist() == pytest.approx([0.1])
     loss, c, m = sft.sft_loss(M.TrainOutput(ce=torch.tensor([1.0, 2.0]), mse=torch.zeros(0), v=torch.zeros(0),
