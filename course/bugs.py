@@ -60,8 +60,9 @@ BUGS = {
     "A2.2": [
         ("text guidance extrapolates from the wrong branch: v + s (v_text - v)", "model.py:cfg_combine",
          "vt = v_text + text_scale * (v - v_text)", "vt = v + text_scale * (v_text - v)"),
-        ("global renorm over the whole batch, not per row", "model.py:cfg_combine",
-         'dims = (1, 2) if renorm == "global"', 'dims = (0, 1, 2) if renorm == "global"'),
+        ("renorm over the whole batch at once (one factor for every row and token)", "model.py:cfg_combine",
+         "(v.norm(dim=dims, keepdim=True) / (vg.norm(dim=dims, keepdim=True) + 1e-8))",
+         "(v.flatten().norm() / (vg.flatten().norm() + 1e-8))"),
         ("renorm may scale up (no upper clamp at 1)", "model.py:cfg_combine",
          "(vg.norm(dim=dims, keepdim=True) + 1e-8)).clamp(renorm_min, 1.0)",
          "(vg.norm(dim=dims, keepdim=True) + 1e-8)).clamp(min=renorm_min)"),

@@ -41,7 +41,9 @@ def check_bug(ex: dict, bug: tuple, work: Path) -> dict:
     description, target, old, new = bug
     file, qualname = target.split(":")
     student = work / "submission"
-    (student / file).parent.mkdir(parents=True, exist_ok=True)
+    for rel in {fn.split(":")[0] for fn in ex["functions"]}:  # the exercise's other files as the reference has them
+        (student / rel).parent.mkdir(parents=True, exist_ok=True)
+        (student / rel).write_text((S.ROOT / rel).read_text())
     (student / file).write_text(plant(file, qualname, old, new))
     entry = G.grade(student, [ex], work / "grading")[0]
     caught = [line.split()[1].split("::")[1] for line in entry["output"].splitlines() if line.startswith("FAIL")]

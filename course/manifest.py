@@ -184,6 +184,7 @@ EXERCISES = (
          tests=("tests/test_engine.py::test_bridge_reentry_is_the_clean_vae_input",
                 "tests/test_engine.py::test_reentry_segments_are_fixed_context_and_named",
                 "tests/test_engine.py::test_decode_reencode_sees_the_decoded_picture",
+                "tests/test_engine.py::test_decode_reencode_resizes_the_picture_for_the_vit",
                 "tests/test_engine.py::test_inference_and_the_training_replay_see_the_same_context",
                 "tests/test_engine.py::test_answer_gradient_reaches_the_denoiser_only_through_the_bridge"),
          points=5, minutes=30, depends=("A2.3",),

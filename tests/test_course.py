@@ -154,3 +154,29 @@ def test_restore_check_runs(toy_ckpt, tmp_path, capsys):
     restore_check.main(["--init", str(toy_ckpt), "--n", "2", "--steps", "3", "--out", str(tmp_path / "r.png")])
     line = capsys.readouterr().out
     assert "2 hard pictures" in line and "restored" in line and "mean latent" in line and (tmp_path / "r.png").exists()
+
+
+def test_a_submission_carries_its_helpers(tmp_path):
+    """What a student adds beside an exercise function goes with it into the grading copy: a top-level helper function
+    and constant, a new import, a new method of the exercise's class; functions of other exercises stay the
+    reference's, and the result compiles."""
+    rl = (ROOT / "rl.py").read_text()
+    body = S.function_text(rl, "kl_k3").replace("    d = ref_logp - logp\n    return torch.exp(d) - d - 1",
+                                                "    return _k3(ref_logp - logp)")
+    helper = "\n\nEPS = 0.0\n\n\ndef _k3(d):\n    return d.exp() - d - 1 + EPS\n"
+    rl = "import statistics\n" + S.replace(rl, "kl_k3", body) + helper
+    model = (ROOT / "model.py").read_text()
+    call = S.function_text(model, "Route.__call__").replace("return y.index_select(0, self.unsort)",
+                                                           "return self._back(y)")
+    model = S.replace(model, "Route.__call__", call + "\n    def _back(self, y):\n        return y[self.unsort]\n")
+    (tmp_path / "rl.py").write_text(rl.replace("r = rewards.view(-1, group)", "r = rewards.view(-1, group)  # mine"))
+    (tmp_path / "model.py").write_text(model)
+    by_id = {ex["id"]: ex for ex in MF.EXERCISES}
+    grpo, route = G.splice(by_id["A5.3"], tmp_path), G.splice(by_id["A2.3"], tmp_path)
+    assert grpo.reason is None and route.reason is None and not grpo.same_as_reference
+    new_rl, new_model = grpo.files["rl.py"], route.files["model.py"]
+    assert "import statistics" in new_rl and "def _k3(d):" in new_rl and "EPS = 0.0" in new_rl and "# mine" in new_rl
+    assert S.function_text(new_rl, "format_reward") == S.function_text((ROOT / "rl.py").read_text(), "format_reward")
+    assert "def _back(self, y):" in S.function_text(new_model, "Route")
+    compile(new_rl, "rl.py", "exec")
+    compile(new_model, "model.py", "exec")

@@ -94,6 +94,19 @@ def test_decode_reencode_sees_the_decoded_picture(net):
     assert torch.equal(vae.tokens, net.encode_pixels(D.image_to_tensor(picture)[None])[0][0])
 
 
+def test_decode_reencode_resizes_the_picture_for_the_vit(net):
+    """The decoded picture of a 2 x 3 grid is 12 x 8 px; the ViT sees it at vit_sizes (max, min, stride): (16, 8, 8)
+    rounds the long side to 16 px, (32, 16, 8) doubles it to 24 x 16 px. The VAE block keeps the latent grid."""
+    x0 = torch.randn(6, net.cfg.patch_latent_dim, generator=torch.Generator().manual_seed(7))
+    assert E.decode_image(net, x0, (2, 3)).size == (12, 8)
+    for sizes, shape in (((16, 8, 8), (3, 8, 16)), ((32, 16, 8), (3, 16, 24))):
+        (vit,) = E.reentry_segments(net, x0, (2, 3), "decode_reencode", sizes)
+        assert tuple(vit.pixels.shape) == shape, sizes
+    vae, vit = E.reentry_segments(net, x0, (2, 3), "decode_reencode_vae", (32, 16, 8))
+    assert vae.grid == (2, 3) and tuple(vae.tokens.shape) == (6, net.cfg.patch_latent_dim)
+    assert tuple(vit.pixels.shape) == (3, 16, 24)
+
+
 def test_embed_latent_at_any_t(net):
     """embed_latent is how every latent token enters the LLM: vae2llm of the token, plus the timestep embedding of its
     own t, plus the latent position embedding of its own id (each token's t and id are used, none shared)."""
