@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 
+import checkpoint as CK
 import data as D
 import model as M
 from common import SEED, flag, refuse, refuse_given
@@ -154,6 +155,31 @@ def check_table_flags(prog: str, cfg, given: set, table_flags: tuple, no_table: 
     refuse_given(prog, given - {"eval_n"} if cfg.eval_n == 0 else given, table_flags,
                  no_table or "with --eval-n 0 (no summary table)")
     return replace(cfg, eval_n=0)
+
+
+def positions_needed(cfg: InferenceConfig, prefix: int, restore_text: int = 1) -> int:
+    """The most RoPE positions one row can take: its prefix, then max_rounds text segments of max_text_tokens (or the
+    forced <image_restore> of restore_text tokens), each framed by <|im_start|> and <|im_end|>, and a restored picture
+    re-entering before every later round (one position per image block; the noised block takes none)."""
+    pictures = {"bridge": 1, "decode_reencode": 1, "decode_reencode_vae": 2}[cfg.reentry]
+    rounds = cfg.max_rounds if cfg.allow_restore else 1
+    return prefix + rounds * (max(cfg.max_text_tokens, restore_text) + 2) + (rounds - 1) * pictures
+
+
+def check_positions(cfg: InferenceConfig, model_cfg: M.ModelConfig, tok, questions, system: str,
+                    source: str):
+    """Before any work: InputError for inference settings whose longest row would run past the model's positions
+    (max_position_embeddings), which fails mid-run. The prefix counted is the longest a mode builds: a system prompt
+    (the stage's or the text mode's), the picture as VAE and as ViT block, the longest of `questions`."""
+    prompt = max(len(tok.encode(D.SYSTEM_PROMPTS[system])), len(tok.encode(D.VLM_THINK_SYSTEM_PROMPT)))
+    longest = max(len(tok.encode(q.replace("<image>", "").strip())) for q in questions)
+    prefix = prompt + 2 + 2 + longest + 2
+    need = positions_needed(cfg, prefix, len(tok.encode(D.RESTORE_TOKEN)))
+    if need > model_cfg.max_position_embeddings:
+        raise CK.InputError(f"--max-text-tokens {cfg.max_text_tokens} with --max-rounds {cfg.max_rounds}: a row takes "
+                            f"up to {need} positions (a prefix of {prefix} with the longest question of {source}, then "
+                            f"every round), but the model's positions end at {model_cfg.max_position_embeddings}: "
+                            "pass a smaller --max-text-tokens or --max-rounds")
 
 
 def check_inference_flags(prog: str, flags: InferenceFlags):

@@ -48,7 +48,6 @@ Differences from the official recipe (numbered; deliberate):
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
@@ -215,7 +214,7 @@ def decision_signal(log_path: Path, prompts: int) -> str:
     """One line from the run's log (resumed parts included; the main process's groups): how often a group disagreed
     on restoring, and by how much restoring changed the accuracy there, in all and split by whether the question's
     reference answer restores (the rule SFT taught), each with a 95% bootstrap interval over those groups."""
-    records = [json.loads(line) for line in log_path.read_text().splitlines() if line]
+    records = [record for _, record in C.read_log(log_path)]
     # .get: steps logged by an older rl.py (a resumed run) have no gaps
     split = {"reference restores": [g for rec in records for g in rec.get("gaps_ref_restores", [])],
              "reference does not": [g for rec in records for g in rec.get("gaps_ref_keeps", [])]}
@@ -472,14 +471,19 @@ def collect(model: M.Bagel, tok, examples: list, cfg: RLConfig, encode, gen: tor
 
 def main(argv=None):
     cfg = parse_config(argv)
+    with C.output_lock(cfg.out):  # before any work: one run per --out
+        train(cfg)
+
+
+def train(cfg: RLConfig):
     run = C.setup_run(cfg.device, cfg.dtype, cfg.seed, cfg.threads)
-    init = cfg.init or ("out/bridge" if (Path("out/bridge") / "ema.safetensors").exists() else "out/sft")
-    if cfg.init is None and not (Path(init) / "ema.safetensors").exists():
+    init = cfg.init or ("out/bridge" if CK.has_checkpoint("out/bridge") else "out/sft")
+    if cfg.init is None and not CK.has_checkpoint(init):
         raise CK.InputError(f"{init} has no checkpoint: run python sft.py (and python bridge.py) first, or pass --init")
     C.prepare_out(cfg, "rl", init, RESUME_MAY_CHANGE, run.main)
-    CK.config_from_folder(init)  # a wrong --init stops here, before the data is read
+    model_cfg = CK.config_from_folder(init)  # a wrong --init stops here, before the data is read
     if cfg.data:  # every row checked before the model is loaded
-        rows, problems = D.read_jsonl(cfg.data, cfg.images)
+        rows, problems = D.read_jsonl(cfg.data, cfg.images, cfg.images_anywhere)
         unscorable = {r["line"] for r in rows if D.extract_answer(r["response"]) is None
                       and (D.RESTORE_TOKEN in r["response"] or D.TAG_RE.search(r["response"]))}
         problems += [(n, "a tagged answer without <answer>...</answer>: nothing to score against")
@@ -490,8 +494,11 @@ def main(argv=None):
                                f"{problems[0][1]})")
         if run.main:
             print(D.skip_report(cfg.data, rows, problems, "line"))
-    model = CK.load_pretrained(init, run.device, run.dtype)
     tok = D.Tokenizer.from_folder(init)
+    E.check_positions(E.inference_config(cfg, toy=cfg.data is None), model_cfg, tok,
+                      [r["question"] for r in rows] if cfg.data else D.toy_questions(), cfg.system,
+                      cfg.data or "the toy world")
+    model = CK.load_pretrained(init, run.device, run.dtype)
     frozen_ref = cfg.ref == "frozen" and cfg.beta > 0
     ref = CK.load_pretrained(init, run.device, run.dtype).requires_grad_(False) if frozen_ref else None
     C.freeze_encoders(model)
