@@ -336,6 +336,9 @@ def check_training_flags(prog: str, cfg: TrainingFlags, given: set):
 def output_lock(out):
     """Hold the lock of output folder `out` for the run (checkpoint.folder_lock; the main process only: torchrun's
     others write nothing), taken before any work: a second run on the same folder stops at once, naming the first."""
+    problem = CK.output_problem(Path(out))
+    if problem:  # as the flag was given: Path("") reads "."
+        raise CK.InputError(f"--out {out!r} {problem}")
     return CK.folder_lock(out) if int(os.environ.get("RANK", 0)) == 0 else contextlib.nullcontext()
 
 

@@ -60,8 +60,9 @@ METHOD_WEIGHTS = {  # official: generate_degradation_benchmark.py and process_de
 }
 TRAIN_SEVERITY_PROBS = {0.23: 0.2, 0.45: 0.3, 0.9: 0.5}  # official: process_degradation_images.py
 MIN_SIZE = 16
-# The largest picture read (width x height): every corruption runs on the picture at full size, and at 100 megapixels
-# one draw took over a minute; 64 MP holds a 50 MP camera photo and stays below Pillow's decompression-bomb warning
+# The largest picture read (width x height): every corruption runs on the picture at full size, so a draw's time grows
+# with its pixels (issue 31 timed over a minute a draw at 100 MP); 64 MP holds a 50 MP camera photo and stays below
+# Pillow's decompression-bomb warning
 MAX_PIXELS = 64_000_000
 
 

@@ -100,6 +100,13 @@ class InferenceConfig:
 
 
 
+# The denoising grid's flags: far beyond the official values (50 points, shift 3), and within what the grid's float32
+# arithmetic holds. A shift far from 1 crowds the points together until two are equal and the SDE's step divides by
+# zero (a NaN restoration, then a crash sampling the next text); every point is a model call
+GRID_POINTS = "[2, 10000]"
+SHIFTS = "[0.001, 1000]"
+
+
 @dataclass
 class InferenceFlags:
     """The inference settings a script exposes as flags (the stages' toy tables, evaluate.py); `inference_config` maps
@@ -110,8 +117,8 @@ class InferenceFlags:
     max_text_tokens: int | None = flag(None, "tokens per decoded segment (default: toy 48; real data 4096, official)",
                                        "[1, inf)", group="inference", type=int)
     denoise_steps: int | None = flag(None, "denoising points when restoring (default: toy 10; real data 50, official)",
-                                     "[2, inf)", group="inference", type=int)
-    timestep_shift: float = flag(3.0, "timestep shift of the denoising grid (official 3.0)", "(0, inf)",
+                                     GRID_POINTS, group="inference", type=int)
+    timestep_shift: float = flag(3.0, "timestep shift of the denoising grid (official 3.0)", SHIFTS,
                                  group="inference")
     cfg_text_scale: float = flag(3.0, "text CFG when restoring (official 3.0)", "[0, inf)", group="inference")
     cfg_img_scale: float = flag(1.5, "image CFG when restoring (official 1.5)", "[0, inf)", group="inference")
@@ -182,10 +189,21 @@ def check_positions(cfg: InferenceConfig, model_cfg: M.ModelConfig, tok, questio
                             "pass a smaller --max-text-tokens or --max-rounds")
 
 
+def check_time_grid(prog: str, shift: float, points: int, flag: str):
+    """Refuse a shift and a number of points whose shifted grid has two equal points in float32 (the step between them
+    is zero, and the SDE divides by it)."""
+    ts = M.flow_timesteps(points, shift)
+    if not bool(torch.isfinite(ts).all()) or not bool((ts[:-1] > ts[1:]).all()):
+        refuse(prog, f"--timestep-shift {shift} with {points} {flag}: two points of the shifted time grid are equal in "
+                     "float32 (a step of zero); pass a shift nearer 1 (official 3.0) or fewer points")
+
+
 def check_inference_flags(prog: str, flags: InferenceFlags):
     lo, hi = flags.cfg_interval
     if lo >= hi:
         refuse(prog, f"--cfg-interval {lo} {hi}: CFG is on for t in (LO, HI], so LO must be below HI")
+    check_time_grid(prog, flags.timestep_shift, flags.denoise_steps or OFFICIAL_INFERENCE["num_timesteps"],
+                    "--denoise-steps")
 
 @dataclass
 class Trace:

@@ -82,7 +82,7 @@ class RLConfig(C.TrainingFlags, C.DataFlags, C.PictureSizeFlags, E.InferenceFlag
                       group="rollouts")
     temperature: float = flag(1.0, "text sampling temperature (official 1.0)", "(0, inf)", group="rollouts")
     top_p: float = flag(1.0, "nucleus sampling (official 1.0)", "(0, 1]", group="rollouts")
-    sde_points: int = flag(10, "SDE grid points, N-1 steps (official 20)", "[2, inf)", group="rollouts")
+    sde_points: int = flag(10, "SDE grid points, N-1 steps (official 20)", E.GRID_POINTS, group="rollouts")
     sde_sigma: float = flag(0.3, "constant SDE noise level (official 0.3)", "(0, inf)", group="rollouts")
     # rewards
     recipe: str = flag("head", "official preset (module docstring): head or release", choices=list(RECIPES),
@@ -131,6 +131,7 @@ def parse_config(argv=None) -> RLConfig:
     C.check_data_flags(prog, cfg, given)
     C.check_training_flags(prog, cfg, given)
     E.check_inference_flags(prog, cfg)
+    E.check_time_grid(prog, cfg.timestep_shift, cfg.sde_points, "--sde-points")
     cfg = E.check_table_flags(prog, cfg, given, TABLE_FLAGS,
                               "with --data (the toy world is not used)" if cfg.data is not None else None)
     if cfg.loss_type == "grpo":
@@ -469,6 +470,16 @@ def collect(model: M.Bagel, tok, examples: list, cfg: RLConfig, encode, gen: tor
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def resumed_counter(out: Path) -> int:
+    """The round-robin position a resumed run continues from (nanoclear.json "counter"), checked as --resume checks
+    every scalar."""
+    value = CK.read_json(out / "nanoclear.json").get("counter")
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise CK.InputError(f"{out}/nanoclear.json: counter is {value!r}, not a count of trained denoising steps; "
+                            "resume from an intact copy, or start a fresh --out")
+    return value
+
+
 def main(argv=None):
     cfg = parse_config(argv)
     with C.output_lock(cfg.out):  # before any work: one run per --out
@@ -517,7 +528,7 @@ def train(cfg: RLConfig):
     if run.main:
         print(f"Interleaved GRPO from {init}: {cfg.prompts} questions x G={cfg.group} rollouts per step, "
               f"{cfg.steps} steps")
-    t_start, counter = time.time(), CK.read_json(out / "nanoclear.json")["counter"] if start else 0  # round-robin step
+    t_start, counter = time.time(), resumed_counter(out) if start else 0  # round-robin step
     for step in range(start, cfg.steps):
         t0 = time.time()
         rng, gen = C.step_rngs(cfg.seed, step, run.rank)

@@ -345,7 +345,8 @@ def load_start(cfg: SFTConfig, run: C.Run) -> tuple[M.Bagel, D.Tokenizer, str]:
     if init is None:
         init = BASE
         if CK.has_checkpoint(init):  # Stage 0 is cached in out/base, keyed by its settings
-            built = CK.read_json(Path(init) / "nanoclear.json").get("args", {})  # pretrain.py's settings
+            built = CK.read_json(Path(init) / "nanoclear.json").get("args")  # pretrain.py's settings
+            built = built if isinstance(built, dict) else {}
             asked = {"seed": cfg.seed, "world_seed": cfg.world_seed, "steps": cfg.base_steps}
             if any(built.get(k) != v for k, v in asked.items()):
                 def flags(a):

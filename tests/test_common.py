@@ -174,6 +174,12 @@ def test_values_whose_arithmetic_overflows_are_refused(capsys):
             C.parse_flags(Demo, "", argv)
         err = capsys.readouterr().err
         assert words in err and err.count("\n") == 1, err
+    import rl  # a shift of 1e12 collapsed the SDE grid: NaN restorations, then a crash sampling text mid-run
+    for argv, words in ((["--timestep-shift", "1e12"], "must be a number in [0.001, 1000]"),
+                        (["--timestep-shift", "1000", "--sde-points", "10000"], "two points of the shifted time grid")):
+        with pytest.raises(SystemExit):
+            rl.parse_config(argv)
+        assert words in capsys.readouterr().err
 
 
 def test_devices_threads_and_options_the_machine_lacks(monkeypatch):

@@ -393,3 +393,17 @@ def test_pictures_and_image_paths_that_are_refused(tmp_path):
     assert [r["line"] for r in got] == [1] and [n for n, _ in problems] == [2, 3]
     assert "absolute or has '..'" in problems[0][1] and "--images-anywhere" in problems[0][1]
     assert len(D.read_jsonl(tmp_path / "d.jsonl", tmp_path / "in", anywhere=True)[0]) == 3
+
+
+def test_picture_reader_fuzz(tmp_path):
+    """open_image (the demo's photo) and image_problem (every JSONL and TSV picture) on good, tiny, truncated,
+    bit-flipped and random files: a documented error naming the file or a decoded RGB picture; image_problem gives a
+    reason or None, and a picture it passes decodes."""
+    rng = np.random.default_rng(6)
+    for case in range(40):
+        path = tmp_path / f"p{case}.img"
+        path.write_bytes(random_picture(rng))
+        image = only_documented(lambda: D.open_image(path), path)
+        assert image is None or image.mode == "RGB"
+        if D.image_problem(path) is None:
+            assert D.open_image(path).size

@@ -481,3 +481,14 @@ def test_rl_starts_from_a_settled_bridge_and_fits_rows_to_the_positions(toy_ckpt
     with pytest.raises(KeyboardInterrupt):  # 3 rounds of 600 tokens and the prefix fit: it goes on to load
         rl.main(["--out", str(tmp_path / "rl"), "--max-text-tokens", "600", "--threads", "1", "--eval-n", "0"])
     assert loaded == ["out/bridge"]
+
+
+def test_a_resumed_counter_is_checked(tmp_path):
+    """The round-robin counter a resumed run continues from is a scalar of the resume state: a missing or bad one is
+    an InputError naming it (a KeyError, or a string in the step arithmetic)."""
+    for bad in ({}, {"counter": "3"}, {"counter": -1}, {"counter": True}):
+        (tmp_path / "nanoclear.json").write_text(json.dumps(bad))
+        with pytest.raises(CK.InputError, match="counter is"):
+            rl.resumed_counter(tmp_path)
+    (tmp_path / "nanoclear.json").write_text(json.dumps({"counter": 7}))
+    assert rl.resumed_counter(tmp_path) == 7
