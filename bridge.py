@@ -175,7 +175,8 @@ def compare_reentry(models: dict, tok, cfg: BridgeConfig) -> str:
 
 def main(argv=None):
     cfg = parse_config(argv)
-    start, tuned, tok = sft.train(cfg, "bridge", step_loss, distill=cfg.distill_weight > 0)
+    with C.output_lock(cfg.out):  # before any work: one run per --out
+        start, tuned, tok = sft.train(cfg, "bridge", step_loss, distill=cfg.distill_weight > 0)
     if start is None:
         return
     print(compare_reentry({"sft": start, "bridge": tuned}, tok, cfg))

@@ -43,7 +43,6 @@ import hashlib
 import importlib
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -346,9 +345,12 @@ def draw_bars(results: dict, path: Path):
 
 
 def evaluate_toy(cfg: EvalConfig, run: C.Run):
-    ckpts = {s: Path(cfg.out_root) / s for s in STAGES if (Path(cfg.out_root) / s / "ema.safetensors").exists()}
+    ckpts = {s: Path(cfg.out_root) / s for s in STAGES if CK.has_checkpoint(Path(cfg.out_root) / s)}
     if not ckpts:
         raise CK.InputError(f"no checkpoints under {cfg.out_root}/ ({', '.join(STAGES)}): run python sft.py first")
+    for folder in ckpts.values():  # every row fits every model's positions, before any work
+        E.check_positions(E.inference_config(cfg, toy=True), CK.config_from_folder(folder),
+                          D.Tokenizer.from_folder(folder), D.toy_questions(), "toy", "the toy world")
     world = D.ToyWorld(cfg.world_seed)
     split = world.eval_split(cfg.n, seed=cfg.seed)
     icfg = E.inference_config(cfg, toy=True)
@@ -375,7 +377,6 @@ def evaluate_toy(cfg: EvalConfig, run: C.Run):
             if name != "base"}
     paired, split_rows = comparisons(results, seed=cfg.seed), decision_split(results, seed=cfg.seed)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     report = ["# Toy MMD-Bench", "",
               f"`python evaluate.py --n {cfg.n} --batch {cfg.batch} --seed {cfg.seed}` on {run.device}, "
               f"{time.time() - t0:.0f} s in all.", "", "## Accuracy (%) and restore rate", "", main_table(results), "",
@@ -389,16 +390,19 @@ def evaluate_toy(cfg: EvalConfig, run: C.Run):
     if flow:
         report += [f"## Generator check at hard (flow-matching MSE of the clean latent at fixed t, {len(flow_set)} "
                    "questions, restore context)", "", flow_table(flow), ""]
-    write_atomic(out / "report.md", "\n".join(report))  # scripts read these: whole or not at all
     clean = {c: {m: {k: v for k, v in r.items() if k != "_shown"} for m, r in rows.items()}
              for c, rows in results.items()}
-    write_atomic(out / "report.json", json.dumps({"main": clean, "comparisons": paired, "decision_split": split_rows,
-                                                  "per_corruption": per, "flow_check": flow, "args": vars(cfg)},
-                                                 indent=1))
     show = "sft" if "sft" in results else best or "base"  # the SFT generator restoring every hard picture
-    draw_examples(split["hard"], *results[show]["always restore" if show != "base" else "direct"]["_shown"],
-                  out / "examples.png")
-    draw_bars(results, out / "accuracy.png")
+
+    def write(tmp: Path):  # the four files as one set: a kill leaves the earlier set or this one
+        (tmp / "report.md").write_text("\n".join(report))
+        (tmp / "report.json").write_text(json.dumps({"main": clean, "comparisons": paired, "decision_split": split_rows,
+                                                     "per_corruption": per, "flow_check": flow, "args": vars(cfg)},
+                                                    indent=1))
+        draw_examples(split["hard"], *results[show]["always restore" if show != "base" else "direct"]["_shown"],
+                      tmp / "examples.png")
+        draw_bars(results, tmp / "accuracy.png")
+    CK.atomic_write_folder(out, write)
     print("\n".join(report))
     print(f"wrote {out}/report.md, report.json, examples.png, accuracy.png")
 
@@ -478,50 +482,63 @@ def evaluate_tsv(model, tok, path: Path, mode: str, sizes: D.ImageSizes, system:
             "problems": [{"index": i, "reason": r} for i, r in problems], "unscored": unscored, "predictions": preds}
 
 
+SUMMARY_HEADER = "| benchmark | scored / rows | accuracy % | restore rate | malformed | unscored (no judge) |"
+
+
 def evaluate_real(cfg: EvalConfig, run: C.Run):
     judge = load_judge(cfg.judge)
     tables = {tsv: D.read_tsv(tsv) for tsv in cfg.tsv}  # every file and row checked before the model is loaded
-    model = CK.load_pretrained(cfg.init, run.device, run.dtype)
     tok = D.Tokenizer.from_folder(cfg.init)
     icfg = E.inference_config(cfg, toy=False)
+    for tsv, (rows, _) in tables.items():
+        E.check_positions(E.mode_config(cfg.mode, icfg), CK.config_from_folder(cfg.init), tok,
+                          [D.mc_prompt(r) if r["options"] else r["question"] for r in rows], cfg.system, tsv)
+    model = CK.load_pretrained(cfg.init, run.device, run.dtype)
     sizes = cfg.sizes(model.cfg, toy=False)
     out = Path(cfg.out)
-    summary = []
+    summary, files = [], {}
     for tsv in cfg.tsv:
         res = evaluate_tsv(model, tok, Path(tsv), cfg.mode, sizes, cfg.system, cfg.seed, icfg, judge, tables[tsv],
                            cfg.judge)
         name = Path(tsv).stem
-        write_atomic(out / f"{name}.json", json.dumps(res, indent=1))  # each benchmark's results once it is done
+        files[f"{name}.json"] = json.dumps(res, indent=1)
         acc = "n/a" if res["accuracy"] is None else f"{100 * res['accuracy']:.2f}"
         summary.append(f"| {name} | {res['scored']}/{res['rows']} | {acc} | {100 * res['restore_rate']:.1f}% | "
                        f"{len(res['problems'])} | {len(res['unscored'])} |")
         if res["problems"]:
             print(f"{name}: {len(res['problems'])} malformed rows skipped: "
                   + ", ".join(f"{p['index']} ({p['reason']})" for p in res["problems"][:10]))
-    table = "\n".join(["| benchmark | scored / rows | accuracy % | restore rate | malformed | unscored (no judge) |",
-                       "|---|---|---|---|---|---|"] + summary)
-    write_atomic(out / "summary.md", table + "\n")
+        table = "\n".join([SUMMARY_HEADER, "|---|---|---|---|---|---|"] + summary)
+        files["summary.md"] = table + "\n"
+        write_set(out, files)  # the benchmarks done so far and their summary, all from this run
     print(table)
 
 
-def write_atomic(path: Path, text: str):
-    """Write a result file whole or not at all (a temporary name, then a rename); its folder is made when needed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def write_set(out: Path, files: dict):
+    """Write a run's result files {name: text} as one set (checkpoint.atomic_write_folder): a kill leaves the earlier
+    set or this one, never files of two runs side by side."""
+    CK.atomic_write_folder(out, lambda tmp: [(tmp / name).write_text(text) for name, text in files.items()])
 
 
 def checkpoint_system(folder) -> str:
     """The system prompt a checkpoint was trained with (its nanoclear.json), else the official one (BAGEL / CLEAR)."""
+    CK.settle_folder(folder)  # as every reader of a checkpoint folder
     ours = Path(folder) / "nanoclear.json"
-    return CK.read_json(ours).get("args", {}).get("system", "official") if ours.exists() else "official"
+    args = CK.read_json(ours).get("args") if ours.exists() else None
+    system = args.get("system", "official") if isinstance(args, dict) else "official"
+    if system not in D.SYSTEM_PROMPTS:
+        raise CK.InputError(f"{ours}: args.system is {system!r}, not one of {sorted(D.SYSTEM_PROMPTS)}; restore the "
+                            "file from the original checkpoint")
+    return system
 
 
 def demo(cfg: EvalConfig, run: C.Run):
     """One photo, one question: the reasoning trace on stdout and input | restored | answer in one PNG."""
     system = checkpoint_system(cfg.init)
-    model, tok = CK.load_pretrained(cfg.init, run.device, run.dtype), D.Tokenizer.from_folder(cfg.init)
+    tok = D.Tokenizer.from_folder(cfg.init)
+    E.check_positions(E.inference_config(cfg, toy=system == "toy"), CK.config_from_folder(cfg.init), tok,
+                      [cfg.question], system, "--question")
+    model = CK.load_pretrained(cfg.init, run.device, run.dtype)
     picture = D.open_image(cfg.image)
     if cfg.degrade:
         kind, severity = cfg.degrade.split(":")
@@ -557,15 +574,35 @@ def demo(cfg: EvalConfig, run: C.Run):
     lines += [str(answer)[i:i + 48] for i in range(0, len(str(answer)), 48)][:6]
     draw.multiline_text((2 * cell + 8, 30), "\n".join(lines), fill="black")
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    sheet.save(out / "demo.png")
+    CK.atomic_write_folder(out, lambda tmp: sheet.save(tmp / "demo.png"))  # as every output folder: whole or nothing
     print(f"wrote {out / 'demo.png'}")
 
 
 def default_checkpoint(out_root: str) -> str | None:
     """The latest toy stage there is: rl, then bridge, then sft."""
-    return next((str(Path(out_root) / s) for s in ("rl", "bridge", "sft")
-                 if (Path(out_root) / s / "ema.safetensors").exists()), None)
+    return next((str(Path(out_root) / s) for s in ("rl", "bridge", "sft") if CK.has_checkpoint(Path(out_root) / s)),
+                None)
+
+
+EVAL_OUTPUTS = ("report.md", "report.json", "examples.png", "accuracy.png", "summary.md", "demo.png")
+
+
+def check_eval_out(out: Path):
+    """Before any work: the results replace --out as a whole (write_set), so it must be new, empty or an earlier
+    output of evaluate.py (its files only, *.json of --tsv runs included), and never a checkpoint."""
+    problem = CK.output_problem(out)
+    if problem:
+        raise CK.InputError(f"--out {out} {problem}")
+    if out.exists() and not out.is_dir():
+        raise CK.InputError(f"--out {out} is a file: pass a folder for the results")
+    if (out / "nanoclear.json").exists():
+        raise CK.InputError(f"--out {out} is a checkpoint, and the results replace the folder as a whole: pass "
+                            "another folder")
+    others = sorted(p.name for p in out.iterdir() if p.name not in (CK.MARKER, *EVAL_OUTPUTS)
+                    and p.suffix != ".json") if out.is_dir() else []
+    if others:
+        raise CK.InputError(f"--out {out} holds {others[0]!r}, which evaluate.py did not write, and the results "
+                            "replace the folder as a whole: pass a new folder or an earlier evaluate.py output")
 
 
 def main(argv=None):
@@ -594,8 +631,7 @@ def main(argv=None):
         if init is None:
             C.refuse(prog, f"no --init and no checkpoint under {cfg.out_root}/ (rl, bridge, sft): "
                            "run python sft.py first")
-        toy = checkpoint_system(init) == "toy"
-        cfg = replace(cfg, init=init, out=cfg.out or "out/demo")
+        cfg = replace(cfg, init=init, out="out/demo" if cfg.out is None else cfg.out)
         mode = "demo"
     elif cfg.tsv:
         if not cfg.init:
@@ -612,25 +648,18 @@ def main(argv=None):
             C.refuse(prog, f"--tsv: two files are named {twice}.tsv, and their results ({twice}.json) would overwrite "
                            "each other; rename one")
         load_judge(cfg.judge)  # before any work
-        toy, mode = False, "tsv"
-        cfg = replace(cfg, out=cfg.out or "out/eval_tsv")
+        mode = "tsv"
+        cfg = replace(cfg, out="out/eval_tsv" if cfg.out is None else cfg.out)
     else:
         C.refuse_given(prog, given, ("init",) + real_flags,
                        "on the toy benchmark (it runs every mode and re-entry path; pass --tsv for a real benchmark)")
-        toy, mode = True, "toy"
-        cfg = replace(cfg, out=cfg.out or "out/eval")
-    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
-        C.refuse(prog, f"--out {cfg.out} is a file: pass a folder for the results")
-    if mode != "toy":  # a segment longer than the model's positions stops with an error mid-run
-        limit = CK.config_from_folder(cfg.init).max_position_embeddings
-        tokens = E.inference_config(cfg, toy).max_text_tokens
-        if tokens >= limit:
-            C.refuse(prog, f"--max-text-tokens {tokens}" + ("" if "max_text_tokens" in given else " (the default)")
-                     + f" does not fit {cfg.init}, whose positions end at {limit}: pass a smaller --max-text-tokens "
-                     "(48 for the toy checkpoints)")
-    run = C.setup_run(cfg.device, cfg.dtype, cfg.seed, cfg.threads)
-    with torch.no_grad():
-        {"demo": demo, "tsv": evaluate_real, "toy": evaluate_toy}[mode](cfg, run)
+        mode = "toy"
+        cfg = replace(cfg, out="out/eval" if cfg.out is None else cfg.out)
+    with C.output_lock(cfg.out):  # before any work: --out can be written, and by this run only
+        check_eval_out(Path(cfg.out))
+        run = C.setup_run(cfg.device, cfg.dtype, cfg.seed, cfg.threads)
+        with torch.no_grad():  # each mode checks its rows against the model's positions before any work
+            {"demo": demo, "tsv": evaluate_real, "toy": evaluate_toy}[mode](cfg, run)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,6 @@ Differences from the official recipe (numbered; deliberate):
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
@@ -83,7 +82,7 @@ class RLConfig(C.TrainingFlags, C.DataFlags, C.PictureSizeFlags, E.InferenceFlag
                       group="rollouts")
     temperature: float = flag(1.0, "text sampling temperature (official 1.0)", "(0, inf)", group="rollouts")
     top_p: float = flag(1.0, "nucleus sampling (official 1.0)", "(0, 1]", group="rollouts")
-    sde_points: int = flag(10, "SDE grid points, N-1 steps (official 20)", "[2, inf)", group="rollouts")
+    sde_points: int = flag(10, "SDE grid points, N-1 steps (official 20)", E.GRID_POINTS, group="rollouts")
     sde_sigma: float = flag(0.3, "constant SDE noise level (official 0.3)", "(0, inf)", group="rollouts")
     # rewards
     recipe: str = flag("head", "official preset (module docstring): head or release", choices=list(RECIPES),
@@ -132,6 +131,7 @@ def parse_config(argv=None) -> RLConfig:
     C.check_data_flags(prog, cfg, given)
     C.check_training_flags(prog, cfg, given)
     E.check_inference_flags(prog, cfg)
+    E.check_time_grid(prog, cfg.timestep_shift, cfg.sde_points, "--sde-points")
     cfg = E.check_table_flags(prog, cfg, given, TABLE_FLAGS,
                               "with --data (the toy world is not used)" if cfg.data is not None else None)
     if cfg.loss_type == "grpo":
@@ -215,7 +215,7 @@ def decision_signal(log_path: Path, prompts: int) -> str:
     """One line from the run's log (resumed parts included; the main process's groups): how often a group disagreed
     on restoring, and by how much restoring changed the accuracy there, in all and split by whether the question's
     reference answer restores (the rule SFT taught), each with a 95% bootstrap interval over those groups."""
-    records = [json.loads(line) for line in log_path.read_text().splitlines() if line]
+    records = [record for _, record in C.read_log(log_path)]
     # .get: steps logged by an older rl.py (a resumed run) have no gaps
     split = {"reference restores": [g for rec in records for g in rec.get("gaps_ref_restores", [])],
              "reference does not": [g for rec in records for g in rec.get("gaps_ref_keeps", [])]}
@@ -470,16 +470,31 @@ def collect(model: M.Bagel, tok, examples: list, cfg: RLConfig, encode, gen: tor
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def resumed_counter(out: Path) -> int:
+    """The round-robin position a resumed run continues from (nanoclear.json "counter"), checked as --resume checks
+    every scalar."""
+    value = CK.read_json(out / "nanoclear.json").get("counter")
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise CK.InputError(f"{out}/nanoclear.json: counter is {value!r}, not a count of trained denoising steps; "
+                            "resume from an intact copy, or start a fresh --out")
+    return value
+
+
 def main(argv=None):
     cfg = parse_config(argv)
+    with C.output_lock(cfg.out):  # before any work: one run per --out
+        train(cfg)
+
+
+def train(cfg: RLConfig):
     run = C.setup_run(cfg.device, cfg.dtype, cfg.seed, cfg.threads)
-    init = cfg.init or ("out/bridge" if (Path("out/bridge") / "ema.safetensors").exists() else "out/sft")
-    if cfg.init is None and not (Path(init) / "ema.safetensors").exists():
+    init = cfg.init or ("out/bridge" if CK.has_checkpoint("out/bridge") else "out/sft")
+    if cfg.init is None and not CK.has_checkpoint(init):
         raise CK.InputError(f"{init} has no checkpoint: run python sft.py (and python bridge.py) first, or pass --init")
     C.prepare_out(cfg, "rl", init, RESUME_MAY_CHANGE, run.main)
-    CK.config_from_folder(init)  # a wrong --init stops here, before the data is read
+    model_cfg = CK.config_from_folder(init)  # a wrong --init stops here, before the data is read
     if cfg.data:  # every row checked before the model is loaded
-        rows, problems = D.read_jsonl(cfg.data, cfg.images)
+        rows, problems = D.read_jsonl(cfg.data, cfg.images, cfg.images_anywhere)
         unscorable = {r["line"] for r in rows if D.extract_answer(r["response"]) is None
                       and (D.RESTORE_TOKEN in r["response"] or D.TAG_RE.search(r["response"]))}
         problems += [(n, "a tagged answer without <answer>...</answer>: nothing to score against")
@@ -490,8 +505,11 @@ def main(argv=None):
                                f"{problems[0][1]})")
         if run.main:
             print(D.skip_report(cfg.data, rows, problems, "line"))
-    model = CK.load_pretrained(init, run.device, run.dtype)
     tok = D.Tokenizer.from_folder(init)
+    E.check_positions(E.inference_config(cfg, toy=cfg.data is None), model_cfg, tok,
+                      [r["question"] for r in rows] if cfg.data else D.toy_questions(), cfg.system,
+                      cfg.data or "the toy world")
+    model = CK.load_pretrained(init, run.device, run.dtype)
     frozen_ref = cfg.ref == "frozen" and cfg.beta > 0
     ref = CK.load_pretrained(init, run.device, run.dtype).requires_grad_(False) if frozen_ref else None
     C.freeze_encoders(model)
@@ -510,7 +528,7 @@ def main(argv=None):
     if run.main:
         print(f"Interleaved GRPO from {init}: {cfg.prompts} questions x G={cfg.group} rollouts per step, "
               f"{cfg.steps} steps")
-    t_start, counter = time.time(), CK.read_json(out / "nanoclear.json")["counter"] if start else 0  # round-robin step
+    t_start, counter = time.time(), resumed_counter(out) if start else 0  # round-robin step
     for step in range(start, cfg.steps):
         t0 = time.time()
         rng, gen = C.step_rngs(cfg.seed, step, run.rank)

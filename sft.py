@@ -135,6 +135,8 @@ def check_config(cfg: SFTConfig, prog: str, given: set) -> SFTConfig:
                        "of the same samples")
     if cfg.fsdp and int(os.environ.get("WORLD_SIZE", 1)) < 2:
         C.refuse(prog, "--fsdp shards the model over processes: launch with torchrun --nproc_per_node N (N > 1)")
+    if cfg.flex_attention and C.pick_device(cfg.device)[0].type == "cpu":
+        C.refuse(prog, "--flex-attention has no CPU backward (FlexAttention trains on GPUs): leave it out on the CPU")
     if cfg.fsdp and cfg.resume:
         C.refuse(prog, "--resume is implemented for single-process and DDP runs; an FSDP run restarts from its last "
                        "--init")
@@ -342,8 +344,9 @@ def load_start(cfg: SFTConfig, run: C.Run) -> tuple[M.Bagel, D.Tokenizer, str]:
     init = cfg.init
     if init is None:
         init = BASE
-        if (Path(init) / "ema.safetensors").exists():  # Stage 0 is cached in out/base, keyed by its settings
-            built = CK.read_json(Path(init) / "nanoclear.json").get("args", {})  # pretrain.py's settings
+        if CK.has_checkpoint(init):  # Stage 0 is cached in out/base, keyed by its settings
+            built = CK.read_json(Path(init) / "nanoclear.json").get("args")  # pretrain.py's settings
+            built = built if isinstance(built, dict) else {}
             asked = {"seed": cfg.seed, "world_seed": cfg.world_seed, "steps": cfg.base_steps}
             if any(built.get(k) != v for k, v in asked.items()):
                 def flags(a):
@@ -355,8 +358,9 @@ def load_start(cfg: SFTConfig, run: C.Run) -> tuple[M.Bagel, D.Tokenizer, str]:
                 raise SystemExit("build the toy base first (python pretrain.py), then launch torchrun")
             print("No --init and no out/base/: building the toy base model first (pretrain.py, Stage 0).")
             C.seed_everything(cfg.seed)  # as `python pretrain.py --seed S` would
-            pretrain.build_base(pretrain.PretrainConfig(steps=cfg.base_steps, seed=cfg.seed, world_seed=cfg.world_seed,
-                                                        out=init), run)
+            with C.output_lock(init):
+                pretrain.build_base(pretrain.PretrainConfig(steps=cfg.base_steps, seed=cfg.seed,
+                                                            world_seed=cfg.world_seed, out=init), run)
             C.seed_everything(cfg.seed)
     return C.load_for_training(init, run, cfg.fsdp), D.Tokenizer.from_folder(init), init
 
@@ -372,11 +376,14 @@ def train(cfg: SFTConfig, stage: str = "sft", objective: Callable = step_loss,
     if cfg.init is not None:
         CK.config_from_folder(cfg.init)  # a wrong --init stops here, before the data is read
     if cfg.data:
-        rows, problems = D.read_jsonl(cfg.data, cfg.images)
+        rows, problems = D.read_jsonl(cfg.data, cfg.images, cfg.images_anywhere)
         if run.main:
             print(D.skip_report(cfg.data, rows, problems, "line"))
         draw = mixed_draw(rows, cfg.tool_share)
     model, tok, init = load_start(cfg, run)
+    if cfg.eval_n:  # the summary table's rows, before any training
+        E.check_positions(E.inference_config(cfg, toy=True), model.cfg, tok, D.toy_questions(), cfg.system,
+                          "the toy world")
     if not cfg.data:
         t = time.time()
         draw = pool_draw(D.ToyWorld(cfg.world_seed), np.random.default_rng([cfg.world_seed, cfg.seed, 6]), cfg.examples,
@@ -431,7 +438,8 @@ def summary_table(cfg: SFTConfig, tok: D.Tokenizer, models: dict, modes: dict) -
 
 def main(argv=None):
     cfg = parse_config(argv)
-    start, tuned, tok = train(cfg)
+    with C.output_lock(cfg.out):  # before any work: one run per --out
+        start, tuned, tok = train(cfg)
     if start is not None:
         modes = {"base": "direct" if cfg.init is None else "interleave", "sft": "interleave"}
         print(summary_table(cfg, tok, {"base": start, "sft": tuned}, modes))

@@ -454,3 +454,41 @@ def test_toy_rl_runs_under_the_official_mask(toy_ckpt, tmp_path, monkeypatch):
     ours, official = (json.loads((tmp_path / f"{n}.log.jsonl").read_text()) for n in ("ours", "official"))
     assert ours["logp_drift"] < 1e-4 < 0.01 < official["logp_drift"]
     assert math.isfinite(official["loss"]) and 0 < official["gnorm"] < math.inf
+
+
+def test_rl_starts_from_a_settled_bridge_and_fits_rows_to_the_positions(toy_ckpt, tmp_path, monkeypatch, capsys):
+    """Without --init, rl.py starts from out/bridge: when its save was killed between the renames, rl.py puts the
+    complete copy back and says so (it started from out/sft without a word). Rows longer than the model's positions
+    (prefix and every round; --max-text-tokens was only compared with one segment, elsewhere not at all) stop before
+    the model is loaded."""
+    import shutil
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    shutil.copytree(toy_ckpt, tmp_path / "out" / "sft")
+    saved = CK.sibling(tmp_path / "out" / "bridge", "tmp")  # a complete save, killed before its second rename
+    shutil.copytree(toy_ckpt, saved)
+    (saved / CK.MARKER).touch()
+    loaded = []
+
+    def load_pretrained(folder, *_, **__):
+        loaded.append(folder)
+        raise KeyboardInterrupt("the checks are done: stop before the work")
+    monkeypatch.setattr(CK, "load_pretrained", load_pretrained)
+    with pytest.raises(CK.InputError, match="a row takes up to .* positions end at 2048"):
+        rl.main(["--out", str(tmp_path / "rl"), "--max-text-tokens", "700", "--threads", "1", "--eval-n", "0"])
+    assert "out/bridge: recovered the newest complete copy" in capsys.readouterr().out
+    assert (tmp_path / "out" / "bridge" / "ema.safetensors").exists() and not loaded
+    with pytest.raises(KeyboardInterrupt):  # 3 rounds of 600 tokens and the prefix fit: it goes on to load
+        rl.main(["--out", str(tmp_path / "rl"), "--max-text-tokens", "600", "--threads", "1", "--eval-n", "0"])
+    assert loaded == ["out/bridge"]
+
+
+def test_a_resumed_counter_is_checked(tmp_path):
+    """The round-robin counter a resumed run continues from is a scalar of the resume state: a missing or bad one is
+    an InputError naming it (a KeyError, or a string in the step arithmetic)."""
+    for bad in ({}, {"counter": "3"}, {"counter": -1}, {"counter": True}):
+        (tmp_path / "nanoclear.json").write_text(json.dumps(bad))
+        with pytest.raises(CK.InputError, match="counter is"):
+            rl.resumed_counter(tmp_path)
+    (tmp_path / "nanoclear.json").write_text(json.dumps({"counter": 7}))
+    assert rl.resumed_counter(tmp_path) == 7

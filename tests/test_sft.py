@@ -264,7 +264,7 @@ def test_resume_after_a_kill_between_the_renames_of_a_save(toy_ckpt, tmp_path, m
     assert not (tmp_path / "b").exists()
     capsys.readouterr()
     sft.train(finetune_args(toy_ckpt, tmp_path / "b", "--resume"))
-    assert "recovered the newest complete checkpoint" in capsys.readouterr().out
+    assert "recovered the newest complete copy" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "a.log.jsonl", "b", "b.log.jsonl"]
     a, b = CK.load_pretrained(tmp_path / "a"), CK.load_pretrained(tmp_path / "b")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
@@ -417,3 +417,16 @@ def test_teacher_patches_align_with_vae_tokens_cell_by_cell(net):
     assert teacher.shape[0] == grid[0] * grid[1]
     means = (teacher.mean(1) * 0.5 + 0.5) * 255
     assert np.allclose(means.numpy(), cells.flatten(), atol=12)
+
+
+def test_resume_after_a_full_disk_cut_the_last_log_line(toy_ckpt, tmp_path, capsys):
+    """A crash (a full disk) in the middle of a log write leaves a partial last line: --resume drops it with a warning
+    and continues (it raised JSONDecodeError), and the log holds whole records only."""
+    out = tmp_path / "run"
+    sft.train(finetune_args(toy_ckpt, out, "--steps", "1", "--tokens-per-step", "100"))
+    log = out.with_name("run.log.jsonl")
+    log.write_text(log.read_text() + '{"step": 2, "loss": 1.2')  # the write the crash cut short
+    capsys.readouterr()
+    sft.train(finetune_args(toy_ckpt, out, "--steps", "2", "--tokens-per-step", "100", "--resume"))
+    assert "line 2 was cut short" in capsys.readouterr().err
+    assert [r["step"] for r in log_of(out)] == [1, 2]
