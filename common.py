@@ -314,11 +314,11 @@ def trainable(model: torch.nn.Module):
 
 
 def make_optimizer(model, lr: float, betas=(0.9, 0.95), eps: float = 1e-15, weight_decay: float = 0.0):
-    """AdamW as BAGEL/CLEAR train: beta (0.9, 0.95), eps 1e-15; decay on matrices only."""
-    params = trainable(model)
-    groups = [{"params": [p for _, p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    """AdamW as BAGEL/CLEAR train: beta (0.9, 0.95), eps 1e-15, one group: every trainable parameter decays, biases
+    and norms too (official AdamW(fsdp_model.parameters(), weight_decay=...): pretrain_unified_corruption.py:651-657
+    @411d6bd)."""
+    return torch.optim.AdamW([p for _, p in trainable(model)], lr=lr, betas=betas, eps=eps,
+                             weight_decay=weight_decay)
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int, floor: float) -> float:
