@@ -84,6 +84,18 @@ def special_token_ids(tk, source: str) -> dict:
     return ids
 
 
+def checkpoint_system(folder) -> str:
+    """The system prompt (data.SYSTEM_PROMPTS key) a checkpoint was trained with: its nanoclear.json's args.system;
+    'toy' for the toy base (pretrain.py trains the toy world's model, before any system prompt); 'official' for a
+    folder without one (BAGEL, CLEAR: INTERLEAVE_REASON_SYSTEM_PROMPT, inferencer.py:662 @411d6bd)."""
+    ours = Path(folder) / "nanoclear.json"
+    if not ours.exists():
+        return "official"
+    saved = read_json(ours)
+    args = saved.get("args") if isinstance(saved.get("args"), dict) else {}
+    return args.get("system") or ("toy" if saved.get("stage") == "pretrain" else "official")
+
+
 def code_values_hint(folder: Path) -> str:
     """What a folder without nanoclear.json gets for the values no json holds, and how to give it others."""
     return (f"{folder} has no nanoclear.json, so the values no json holds ({', '.join(CODE_KEYS)}) are BAGEL-7B-MoT's "

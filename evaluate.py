@@ -92,7 +92,10 @@ class EvalConfig(C.MachineFlags, C.WorldFlags, C.PictureSizeFlags, E.InferenceFl
     tsv: tuple = flag((), "VLMEvalKit TSV files (MMD-Bench)", group=REAL, nargs="*")
     mode: str = flag("interleave", "reasoning mode for the TSVs", choices=E.MODES, group=REAL)
     judge: str | None = flag(None, "module:function judge for open-ended rows (none by default)", group=REAL)
-    system: str = flag("official", "system prompt for --tsv runs", choices=sorted(D.SYSTEM_PROMPTS), group=REAL)
+    system: str | None = flag(None, "system prompt for --tsv runs: the one --init was trained with (its "
+                              "nanoclear.json; a BAGEL or CLEAR folder: 'official', INTERLEAVE_REASON_SYSTEM_PROMPT, "
+                              "inferencer.py:662 @411d6bd); 'toy' only for a toy checkpoint",
+                              choices=sorted(D.SYSTEM_PROMPTS), group=REAL, type=str)
     image: str | None = flag(None, "the one-photo demo: a picture file (with --question; --init defaults to the latest "
                              "toy stage)", group=DEMO)
     question: str | None = flag(None, "the demo's question", group=DEMO)
@@ -512,15 +515,9 @@ def write_atomic(path: Path, text: str):
     os.replace(tmp, path)
 
 
-def checkpoint_system(folder) -> str:
-    """The system prompt a checkpoint was trained with (its nanoclear.json), else the official one (BAGEL / CLEAR)."""
-    ours = Path(folder) / "nanoclear.json"
-    return CK.read_json(ours).get("args", {}).get("system", "official") if ours.exists() else "official"
-
-
 def demo(cfg: EvalConfig, run: C.Run):
     """One photo, one question: the reasoning trace on stdout and input | restored | answer in one PNG."""
-    system = checkpoint_system(cfg.init)
+    system = CK.checkpoint_system(cfg.init)
     model, tok = CK.load_pretrained(cfg.init, run.device, run.dtype), D.Tokenizer.from_folder(cfg.init)
     picture = D.open_image(cfg.image)
     if cfg.degrade:
@@ -528,7 +525,7 @@ def demo(cfg: EvalConfig, run: C.Run):
         picture = degrade(picture, kind, severity, cfg.seed)
     sizes = cfg.sizes(model.cfg, toy=False)
     ex = D.Example(picture, cfg.question, "")
-    icfg = E.mode_config("interleave", E.inference_config(cfg, toy=checkpoint_system(cfg.init) == "toy",
+    icfg = E.mode_config("interleave", E.inference_config(cfg, toy=system == "toy",
                                                           vit_transform=sizes.vit))
     prefix = E.mode_prefixes("interleave", [ex], tok, model.encode_pixels, system, sizes)
     tr = E.reason(model, tok, prefix, icfg, torch.Generator().manual_seed(cfg.seed))[0]
@@ -594,7 +591,7 @@ def main(argv=None):
         if init is None:
             C.refuse(prog, f"no --init and no checkpoint under {cfg.out_root}/ (rl, bridge, sft): "
                            "run python sft.py first")
-        toy = checkpoint_system(init) == "toy"
+        toy = CK.checkpoint_system(init) == "toy"
         cfg = replace(cfg, init=init, out=cfg.out or "out/demo")
         mode = "demo"
     elif cfg.tsv:
@@ -628,6 +625,13 @@ def main(argv=None):
             C.refuse(prog, f"--max-text-tokens {tokens}" + ("" if "max_text_tokens" in given else " (the default)")
                      + f" does not fit {cfg.init}, whose positions end at {limit}: pass a smaller --max-text-tokens "
                      "(48 for the toy checkpoints)")
+    if mode == "tsv":  # the prompt --init was trained with; the toy's only for a toy checkpoint
+        trained = CK.checkpoint_system(cfg.init)
+        if cfg.system == "toy" and trained != "toy":
+            C.refuse(prog, f"--system toy: the toy prompt describes the toy world's tags and rule; {cfg.init} was "
+                           "trained under the official INTERLEAVE_REASON_SYSTEM_PROMPT (its nanoclear.json, or a BAGEL "
+                           "or CLEAR folder)")
+        cfg = replace(cfg, system=cfg.system or trained)
     run = C.setup_run(cfg.device, cfg.dtype, cfg.seed, cfg.threads)
     with torch.no_grad():
         {"demo": demo, "tsv": evaluate_real, "toy": evaluate_toy}[mode](cfg, run)

@@ -454,3 +454,56 @@ def test_toy_rl_runs_under_the_official_mask(toy_ckpt, tmp_path, monkeypatch):
     ours, official = (json.loads((tmp_path / f"{n}.log.jsonl").read_text()) for n in ("ours", "official"))
     assert ours["logp_drift"] < 1e-4 < 0.01 < official["logp_drift"]
     assert math.isfinite(official["loss"]) and 0 < official["gnorm"] < math.inf
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Real data: the official defaults without extra flags
+
+
+def real(*argv):
+    return rl.parse_config(["--data", "rl.jsonl", "--images", "pics", *argv])
+
+
+def test_real_data_takes_the_official_values_of_its_recipe(monkeypatch):
+    """With --data every default is the official value of --recipe (prompt, G, lr, SDE grid, lengths, questions per
+    step over the processes, steps); a flag given keeps its value; the toy world keeps its own."""
+    head, release = real(), real("--recipe", "release")
+    assert (head.system, head.group, head.lr, head.sde_points, head.max_completion_length, head.prompts,
+            head.steps) == ("official", 8, 5e-6, 20, 16384, 32, 400)
+    assert (release.prompts, release.steps, release.group, release.loss_type) == (16, 200, 8, "grpo")
+    assert E.inference_config(head, toy=False).max_text_tokens == 4096  # max_think_token_n, as collect asks
+    monkeypatch.setenv("WORLD_SIZE", "8")  # the official 8 processes: each rolls out its share of the questions
+    assert (real().prompts, real("--recipe", "release").prompts) == (4, 2)
+    assert (real("--lr", "1e-5", "--group", "2", "--steps", "7").lr, real("--group", "2").group,
+            real("--steps", "7").steps) == (1e-5, 2, 7)
+    monkeypatch.delenv("WORLD_SIZE")
+    toy = rl.parse_config([])
+    assert (toy.system, toy.group, toy.lr, toy.sde_points, toy.max_completion_length, toy.prompts, toy.steps) == (
+        "toy", 4, 2e-5, 10, 144, 4, 300)
+
+
+def test_real_data_refuses_the_toy_prompt_and_an_uneven_split(monkeypatch, capsys):
+    """--system toy with --data, and the official questions per step that do not divide over the processes, stop
+    with the reason (the latter unless --prompts says how many per process)."""
+    with pytest.raises(SystemExit):
+        real("--system", "toy")
+    assert "the toy prompt describes the toy world's tags and rule" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SystemExit):
+        real()
+    assert "32 questions per optimiser step do not divide over 3 processes" in capsys.readouterr().err
+    assert real("--prompts", "5").prompts == 5
+
+
+def test_rl_help_names_the_official_values(capsys):
+    """--help gives the toy and the official value (HEAD and release where they differ) of every scaled flag."""
+    with pytest.raises(SystemExit):
+        rl.parse_config(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for words in ("questions per step and process (toy 4; official 32 questions x G 8 per optimiser step at HEAD, 16 "
+                  "x 8 at the release; with --data the official total divided over the processes)",
+                  "optimiser steps (toy 300; official 400 at HEAD, 200 at the release; with --data the recipe's)",
+                  "(toy 4; official 8)", "(toy 2e-5; official 5e-6)", "(toy 10; official 20)",
+                  "(toy 144; official 16384)", "with --data 'official' (INTERLEAVE_REASON_SYSTEM_PROMPT",
+                  "else the one --init was trained with"):
+        assert words in text, words
