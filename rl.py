@@ -52,8 +52,8 @@ Differences from the official recipe (numbered; deliberate):
      closing <|im_end|> (output_transfer.py:200,216-218,485 @411d6bd), a label no rollout sampled.
   7. The training forward attends as the rollout did; the official forward's mask pairs its split lengths with a mode
      list that has no entry for VAE splits (output_transfer.py:274-321, zipped at data_utils.py:82), so completion
-     rows attend to nothing, or, before a restoration, to the tokens they predict (official_mask;
-     tests/official_mask_rl.py runs the toy under it).
+     rows attend to nothing, or, before a restoration, to the tokens they predict (official_mask; --official-mask, a
+     research switch, runs the toy under it).
 """
 
 from __future__ import annotations
@@ -130,6 +130,8 @@ class RLConfig(C.TrainingFlags, C.DataFlags, C.PictureSizeFlags, E.InferenceFlag
     image_loss_weight: float = flag(0.5, "lambda of the Flow-GRPO term (official 0.5)", "[0, inf)", group="loss")
     step_strategy: str = flag("round_robin", "which denoising step of a completion is trained (official round_robin)",
                               choices=["round_robin", "random", "weighted"], group="loss")
+    official_mask: bool = flag(False, "research, off by default: the training forward attends with the official "
+                               "code's misaligned mask (difference 7, official_mask); rollouts unchanged", group="loss")
     # optimisation
     steps: int = flag(300, "optimiser steps (toy 300; official 400 at HEAD, 200 at the release; with --data the "
                       "recipe's)", "[1, inf)", group="optimisation")
@@ -320,11 +322,11 @@ def choose_step(ts: list, strategy: str, counter: int, rng: np.random.Generator)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Research: the attention mask of the official RL training forward (off by default; tests/official_mask_rl.py runs the
-# toy RL under it). Its OutputTransfer.pack_sequence appends a mode for every text split ("causal",
-# data/output_transfer.py:223 @411d6bd) and ViT split ("full", :268) but none for a VAE split (:274-321), and
-# prepare_attention_mask_per_sample pairs lengths with modes by zip (data/data_utils.py:82): after each VAE split the
-# modes land one split early, and the last splits get none, so their rows attend to nothing. Same code at a65d61f.
+# Research: the attention mask of the official RL training forward (off by default; --official-mask trains under it).
+# Its OutputTransfer.pack_sequence appends a mode for every text split ("causal", data/output_transfer.py:223 @411d6bd)
+# and ViT split ("full", :268) but none for a VAE split (:274-321), and prepare_attention_mask_per_sample pairs lengths
+# with modes by zip (data/data_utils.py:82): after each VAE split the modes land one split early, and the last splits
+# get none, so their rows attend to nothing. Same code at a65d61f.
 
 
 def official_layout(splits: list) -> list:
@@ -410,7 +412,9 @@ def grpo_loss(model, ref: M.Bagel | None, rollouts: list[Rollout], adv: torch.Te
         samples.append(seq)
         masks.append(mask)
     packed = M.pack(samples, raw.cfg).to(raw.device)
-    out = model(packed, temperature=cfg.temperature)
+    # research (--official-mask): the official training forward's mask, for the policy and the reference alike
+    mask = official_mask(packed.splits, packed.rows, packed.row_len, raw.device) if cfg.official_mask else None
+    out = model(packed, temperature=cfg.temperature, mask=mask)
     label_mask = torch.tensor([m for ms in masks for m in ms], dtype=torch.bool, device=raw.device)
     logp = -out.ce[label_mask]
     seq_id = packed.ce_sample[label_mask]
@@ -421,7 +425,7 @@ def grpo_loss(model, ref: M.Bagel | None, rollouts: list[Rollout], adv: torch.Te
     if cfg.beta > 0:
         if ref is not None:
             with torch.no_grad():
-                ref_logp = -ref(packed, temperature=cfg.temperature).ce[label_mask]
+                ref_logp = -ref(packed, temperature=cfg.temperature, mask=mask).ce[label_mask]
         else:
             ref_logp = old  # official: the rollout policy is its own reference
         kl = kl_k3(logp, ref_logp)

@@ -441,16 +441,69 @@ def test_official_mask_with_restoration(policy):
     assert torch.equal(ours ^ official, expected)
 
 
+def affected_rows(ours: torch.Tensor, official: torch.Tensor, layers: int) -> torch.Tensor:
+    """Positions whose hidden state the official mask can change: their own mask row differs, or (in a later layer)
+    they attend under it to a position already changed."""
+    changed = (ours != official).any(1)
+    for _ in range(layers - 1):
+        changed = changed | (official & changed[None, :]).any(1)
+    return changed
+
+
+@pytest.mark.parametrize("restored", [False, True])
+def test_official_mask_switch_changes_exactly_the_rows_the_official_mask_changes(policy, restored):
+    """--official-mask: grpo_loss hands the policy and the frozen reference rl.official_mask of the packed rollouts
+    (the only change), and the hidden states then differ from ours exactly on the rows that mask reaches (every scored
+    row: the ViT block already attends causally; without a restoration they attend to nothing); the others stay."""
+    rollouts = forced_restore_rollouts(policy, 6)[:1]
+    if not restored:
+        r = rollouts[0]
+        rollouts = [rl.Rollout(r.prefix, replace(r.trace, latents=[], steps=[], ids=r.trace.ids[:1],
+                                                 logps=r.trace.logps[:1], texts=r.trace.texts[:1],
+                                                 stopped=r.trace.stopped[:1]), r.example)]
+    seen = []
+
+    def spy(name):
+        return lambda packed, **kw: seen.append((name, packed, kw["mask"])) or policy(packed, **kw)
+    adv = torch.ones(1)
+    cfg = replace(rollout_args(official_mask=True), beta=0.04)
+    rl.grpo_loss(spy("policy"), spy("ref"), rollouts, adv, adv, cfg, 0, np.random.default_rng(0), policy)
+    (_, packed, official), (name, _, ref_mask) = seen
+    assert name == "ref" and torch.equal(ref_mask, official)
+    assert torch.equal(official, rl.official_mask(packed.splits, packed.rows, packed.row_len))
+    ours = M.attention_mask(packed.splits, packed.rows, packed.row_len)
+    with torch.no_grad():
+        a, b = policy(packed, mask=official), policy(packed)
+    reached = affected_rows(ours[0], official[0], policy.cfg.num_hidden_layers)
+    assert reached[packed.ce_idx].all() and not reached.all()  # every scored row; not the prompt's first rows
+    assert (a.ce != b.ce).all() and (a.hidden[reached] != b.hidden[reached]).any(1).all()
+    assert torch.allclose(a.hidden[~reached], b.hidden[~reached], atol=1e-6)
+    seen.clear()
+    rl.grpo_loss(spy("policy"), spy("ref"), rollouts, adv, adv, replace(cfg, official_mask=False), 0,
+                 np.random.default_rng(0), policy)
+    assert [m for _, _, m in seen] == [None, None]  # off: the packing's own rules
+
+
+def test_a_given_mask_equal_to_the_packing_rules_changes_nothing(policy):
+    """Bagel.forward(mask=...) replaces the packing's rules and nothing else: their own mask gives the same output."""
+    seq, _ = rl.replay_sample(forced_restore_rollouts(policy, 6)[0], [[0]], "bridge", policy)
+    packed = M.pack([seq, seq[:4]], policy.cfg)
+    with torch.no_grad():
+        a, b = policy(packed), policy(packed, mask=M.attention_mask(packed.splits, packed.rows, packed.row_len))
+    assert torch.equal(a.ce, b.ce) and torch.equal(a.v, b.v)
+    with pytest.raises(ValueError, match="dense"):
+        policy(packed, mask=M.attention_mask(packed.splits, packed.rows, packed.row_len), flex=True)
+
+
 def test_toy_rl_runs_under_the_official_mask(toy_ckpt, tmp_path, monkeypatch):
-    """The research switch (tests/official_mask_rl.py): the training forward under rl.official_mask runs, stays
-    finite, and no longer reproduces the sampler's log-probs (ours does, to 1e-3)."""
+    """The research switch (--official-mask): the toy RL trains under rl.official_mask, stays finite, and no longer
+    reproduces the sampler's log-probs (ours does, to 1e-3)."""
     monkeypatch.setattr(D, "requests_restore", lambda text: len(text) % 2 == 0)  # as in the golden run above
     monkeypatch.setattr(rl, "accuracy_reward", lambda reply, example, judge=None: float(len(reply) % 3) / 2)
     argv = ["--init", str(toy_ckpt), "--steps", "1", "--prompts", "2", "--group", "2", "--max-text-tokens", "6",
             "--sde-points", "3", "--eval-n", "0", "--threads", "1"]
     rl.main([*argv, "--out", str(tmp_path / "ours")])
-    monkeypatch.setattr(M, "attention_mask", rl.official_mask)
-    rl.main([*argv, "--out", str(tmp_path / "official")])
+    rl.main([*argv, "--out", str(tmp_path / "official"), "--official-mask"])
     ours, official = (json.loads((tmp_path / f"{n}.log.jsonl").read_text()) for n in ("ours", "official"))
     assert ours["logp_drift"] < 1e-4 < 0.01 < official["logp_drift"]
     assert math.isfinite(official["loss"]) and 0 < official["gnorm"] < math.inf
@@ -505,5 +558,5 @@ def test_rl_help_names_the_official_values(capsys):
                   "optimiser steps (toy 300; official 400 at HEAD, 200 at the release; with --data the recipe's)",
                   "(toy 4; official 8)", "(toy 2e-5; official 5e-6)", "(toy 10; official 20)",
                   "(toy 144; official 16384)", "with --data 'official' (INTERLEAVE_REASON_SYSTEM_PROMPT",
-                  "else the one --init was trained with"):
+                  "else the one --init was trained with", "research, off by default"):
         assert words in text, words
