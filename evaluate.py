@@ -31,10 +31,16 @@ Real benchmarks (GPU):
   judge (`--judge module:function`, called as judge(question, prediction, answer) -> score in [0, 1]); none is
   called by default and such rows are reported as unscored. Official inference settings are the defaults.
 
+Other checkpoints on the toy benchmark (an RL variant against the RL stage, paired on the same questions):
+    python evaluate.py --checkpoints rl=out/rl rl_release=out/rl_release --out out/eval_release
+
 Differences from the official evaluation (numbered):
   1. Multiple choice is scored by extracting the letter, not by VLMEvalKit's LLM-judge option matching, and MMBench's
      circular evaluation is not applied (each row counts once).
   2. The toy benchmark is generated (data.ToyWorld.eval_split); MMD-Bench is read from its released TSVs.
+  3. always_restore (BAGEL-PE) has no working official counterpart: BagelInference's 'image' mode calls
+     inferencer.image_reason_tool_condition (bagel_inference.py:263-266 @411d6bd / a65d61f), which neither commit
+     defines.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import importlib
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -79,7 +86,11 @@ TOY, REAL, DEMO = "toy benchmark (default)", "real benchmarks", "one-photo demo"
 
 @dataclass
 class EvalConfig(C.MachineFlags, C.WorldFlags, C.PictureSizeFlags, E.InferenceFlags):
-    out_root: str = flag("out", "folder holding the stage checkpoints (base, sft, bridge, rl)", group=TOY)
+    out_root: str = flag("out", "folder holding the stage checkpoints (base, sft, bridge, rl) and the probe's cache",
+                         group=TOY)
+    checkpoints: tuple = flag((), "the checkpoints to evaluate instead of OUT_ROOT's stages, as NAME=FOLDER; 'base' is "
+                              "read in direct mode only, and every name that is not a stage's gets rl's comparisons "
+                              "and one with rl (interleaved, bridge)", group=TOY, nargs="*")
     n: int = flag(288, "held-out questions per severity (the README says what this buys: paired intervals at hard, "
                        "time)", "[1, inf)", group=TOY)
     batch: int = flag(64, "questions run together (another value draws other restoration noise)", "[1, inf)", group=TOY)
@@ -149,9 +160,19 @@ COMPARISONS = [(("sft", "always restore"), ("sft", "text reasoning")),
                (("rl", "interleaved, bridge"), ("base", "direct"))]
 
 
+def comparison_pairs(names) -> list:
+    """COMPARISONS, plus for each checkpoint that is not a stage (--checkpoints): rl's comparisons with it in rl's
+    place, and itself against rl ("interleaved, bridge")."""
+    pairs = list(COMPARISONS)
+    for x in (n for n in names if n not in STAGES):
+        pairs += [tuple((x if c == "rl" else c, m) for c, m in pair) for pair in COMPARISONS if pair[0][0] == "rl"]
+        pairs.append(((x, "interleaved, bridge"), ("rl", "interleaved, bridge")))
+    return pairs
+
+
 def comparisons(results: dict, severity: str = "hard", seed: int = 0) -> list:
     out = []
-    for (ca, ma), (cb, mb) in COMPARISONS:
+    for (ca, ma), (cb, mb) in comparison_pairs(results):
         if ma in results.get(ca, {}) and mb in results.get(cb, {}):
             out.append({"a": [ca, ma], "b": [cb, mb], "severity": severity,
                         **C.paired_bootstrap(results[ca][ma][severity]["correct"], results[cb][mb][severity]["correct"],
@@ -348,8 +369,15 @@ def draw_bars(results: dict, path: Path):
     img.save(path)
 
 
+def toy_checkpoints(cfg: EvalConfig) -> dict:
+    """{name: folder} of the toy benchmark: --checkpoints NAME=FOLDER as given, else OUT_ROOT's stages that exist."""
+    if cfg.checkpoints:
+        return {name: Path(folder) for name, folder in (c.split("=", 1) for c in cfg.checkpoints)}
+    return {s: Path(cfg.out_root) / s for s in STAGES if (Path(cfg.out_root) / s / "ema.safetensors").exists()}
+
+
 def evaluate_toy(cfg: EvalConfig, run: C.Run):
-    ckpts = {s: Path(cfg.out_root) / s for s in STAGES if (Path(cfg.out_root) / s / "ema.safetensors").exists()}
+    ckpts = toy_checkpoints(cfg)
     if not ckpts:
         raise CK.InputError(f"no checkpoints under {cfg.out_root}/ ({', '.join(STAGES)}): run python sft.py first")
     world = D.ToyWorld(cfg.world_seed)
@@ -380,7 +408,9 @@ def evaluate_toy(cfg: EvalConfig, run: C.Run):
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     report = ["# Toy MMD-Bench", "",
-              f"`python evaluate.py --n {cfg.n} --batch {cfg.batch} --seed {cfg.seed}` on {run.device}, "
+              f"`python evaluate.py --n {cfg.n} --batch {cfg.batch} --seed {cfg.seed}"
+              + "".join(f" {c}" for c in (("--checkpoints",) + cfg.checkpoints if cfg.checkpoints else ()))
+              + f"` on {run.device}, "
               f"{time.time() - t0:.0f} s in all.", "", "## Accuracy (%) and restore rate", "", main_table(results), "",
               "## Does restoring help the answer?", "", comparison_table(paired), "",
               "Split by each checkpoint's own decision at hard (\"interleaved, bridge\"): the questions it chose "
@@ -559,6 +589,21 @@ def demo(cfg: EvalConfig, run: C.Run):
     print(f"wrote {out / 'demo.png'}")
 
 
+def check_checkpoints(prog: str, named: tuple):
+    """--checkpoints: NAME=FOLDER each, names distinct, every folder a checkpoint (before any work)."""
+    names = []
+    for c in named:
+        name, _, folder = c.partition("=")
+        if not re.fullmatch(r"[\w.-]+", name) or not folder:
+            C.refuse(prog, f"--checkpoints {c}: give NAME=FOLDER, e.g. rl_release=out/rl_release (NAME: letters, "
+                           "digits, _ . -)")
+        if name in names:
+            C.refuse(prog, f"--checkpoints: the name {name} is given twice; each checkpoint needs its own")
+        if not (Path(folder) / "ema.safetensors").exists():
+            C.refuse(prog, f"--checkpoints {c}: {folder} holds no checkpoint (ema.safetensors)")
+        names.append(name)
+
+
 def default_checkpoint(out_root: str) -> str | None:
     """The latest toy stage there is: rl, then bridge, then sft."""
     return next((str(Path(out_root) / s) for s in ("rl", "bridge", "sft")
@@ -567,7 +612,7 @@ def default_checkpoint(out_root: str) -> str | None:
 
 def main(argv=None):
     cfg, prog, given = C.parse_flags(EvalConfig, __doc__, argv)
-    toy_flags = ("out_root", "n", "batch", "n_corruption", "world_seed", "probe_n", "probe_steps")
+    toy_flags = ("out_root", "checkpoints", "n", "batch", "n_corruption", "world_seed", "probe_n", "probe_steps")
     real_flags = ("mode", *C.SIZE_FLAGS, "judge", "system", "reentry")
     if "tsv" in given and not cfg.tsv:
         C.refuse(prog, "--tsv needs at least one file (a VLMEvalKit TSV)")
@@ -614,6 +659,7 @@ def main(argv=None):
     else:
         C.refuse_given(prog, given, ("init",) + real_flags,
                        "on the toy benchmark (it runs every mode and re-entry path; pass --tsv for a real benchmark)")
+        check_checkpoints(prog, cfg.checkpoints)
         toy, mode = True, "toy"
         cfg = replace(cfg, out=cfg.out or "out/eval")
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
