@@ -54,6 +54,9 @@ from common import flag
 
 @dataclass
 class BridgeConfig(sft.SFTConfig):
+    recipe: str = flag("head", "the official run whose distillation is the default (DISTILL), and with --data all its "
+                       "values: head (scripts/train_mix.sh at HEAD 411d6bd) or release (at a65d61f)",
+                       choices=["head", "release"], group="optimisation")
     distill_weight: float = flag(0.4, "ViT->VAE distillation weight (official HEAD 0.4, release 0.1; --recipe's)",
                                  "[0, inf)", group="objective")
     distill_mode: str = flag("per_layer_kl", "distillation variant (official HEAD per_layer_kl, release final_mse; "

@@ -487,7 +487,8 @@ def test_sft_help_names_the_official_values(capsys):
                       "(toy 30; official 500 at HEAD, 50 at the release)", "(toy 0; official 0.01 at HEAD, 0 at the "
                       "release)", "(toy 0.99; official 0.995)", "(toy 4096; official 30000", "official 0: its main "
                       "mix corruption_mix.yaml has no pure-text set", "with --data 'official' "
-                      "(INTERLEAVE_REASON_SYSTEM_PROMPT", "else the one --init was trained with"):
+                      "(INTERLEAVE_REASON_SYSTEM_PROMPT", "else the one --init was trained with",
+                      "whose distillation is the default" if module is bridge else "the toy world keeps its own"):
             assert words in text, (module.__name__, words)
 
 
