@@ -1,9 +1,15 @@
 """
 Checkpoints: the BAGEL folder format and the atomic, resumable checkpoint folders every stage writes.
 
-A checkpoint is a BAGEL-format folder the official code loads as it is (`ema.safetensors` with the official key names,
-`ae.safetensors`, `llm_config.json`, `vit_config.json`, `tokenizer.json`), plus our `nanoclear.json` (the values no
-official json holds, the run's settings, its step) and, for `--resume`, `train_state/` (raw weights, optimizer state).
+A checkpoint is a BAGEL-format folder (`ema.safetensors` with the official key names, `ae.safetensors`,
+`llm_config.json`, `vit_config.json`, `tokenizer.json`), plus our `nanoclear.json` (the values no official json holds,
+the run's settings, its step) and, for `--resume`, `train_state/` (raw weights, optimizer state). A folder saved from a
+real BAGEL folder loads in the official code as it is. Toy folders are for nanoCLEAR only: the official load_ae
+hard-codes FLUX's autoencoder (modeling/autoencoder.py:339-351 @411d6bd: ch 128, ch_mult [1, 2, 4, 4], 2 res blocks,
+z 16, 32 GroupNorm groups), which the toy's (ch 16, mult (1, 2, 2), z 4, latent patch 4, 8 groups) cannot fill, and
+the official slow Qwen2Tokenizer built from the toy's vocab.json + merges.txt splits `<think>`, `<image_restore>`,
+`<answer>` into other pieces and " 12" otherwise: the toy's split rule (data.TOY_SPLIT) lives in tokenizer.json
+only, which that tokenizer does not read.
 Every read is strict: a missing, extra, mis-shaped or foreign tensor stops with one message that names the file and the
 fix (`InputError`, the one documented input error; every reader of user input raises it or FileNotFoundError).
 
@@ -147,6 +153,23 @@ def special_token_ids(tk, source: str) -> dict:
         raise InputError(f"{source} lacks the special tokens {missing}; "
                          "use BAGEL's Qwen2 tokenizer.json or one saved by nanoCLEAR")
     return ids
+
+
+def checkpoint_system(folder, known) -> str:
+    """The system prompt (one of `known`, data.SYSTEM_PROMPTS' keys) a checkpoint was trained with: its nanoclear.json's
+    args.system; 'toy' for the toy base (pretrain.py trains the toy world's model, before any system prompt);
+    'official' for a folder without one (BAGEL, CLEAR: INTERLEAVE_REASON_SYSTEM_PROMPT, inferencer.py:662 @411d6bd)."""
+    settle_folder(folder)  # as every reader of a checkpoint folder
+    ours = Path(folder) / "nanoclear.json"
+    if not ours.exists():
+        return "official"
+    saved = read_json(ours)
+    args = saved.get("args") if isinstance(saved.get("args"), dict) else {}
+    system = args.get("system") or ("toy" if saved.get("stage") == "pretrain" else "official")
+    if system not in known:
+        raise InputError(f"{ours}: args.system is {system!r}, not one of {sorted(known)}; restore the file from the "
+                         "original checkpoint")
+    return system
 
 
 def code_values_hint(folder: Path) -> str:
@@ -366,7 +389,8 @@ TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_to
 
 def save_pretrained(model: M.Bagel, folder, tokenizer=None, meta: dict | None = None, state: dict | None = None,
                     tokenizer_source=None):
-    """Write a BAGEL-format folder the official app loads as it is, plus nanoclear.json (our config and run metadata).
+    """Write a BAGEL-format folder, plus nanoclear.json (our config and run metadata); the official app loads it as it
+    is when the model has BAGEL's autoencoder and a Qwen2 tokenizer (module docstring).
 
     tokenizer: a `tokenizers.Tokenizer` (saved as tokenizer.json) or None; the tokenizer files of the folder
     `tokenizer_source` (the checkpoint trained from) are kept, and a BPE tokenizer without them (the toy's) also gets

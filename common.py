@@ -18,7 +18,7 @@ import os
 import random
 import re
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -293,7 +293,10 @@ class DataFlags(WorldFlags):
     images: str | None = flag(None, "image folder of --data (its image paths are relative to it)", group="data")
     images_anywhere: bool = flag(False, "--data: also read image paths that leave --images (absolute, or with ..)",
                                  group="data")
-    system: str = flag("toy", "system prompt (official: 'official')", choices=sorted(D.SYSTEM_PROMPTS), group="data")
+    system: str | None = flag(None, "system prompt: with --data 'official' (INTERLEAVE_REASON_SYSTEM_PROMPT, what "
+                              "CLEAR trains and rolls out under: inferencer.py:662 @411d6bd, "
+                              "interleave_reason.py:131); else the one --init was trained with (the toy stages: 'toy')",
+                              choices=sorted(D.SYSTEM_PROMPTS), group="data", type=str)
 
 
 @dataclass
@@ -315,17 +318,25 @@ class PictureSizeFlags:
 SIZE_FLAGS = tuple(f.name for f in fields(PictureSizeFlags))
 
 
-def check_data_flags(prog: str, cfg: DataFlags, given: set, toy_only: tuple = ()):
+def check_data_flags(prog: str, cfg: DataFlags, given: set, toy_only: tuple = ()) -> DataFlags:
     """The refusals every script with --data shares: --data and --images together; toy flags (world_seed and
-    `toy_only`) refused with real data, picture sizes refused on the toy world."""
+    `toy_only`) and the toy prompt refused with real data, picture sizes refused on the toy world. Returns cfg with
+    --system resolved: with --data the official prompt; else the one --init was trained with (no --init: a toy stage's
+    default, trained with the toy prompt)."""
     if (cfg.data is None) != (cfg.images is None):
         refuse(prog, "--data and --images go together: the JSONL's image paths are relative to --images")
     if cfg.data is not None:
         refuse_given(prog, given, ("world_seed", *toy_only), "with --data (the toy world is not used)")
-    else:
-        refuse_given(prog, given, ("images_anywhere",), "without --data")
-        if isinstance(cfg, PictureSizeFlags):
-            refuse_given(prog, given, SIZE_FLAGS, f"on the toy world (its pictures are {D.MODEL_SIZE} px)")
+        if cfg.system == "toy":
+            refuse(prog, "--system toy with --data: the toy prompt describes the toy world's tags and rule; real data "
+                         "is trained and rolled out under the official INTERLEAVE_REASON_SYSTEM_PROMPT")
+        return replace(cfg, system="official")  # inferencer.py:662 @411d6bd, interleave_reason.py:131
+    refuse_given(prog, given, ("images_anywhere",), "without --data")
+    if isinstance(cfg, PictureSizeFlags):
+        refuse_given(prog, given, SIZE_FLAGS, f"on the toy world (its pictures are {D.MODEL_SIZE} px)")
+    if cfg.system is None:
+        return replace(cfg, system="toy" if cfg.init is None else CK.checkpoint_system(cfg.init, D.SYSTEM_PROMPTS))
+    return cfg
 
 
 def check_training_flags(prog: str, cfg: TrainingFlags, given: set):
@@ -362,11 +373,11 @@ def trainable(model: torch.nn.Module):
 
 
 def make_optimizer(model, lr: float, betas=(0.9, 0.95), eps: float = 1e-15, weight_decay: float = 0.0):
-    """AdamW as BAGEL/CLEAR train: beta (0.9, 0.95), eps 1e-15; decay on matrices only."""
-    params = trainable(model)
-    groups = [{"params": [p for _, p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    """AdamW as BAGEL/CLEAR train: beta (0.9, 0.95), eps 1e-15, one group: every trainable parameter decays, biases
+    and norms too (official AdamW(fsdp_model.parameters(), weight_decay=...): pretrain_unified_corruption.py:651-657
+    @411d6bd)."""
+    return torch.optim.AdamW([p for _, p in trainable(model)], lr=lr, betas=betas, eps=eps,
+                             weight_decay=weight_decay)
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int, floor: float) -> float:

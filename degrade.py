@@ -23,7 +23,7 @@ Differences from the official code (each op's docstring says more):
    cvtColor HSV, warpAffine of the motion kernel, addWeighted, circles and Canny-on-rectangles match it to ±1
    level or exactly; thick lines, ellipses and the Hershey font are look-alikes (same ink within ±8%); the JPEG
    codec is Pillow's libjpeg. mean_shift is pyrMeanShiftFiltering step by step with every window read in full,
-   bit for bit OpenCV's (5.0 and 5.1), at two to six times OpenCV's CPU time (README, corruption speed).
+   bit for bit OpenCV's (5.0 and 5.1), and slower than OpenCV (times depend on the machine: docs/corruptions.md).
    watermark_damage's inpaint (TELEA) is a faster approximation; its docstring gives the bounds.
 6. lens_blur keeps the HEAD cap of 101 on its kernel size; the release before it had none (273/139/73).
 """
@@ -365,12 +365,12 @@ def mean_shift(img, intensity, rng):
     its colour mode with window radius sp/2; (2) the result comes back with pyrUp; (3) pixels near its edges (a
     level-1 neighbour differs by ≥ max(sr, 4) in colour, dilated 3×3) walk again at full size with radius sp.
     Every window is read in full, as OpenCV does, so the output is OpenCV's bit for bit: tests pin OpenCV 5.1's at
-    low, mid and hard (5.0's are the same at mid and hard), and so it was in all 36 cases checked (scikit-image's
+    low, mid and hard (5.0's are the same at mid and hard), and so it was on four real photos (scikit-image's
     astronaut, coffee, chelsea and rocket at 128 px, 256 px and native size, three severities). An earlier version
-    read each window at 25 or 17 sampled pixels: 10-40x faster, but its walks ended at scattered modes, a speckle the
-    full windows average away (it added high-frequency energy where OpenCV removes it). Full windows cost 2-6x
-    OpenCV's CPU time, most at low, whose small windows leave `_shift_to_mode`'s blocks mostly unused (README,
-    corruption speed)."""
+    read each window at 25 or 17 sampled pixels: much faster, but its walks ended at scattered modes, a speckle the
+    full windows average away (it added high-frequency energy where OpenCV removes it). Full windows cost more CPU
+    time than OpenCV, relatively most at low, whose small windows leave `_shift_to_mode`'s blocks mostly unused;
+    times depend on the machine, so they live in docs/corruptions.md (speed, difference 6), not here."""
     sp = sr = int(intensity * 40)  # official: pyrMeanShiftFiltering(img, int(40I), int(40I)), maxLevel 1
     h, w = img.shape[:2]
     small = _pyr_down(img)

@@ -31,10 +31,16 @@ Real benchmarks (GPU):
   judge (`--judge module:function`, called as judge(question, prediction, answer) -> score in [0, 1]); none is
   called by default and such rows are reported as unscored. Official inference settings are the defaults.
 
+Other checkpoints on the toy benchmark (an RL variant against the RL stage, paired on the same questions):
+    python evaluate.py --checkpoints rl=out/rl rl_release=out/rl_release --out out/eval_release
+
 Differences from the official evaluation (numbered):
   1. Multiple choice is scored by extracting the letter, not by VLMEvalKit's LLM-judge option matching, and MMBench's
      circular evaluation is not applied (each row counts once).
   2. The toy benchmark is generated (data.ToyWorld.eval_split); MMD-Bench is read from its released TSVs.
+  3. always_restore (BAGEL-PE) has no working official counterpart: BagelInference's 'image' mode calls
+     inferencer.image_reason_tool_condition (bagel_inference.py:263-266 @411d6bd / a65d61f), which neither commit
+     defines.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import hashlib
 import importlib
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -78,7 +85,11 @@ TOY, REAL, DEMO = "toy benchmark (default)", "real benchmarks", "one-photo demo"
 
 @dataclass
 class EvalConfig(C.MachineFlags, C.WorldFlags, C.PictureSizeFlags, E.InferenceFlags):
-    out_root: str = flag("out", "folder holding the stage checkpoints (base, sft, bridge, rl)", group=TOY)
+    out_root: str = flag("out", "folder holding the stage checkpoints (base, sft, bridge, rl) and the probe's cache",
+                         group=TOY)
+    checkpoints: tuple = flag((), "the checkpoints to evaluate instead of OUT_ROOT's stages, as NAME=FOLDER; 'base' is "
+                              "read in direct mode only, and every name that is not a stage's gets rl's comparisons "
+                              "and one with rl (interleaved, bridge)", group=TOY, nargs="*")
     n: int = flag(288, "held-out questions per severity (the README says what this buys: paired intervals at hard, "
                        "time)", "[1, inf)", group=TOY)
     batch: int = flag(64, "questions run together (another value draws other restoration noise)", "[1, inf)", group=TOY)
@@ -91,7 +102,10 @@ class EvalConfig(C.MachineFlags, C.WorldFlags, C.PictureSizeFlags, E.InferenceFl
     tsv: tuple = flag((), "VLMEvalKit TSV files (MMD-Bench)", group=REAL, nargs="*")
     mode: str = flag("interleave", "reasoning mode for the TSVs", choices=E.MODES, group=REAL)
     judge: str | None = flag(None, "module:function judge for open-ended rows (none by default)", group=REAL)
-    system: str = flag("official", "system prompt for --tsv runs", choices=sorted(D.SYSTEM_PROMPTS), group=REAL)
+    system: str | None = flag(None, "system prompt for --tsv runs: the one --init was trained with (its "
+                              "nanoclear.json; a BAGEL or CLEAR folder: 'official', INTERLEAVE_REASON_SYSTEM_PROMPT, "
+                              "inferencer.py:662 @411d6bd); 'toy' only for a toy checkpoint",
+                              choices=sorted(D.SYSTEM_PROMPTS), group=REAL, type=str)
     image: str | None = flag(None, "the one-photo demo: a picture file (with --question; --init defaults to the latest "
                              "toy stage)", group=DEMO)
     question: str | None = flag(None, "the demo's question", group=DEMO)
@@ -145,9 +159,19 @@ COMPARISONS = [(("sft", "always restore"), ("sft", "text reasoning")),
                (("rl", "interleaved, bridge"), ("base", "direct"))]
 
 
+def comparison_pairs(names) -> list:
+    """COMPARISONS, plus for each checkpoint that is not a stage (--checkpoints): rl's comparisons with it in rl's
+    place, and itself against rl ("interleaved, bridge")."""
+    pairs = list(COMPARISONS)
+    for x in (n for n in names if n not in STAGES):
+        pairs += [tuple((x if c == "rl" else c, m) for c, m in pair) for pair in COMPARISONS if pair[0][0] == "rl"]
+        pairs.append(((x, "interleaved, bridge"), ("rl", "interleaved, bridge")))
+    return pairs
+
+
 def comparisons(results: dict, severity: str = "hard", seed: int = 0) -> list:
     out = []
-    for (ca, ma), (cb, mb) in COMPARISONS:
+    for (ca, ma), (cb, mb) in comparison_pairs(results):
         if ma in results.get(ca, {}) and mb in results.get(cb, {}):
             out.append({"a": [ca, ma], "b": [cb, mb], "severity": severity,
                         **C.paired_bootstrap(results[ca][ma][severity]["correct"], results[cb][mb][severity]["correct"],
@@ -344,8 +368,15 @@ def draw_bars(results: dict, path: Path):
     img.save(path)
 
 
+def toy_checkpoints(cfg: EvalConfig) -> dict:
+    """{name: folder} of the toy benchmark: --checkpoints NAME=FOLDER as given, else OUT_ROOT's stages that exist."""
+    if cfg.checkpoints:
+        return {name: Path(folder) for name, folder in (c.split("=", 1) for c in cfg.checkpoints)}
+    return {s: Path(cfg.out_root) / s for s in STAGES if CK.has_checkpoint(Path(cfg.out_root) / s)}
+
+
 def evaluate_toy(cfg: EvalConfig, run: C.Run):
-    ckpts = {s: Path(cfg.out_root) / s for s in STAGES if CK.has_checkpoint(Path(cfg.out_root) / s)}
+    ckpts = toy_checkpoints(cfg)
     if not ckpts:
         raise CK.InputError(f"no checkpoints under {cfg.out_root}/ ({', '.join(STAGES)}): run python sft.py first")
     for folder in ckpts.values():  # every row fits every model's positions, before any work
@@ -378,7 +409,9 @@ def evaluate_toy(cfg: EvalConfig, run: C.Run):
     paired, split_rows = comparisons(results, seed=cfg.seed), decision_split(results, seed=cfg.seed)
     out = Path(cfg.out)
     report = ["# Toy MMD-Bench", "",
-              f"`python evaluate.py --n {cfg.n} --batch {cfg.batch} --seed {cfg.seed}` on {run.device}, "
+              f"`python evaluate.py --n {cfg.n} --batch {cfg.batch} --seed {cfg.seed}"
+              + "".join(f" {c}" for c in (("--checkpoints",) + cfg.checkpoints if cfg.checkpoints else ()))
+              + f"` on {run.device}, "
               f"{time.time() - t0:.0f} s in all.", "", "## Accuracy (%) and restore rate", "", main_table(results), "",
               "## Does restoring help the answer?", "", comparison_table(paired), "",
               "Split by each checkpoint's own decision at hard (\"interleaved, bridge\"): the questions it chose "
@@ -520,21 +553,9 @@ def write_set(out: Path, files: dict):
     CK.atomic_write_folder(out, lambda tmp: [(tmp / name).write_text(text) for name, text in files.items()])
 
 
-def checkpoint_system(folder) -> str:
-    """The system prompt a checkpoint was trained with (its nanoclear.json), else the official one (BAGEL / CLEAR)."""
-    CK.settle_folder(folder)  # as every reader of a checkpoint folder
-    ours = Path(folder) / "nanoclear.json"
-    args = CK.read_json(ours).get("args") if ours.exists() else None
-    system = args.get("system", "official") if isinstance(args, dict) else "official"
-    if system not in D.SYSTEM_PROMPTS:
-        raise CK.InputError(f"{ours}: args.system is {system!r}, not one of {sorted(D.SYSTEM_PROMPTS)}; restore the "
-                            "file from the original checkpoint")
-    return system
-
-
 def demo(cfg: EvalConfig, run: C.Run):
     """One photo, one question: the reasoning trace on stdout and input | restored | answer in one PNG."""
-    system = checkpoint_system(cfg.init)
+    system = CK.checkpoint_system(cfg.init, D.SYSTEM_PROMPTS)
     tok = D.Tokenizer.from_folder(cfg.init)
     E.check_positions(E.inference_config(cfg, toy=system == "toy"), CK.config_from_folder(cfg.init), tok,
                       [cfg.question], system, "--question")
@@ -545,7 +566,7 @@ def demo(cfg: EvalConfig, run: C.Run):
         picture = degrade(picture, kind, severity, cfg.seed)
     sizes = cfg.sizes(model.cfg, toy=False)
     ex = D.Example(picture, cfg.question, "")
-    icfg = E.mode_config("interleave", E.inference_config(cfg, toy=checkpoint_system(cfg.init) == "toy",
+    icfg = E.mode_config("interleave", E.inference_config(cfg, toy=system == "toy",
                                                           vit_transform=sizes.vit))
     prefix = E.mode_prefixes("interleave", [ex], tok, model.encode_pixels, system, sizes)
     tr = E.reason(model, tok, prefix, icfg, torch.Generator().manual_seed(cfg.seed))[0]
@@ -578,6 +599,21 @@ def demo(cfg: EvalConfig, run: C.Run):
     print(f"wrote {out / 'demo.png'}")
 
 
+def check_checkpoints(prog: str, named: tuple):
+    """--checkpoints: NAME=FOLDER each, names distinct, every folder a checkpoint (before any work)."""
+    names = []
+    for c in named:
+        name, _, folder = c.partition("=")
+        if not re.fullmatch(r"[\w.-]+", name) or not folder:
+            C.refuse(prog, f"--checkpoints {c}: give NAME=FOLDER, e.g. rl_release=out/rl_release (NAME: letters, "
+                           "digits, _ . -)")
+        if name in names:
+            C.refuse(prog, f"--checkpoints: the name {name} is given twice; each checkpoint needs its own")
+        if not CK.has_checkpoint(folder):
+            C.refuse(prog, f"--checkpoints {c}: {folder} holds no checkpoint (ema.safetensors)")
+        names.append(name)
+
+
 def default_checkpoint(out_root: str) -> str | None:
     """The latest toy stage there is: rl, then bridge, then sft."""
     return next((str(Path(out_root) / s) for s in ("rl", "bridge", "sft") if CK.has_checkpoint(Path(out_root) / s)),
@@ -607,7 +643,7 @@ def check_eval_out(out: Path):
 
 def main(argv=None):
     cfg, prog, given = C.parse_flags(EvalConfig, __doc__, argv)
-    toy_flags = ("out_root", "n", "batch", "n_corruption", "world_seed", "probe_n", "probe_steps")
+    toy_flags = ("out_root", "checkpoints", "n", "batch", "n_corruption", "world_seed", "probe_n", "probe_steps")
     real_flags = ("mode", *C.SIZE_FLAGS, "judge", "system", "reentry")
     if "tsv" in given and not cfg.tsv:
         C.refuse(prog, "--tsv needs at least one file (a VLMEvalKit TSV)")
@@ -653,8 +689,16 @@ def main(argv=None):
     else:
         C.refuse_given(prog, given, ("init",) + real_flags,
                        "on the toy benchmark (it runs every mode and re-entry path; pass --tsv for a real benchmark)")
+        check_checkpoints(prog, cfg.checkpoints)
         mode = "toy"
         cfg = replace(cfg, out="out/eval" if cfg.out is None else cfg.out)
+    if mode == "tsv":  # the prompt --init was trained with; the toy's only for a toy checkpoint
+        trained = CK.checkpoint_system(cfg.init, D.SYSTEM_PROMPTS)
+        if cfg.system == "toy" and trained != "toy":
+            C.refuse(prog, f"--system toy: the toy prompt describes the toy world's tags and rule; {cfg.init} was "
+                           "trained under the official INTERLEAVE_REASON_SYSTEM_PROMPT (its nanoclear.json, or a BAGEL "
+                           "or CLEAR folder)")
+        cfg = replace(cfg, system=cfg.system or trained)
     with C.output_lock(cfg.out):  # before any work: --out can be written, and by this run only
         check_eval_out(Path(cfg.out))
         run = C.setup_run(cfg.device, cfg.dtype, cfg.seed, cfg.threads)

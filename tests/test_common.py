@@ -195,3 +195,21 @@ def test_devices_threads_and_options_the_machine_lacks(monkeypatch):
         C.setup_run("cpu", "fp32", threads=os.cpu_count() + 1, quiet=True)
     with pytest.raises(SystemExit):
         sft.parse_config(["--flex-attention", "--device", "cpu"])
+
+
+def test_weight_decay_reaches_every_trainable_parameter_as_officially():
+    """make_optimizer: one AdamW group over every trainable parameter, biases and norm weights included (official
+    AdamW(fsdp_model.parameters(), weight_decay=...)); frozen ones are left out. With zero gradients a step is the
+    decay alone: p <- p (1 - lr wd)."""
+    net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.LayerNorm(3), torch.nn.Linear(3, 1))
+    net[2].requires_grad_(False)
+    opt = C.make_optimizer(net, lr=0.1, weight_decay=0.5)
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["weight_decay"] == 0.5
+    assert [id(p) for p in opt.param_groups[0]["params"]] == [id(p) for p in trainable]
+    before = [p.detach().clone() for p in net.parameters()]
+    for p in trainable:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for p, b in zip(net.parameters(), before):
+        assert torch.allclose(p, b * (1 - 0.1 * 0.5) if p.requires_grad else b)

@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -286,3 +287,46 @@ def test_eval_out_is_checked_before_any_work(toy_ckpt, tmp_path, monkeypatch):
         with pytest.raises(CK.InputError, match=words):
             evaluate.main(["--out-root", str(tmp_path / "none"), "--out", out, "--threads", "1"])
     assert (tmp_path / "notes" / "mine.txt").read_text() == "mine" and (toy_ckpt / "nanoclear.json").exists()
+
+
+def test_named_checkpoints_are_evaluated_and_paired_with_rl(toy_ckpt, tmp_path):
+    """--checkpoints NAME=FOLDER evaluates exactly those (an RL variant beside the RL stage), and pairs the variant with
+    rl on the same hard questions, as well as taking rl's own comparisons."""
+    evaluate.main(["--checkpoints", f"rl={toy_ckpt}", f"rl_release={toy_ckpt}", "--out-root", str(tmp_path),
+                   "--n", "2", "--batch", "2", "--n-corruption", "0", "--max-text-tokens", "3", "--denoise-steps", "3",
+                   "--probe-n", "20", "--probe-steps", "5", "--out", str(tmp_path / "eval"), "--threads", "1"])
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert list(report["main"]) == ["rl", "rl_release"] and set(report["main"]["rl_release"]) == set(evaluate.MODES)
+    pairs = {(tuple(r["a"]), tuple(r["b"])): r for r in report["comparisons"]}
+    same = pairs[("rl_release", "interleaved, bridge"), ("rl", "interleaved, bridge")]
+    assert same["n"] == 2 and same["diff"] == 0.0  # one checkpoint under two names: the same answers
+    assert (("rl_release", "always restore"), ("rl_release", "text reasoning")) in pairs
+    assert "--checkpoints rl=" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_named_checkpoints_and_the_tsv_prompt_are_checked_before_any_work(toy_ckpt, tmp_path, capsys,
+                                                                           monkeypatch):
+    """--checkpoints: NAME=FOLDER, distinct names, real checkpoints, toy benchmark only. --tsv reads the prompt the
+    checkpoint was trained with, and refuses the toy prompt for a checkpoint that was not."""
+    for argv, words in ((["--checkpoints", "rl"], "give NAME=FOLDER"),
+                        (["--checkpoints", f"a={toy_ckpt}", f"a={toy_ckpt}"], "the name a is given twice"),
+                        (["--checkpoints", f"a={tmp_path}"], "holds no checkpoint"),
+                        (["--checkpoints", f"a={toy_ckpt}", "--init", str(toy_ckpt), "--tsv", "x.tsv"],
+                         "--checkpoints has no effect with --tsv")):
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(argv)
+        assert e.value.code == 2 and words in capsys.readouterr().err, argv
+    real = tmp_path / "real"
+    shutil.copytree(toy_ckpt, real)
+    saved = json.loads((real / "nanoclear.json").read_text())
+    (real / "nanoclear.json").write_text(json.dumps({**saved, "stage": "rl", "args": {"system": "official"}}))
+    tsv = write_tsv(tmp_path / "bench.tsv")
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--init", str(real), "--tsv", str(tsv), "--system", "toy", "--max-text-tokens", "4"])
+    assert e.value.code == 2 and "the toy prompt describes the toy world's tags and rule" in capsys.readouterr().err
+    seen, score = [], evaluate.evaluate_tsv
+    monkeypatch.setattr(evaluate, "evaluate_tsv", lambda *a, **kw: seen.append(a[5]) or score(*a, **kw))
+    for folder in (toy_ckpt, real):
+        evaluate.main(["--init", str(folder), "--tsv", str(tsv), "--max-text-tokens", "2", "--denoise-steps", "2",
+                       "--out", str(tmp_path / "res"), "--threads", "1"])
+    assert seen == ["toy", "official"]  # the toy base, and a checkpoint trained under the official prompt
