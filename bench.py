@@ -332,18 +332,29 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines + ["| " + " | ".join(str(row.get(k, "")) for k in header) + " |" for row in rows])
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", nargs="*", choices=list(SECTIONS), help="run these sections instead of all")
+OWN_MODEL = ("train_overhead", "degrade")  # sections that measure the toy model, or no model: --preset does nothing
+NO_DEVICE = ("degrade",)  # the corruptions run on one CPU thread: --device and --dtype do nothing
+
+
+def main(argv=None):
+    p = C.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="+", choices=list(SECTIONS), help="run these sections instead of all")
     p.add_argument("--preset", default="tiny", choices=list(M.PRESETS), help="model shapes (random weights)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--dtype", default="auto", choices=["auto", *C.DTYPES], help="auto | fp32 | bf16")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    given = {k for k, v in vars(p.parse_args(argv, argparse.Namespace(preset=None, device=None, dtype=None))).items()
+             if v is not None}  # the flags on the command line (argparse keeps attributes it finds set)
+    sections = args.only or list(SECTIONS)
+    C.refuse_given(p.prog, given, ("preset",) if set(sections) <= set(OWN_MODEL) else (),
+                   f"in {', '.join(sections)} (the toy model, or none, is measured)")
+    C.refuse_given(p.prog, given, ("device", "dtype") if set(sections) <= set(NO_DEVICE) else (),
+                   "in degrade (one CPU thread)")
     device, why = C.pick_device(args.device)
     dtype, why_dt = C.pick_dtype(args.dtype, device)
     cfg = M.PRESETS[args.preset]
     print(f"device {device} ({why}), dtype {dtype} ({why_dt}), torch {torch.__version__}, preset {args.preset}")
-    for name in args.only or SECTIONS:
+    for name in sections:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         print(f"\n## {name}\n\n{markdown(SECTIONS[name](cfg, device, dtype))}", flush=True)

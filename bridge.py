@@ -29,14 +29,15 @@ GPU:        python bridge.py --device cuda --dtype bf16 --init path/to/sft-check
 Differences from the official code (numbered):
   1. Officially there is no Stage-2 script: the distillation runs inside the SFT job. Here it is its own stage (with
      the SFT losses kept on so nothing is forgotten); started from the base with Stage 1's settings it is that one job.
-  2. Toy-sized defaults; official values in the flags' help.
+  2. Toy-sized defaults on the toy world; with --data every default is the official value of --recipe (sft.RECIPES),
+     and the distillation is the recipe's on both (DISTILL).
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -53,23 +54,36 @@ from common import flag
 
 @dataclass
 class BridgeConfig(sft.SFTConfig):
-    distill_weight: float = flag(0.4, "ViT->VAE distillation weight (official HEAD 0.4, release 0.1)", "[0, inf)",
-                                 group="objective")
-    distill_mode: str = flag("per_layer_kl", "distillation variant (official HEAD per_layer_kl, release final_mse)",
-                             choices=["per_layer_kl", "final_mse"], group="objective")
-    distill_stride: int = flag(1, "per_layer_kl: every stride-th layer plus the last", "[1, inf)", group="objective")
+    recipe: str = flag("head", "the official run whose distillation is the default (DISTILL), and with --data all its "
+                       "values: head (scripts/train_mix.sh at HEAD 411d6bd) or release (at a65d61f)",
+                       choices=["head", "release"], group="optimisation")
+    distill_weight: float = flag(0.4, "ViT->VAE distillation weight (official HEAD 0.4, release 0.1; --recipe's)",
+                                 "[0, inf)", group="objective")
+    distill_mode: str = flag("per_layer_kl", "distillation variant (official HEAD per_layer_kl, release final_mse; "
+                             "--recipe's)", choices=["per_layer_kl", "final_mse"], group="objective")
+    distill_stride: int = flag(1, "per_layer_kl: every stride-th layer plus the last (official HEAD 1)", "[1, inf)",
+                               group="objective")
 
 
 BRIDGE_DEFAULTS = dict(steps=400, lr=2e-4, init="out/sft", out="out/bridge")
+DISTILL = {  # each recipe's distillation, the defaults of the flags not given (toy world and --data alike)
+    "head": dict(distill_weight=0.4, distill_mode="per_layer_kl", distill_stride=1),  # train_mix.sh:25-27, 13-14
+    "release": dict(distill_weight=0.1,  # train_mix.sh:17 @a65d61f
+                    distill_mode="final_mse"),  # its only mode: modeling/bagel/bagel.py:288-305 @a65d61f
+}
 
 
 def parse_config(argv=None) -> BridgeConfig:
-    """Flags -> BridgeConfig: Stage 1's checks (sft.parse_config), then the distillation's."""
+    """Flags -> BridgeConfig: Stage 1's checks (sft.check_config), then the distillation's: --recipe's for the flags
+    not given."""
     cfg, prog, given = C.parse_flags(BridgeConfig, __doc__, argv, {**sft.SFT_DEFAULTS, **BRIDGE_DEFAULTS})
     cfg = sft.check_config(cfg, prog, given)
+    cfg = replace(cfg, **{k: v for k, v in DISTILL[cfg.recipe].items() if k not in given})
     C.refuse_given(prog, given, ("reentry",), "in this script (its table compares both re-entry paths)")
     if cfg.distill_weight == 0:
         C.refuse_given(prog, given, ("distill_mode", "distill_stride"), "without --distill-weight > 0")
+    elif cfg.distill_mode == "final_mse":
+        C.refuse_given(prog, given, ("distill_stride",), "with --distill-mode final_mse (it reads the last layer only)")
     return cfg
 
 
@@ -175,7 +189,8 @@ def compare_reentry(models: dict, tok, cfg: BridgeConfig) -> str:
 
 def main(argv=None):
     cfg = parse_config(argv)
-    start, tuned, tok = sft.train(cfg, "bridge", step_loss, distill=cfg.distill_weight > 0)
+    with C.output_lock(cfg.out):  # before any work: one run per --out
+        start, tuned, tok = sft.train(cfg, "bridge", step_loss, distill=cfg.distill_weight > 0)
     if start is None:
         return
     print(compare_reentry({"sft": start, "bridge": tuned}, tok, cfg))

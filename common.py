@@ -11,13 +11,14 @@ replays exactly the steps an uninterrupted run would take: the same loss curve.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import random
 import re
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -43,6 +44,11 @@ def flag(default, help: str, allowed: str | None = None, choices=None, group: st
 
 
 SEED = "[0, 4294967295]"  # the allowed values of every seed flag: numpy's and torch's seeds are non-negative integers
+# The numbers a flag may take beyond its interval: past these, arithmetic on them overflows or underflows somewhere in a
+# run (float32 ends at 3.4e38 and a setting multiplies values that are squared; a 1e-320 temperature divides logits to
+# inf; counts are products of counts in int64 and sizes in int32), long before any useful setting
+FLOAT_RANGE = (1e-12, 1e12)  # a non-zero float flag's magnitude
+INT_LIMIT = 2 ** 31 - 1  # an integer flag without a finite upper end
 INTERVAL = re.compile(r"^([\[(])\s*(-?inf|-?[\d.e+-]+)\s*,\s*(-?inf|-?[\d.e+-]+)\s*([\])])$")
 
 
@@ -60,10 +66,18 @@ def interval_words(allowed: str, integer: bool) -> str:
     return f"{kind} in {allowed}"
 
 
-def refuse(prog: str, message: str):
-    """Stop before any work: one line on stderr, exit status 2 (argparse's convention for bad usage)."""
-    print(f"{prog}: error: {message}", file=sys.stderr)
+def refuse(prog: str, message: str, usage: bool = True):
+    """Stop before any work: one line on stderr, exit status 2 (argparse's convention for bad usage); a usage error
+    (a flag) ends with "(see --help)"."""
+    print(f"{prog}: error: {message}" + (" (see --help)" if usage else ""), file=sys.stderr)
     raise SystemExit(2)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line, `prog: error: message (see --help)`, instead of the usage text."""
+
+    def error(self, message: str):
+        refuse(self.prog, message)
 
 
 def flag_name(name: str) -> str:
@@ -72,7 +86,7 @@ def flag_name(name: str) -> str:
 
 def build_parser(cls, description: str, defaults: dict | None = None) -> argparse.ArgumentParser:
     """An ArgumentParser with one flag per field of `cls` (defaults overridable per script), grouped for --help."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     groups = {}
     for f in sorted(fields(cls), key=lambda f: f.metadata["group"] == "run"):  # the run flags last
         m = f.metadata
@@ -107,7 +121,20 @@ def parse_flags(cls, description: str, argv: list[str] | None = None, defaults: 
         for v in value if isinstance(value, tuple) else (value,):
             if not in_interval(v, allowed):
                 refuse(parser.prog, f"{flag_name(f.name)} {v}: must be {interval_words(allowed, isinstance(v, int))}")
+            if not computable(v, allowed):
+                refuse(parser.prog, f"{flag_name(f.name)} {v}: too {'large' if abs(v) > 1 else 'small'} to compute "
+                                    f"with (non-zero values: {FLOAT_RANGE[0]:g} to {FLOAT_RANGE[1]:g} in magnitude; "
+                                    f"integers up to {INT_LIMIT})")
     return cls(**values), parser.prog, given
+
+
+def computable(value, allowed: str) -> bool:
+    """Within FLOAT_RANGE (floats) or INT_LIMIT (integers of an interval open to inf)?"""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return True
+    if isinstance(value, float):
+        return value == 0 or FLOAT_RANGE[0] <= abs(value) <= FLOAT_RANGE[1]
+    return abs(value) <= INT_LIMIT or INTERVAL.match(allowed).group(3) != "inf"
 
 
 def run_cli(main: Callable):
@@ -116,7 +143,7 @@ def run_cli(main: Callable):
     try:
         main()
     except (CK.InputError, FileNotFoundError) as e:
-        refuse(os.path.basename(sys.argv[0]), str(e).replace("\n", " "))
+        refuse(os.path.basename(sys.argv[0]), str(e).replace("\n", " "), usage=False)
 
 
 def refuse_given(prog: str, given: set, names: tuple, why: str):
@@ -152,6 +179,8 @@ def pick_device(name: str = "auto") -> tuple[torch.device, str]:
             dev = None
         if dev is None or dev.type not in ("cpu", "cuda", "mps"):
             raise CK.InputError(f"--device {name}: not a device; use auto, cpu, cuda, cuda:N or mps")
+        if dev.type in ("cpu", "mps") and dev.index not in (None, 0):
+            raise CK.InputError(f"--device {name}: there is one {dev.type} device, {dev.type} (or {dev.type}:0)")
         if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()) \
                 or dev.type == "mps" and not torch.backends.mps.is_available():
             raise CK.InputError(f"--device {name}: no such device here ({torch.cuda.device_count()} CUDA devices, MPS "
@@ -174,6 +203,8 @@ def pick_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str]:
     if name != "auto":
         if name not in DTYPES:
             raise ValueError(f"--dtype must be auto or one of {sorted(DTYPES)}, not {name!r}")
+        if DTYPES[name] == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise CK.InputError(f"--dtype {name}: {torch.cuda.get_device_name(device)} has no bf16; use fp16 or fp32")
         return DTYPES[name], "asked for"
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16, "auto: bf16 supported on this GPU"
@@ -191,6 +222,9 @@ def setup_run(device: str = "auto", dtype: str = "auto", seed: int = 0, threads:
         if not dist.is_initialized():
             dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     dt, why_dt = pick_dtype(dtype, dev)
+    if threads > (os.cpu_count() or 1):
+        raise CK.InputError(f"--threads {threads}: this machine has {os.cpu_count()} CPUs; pass at most that, or 0 "
+                            "(torch's default)")
     if threads:
         torch.set_num_threads(threads)
     seed_everything(seed + rank)
@@ -257,7 +291,12 @@ class DataFlags(WorldFlags):
                             group="data")
     data: str | None = flag(None, "LLaVA-style JSONL of real data (default: the toy world)", group="data")
     images: str | None = flag(None, "image folder of --data (its image paths are relative to it)", group="data")
-    system: str = flag("toy", "system prompt (official: 'official')", choices=sorted(D.SYSTEM_PROMPTS), group="data")
+    images_anywhere: bool = flag(False, "--data: also read image paths that leave --images (absolute, or with ..)",
+                                 group="data")
+    system: str | None = flag(None, "system prompt: with --data 'official' (INTERLEAVE_REASON_SYSTEM_PROMPT, what "
+                              "CLEAR trains and rolls out under: inferencer.py:662 @411d6bd, "
+                              "interleave_reason.py:131); else the one --init was trained with (the toy stages: 'toy')",
+                              choices=sorted(D.SYSTEM_PROMPTS), group="data", type=str)
 
 
 @dataclass
@@ -279,15 +318,25 @@ class PictureSizeFlags:
 SIZE_FLAGS = tuple(f.name for f in fields(PictureSizeFlags))
 
 
-def check_data_flags(prog: str, cfg: DataFlags, given: set, toy_only: tuple = ()):
+def check_data_flags(prog: str, cfg: DataFlags, given: set, toy_only: tuple = ()) -> DataFlags:
     """The refusals every script with --data shares: --data and --images together; toy flags (world_seed and
-    `toy_only`) refused with real data, picture sizes refused on the toy world."""
+    `toy_only`) and the toy prompt refused with real data, picture sizes refused on the toy world. Returns cfg with
+    --system resolved: with --data the official prompt; else the one --init was trained with (no --init: a toy stage's
+    default, trained with the toy prompt)."""
     if (cfg.data is None) != (cfg.images is None):
         refuse(prog, "--data and --images go together: the JSONL's image paths are relative to --images")
     if cfg.data is not None:
         refuse_given(prog, given, ("world_seed", *toy_only), "with --data (the toy world is not used)")
-    elif isinstance(cfg, PictureSizeFlags):
+        if cfg.system == "toy":
+            refuse(prog, "--system toy with --data: the toy prompt describes the toy world's tags and rule; real data "
+                         "is trained and rolled out under the official INTERLEAVE_REASON_SYSTEM_PROMPT")
+        return replace(cfg, system="official")  # inferencer.py:662 @411d6bd, interleave_reason.py:131
+    refuse_given(prog, given, ("images_anywhere",), "without --data")
+    if isinstance(cfg, PictureSizeFlags):
         refuse_given(prog, given, SIZE_FLAGS, f"on the toy world (its pictures are {D.MODEL_SIZE} px)")
+    if cfg.system is None:
+        return replace(cfg, system="toy" if cfg.init is None else CK.checkpoint_system(cfg.init, D.SYSTEM_PROMPTS))
+    return cfg
 
 
 def check_training_flags(prog: str, cfg: TrainingFlags, given: set):
@@ -295,12 +344,22 @@ def check_training_flags(prog: str, cfg: TrainingFlags, given: set):
         refuse_given(prog, given, ("resume_force",), "without --resume")
 
 
+def output_lock(out):
+    """Hold the lock of output folder `out` for the run (checkpoint.folder_lock; the main process only: torchrun's
+    others write nothing), taken before any work: a second run on the same folder stops at once, naming the first."""
+    problem = CK.output_problem(Path(out))
+    if problem:  # as the flag was given: Path("") reads "."
+        raise CK.InputError(f"--out {out!r} {problem}")
+    return CK.folder_lock(out) if int(os.environ.get("RANK", 0)) == 0 else contextlib.nullcontext()
+
+
 def prepare_out(cfg: TrainingFlags, stage: str, init: str, may_change: tuple, main: bool = True):
     """Before any work: --out must hold this very run (--resume: settled, same stage, same settings but `may_change`)
     or be a folder the first save may replace."""
     if cfg.resume:
+        defaults = {f.name: f.default for f in fields(cfg)}  # what a setting a checkpoint never recorded was then
         CK.check_resume(cfg.out, stage, {**vars(cfg), "init": init}, RESUME_MAY_CHANGE + may_change, cfg.resume_force,
-                        main)
+                        main, defaults)
     else:
         CK.check_out(cfg.out, init)
 
@@ -314,11 +373,11 @@ def trainable(model: torch.nn.Module):
 
 
 def make_optimizer(model, lr: float, betas=(0.9, 0.95), eps: float = 1e-15, weight_decay: float = 0.0):
-    """AdamW as BAGEL/CLEAR train: beta (0.9, 0.95), eps 1e-15; decay on matrices only."""
-    params = trainable(model)
-    groups = [{"params": [p for _, p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    """AdamW as BAGEL/CLEAR train: beta (0.9, 0.95), eps 1e-15, one group: every trainable parameter decays, biases
+    and norms too (official AdamW(fsdp_model.parameters(), weight_decay=...): pretrain_unified_corruption.py:651-657
+    @411d6bd)."""
+    return torch.optim.AdamW([p for _, p in trainable(model)], lr=lr, betas=betas, eps=eps,
+                             weight_decay=weight_decay)
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int, floor: float) -> float:
@@ -435,6 +494,29 @@ def paired_bootstrap(a, b, n_boot: int = 10000, seed: int = 0) -> dict:
 # Logging
 
 
+def read_log(path: Path) -> list[tuple[str, dict]]:
+    """The (line, record) pairs of a JSONL log that Log wrote. A last line that a crash (a full disk, a kill) cut short
+    is dropped with a warning; any other line that is not a record with an integer step is an InputError naming it."""
+    lines = CK.read_bytes(path, "a JSONL log").split(b"\n")
+    out = []
+    for n, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except (ValueError, RecursionError):  # not UTF-8, not JSON (cut short), nested too deep
+            record = None
+        step = record.get("step", 0) if isinstance(record, dict) else None
+        if isinstance(step, int) and not isinstance(step, bool):
+            out.append((raw.decode(), record))
+        elif n == len(lines):  # no newline after it: the write that a crash interrupted
+            print(f"warning: {path} line {n} was cut short (a crash as it was written); dropped it", file=sys.stderr)
+        else:
+            raise CK.InputError(f"{path} line {n} is not a log record (a JSON object with an integer step): remove "
+                                "that line, or the log")
+    return out
+
+
 class Log:
     """One line per step with fixed fields on stdout (via tqdm) and the same record in a JSONL file."""
 
@@ -445,8 +527,7 @@ class Log:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         keep = []
         if resume_step is not None and self.path.exists():  # drop what the killed run logged after its checkpoint
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line and json.loads(line).get("step", 0) <= resume_step]
+            keep = [line for line, record in read_log(self.path) if record.get("step", 0) <= resume_step]
         self.path.write_text("".join(line + "\n" for line in keep))
 
     def __call__(self, record: dict, bar: tqdm | None = None):

@@ -57,6 +57,7 @@ import math
 import re
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -69,25 +70,34 @@ from tqdm import tqdm
 
 import checkpoint as CK
 import model as M
-from degrade import CORRUPTIONS, MIN_SIZE, SEVERITIES, degrade, sample_corruption, to_rgb
+from degrade import CORRUPTIONS, MAX_PIXELS, MIN_SIZE, SEVERITIES, degrade, sample_corruption, to_rgb
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Pictures <-> tensors (BAGEL: data/transforms.py ImageTransform, inferencer.decode_image; RGB by degrade.to_rgb)
 
 
 def open_image(path) -> Image.Image:
-    """A picture file, fully decoded (a truncated file fails here, not at the step that draws it), as RGB."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} {'is a folder' if path.is_dir() else 'does not exist'}: pass a picture file "
-                                "(JPEG, PNG, ...)")
+    """A picture file, fully decoded (a truncated file fails here, not at the step that draws it), as RGB; one of more
+    than degrade.MAX_PIXELS pixels is refused before it is decoded."""
+    path = CK.regular_file(path, "a picture file (JPEG, PNG, ...)")
     try:
-        with Image.open(path) as im:
-            im.load()
-            return to_rgb(im)
+        with warnings.catch_warnings(), Image.open(path) as im:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, with the limit
+            too_large = pixels_problem(*im.size)
+            if too_large is None:
+                im.load()
+                return to_rgb(im)
     except Exception as e:  # Pillow raises several types for foreign or truncated files
         raise CK.InputError(f"{path} is not a readable picture ({type(e).__name__}: {e}); pass a complete JPEG, PNG, "
                             "... file") from None
+    raise CK.InputError(f"{path} is {too_large}")
+
+
+def pixels_problem(w: int, h: int) -> str | None:
+    if w * h > MAX_PIXELS:
+        return (f"{w}x{h} = {w * h:,} pixels, over the limit of {MAX_PIXELS:,} (degrade.MAX_PIXELS: each draw "
+                "degrades it at full size); downscale it")
+    return None
 
 
 def fit_size(w: int, h: int, max_size: int, min_size: int, stride: int, max_pixels: int = 14 * 14 * 9 * 1024):
@@ -212,16 +222,14 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path) -> "Tokenizer":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist: pass a tokenizer.json (BAGEL-7B-MoT's, or a nanoCLEAR "
-                                    "checkpoint's)")
+        path = CK.regular_file(path, "a tokenizer.json (BAGEL-7B-MoT's, or a nanoCLEAR checkpoint's)")
         return cls(CK.read_tokenizer(path), str(path))
 
     @classmethod
     def from_folder(cls, folder) -> "Tokenizer":
+        CK.settle_folder(folder)  # as every reader of a checkpoint folder
         path = Path(folder) / "tokenizer.json"
-        if not path.is_file():
+        if CK.file_problem(path) == "does not exist":
             raise FileNotFoundError(f"{folder} has no tokenizer.json: pass a BAGEL-format checkpoint folder, "
                                     "or train the toy tokenizer with data.train_toy_tokenizer")
         return cls.from_file(path)
@@ -571,6 +579,11 @@ def ask(scene: Scene, qtype: str, rng: np.random.Generator, mc: bool) -> tuple:
 TOY_QTYPES = ("colour", "count")
 
 
+def toy_questions(qtypes: tuple = TOY_QTYPES) -> list[str]:
+    """Every question text the toy world asks in open form (what a length check needs)."""
+    return [t.format(shape=s, colour=c) for q in qtypes for t in QUESTIONS[q][0] for s in SHAPES for c in COLOURS]
+
+
 class ToyWorld:
     """The toy VQA world. `seed` salts the train / held-out split of scene layouts; same seed, same world.
     `qtypes`: the question types asked (any of QUESTIONS)."""
@@ -736,15 +749,21 @@ PANDAS_NA = {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan
 
 
 def image_problem(source) -> str | None:
-    """Why a picture cannot be trained or evaluated on, or None: it must decode fully (Image.verify passes truncated
-    files, which then fail at the step that draws them) and its short side must be at least degrade.MIN_SIZE."""
+    """Why a picture (a path or an in-memory file) cannot be trained or evaluated on, or None: it must be a regular
+    file, have at most degrade.MAX_PIXELS pixels, decode fully (Image.verify passes truncated files, which then fail at
+    the step that draws them) and have a short side of at least degrade.MIN_SIZE."""
+    if isinstance(source, (str, Path)) and CK.file_problem(source):
+        return CK.file_problem(source)
     try:
-        with Image.open(source) as im:
-            im.load()
+        with warnings.catch_warnings(), Image.open(source) as im:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, with the limit
             w, h = im.size
+            if pixels_problem(w, h):
+                return pixels_problem(w, h)
+            im.load()
     except Image.UnidentifiedImageError:  # its message holds the repr of an in-memory file
         return "not a picture file Pillow can read (JPEG, PNG, ...)"
-    except Exception as e:  # missing, truncated, not an image, a decompression bomb
+    except Exception as e:  # truncated, not an image, a decompression bomb
         return f"{type(e).__name__}: {e}"
     return f"{w}x{h} pixels, under degrade's minimum side {MIN_SIZE}" if min(w, h) < MIN_SIZE else None
 
@@ -755,55 +774,84 @@ def skip_report(path, rows: list, problems: list, where: str, first: int = 5) ->
     return f"{path}: {len(rows)} rows used, {len(problems)} skipped" + (f" (first: {reasons})" if problems else "")
 
 
-def read_jsonl(path, images_dir) -> tuple[list[dict], list[tuple]]:
+MAX_JSONL_LINE = 16 << 20  # bytes of one JSONL record: a LLaVA row is a few KB (its picture is a file, not inline)
+
+
+def jsonl_lines(path: Path) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, bytes) of a file, None for a line over MAX_JSONL_LINE bytes (skipped unread, never held whole)."""
+    try:
+        with open(path, "rb") as f:
+            n = 0
+            while raw := f.readline(MAX_JSONL_LINE + 1):
+                n += 1
+                if len(raw) <= MAX_JSONL_LINE or raw.endswith(b"\n"):
+                    yield n, raw
+                    continue
+                while (rest := f.readline(MAX_JSONL_LINE)) and not rest.endswith(b"\n"):
+                    pass
+                yield n, None
+    except OSError as e:  # no permission, an I/O error
+        raise CK.InputError(f"{path} cannot be read ({e.strerror}); pass a readable JSONL file") from None
+
+
+def outside(image: str) -> bool:
+    """Does an image path leave its folder (absolute, or through '..')? degrade.py refuses the same paths."""
+    return Path(image).is_absolute() or ".." in Path(image).parts
+
+
+def read_jsonl(path, images_dir, anywhere: bool = False) -> tuple[list[dict], list[tuple]]:
     """LLaVA-style rows -> ([{line, image, question, response}], [(line, reason)] for the rows that were skipped).
 
     Accepts {"image", "conversations": [{"from": "human", ...}, {"from": "gpt", ...}]} and {"image", "question",
-    "answer"}; the first human and gpt turns are used; image paths are relative to images_dir.
+    "answer"}; the first human and gpt turns are used; image paths are relative to images_dir, and must stay inside it
+    (no absolute path, no '..') unless `anywhere` (--images-anywhere).
     """
-    path, images_dir = Path(path), Path(images_dir)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} {'is a folder' if path.is_dir() else 'does not exist'}: pass a JSONL file "
-                                "with one LLaVA-style record per line")
+    path, images_dir = CK.regular_file(path, "a JSONL file with one LLaVA-style record per line"), Path(images_dir)
     if not images_dir.is_dir():
         raise FileNotFoundError(f"--images {images_dir} is not a folder: pass the folder the image paths of {path} are "
                                 "relative to")
     rows, problems = [], []
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a UTF-8 byte-order mark is allowed
-            except UnicodeDecodeError as e:
-                raise CK.InputError(f"{path} line {n} is not UTF-8 (byte 0x{raw[e.start]:02x}); save the file as "
-                                    "UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                problems.append((n, f"not JSON ({e.msg})"))
-                continue
-            if not isinstance(rec, dict) or "image" not in rec:
-                problems.append((n, "no 'image' key"))
-                continue
-            if not isinstance(rec["image"], str) or not rec["image"].strip():
-                problems.append((n, f"'image' is {json.dumps(rec['image'])[:60]}, not one picture path"))
-                continue
-            if "conversations" in rec:
-                turns = rec["conversations"] if isinstance(rec["conversations"], list) else []
-                human = next((t.get("value") for t in turns if isinstance(t, dict) and t.get("from") == "human"), None)
-                gpt = next((t.get("value") for t in turns if isinstance(t, dict) and t.get("from") == "gpt"), None)
-            else:
-                human, gpt = rec.get("question"), rec.get("answer")
-            if not isinstance(human, str) or not isinstance(gpt, str) or not human.strip() or not gpt.strip():
-                problems.append((n, "no human question and gpt answer"))
-                continue
-            image = images_dir / rec["image"]
-            why = image_problem(image)
-            if why:
-                problems.append((n, f"unusable image {image} ({why})"))
-                continue
-            rows.append(dict(line=n, image=image, question=human.replace("<image>", "").strip(), response=gpt))
+    for n, raw in jsonl_lines(path):
+        if raw is None:
+            problems.append((n, f"longer than {MAX_JSONL_LINE:,} bytes"))
+            continue
+        try:
+            line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a UTF-8 byte-order mark is allowed
+        except UnicodeDecodeError as e:
+            raise CK.InputError(f"{path} line {n} is not UTF-8 (byte 0x{raw[e.start]:02x}); save the file as "
+                                "UTF-8") from None
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except (ValueError, RecursionError) as e:  # nested too deep, an integer of 4300+ digits: not JSON we read
+            problems.append((n, f"not JSON ({e.msg if isinstance(e, json.JSONDecodeError) else str(e)[:80]})"))
+            continue
+        if not isinstance(rec, dict) or "image" not in rec:
+            problems.append((n, "no 'image' key"))
+            continue
+        if not isinstance(rec["image"], str) or not rec["image"].strip():
+            problems.append((n, f"'image' is {json.dumps(rec['image'])[:60]}, not one picture path"))
+            continue
+        if outside(rec["image"]) and not anywhere:
+            problems.append((n, f"image path {rec['image'][:80]!r} is absolute or has '..': pictures come from inside "
+                                "--images (pass --images-anywhere to allow others)"))
+            continue
+        if "conversations" in rec:
+            turns = rec["conversations"] if isinstance(rec["conversations"], list) else []
+            human = next((t.get("value") for t in turns if isinstance(t, dict) and t.get("from") == "human"), None)
+            gpt = next((t.get("value") for t in turns if isinstance(t, dict) and t.get("from") == "gpt"), None)
+        else:
+            human, gpt = rec.get("question"), rec.get("answer")
+        if not isinstance(human, str) or not isinstance(gpt, str) or not human.strip() or not gpt.strip():
+            problems.append((n, "no human question and gpt answer"))
+            continue
+        image = images_dir / rec["image"]
+        why = image_problem(image)
+        if why:
+            problems.append((n, f"unusable image {image} ({why})"))
+            continue
+        rows.append(dict(line=n, image=image, question=human.replace("<image>", "").strip(), response=gpt))
     if not rows and not problems:
         raise CK.InputError(f"{path} is empty: pass a JSONL file with one LLaVA-style record per line")
     if not rows:
@@ -839,20 +887,32 @@ def read_tsv(path) -> tuple[list[dict], list[tuple]]:
     Rows whose image holds another row's index (MMBench circular copies) get that row's image (official:
     ImageBaseDataset). Options are the non-empty A, B, ... columns; malformed rows are reported and skipped.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} {'is a folder' if path.is_dir() else 'does not exist'}: pass a VLMEvalKit TSV "
-                                "(e.g. MMBench_DEV_EN_LOW_LEVEL_HIGH.tsv)")
+    path = CK.regular_file(path, "a VLMEvalKit TSV (e.g. MMBench_DEV_EN_LOW_LEVEL_HIGH.tsv)")
     csv.field_size_limit(sys.maxsize)  # base64 images are far longer than csv's default field limit
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:  # a UTF-8 byte-order mark is allowed (as pandas does)
             reader = csv.DictReader(f, delimiter="\t")
-            table, columns = list(reader), set(reader.fieldnames or ())
+            header, table, ends = reader.fieldnames or [], [], []
+            start = reader.line_num
+            for r in reader:
+                table.append(r)
+                ends.append(reader.line_num)  # the physical line each row ends on
+            columns = set(header)
     except csv.Error as e:
         raise CK.InputError(f"{path} is not a readable TSV ({e}): is it a VLMEvalKit TSV?") from None
     except UnicodeDecodeError as e:
         raise CK.InputError(f"{path} is not UTF-8 text ({e.reason}, byte 0x{e.object[e.start]:02x}); save it as "
                             "UTF-8") from None
+    except OSError as e:  # no permission, an I/O error
+        raise CK.InputError(f"{path} cannot be read ({e.strerror}); pass a readable TSV") from None
+    twice = sorted({c for c in header if header.count(c) > 1})
+    if twice:
+        raise CK.InputError(f"{path}: its header names the columns {twice} more than once, and only one of each "
+                            "would be read; rename or remove the others")
+    for r, first, last in zip(table, [start, *ends], ends):
+        if last > first + 1 and any("\t" in v and "\n" in v for v in r.values() if isinstance(v, str)):
+            raise CK.InputError(f"{path} line {first + 1}: a quote (\") opens a cell that runs on to line {last}, "
+                                "taking the rows between into it; close the quote, or remove it")
     missing = {"index", "image", "question", "answer"} - columns
     if missing:
         raise CK.InputError(f"{path} lacks the columns {sorted(missing)}: is it a VLMEvalKit TSV (tab-separated, "
@@ -869,8 +929,9 @@ def read_tsv(path) -> tuple[list[dict], list[tuple]]:
         image = r["image"] or ""
         if len(image) <= 64:  # official: a short value is the index of the row that holds the image
             image = images.get(image.strip(), "") or ""
-        reason = (f"{len(reader.fieldnames) + len(r[None])} cells where the header has {len(reader.fieldnames)}"
-                  if None in r else "no index" if not (r["index"] or "").strip()
+        cells = sum(v is not None for k, v in r.items() if k is not None) + len(r.get(None, ()))
+        reason = (f"{cells} cells where the header has {len(header)}" if cells != len(header)
+                  else "no index" if not (r["index"] or "").strip()
                   else "its index repeats an earlier row's" if r["index"] in seen
                   else "no image" if not (r["image"] or "").strip()
                   else f"undecodable image ({r['image'].strip()!r} is no row's index, "
@@ -1006,22 +1067,38 @@ def probe_answers(net: torch.nn.Module, images: list[Image.Image], examples: lis
 def perception_probe(world: ToyWorld, folder: Path | None = None, n_train: int = 3000, steps: int = 500,
                      seed: int = 0) -> torch.nn.Module:
     """The fixed probe trained on clean pictures only (a clean-trained perception model, like BAGEL's understanding),
-    cached in `folder` (probe.safetensors + probe.json, keyed by its settings) so every evaluation reads the same
-    one."""
-    from safetensors.torch import load_file, save_file
+    cached in `folder` (probe.safetensors + probe.json, keyed by its settings, written as one set) so every evaluation
+    reads the same one."""
     key = dict(world_seed=world.seed, qtypes=list(world.qtypes), size=MODEL_SIZE, n_train=n_train, steps=steps,
                seed=seed)
-    if (folder is not None and (folder / "probe.json").exists() and
-            json.loads((folder / "probe.json").read_text()) == key):
-        net = probe_net()
-        net.load_state_dict(load_file(str(folder / "probe.safetensors")))
-        return net.eval()
+    net = cached_probe(folder, key) if folder is not None else None
+    if net is not None:
+        return net
     net = train_probe(*probe_set(world, np.random.default_rng([world.seed, seed, 3]), n_train, hard=False), steps, seed)
     if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file(net.state_dict(), str(folder / "probe.safetensors"))
-        (folder / "probe.json").write_text(json.dumps(key))
+        def write(tmp: Path):
+            CK.save_tensors(net.state_dict(), tmp / "probe.safetensors")
+            (tmp / "probe.json").write_text(json.dumps(key))
+        try:
+            CK.atomic_write_folder(folder, write)  # both files from one write, or neither
+        except CK.FolderInUse as e:
+            print(f"{e}; the probe is not cached this time")
     return net
+
+
+def cached_probe(folder: Path, key: dict) -> torch.nn.Module | None:
+    """The probe cached in `folder` if it holds a complete set (checkpoint.MARKER: both files from one write) trained
+    with the settings `key`; None otherwise, said in one line when a cache was there but unreadable."""
+    try:
+        CK.settle_folder(folder)
+        if not (folder / CK.MARKER).exists() or CK.read_json(folder / "probe.json") != key:
+            return None  # none yet, written before caches were sets, or other settings: trained again
+        net = probe_net()
+        net.load_state_dict(CK.read_tensors(folder / "probe.safetensors"))
+        return net.eval()
+    except (CK.InputError, FileNotFoundError, RuntimeError) as e:  # RuntimeError: tensors of other names or shapes
+        print(f"{folder}: the cached perception probe is unusable ({str(e)[:200]}); training it again")
+        return None
 
 
 def calibrate_world(world: ToyWorld, n_train: int = 3000, n_eval: int = 400, steps: int = 500, seed: int = 0) -> dict:
@@ -1040,8 +1117,16 @@ def calibrate_world(world: ToyWorld, n_train: int = 3000, n_eval: int = 400, ste
     return results
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line, `data.py: error: message (see --help)` (common.Parser's twin: common
+    imports this file)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def main():
-    ap = argparse.ArgumentParser(description="The toy VQA world of nanoCLEAR: contact sheet and calibration.")
+    ap = Parser(description="The toy VQA world of nanoCLEAR: contact sheet and calibration.")
     ap.add_argument("--seed", type=int, default=0, help="world seed (salts the train / held-out split)")
     ap.add_argument("--show", type=int, default=0,
                     help="held-out items to draw at clean / low / mid / hard (at most 32 rows) and to count restores "

@@ -23,16 +23,20 @@ Differences from the official code (each op's docstring says more):
    cvtColor HSV, warpAffine of the motion kernel, addWeighted, circles and Canny-on-rectangles match it to ±1
    level or exactly; thick lines, ellipses and the Hershey font are look-alikes (same ink within ±8%); the JPEG
    codec is Pillow's libjpeg. mean_shift is pyrMeanShiftFiltering step by step with every window read in full,
-   bit for bit OpenCV's (5.0 and 5.1), at two to six times OpenCV's CPU time (README, corruption speed).
+   bit for bit OpenCV's (5.0 and 5.1), and slower than OpenCV (times depend on the machine: docs/corruptions.md).
    watermark_damage's inpaint (TELEA) is a faster approximation; its docstring gives the bounds.
 6. lens_blur keeps the HEAD cap of 101 on its kernel size; the release before it had none (273/139/73).
 """
 import argparse
+import fcntl
 import glob
 import io
 import json
 import os
 import shutil
+import stat
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +60,10 @@ METHOD_WEIGHTS = {  # official: generate_degradation_benchmark.py and process_de
 }
 TRAIN_SEVERITY_PROBS = {0.23: 0.2, 0.45: 0.3, 0.9: 0.5}  # official: process_degradation_images.py
 MIN_SIZE = 16
+# The largest picture read (width x height): every corruption runs on the picture at full size, so a draw's time grows
+# with its pixels (issue 31 timed over a minute a draw at 100 MP); 64 MP holds a 50 MP camera photo and stays below
+# Pillow's decompression-bomb warning
+MAX_PIXELS = 64_000_000
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -357,12 +365,12 @@ def mean_shift(img, intensity, rng):
     its colour mode with window radius sp/2; (2) the result comes back with pyrUp; (3) pixels near its edges (a
     level-1 neighbour differs by ≥ max(sr, 4) in colour, dilated 3×3) walk again at full size with radius sp.
     Every window is read in full, as OpenCV does, so the output is OpenCV's bit for bit: tests pin OpenCV 5.1's at
-    low, mid and hard (5.0's are the same at mid and hard), and so it was in all 36 cases checked (scikit-image's
+    low, mid and hard (5.0's are the same at mid and hard), and so it was on four real photos (scikit-image's
     astronaut, coffee, chelsea and rocket at 128 px, 256 px and native size, three severities). An earlier version
-    read each window at 25 or 17 sampled pixels: 10-40x faster, but its walks ended at scattered modes, a speckle the
-    full windows average away (it added high-frequency energy where OpenCV removes it). Full windows cost 2-6x
-    OpenCV's CPU time, most at low, whose small windows leave `_shift_to_mode`'s blocks mostly unused (README,
-    corruption speed)."""
+    read each window at 25 or 17 sampled pixels: much faster, but its walks ended at scattered modes, a speckle the
+    full windows average away (it added high-frequency energy where OpenCV removes it). Full windows cost more CPU
+    time than OpenCV, relatively most at low, whose small windows leave `_shift_to_mode`'s blocks mostly unused;
+    times depend on the machine, so they live in docs/corruptions.md (speed, difference 6), not here."""
     sp = sr = int(intensity * 40)  # official: pyrMeanShiftFiltering(img, int(40I), int(40I)), maxLevel 1
     h, w = img.shape[:2]
     small = _pyr_down(img)
@@ -696,16 +704,39 @@ class BadInput(ValueError):
     """An input the CLI cannot use; the message names the file (and line), the problem and what to do."""
 
 
+def _file_problem(path):
+    """Why `path` is no regular file to read, or None (checkpoint.file_problem's twin: degrade.py imports nothing of
+    the project). Reading a FIFO or a device would block for ever."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "does not exist"
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+    if stat.S_ISDIR(mode):
+        return "is a folder"
+    return None if stat.S_ISREG(mode) else "is not a regular file (a FIFO, a socket or a device)"
+
+
 def _open_image(path):
-    """Open and fully decode an image file: truncated files fail whatever ImageFile.LOAD_TRUNCATED_IMAGES says."""
+    """Open and fully decode an image file: truncated files fail whatever ImageFile.LOAD_TRUNCATED_IMAGES says, and
+    one of more than MAX_PIXELS pixels is refused before it is decoded."""
+    problem = _file_problem(path)
+    if problem:
+        raise BadInput(f"{path} {problem}; give an image file")
     truncated_ok, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
-        with Image.open(path) as image:
-            image.load()
+        with warnings.catch_warnings(), Image.open(path) as image:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, with the limit
+            if image.width * image.height <= MAX_PIXELS:
+                image.load()
     except Exception as e:  # PIL's decoders raise OSError, SyntaxError, ValueError, EOFError, ...
         raise BadInput(f"{path} is not a readable image ({e}); replace it with a complete PNG/JPEG/... file") from None
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
+    if image.width * image.height > MAX_PIXELS:
+        raise BadInput(f"{path} is {image.width}x{image.height} = {image.width * image.height:,} pixels, over the "
+                       f"limit of {MAX_PIXELS:,} (MAX_PIXELS); downscale it")
     if min(image.size) < MIN_SIZE:
         raise BadInput(f"{path} is {image.width}x{image.height} px, under the {MIN_SIZE} px minimum side; "
                        "use a larger image")
@@ -768,6 +799,9 @@ def _save_atomic(image, path, **save_args):
 
 def _read_jsonl(path):
     """{image path: first line} of a JSONL file; BadInput if it is unreadable, not UTF-8, empty or has bad rows."""
+    problem = _file_problem(path)
+    if problem:
+        raise BadInput(f"{path} {problem}; give an existing JSONL file")
     try:
         raw = Path(path).read_bytes()
         text = raw.decode("utf-8-sig")  # a UTF-8 byte-order mark is allowed
@@ -782,8 +816,8 @@ def _read_jsonl(path):
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as e:
-            problems.append(f"line {n} is not JSON ({e.msg})")
+        except (ValueError, RecursionError) as e:  # also nested too deep, an integer of 4300+ digits
+            problems.append(f"line {n} is not JSON ({e.msg if isinstance(e, json.JSONDecodeError) else str(e)[:80]})")
             continue
         image = row.get("image") if isinstance(row, dict) else None
         if not isinstance(image, str) or not image:
@@ -807,8 +841,9 @@ def _check_images(images, images_dir, jsonl):
     problems = []
     for rel, n in tqdm(images.items(), desc="check", unit="img"):
         try:
-            if not (images_dir / rel).is_file():
-                raise BadInput(f"{images_dir / rel} does not exist (check --images and the path)")
+            problem = _file_problem(images_dir / rel)
+            if problem:
+                raise BadInput(f"{images_dir / rel} {problem} (check --images and the path)")
             _open_image(images_dir / rel)
             _image_format(images_dir / rel)
         except BadInput as e:
@@ -841,16 +876,23 @@ def _fsync(path):
 
 
 def _remove_stale(out_dir):
-    """Clear what a killed run left beside --out: its temporary folder, and the earlier output it had set aside,
-    which goes back to --out if the kill came between the two renames of the swap."""
-    pattern = glob.escape(f".{out_dir.name}")
-    for old in out_dir.parent.glob(pattern + ".old-*"):
+    """Settle what a killed run left beside --out, as checkpoint.settle_folder does for checkpoints: the newest complete
+    copy (a `.new-` folder, written and flushed in full; the kill came before or between the renames) becomes --out,
+    else an `.old-` copy goes back when the kill came between the two renames and left no --out; the rest goes. Runs
+    under the lock only, so whatever it removes belongs to no live run."""
+    pattern, parent = glob.escape(f".{out_dir.name}"), out_dir.parent
+    newest = lambda kind: max(parent.glob(f"{pattern}.{kind}-*"), key=lambda p: p.stat().st_mtime_ns,  # noqa: E731
+                              default=None)
+    best = newest("new") or (None if out_dir.exists() else newest("old"))
+    if best is not None:
         if out_dir.exists():
-            shutil.rmtree(old)
-        else:
-            os.rename(old, out_dir)
-    for tmp in out_dir.parent.glob(pattern + ".tmp-*"):
-        shutil.rmtree(tmp)
+            os.rename(out_dir, out_dir.with_name(f".{out_dir.name}.old-{os.urandom(4).hex()}"))
+        os.rename(best, out_dir)
+        _fsync(parent)
+        print(f"{out_dir}: recovered the newest complete output from {best.name}, left by an interrupted run")
+    for kind in ("tmp", "new", "old"):
+        for stale in parent.glob(f"{pattern}.{kind}-*"):
+            shutil.rmtree(stale)
 
 
 def _swap_in(tmp, out_dir):
@@ -868,6 +910,37 @@ def _swap_in(tmp, out_dir):
     shutil.rmtree(old, ignore_errors=True)
 
 
+@contextmanager
+def _lock(out_dir):
+    """One run per --out: an flock on `.{name}.lock` beside it, holding the PID (POSIX; checkpoint.folder_lock's small
+    twin). The OS drops it when its process dies, so a killed run never blocks the next; a second live run stops."""
+    path = out_dir.with_name(f".{out_dir.name}.lock")
+    while True:
+        try:
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:  # read-only, no permission, a file in the way
+            raise BadInput(f"--out {out_dir} cannot be written ({e.strerror}: {e.filename}); give a folder you can "
+                           "write to") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise BadInput(f"--out {out_dir} is in use by process {pid}, another degrade.py run: wait for it to end, "
+                           "or give another --out") from None
+        if os.path.exists(path) and os.fstat(fd).st_ino == os.stat(path).st_ino:
+            break
+        os.close(fd)  # its holder removed the file as we waited on it: lock the new one
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+
+
 def degrade_dataset(jsonl, images_dir, out_dir, severities=tuple(SEVERITIES), seed=0):
     """MMD-Bench-style copy: one corruption per image (benchmark weights), the same one at every severity.
 
@@ -875,14 +948,21 @@ def degrade_dataset(jsonl, images_dir, out_dir, severities=tuple(SEVERITIES), se
     intensity, seed}); `degrade(Image.open(image), corruption, intensity, seed)` reproduces each output.
     All-or-nothing: every row and image is checked first (BadInput names the first few problems, nothing is
     written); the copy is built in a hidden sibling folder, synced, then renamed to OUT, so OUT is always a
-    complete earlier or new copy and a failed or interrupted run leaves it as it was. One run per OUT at a time."""
+    complete earlier or new copy and a failed or interrupted run leaves it as it was (a kill between the renames leaves
+    the new copy beside it, which the next run puts in place first). One run per OUT at a time: a second one stops at
+    once (a lock beside OUT)."""
     images_dir, out_dir = Path(images_dir), Path(os.path.abspath(out_dir))  # abspath: "out/" and "." have names
+    with _lock(out_dir):
+        _remove_stale(out_dir)  # first: an interrupted swap of an earlier run leaves no --out until settled
+        return _write_dataset(jsonl, images_dir, out_dir, severities, seed)
+
+
+def _write_dataset(jsonl, images_dir, out_dir, severities, seed):
     images = _read_jsonl(jsonl)
     _check_out(out_dir, images_dir)
     _check_images(images, images_dir, jsonl)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    done = out_dir.with_name(f".{out_dir.name}.new-{os.getpid()}")
     os.mkdir(tmp)  # permissions from the umask (tempfile.mkdtemp would make it 0700)
     try:
         rows = []
@@ -904,15 +984,25 @@ def degrade_dataset(jsonl, images_dir, out_dir, severities=tuple(SEVERITIES), se
             os.fsync(f.fileno())
         for folder in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:  # their entries, too, must reach the disk
             _fsync(folder)
-        _swap_in(tmp, out_dir)
-    except BaseException:
+        os.rename(tmp, done)  # complete: from here a kill leaves this copy to the next run (_remove_stale)
+        _fsync(out_dir.parent)
+        _swap_in(done, out_dir)
+    except BaseException:  # an error or Ctrl-C: --out stays as it was
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(done, ignore_errors=True)
         raise
     return out_dir / "manifest.jsonl"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line, `degrade.py: error: message (see --help)` (common.Parser's twin)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="degrade.py", description="MMD-Bench corruptions: draw a contact sheet of "
+    parser = _Parser(prog="degrade.py", description="MMD-Bench corruptions: draw a contact sheet of "
                                      "one image, or write a degraded copy of a JSONL dataset.")
     parser.add_argument("image", nargs="?", help="image for a contact sheet (16 corruptions × clean/low/mid/hard)")
     parser.add_argument("--out", required=True,

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 
+import checkpoint as CK
 import data as D
 import model as M
 from common import SEED, flag, refuse, refuse_given
@@ -99,6 +100,13 @@ class InferenceConfig:
 
 
 
+# The denoising grid's flags: far beyond the official values (50 points, shift 3), and within what the grid's float32
+# arithmetic holds. A shift far from 1 crowds the points together until two are equal and the SDE's step divides by
+# zero (a NaN restoration, then a crash sampling the next text); every point is a model call
+GRID_POINTS = "[2, 10000]"
+SHIFTS = "[0.001, 1000]"
+
+
 @dataclass
 class InferenceFlags:
     """The inference settings a script exposes as flags (the stages' toy tables, evaluate.py); `inference_config` maps
@@ -109,8 +117,8 @@ class InferenceFlags:
     max_text_tokens: int | None = flag(None, "tokens per decoded segment (default: toy 48; real data 4096, official)",
                                        "[1, inf)", group="inference", type=int)
     denoise_steps: int | None = flag(None, "denoising points when restoring (default: toy 10; real data 50, official)",
-                                     "[2, inf)", group="inference", type=int)
-    timestep_shift: float = flag(3.0, "timestep shift of the denoising grid (official 3.0)", "(0, inf)",
+                                     GRID_POINTS, group="inference", type=int)
+    timestep_shift: float = flag(3.0, "timestep shift of the denoising grid (official 3.0)", SHIFTS,
                                  group="inference")
     cfg_text_scale: float = flag(3.0, "text CFG when restoring (official 3.0)", "[0, inf)", group="inference")
     cfg_img_scale: float = flag(1.5, "image CFG when restoring (official 1.5)", "[0, inf)", group="inference")
@@ -156,10 +164,46 @@ def check_table_flags(prog: str, cfg, given: set, table_flags: tuple, no_table: 
     return replace(cfg, eval_n=0)
 
 
+def positions_needed(cfg: InferenceConfig, prefix: int, restore_text: int = 1) -> int:
+    """The most RoPE positions one row can take: its prefix, then max_rounds text segments of max_text_tokens (or the
+    forced <image_restore> of restore_text tokens), each framed by <|im_start|> and <|im_end|>, and a restored picture
+    re-entering before every later round (one position per image block; the noised block takes none)."""
+    pictures = {"bridge": 1, "decode_reencode": 1, "decode_reencode_vae": 2}[cfg.reentry]
+    rounds = cfg.max_rounds if cfg.allow_restore else 1
+    return prefix + rounds * (max(cfg.max_text_tokens, restore_text) + 2) + (rounds - 1) * pictures
+
+
+def check_positions(cfg: InferenceConfig, model_cfg: M.ModelConfig, tok, questions, system: str,
+                    source: str):
+    """Before any work: InputError for inference settings whose longest row would run past the model's positions
+    (max_position_embeddings), which fails mid-run. The prefix counted is the longest a mode builds: a system prompt
+    (the stage's or the text mode's), the picture as VAE and as ViT block, the longest of `questions`."""
+    prompt = max(len(tok.encode(D.SYSTEM_PROMPTS[system])), len(tok.encode(D.VLM_THINK_SYSTEM_PROMPT)))
+    longest = max(len(tok.encode(q.replace("<image>", "").strip())) for q in questions)
+    prefix = prompt + 2 + 2 + longest + 2
+    need = positions_needed(cfg, prefix, len(tok.encode(D.RESTORE_TOKEN)))
+    if need > model_cfg.max_position_embeddings:
+        raise CK.InputError(f"--max-text-tokens {cfg.max_text_tokens} with --max-rounds {cfg.max_rounds}: a row takes "
+                            f"up to {need} positions (a prefix of {prefix} with the longest question of {source}, then "
+                            f"every round), but the model's positions end at {model_cfg.max_position_embeddings}: "
+                            "pass a smaller --max-text-tokens or --max-rounds")
+
+
+def check_time_grid(prog: str, shift: float, points: int, flag: str):
+    """Refuse a shift and a number of points whose shifted grid has two equal points in float32 (the step between them
+    is zero, and the SDE divides by it)."""
+    ts = M.flow_timesteps(points, shift)
+    if not bool(torch.isfinite(ts).all()) or not bool((ts[:-1] > ts[1:]).all()):
+        refuse(prog, f"--timestep-shift {shift} with {points} {flag}: two points of the shifted time grid are equal in "
+                     "float32 (a step of zero); pass a shift nearer 1 (official 3.0) or fewer points")
+
+
 def check_inference_flags(prog: str, flags: InferenceFlags):
     lo, hi = flags.cfg_interval
     if lo >= hi:
         refuse(prog, f"--cfg-interval {lo} {hi}: CFG is on for t in (LO, HI], so LO must be below HI")
+    check_time_grid(prog, flags.timestep_shift, flags.denoise_steps or OFFICIAL_INFERENCE["num_timesteps"],
+                    "--denoise-steps")
 
 @dataclass
 class Trace:

@@ -31,10 +31,16 @@ Real benchmarks (GPU):
   judge (`--judge module:function`, called as judge(question, prediction, answer) -> score in [0, 1]); none is
   called by default and such rows are reported as unscored. Official inference settings are the defaults.
 
+Other checkpoints on the toy benchmark (an RL variant against the RL stage, paired on the same questions):
+    python evaluate.py --checkpoints rl=out/rl rl_release=out/rl_release --out out/eval_release
+
 Differences from the official evaluation (numbered):
   1. Multiple choice is scored by extracting the letter, not by VLMEvalKit's LLM-judge option matching, and MMBench's
      circular evaluation is not applied (each row counts once).
   2. The toy benchmark is generated (data.ToyWorld.eval_split); MMD-Bench is read from its released TSVs.
+  3. always_restore (BAGEL-PE) has no working official counterpart: BagelInference's 'image' mode calls
+     inferencer.image_reason_tool_condition (bagel_inference.py:263-266 @411d6bd / a65d61f), which neither commit
+     defines.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ import hashlib
 import importlib
 import json
 import math
-import os
+import re
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -79,7 +85,11 @@ TOY, REAL, DEMO = "toy benchmark (default)", "real benchmarks", "one-photo demo"
 
 @dataclass
 class EvalConfig(C.MachineFlags, C.WorldFlags, C.PictureSizeFlags, E.InferenceFlags):
-    out_root: str = flag("out", "folder holding the stage checkpoints (base, sft, bridge, rl)", group=TOY)
+    out_root: str = flag("out", "folder holding the stage checkpoints (base, sft, bridge, rl) and the probe's cache",
+                         group=TOY)
+    checkpoints: tuple = flag((), "the checkpoints to evaluate instead of OUT_ROOT's stages, as NAME=FOLDER; 'base' is "
+                              "read in direct mode only, and every name that is not a stage's gets rl's comparisons "
+                              "and one with rl (interleaved, bridge)", group=TOY, nargs="*")
     n: int = flag(288, "held-out questions per severity (the README says what this buys: paired intervals at hard, "
                        "time)", "[1, inf)", group=TOY)
     batch: int = flag(64, "questions run together (another value draws other restoration noise)", "[1, inf)", group=TOY)
@@ -92,7 +102,10 @@ class EvalConfig(C.MachineFlags, C.WorldFlags, C.PictureSizeFlags, E.InferenceFl
     tsv: tuple = flag((), "VLMEvalKit TSV files (MMD-Bench)", group=REAL, nargs="*")
     mode: str = flag("interleave", "reasoning mode for the TSVs", choices=E.MODES, group=REAL)
     judge: str | None = flag(None, "module:function judge for open-ended rows (none by default)", group=REAL)
-    system: str = flag("official", "system prompt for --tsv runs", choices=sorted(D.SYSTEM_PROMPTS), group=REAL)
+    system: str | None = flag(None, "system prompt for --tsv runs: the one --init was trained with (its "
+                              "nanoclear.json; a BAGEL or CLEAR folder: 'official', INTERLEAVE_REASON_SYSTEM_PROMPT, "
+                              "inferencer.py:662 @411d6bd); 'toy' only for a toy checkpoint",
+                              choices=sorted(D.SYSTEM_PROMPTS), group=REAL, type=str)
     image: str | None = flag(None, "the one-photo demo: a picture file (with --question; --init defaults to the latest "
                              "toy stage)", group=DEMO)
     question: str | None = flag(None, "the demo's question", group=DEMO)
@@ -146,9 +159,19 @@ COMPARISONS = [(("sft", "always restore"), ("sft", "text reasoning")),
                (("rl", "interleaved, bridge"), ("base", "direct"))]
 
 
+def comparison_pairs(names) -> list:
+    """COMPARISONS, plus for each checkpoint that is not a stage (--checkpoints): rl's comparisons with it in rl's
+    place, and itself against rl ("interleaved, bridge")."""
+    pairs = list(COMPARISONS)
+    for x in (n for n in names if n not in STAGES):
+        pairs += [tuple((x if c == "rl" else c, m) for c, m in pair) for pair in COMPARISONS if pair[0][0] == "rl"]
+        pairs.append(((x, "interleaved, bridge"), ("rl", "interleaved, bridge")))
+    return pairs
+
+
 def comparisons(results: dict, severity: str = "hard", seed: int = 0) -> list:
     out = []
-    for (ca, ma), (cb, mb) in COMPARISONS:
+    for (ca, ma), (cb, mb) in comparison_pairs(results):
         if ma in results.get(ca, {}) and mb in results.get(cb, {}):
             out.append({"a": [ca, ma], "b": [cb, mb], "severity": severity,
                         **C.paired_bootstrap(results[ca][ma][severity]["correct"], results[cb][mb][severity]["correct"],
@@ -345,10 +368,20 @@ def draw_bars(results: dict, path: Path):
     img.save(path)
 
 
+def toy_checkpoints(cfg: EvalConfig) -> dict:
+    """{name: folder} of the toy benchmark: --checkpoints NAME=FOLDER as given, else OUT_ROOT's stages that exist."""
+    if cfg.checkpoints:
+        return {name: Path(folder) for name, folder in (c.split("=", 1) for c in cfg.checkpoints)}
+    return {s: Path(cfg.out_root) / s for s in STAGES if CK.has_checkpoint(Path(cfg.out_root) / s)}
+
+
 def evaluate_toy(cfg: EvalConfig, run: C.Run):
-    ckpts = {s: Path(cfg.out_root) / s for s in STAGES if (Path(cfg.out_root) / s / "ema.safetensors").exists()}
+    ckpts = toy_checkpoints(cfg)
     if not ckpts:
         raise CK.InputError(f"no checkpoints under {cfg.out_root}/ ({', '.join(STAGES)}): run python sft.py first")
+    for folder in ckpts.values():  # every row fits every model's positions, before any work
+        E.check_positions(E.inference_config(cfg, toy=True), CK.config_from_folder(folder),
+                          D.Tokenizer.from_folder(folder), D.toy_questions(), "toy", "the toy world")
     world = D.ToyWorld(cfg.world_seed)
     split = world.eval_split(cfg.n, seed=cfg.seed)
     icfg = E.inference_config(cfg, toy=True)
@@ -375,9 +408,10 @@ def evaluate_toy(cfg: EvalConfig, run: C.Run):
             if name != "base"}
     paired, split_rows = comparisons(results, seed=cfg.seed), decision_split(results, seed=cfg.seed)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     report = ["# Toy MMD-Bench", "",
-              f"`python evaluate.py --n {cfg.n} --batch {cfg.batch} --seed {cfg.seed}` on {run.device}, "
+              f"`python evaluate.py --n {cfg.n} --batch {cfg.batch} --seed {cfg.seed}"
+              + "".join(f" {c}" for c in (("--checkpoints",) + cfg.checkpoints if cfg.checkpoints else ()))
+              + f"` on {run.device}, "
               f"{time.time() - t0:.0f} s in all.", "", "## Accuracy (%) and restore rate", "", main_table(results), "",
               "## Does restoring help the answer?", "", comparison_table(paired), "",
               "Split by each checkpoint's own decision at hard (\"interleaved, bridge\"): the questions it chose "
@@ -389,16 +423,19 @@ def evaluate_toy(cfg: EvalConfig, run: C.Run):
     if flow:
         report += [f"## Generator check at hard (flow-matching MSE of the clean latent at fixed t, {len(flow_set)} "
                    "questions, restore context)", "", flow_table(flow), ""]
-    write_atomic(out / "report.md", "\n".join(report))  # scripts read these: whole or not at all
     clean = {c: {m: {k: v for k, v in r.items() if k != "_shown"} for m, r in rows.items()}
              for c, rows in results.items()}
-    write_atomic(out / "report.json", json.dumps({"main": clean, "comparisons": paired, "decision_split": split_rows,
-                                                  "per_corruption": per, "flow_check": flow, "args": vars(cfg)},
-                                                 indent=1))
     show = "sft" if "sft" in results else best or "base"  # the SFT generator restoring every hard picture
-    draw_examples(split["hard"], *results[show]["always restore" if show != "base" else "direct"]["_shown"],
-                  out / "examples.png")
-    draw_bars(results, out / "accuracy.png")
+
+    def write(tmp: Path):  # the four files as one set: a kill leaves the earlier set or this one
+        (tmp / "report.md").write_text("\n".join(report))
+        (tmp / "report.json").write_text(json.dumps({"main": clean, "comparisons": paired, "decision_split": split_rows,
+                                                     "per_corruption": per, "flow_check": flow, "args": vars(cfg)},
+                                                    indent=1))
+        draw_examples(split["hard"], *results[show]["always restore" if show != "base" else "direct"]["_shown"],
+                      tmp / "examples.png")
+        draw_bars(results, tmp / "accuracy.png")
+    CK.atomic_write_folder(out, write)
     print("\n".join(report))
     print(f"wrote {out}/report.md, report.json, examples.png, accuracy.png")
 
@@ -478,57 +515,58 @@ def evaluate_tsv(model, tok, path: Path, mode: str, sizes: D.ImageSizes, system:
             "problems": [{"index": i, "reason": r} for i, r in problems], "unscored": unscored, "predictions": preds}
 
 
+SUMMARY_HEADER = "| benchmark | scored / rows | accuracy % | restore rate | malformed | unscored (no judge) |"
+
+
 def evaluate_real(cfg: EvalConfig, run: C.Run):
     judge = load_judge(cfg.judge)
     tables = {tsv: D.read_tsv(tsv) for tsv in cfg.tsv}  # every file and row checked before the model is loaded
-    model = CK.load_pretrained(cfg.init, run.device, run.dtype)
     tok = D.Tokenizer.from_folder(cfg.init)
     icfg = E.inference_config(cfg, toy=False)
+    for tsv, (rows, _) in tables.items():
+        E.check_positions(E.mode_config(cfg.mode, icfg), CK.config_from_folder(cfg.init), tok,
+                          [D.mc_prompt(r) if r["options"] else r["question"] for r in rows], cfg.system, tsv)
+    model = CK.load_pretrained(cfg.init, run.device, run.dtype)
     sizes = cfg.sizes(model.cfg, toy=False)
     out = Path(cfg.out)
-    summary = []
+    summary, files = [], {}
     for tsv in cfg.tsv:
         res = evaluate_tsv(model, tok, Path(tsv), cfg.mode, sizes, cfg.system, cfg.seed, icfg, judge, tables[tsv],
                            cfg.judge)
         name = Path(tsv).stem
-        write_atomic(out / f"{name}.json", json.dumps(res, indent=1))  # each benchmark's results once it is done
+        files[f"{name}.json"] = json.dumps(res, indent=1)
         acc = "n/a" if res["accuracy"] is None else f"{100 * res['accuracy']:.2f}"
         summary.append(f"| {name} | {res['scored']}/{res['rows']} | {acc} | {100 * res['restore_rate']:.1f}% | "
                        f"{len(res['problems'])} | {len(res['unscored'])} |")
         if res["problems"]:
             print(f"{name}: {len(res['problems'])} malformed rows skipped: "
                   + ", ".join(f"{p['index']} ({p['reason']})" for p in res["problems"][:10]))
-    table = "\n".join(["| benchmark | scored / rows | accuracy % | restore rate | malformed | unscored (no judge) |",
-                       "|---|---|---|---|---|---|"] + summary)
-    write_atomic(out / "summary.md", table + "\n")
+        table = "\n".join([SUMMARY_HEADER, "|---|---|---|---|---|---|"] + summary)
+        files["summary.md"] = table + "\n"
+        write_set(out, files)  # the benchmarks done so far and their summary, all from this run
     print(table)
 
 
-def write_atomic(path: Path, text: str):
-    """Write a result file whole or not at all (a temporary name, then a rename); its folder is made when needed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def checkpoint_system(folder) -> str:
-    """The system prompt a checkpoint was trained with (its nanoclear.json), else the official one (BAGEL / CLEAR)."""
-    ours = Path(folder) / "nanoclear.json"
-    return CK.read_json(ours).get("args", {}).get("system", "official") if ours.exists() else "official"
+def write_set(out: Path, files: dict):
+    """Write a run's result files {name: text} as one set (checkpoint.atomic_write_folder): a kill leaves the earlier
+    set or this one, never files of two runs side by side."""
+    CK.atomic_write_folder(out, lambda tmp: [(tmp / name).write_text(text) for name, text in files.items()])
 
 
 def demo(cfg: EvalConfig, run: C.Run):
     """One photo, one question: the reasoning trace on stdout and input | restored | answer in one PNG."""
-    system = checkpoint_system(cfg.init)
-    model, tok = CK.load_pretrained(cfg.init, run.device, run.dtype), D.Tokenizer.from_folder(cfg.init)
+    system = CK.checkpoint_system(cfg.init, D.SYSTEM_PROMPTS)
+    tok = D.Tokenizer.from_folder(cfg.init)
+    E.check_positions(E.inference_config(cfg, toy=system == "toy"), CK.config_from_folder(cfg.init), tok,
+                      [cfg.question], system, "--question")
+    model = CK.load_pretrained(cfg.init, run.device, run.dtype)
     picture = D.open_image(cfg.image)
     if cfg.degrade:
         kind, severity = cfg.degrade.split(":")
         picture = degrade(picture, kind, severity, cfg.seed)
     sizes = cfg.sizes(model.cfg, toy=False)
     ex = D.Example(picture, cfg.question, "")
-    icfg = E.mode_config("interleave", E.inference_config(cfg, toy=checkpoint_system(cfg.init) == "toy",
+    icfg = E.mode_config("interleave", E.inference_config(cfg, toy=system == "toy",
                                                           vit_transform=sizes.vit))
     prefix = E.mode_prefixes("interleave", [ex], tok, model.encode_pixels, system, sizes)
     tr = E.reason(model, tok, prefix, icfg, torch.Generator().manual_seed(cfg.seed))[0]
@@ -557,20 +595,55 @@ def demo(cfg: EvalConfig, run: C.Run):
     lines += [str(answer)[i:i + 48] for i in range(0, len(str(answer)), 48)][:6]
     draw.multiline_text((2 * cell + 8, 30), "\n".join(lines), fill="black")
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    sheet.save(out / "demo.png")
+    CK.atomic_write_folder(out, lambda tmp: sheet.save(tmp / "demo.png"))  # as every output folder: whole or nothing
     print(f"wrote {out / 'demo.png'}")
+
+
+def check_checkpoints(prog: str, named: tuple):
+    """--checkpoints: NAME=FOLDER each, names distinct, every folder a checkpoint (before any work)."""
+    names = []
+    for c in named:
+        name, _, folder = c.partition("=")
+        if not re.fullmatch(r"[\w.-]+", name) or not folder:
+            C.refuse(prog, f"--checkpoints {c}: give NAME=FOLDER, e.g. rl_release=out/rl_release (NAME: letters, "
+                           "digits, _ . -)")
+        if name in names:
+            C.refuse(prog, f"--checkpoints: the name {name} is given twice; each checkpoint needs its own")
+        if not CK.has_checkpoint(folder):
+            C.refuse(prog, f"--checkpoints {c}: {folder} holds no checkpoint (ema.safetensors)")
+        names.append(name)
 
 
 def default_checkpoint(out_root: str) -> str | None:
     """The latest toy stage there is: rl, then bridge, then sft."""
-    return next((str(Path(out_root) / s) for s in ("rl", "bridge", "sft")
-                 if (Path(out_root) / s / "ema.safetensors").exists()), None)
+    return next((str(Path(out_root) / s) for s in ("rl", "bridge", "sft") if CK.has_checkpoint(Path(out_root) / s)),
+                None)
+
+
+EVAL_OUTPUTS = ("report.md", "report.json", "examples.png", "accuracy.png", "summary.md", "demo.png")
+
+
+def check_eval_out(out: Path):
+    """Before any work: the results replace --out as a whole (write_set), so it must be new, empty or an earlier
+    output of evaluate.py (its files only, *.json of --tsv runs included), and never a checkpoint."""
+    problem = CK.output_problem(out)
+    if problem:
+        raise CK.InputError(f"--out {out} {problem}")
+    if out.exists() and not out.is_dir():
+        raise CK.InputError(f"--out {out} is a file: pass a folder for the results")
+    if (out / "nanoclear.json").exists():
+        raise CK.InputError(f"--out {out} is a checkpoint, and the results replace the folder as a whole: pass "
+                            "another folder")
+    others = sorted(p.name for p in out.iterdir() if p.name not in (CK.MARKER, *EVAL_OUTPUTS)
+                    and p.suffix != ".json") if out.is_dir() else []
+    if others:
+        raise CK.InputError(f"--out {out} holds {others[0]!r}, which evaluate.py did not write, and the results "
+                            "replace the folder as a whole: pass a new folder or an earlier evaluate.py output")
 
 
 def main(argv=None):
     cfg, prog, given = C.parse_flags(EvalConfig, __doc__, argv)
-    toy_flags = ("out_root", "n", "batch", "n_corruption", "world_seed", "probe_n", "probe_steps")
+    toy_flags = ("out_root", "checkpoints", "n", "batch", "n_corruption", "world_seed", "probe_n", "probe_steps")
     real_flags = ("mode", *C.SIZE_FLAGS, "judge", "system", "reentry")
     if "tsv" in given and not cfg.tsv:
         C.refuse(prog, "--tsv needs at least one file (a VLMEvalKit TSV)")
@@ -594,8 +667,7 @@ def main(argv=None):
         if init is None:
             C.refuse(prog, f"no --init and no checkpoint under {cfg.out_root}/ (rl, bridge, sft): "
                            "run python sft.py first")
-        toy = checkpoint_system(init) == "toy"
-        cfg = replace(cfg, init=init, out=cfg.out or "out/demo")
+        cfg = replace(cfg, init=init, out="out/demo" if cfg.out is None else cfg.out)
         mode = "demo"
     elif cfg.tsv:
         if not cfg.init:
@@ -612,25 +684,26 @@ def main(argv=None):
             C.refuse(prog, f"--tsv: two files are named {twice}.tsv, and their results ({twice}.json) would overwrite "
                            "each other; rename one")
         load_judge(cfg.judge)  # before any work
-        toy, mode = False, "tsv"
-        cfg = replace(cfg, out=cfg.out or "out/eval_tsv")
+        mode = "tsv"
+        cfg = replace(cfg, out="out/eval_tsv" if cfg.out is None else cfg.out)
     else:
         C.refuse_given(prog, given, ("init",) + real_flags,
                        "on the toy benchmark (it runs every mode and re-entry path; pass --tsv for a real benchmark)")
-        toy, mode = True, "toy"
-        cfg = replace(cfg, out=cfg.out or "out/eval")
-    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
-        C.refuse(prog, f"--out {cfg.out} is a file: pass a folder for the results")
-    if mode != "toy":  # a segment longer than the model's positions stops with an error mid-run
-        limit = CK.config_from_folder(cfg.init).max_position_embeddings
-        tokens = E.inference_config(cfg, toy).max_text_tokens
-        if tokens >= limit:
-            C.refuse(prog, f"--max-text-tokens {tokens}" + ("" if "max_text_tokens" in given else " (the default)")
-                     + f" does not fit {cfg.init}, whose positions end at {limit}: pass a smaller --max-text-tokens "
-                     "(48 for the toy checkpoints)")
-    run = C.setup_run(cfg.device, cfg.dtype, cfg.seed, cfg.threads)
-    with torch.no_grad():
-        {"demo": demo, "tsv": evaluate_real, "toy": evaluate_toy}[mode](cfg, run)
+        check_checkpoints(prog, cfg.checkpoints)
+        mode = "toy"
+        cfg = replace(cfg, out="out/eval" if cfg.out is None else cfg.out)
+    if mode == "tsv":  # the prompt --init was trained with; the toy's only for a toy checkpoint
+        trained = CK.checkpoint_system(cfg.init, D.SYSTEM_PROMPTS)
+        if cfg.system == "toy" and trained != "toy":
+            C.refuse(prog, f"--system toy: the toy prompt describes the toy world's tags and rule; {cfg.init} was "
+                           "trained under the official INTERLEAVE_REASON_SYSTEM_PROMPT (its nanoclear.json, or a BAGEL "
+                           "or CLEAR folder)")
+        cfg = replace(cfg, system=cfg.system or trained)
+    with C.output_lock(cfg.out):  # before any work: --out can be written, and by this run only
+        check_eval_out(Path(cfg.out))
+        run = C.setup_run(cfg.device, cfg.dtype, cfg.seed, cfg.threads)
+        with torch.no_grad():  # each mode checks its rows against the model's positions before any work
+            {"demo": demo, "tsv": evaluate_real, "toy": evaluate_toy}[mode](cfg, run)
 
 
 if __name__ == "__main__":

@@ -1023,13 +1023,14 @@ class Bagel(nn.Module):
     # ---- training forward -------------------------------------------------------------------------------------------
 
     def forward(self, packed: Packed, temperature: float = 1.0, hidden_hook=None, flex: bool = False,
-                recompute: bool = False) -> TrainOutput:
+                recompute: bool = False, mask: torch.Tensor | None = None) -> TrainOutput:
         """Packed rows -> per-token CE, per-token flow MSE and velocities (BAGEL: Bagel.forward).
 
         `temperature` divides the logits before the CE (RL log-probs of tokens sampled at that temperature).
         `hidden_hook(layer, hidden [B*T, H])` is called after every layer (CLEAR's distillation reads it).
         `flex`: FlexAttention block masks instead of a dense [T, T] mask (long rows on GPU; no CPU backward).
         `recompute`: activation checkpointing per decoder layer (FSDP fine-tuning of the real model).
+        `mask`: a boolean [B, T, T] attention mask to use instead of the packing's rules (research: rl.official_mask).
         """
         lm, B, T = self.language_model, packed.rows, packed.row_len
         x = torch.zeros(B * T, self.cfg.hidden_size, device=self.device, dtype=self.dtype)
@@ -1040,7 +1041,11 @@ class Bagel(nn.Module):
             x = x.index_put((packed.vae_idx,), self.embed_latent(packed.vae_tokens, packed.vae_t, packed.vae_pos))
         gen_mask = torch.zeros(B * T, dtype=torch.bool, device=self.device)
         gen_mask[packed.vae_idx] = True  # BAGEL: VAE tokens (clean or noised) -> gen expert; text + ViT -> und
-        if flex:  # no dense [T, T] mask: FlexAttention skips the blocks nobody may attend to
+        if mask is not None:
+            if flex:
+                raise ValueError("a given mask is dense: pass flex=False")
+            mask = mask.to(self.device)[:, None]
+        elif flex:  # no dense [T, T] mask: FlexAttention skips the blocks nobody may attend to
             mask = block_mask(packed.splits, B, T, self.device)
         else:
             mask = attention_mask(packed.splits, B, T, self.device)[:, None]

@@ -403,8 +403,8 @@ def main(argv=None):
     cfg, prog, _ = C.parse_flags(PretrainConfig, __doc__, argv)
     if cfg.ae_crop % 8 or cfg.ae_crop > D.MODEL_SIZE:
         C.refuse(prog, f"--ae-crop {cfg.ae_crop}: must be a multiple of 8 and at most the picture side {D.MODEL_SIZE}")
-    run = C.setup_run(cfg.device, cfg.dtype, cfg.seed, cfg.threads)
-    build_base(cfg, run)
+    with C.output_lock(cfg.out):  # before any work: one run per --out
+        build_base(cfg, C.setup_run(cfg.device, cfg.dtype, cfg.seed, cfg.threads))
 
 
 if __name__ == "__main__":

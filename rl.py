@@ -25,31 +25,41 @@ The official recipe, as presets (--recipe; a flag given explicitly overrides its
   Both (interleave_grpo.py and the trainer, bagel_interleave_grpo_trainer.py): image_loss_weight 0.5, G = 8,
   epsilon 0.2, beta 0.04, temperature 1.0, top_p 1.0, SDE sigma 0.3 on a 20-point grid with shift 3 and no CFG,
   num_iterations 1 (ratio 1), scale_rewards False, round-robin step choice excluding each trajectory's last step,
-  "restored" = <image_restore> in the completion text, AdamW (0.9, 0.999) lr 5e-6 cosine without warmup, 400 (head) /
-  200 (release) steps.
+  "restored" = <image_restore> in the completion text, AdamW (0.9, 0.999) lr 5e-6 cosine without warmup, 32 (head) /
+  16 (release) questions x G per optimiser step over 8 processes, 400 (head) / 200 (release) steps (OFFICIAL_SCALE).
 
 CPU (toy): python rl.py                  # from out/bridge/ (or out/sft/), a few minutes on 2 cores, writes
                                          # out/rl/, then prints the restore-decision signal (decision_signal) and
                                          # a before/after table
 GPU:       python rl.py --device cuda --dtype bf16 --init path/to/CLEAR-or-BAGEL --data rl.jsonl --images DIR
-           torchrun --nproc_per_node 8 rl.py ... (each process rolls out its own prompts; gradients are averaged)
+           torchrun --nproc_per_node 8 rl.py ... (each process rolls out its share of the recipe's questions;
+                                                  gradients are averaged)
+           with --data every default is the official value of --recipe (prompt, scale, lr, lengths)
 
 Differences from the official recipe (numbered; deliberate):
   1. The KL reference is a frozen copy of the starting checkpoint; the official code uses the rollout policy itself,
      which makes the KL vanish (`--ref rollout` reproduces that).
   2. The forward that scores a rollout replays its exact context (bridged latent, sampled token ids); officially the
      generated image is re-encoded through VAE + ViT, so post-image log-probs see another context.
-  3. Toy-sized defaults: G = 4, 10 SDE points, 48-token segments, max_completion_length 144, 4 questions per step,
-     lr 2e-5, 300 steps; the official values are in each flag's help.
+  3. Toy-sized defaults on the toy world (G = 4, 10 SDE points, 48-token segments, max_completion_length 144,
+     4 questions per step, lr 2e-5, 300 steps); with --data every default is the official value of --recipe (each
+     flag's help gives both).
   4. Accuracy is exact match (MC by letter) on the toy; a judge callable plugs in for open answers (no network).
-  5. All B completions of a step form one batch for one optimiser step (officially 32 micro-steps of one completion
-     accumulate into one); the loss is the same mean over completions.
+  5. All B completions of a step form one batch for one optimiser step; officially each of 8 processes accumulates
+     32 (HEAD) / 16 (release) micro-steps of one completion, 256 / 128 completions per step; the loss is the same
+     mean over completions.
+  6. The CE scores exactly the sampled tokens; the official one also scores one <|im_end|> after each segment's
+     closing <|im_end|> (output_transfer.py:200,216-218,485 @411d6bd), a label no rollout sampled.
+  7. The training forward attends as the rollout did; the official forward's mask pairs its split lengths with a mode
+     list that has no entry for VAE splits (output_transfer.py:274-321, zipped at data_utils.py:82), so completion
+     rows attend to nothing, or, before a restoration, to the tokens they predict (official_mask; --official-mask, a
+     research switch, runs the toy under it).
 """
 
 from __future__ import annotations
 
-import json
 import math
+import os
 import re
 import time
 from dataclasses import dataclass, replace
@@ -73,17 +83,27 @@ RECIPES = {  # official scripts/train_reason_interleave_grpo.sh at HEAD (411d6bd
     "head": dict(w_decision=0.0, loss_type="dr_grpo", separate_image_rewards=False),
     "release": dict(w_decision=0.15, loss_type="grpo", separate_image_rewards=True),
 }
+# The official scale, the defaults with --data (the toy world keeps RLConfig's): 8 processes x gradient accumulation
+# 32 (HEAD) / 16 (release) micro-steps of one completion, G 8 (train_reason_interleave_grpo.sh:45,50,39, the same lines
+# @411d6bd and @a65d61f), so 256 / 128 completions = 32 / 16 questions per optimiser step
+OFFICIAL_SCALE = {"head": dict(questions=32, steps=400), "release": dict(questions=16, steps=200)}
+OFFICIAL = dict(group=8,  # --num_generations: train_reason_interleave_grpo.sh:39
+                lr=5e-6,  # --learning_rate: :36
+                sde_points=20,  # --num_timesteps_train: :63
+                max_completion_length=16384)  # :31 (and --max_think_token_n 4096, :30: engine.inference_config)
 
 
 @dataclass
 class RLConfig(C.TrainingFlags, C.DataFlags, C.PictureSizeFlags, E.InferenceFlags, E.ToyTableFlags):
     # rollouts (also: --reentry, --max-rounds, --max-text-tokens, --timestep-shift of the inference group)
-    prompts: int = flag(4, "questions per step (and process)", "[1, inf)", group="rollouts")
-    group: int = flag(4, "rollouts per question, G (official 8); advantages need at least 2", "[2, inf)",
+    prompts: int = flag(4, "questions per step and process (toy 4; official 32 questions x G 8 per optimiser step at "
+                        "HEAD, 16 x 8 at the release; with --data the official total divided over the processes)",
+                        "[1, inf)", group="rollouts")
+    group: int = flag(4, "rollouts per question, G (toy 4; official 8); advantages need at least 2", "[2, inf)",
                       group="rollouts")
     temperature: float = flag(1.0, "text sampling temperature (official 1.0)", "(0, inf)", group="rollouts")
     top_p: float = flag(1.0, "nucleus sampling (official 1.0)", "(0, 1]", group="rollouts")
-    sde_points: int = flag(10, "SDE grid points, N-1 steps (official 20)", "[2, inf)", group="rollouts")
+    sde_points: int = flag(10, "SDE grid points, N-1 steps (toy 10; official 20)", E.GRID_POINTS, group="rollouts")
     sde_sigma: float = flag(0.3, "constant SDE noise level (official 0.3)", "(0, inf)", group="rollouts")
     # rewards
     recipe: str = flag("head", "official preset (module docstring): head or release", choices=list(RECIPES),
@@ -99,20 +119,24 @@ class RLConfig(C.TrainingFlags, C.DataFlags, C.PictureSizeFlags, E.InferenceFlag
     # loss
     loss_type: str = flag("dr_grpo", "token aggregation (official head dr_grpo, release grpo)",
                           choices=["grpo", "dr_grpo"], group="loss")
-    max_completion_length: int = flag(144, "Dr.GRPO denominator per completion (official 16384)", "[1, inf)",
+    max_completion_length: int = flag(144, "Dr.GRPO denominator per completion (toy 144; official 16384)", "[1, inf)",
                                       group="loss")
-    scale_rewards: bool = flag(False, "divide advantages by the group std", group="loss")
-    epsilon: float = flag(0.2, "PPO clip range", "(0, 1)", group="loss")
-    beta: float = flag(0.04, "KL weight (k3 estimator)", "[0, inf)", group="loss")
+    scale_rewards: bool = flag(False, "divide advantages by the group std (official False)", group="loss")
+    epsilon: float = flag(0.2, "PPO clip range (official 0.2)", "(0, 1)", group="loss")
+    beta: float = flag(0.04, "KL weight, k3 estimator (official 0.04)", "[0, inf)", group="loss")
     ref: str = flag("frozen", "KL reference: frozen start checkpoint or the rollout policy (official)",
                     choices=["frozen", "rollout"], group="loss")
     image_loss_weight: float = flag(0.5, "lambda of the Flow-GRPO term (official 0.5)", "[0, inf)", group="loss")
     step_strategy: str = flag("round_robin", "which denoising step of a completion is trained (official round_robin)",
                               choices=["round_robin", "random", "weighted"], group="loss")
+    official_mask: bool = flag(False, "research, off by default: the training forward attends with the official "
+                               "code's misaligned mask (difference 7, official_mask); rollouts unchanged", group="loss")
     # optimisation
-    steps: int = flag(300, "optimiser steps (official 400)", "[1, inf)", group="optimisation")
-    lr: float = flag(2e-5, "learning rate, cosine, no warmup (official 5e-6)", "(0, inf)", group="optimisation")
-    grad_clip: float = flag(1.0, "gradient-norm clip", "(0, inf)", group="optimisation")
+    steps: int = flag(300, "optimiser steps (toy 300; official 400 at HEAD, 200 at the release; with --data the "
+                      "recipe's)", "[1, inf)", group="optimisation")
+    lr: float = flag(2e-5, "learning rate, cosine, no warmup (toy 2e-5; official 5e-6)", "(0, inf)",
+                     group="optimisation")
+    grad_clip: float = flag(1.0, "gradient-norm clip (official 1.0)", "(0, inf)", group="optimisation")
 
 
 RL_DEFAULTS = dict(out="out/rl", save_every=20)
@@ -125,13 +149,21 @@ RESUME_MAY_CHANGE = ("steps", *TABLE_FLAGS)
 
 
 def parse_config(argv=None) -> RLConfig:
-    """Flags -> RLConfig: the recipe's values where no flag was given; out-of-range values and flags that would have
-    no effect are refused."""
+    """Flags -> RLConfig: the recipe's values where no flag was given (with --data also its official scale and prompt);
+    out-of-range values and flags that would have no effect are refused."""
     cfg, prog, given = C.parse_flags(RLConfig, __doc__, argv, RL_DEFAULTS)
     cfg = replace(cfg, **{k: v for k, v in RECIPES[cfg.recipe].items() if k not in given})
-    C.check_data_flags(prog, cfg, given)
+    cfg = C.check_data_flags(prog, cfg, given)
+    if cfg.data is not None:
+        scale, world = OFFICIAL_SCALE[cfg.recipe], int(os.environ.get("WORLD_SIZE", 1))
+        if "prompts" not in given and scale["questions"] % world:
+            C.refuse(prog, f"--data: the official {cfg.recipe} recipe's {scale['questions']} questions per optimiser "
+                           f"step do not divide over {world} processes; pass --prompts N (questions per process)")
+        official = dict(OFFICIAL, prompts=scale["questions"] // world, steps=scale["steps"])
+        cfg = replace(cfg, **{k: v for k, v in official.items() if k not in given})
     C.check_training_flags(prog, cfg, given)
     E.check_inference_flags(prog, cfg)
+    E.check_time_grid(prog, cfg.timestep_shift, cfg.sde_points, "--sde-points")
     cfg = E.check_table_flags(prog, cfg, given, TABLE_FLAGS,
                               "with --data (the toy world is not used)" if cfg.data is not None else None)
     if cfg.loss_type == "grpo":
@@ -216,7 +248,7 @@ def decision_signal(log_path: Path, prompts: int) -> str:
     """One line from the run's log (resumed parts included; the main process's groups): how often a group disagreed
     on restoring, and by how much restoring changed the accuracy there, in all and split by whether the question's
     reference answer restores (the rule SFT taught), each with a 95% bootstrap interval over those groups."""
-    records = [json.loads(line) for line in log_path.read_text().splitlines() if line]
+    records = [record for _, record in C.read_log(log_path)]
     # .get: steps logged by an older rl.py (a resumed run) have no gaps
     split = {"reference restores": [g for rec in records for g in rec.get("gaps_ref_restores", [])],
              "reference does not": [g for rec in records for g in rec.get("gaps_ref_keeps", [])]}
@@ -291,11 +323,11 @@ def choose_step(ts: list, strategy: str, counter: int, rng: np.random.Generator)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Research: the attention mask of the official RL training forward (off by default; tests/official_mask_rl.py runs the
-# toy RL under it). Its OutputTransfer.pack_sequence appends a mode for every text split ("causal",
-# data/output_transfer.py:223 @411d6bd) and ViT split ("full", :268) but none for a VAE split (:274-321), and
-# prepare_attention_mask_per_sample pairs lengths with modes by zip (data/data_utils.py:82): after each VAE split the
-# modes land one split early, and the last splits get none, so their rows attend to nothing. Same code at a65d61f.
+# Research: the attention mask of the official RL training forward (off by default; --official-mask trains under it).
+# Its OutputTransfer.pack_sequence appends a mode for every text split ("causal", data/output_transfer.py:223 @411d6bd)
+# and ViT split ("full", :268) but none for a VAE split (:274-321), and prepare_attention_mask_per_sample pairs lengths
+# with modes by zip (data/data_utils.py:82): after each VAE split the modes land one split early, and the last splits
+# get none, so their rows attend to nothing. Same code at a65d61f.
 
 
 def official_layout(splits: list) -> list:
@@ -381,7 +413,9 @@ def grpo_loss(model, ref: M.Bagel | None, rollouts: list[Rollout], adv: torch.Te
         samples.append(seq)
         masks.append(mask)
     packed = M.pack(samples, raw.cfg).to(raw.device)
-    out = model(packed, temperature=cfg.temperature)
+    # research (--official-mask): the official training forward's mask, for the policy and the reference alike
+    mask = official_mask(packed.splits, packed.rows, packed.row_len, raw.device) if cfg.official_mask else None
+    out = model(packed, temperature=cfg.temperature, mask=mask)
     label_mask = torch.tensor([m for ms in masks for m in ms], dtype=torch.bool, device=raw.device)
     logp = -out.ce[label_mask]
     seq_id = packed.ce_sample[label_mask]
@@ -392,7 +426,7 @@ def grpo_loss(model, ref: M.Bagel | None, rollouts: list[Rollout], adv: torch.Te
     if cfg.beta > 0:
         if ref is not None:
             with torch.no_grad():
-                ref_logp = -ref(packed, temperature=cfg.temperature).ce[label_mask]
+                ref_logp = -ref(packed, temperature=cfg.temperature, mask=mask).ce[label_mask]
         else:
             ref_logp = old  # official: the rollout policy is its own reference
         kl = kl_k3(logp, ref_logp)
@@ -471,16 +505,31 @@ def collect(model: M.Bagel, tok, examples: list, cfg: RLConfig, encode, gen: tor
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def resumed_counter(out: Path) -> int:
+    """The round-robin position a resumed run continues from (nanoclear.json "counter"), checked as --resume checks
+    every scalar."""
+    value = CK.read_json(out / "nanoclear.json").get("counter")
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise CK.InputError(f"{out}/nanoclear.json: counter is {value!r}, not a count of trained denoising steps; "
+                            "resume from an intact copy, or start a fresh --out")
+    return value
+
+
 def main(argv=None):
     cfg = parse_config(argv)
+    with C.output_lock(cfg.out):  # before any work: one run per --out
+        train(cfg)
+
+
+def train(cfg: RLConfig):
     run = C.setup_run(cfg.device, cfg.dtype, cfg.seed, cfg.threads)
-    init = cfg.init or ("out/bridge" if (Path("out/bridge") / "ema.safetensors").exists() else "out/sft")
-    if cfg.init is None and not (Path(init) / "ema.safetensors").exists():
+    init = cfg.init or ("out/bridge" if CK.has_checkpoint("out/bridge") else "out/sft")
+    if cfg.init is None and not CK.has_checkpoint(init):
         raise CK.InputError(f"{init} has no checkpoint: run python sft.py (and python bridge.py) first, or pass --init")
     C.prepare_out(cfg, "rl", init, RESUME_MAY_CHANGE, run.main)
-    CK.config_from_folder(init)  # a wrong --init stops here, before the data is read
+    model_cfg = CK.config_from_folder(init)  # a wrong --init stops here, before the data is read
     if cfg.data:  # every row checked before the model is loaded
-        rows, problems = D.read_jsonl(cfg.data, cfg.images)
+        rows, problems = D.read_jsonl(cfg.data, cfg.images, cfg.images_anywhere)
         unscorable = {r["line"] for r in rows if D.extract_answer(r["response"]) is None
                       and (D.RESTORE_TOKEN in r["response"] or D.TAG_RE.search(r["response"]))}
         problems += [(n, "a tagged answer without <answer>...</answer>: nothing to score against")
@@ -491,8 +540,11 @@ def main(argv=None):
                                f"{problems[0][1]})")
         if run.main:
             print(D.skip_report(cfg.data, rows, problems, "line"))
-    model = CK.load_pretrained(init, run.device, run.dtype)
     tok = D.Tokenizer.from_folder(init)
+    E.check_positions(E.inference_config(cfg, toy=cfg.data is None), model_cfg, tok,
+                      [r["question"] for r in rows] if cfg.data else D.toy_questions(), cfg.system,
+                      cfg.data or "the toy world")
+    model = CK.load_pretrained(init, run.device, run.dtype)
     frozen_ref = cfg.ref == "frozen" and cfg.beta > 0
     ref = CK.load_pretrained(init, run.device, run.dtype).requires_grad_(False) if frozen_ref else None
     C.freeze_encoders(model)
@@ -511,7 +563,7 @@ def main(argv=None):
     if run.main:
         print(f"Interleaved GRPO from {init}: {cfg.prompts} questions x G={cfg.group} rollouts per step, "
               f"{cfg.steps} steps")
-    t_start, counter = time.time(), CK.read_json(out / "nanoclear.json")["counter"] if start else 0  # round-robin step
+    t_start, counter = time.time(), resumed_counter(out) if start else 0  # round-robin step
     for step in range(start, cfg.steps):
         t0 = time.time()
         rng, gen = C.step_rngs(cfg.seed, step, run.rank)

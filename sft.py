@@ -20,16 +20,18 @@ GPU:
     torchrun --nproc_per_node 8 sft.py --init path/to/BAGEL-7B-MoT --data sft.jsonl --images DIR --fsdp ...
 
 Differences from the official recipe (numbered):
-  1. Toy-sized defaults (steps, lr, token budget, EMA window); the official values are in each flag's help.
+  1. Toy-sized defaults (steps, lr, token budget, EMA window) on the toy world; with --data every default is the
+     official value of --recipe (RECIPES: HEAD or the release) and the prompt is the official one.
   2. The restore decision is a rule (data.needs_restore: did the answer-relevant detail survive?), not GPT-4.1. On the
      toy the samples restore at the rate the rule gives for the training severities, not half of the time as the
      official mix draws its tool group (--tool-share, which real data keeps at 0.5): the toy world has no separate
      tool set to oversample, and the restore decision should follow what the picture shows.
   3. ViT and VAE are frozen as officially, but in the toy they come from our Stage 0 instead of SigLIP/FLUX.
-  4. The data mix adds text-only reasoning samples (the official pure-text set, not in its main mix) so the evaluation
-     can compare text-only reasoning with interleaved reasoning on the same model; they carry the prompt the official
-     evaluation's text reasoning uses (VLM_THINK_SYSTEM_PROMPT) instead of the official pure-text set's
-     TEXT_REASON_SYSTEM_PROMPT, so that comparison does not measure a prompt the model never saw.
+  4. On the toy world the data mix adds text-only reasoning samples (the official pure-text set, not in its main mix,
+     which --data follows unless --text-reason-rate is given) so the evaluation can compare text-only reasoning with
+     interleaved reasoning on the same model; they carry the prompt the official evaluation's text reasoning uses
+     (VLM_THINK_SYSTEM_PROMPT) instead of the official pure-text set's TEXT_REASON_SYSTEM_PROMPT, so that comparison
+     does not measure a prompt the model never saw.
   5. On the toy world, the examples are made and encoded once (--examples, as Stage 0 does) and drawn several times
      each, each time with its own flow time, noise and condition dropout: rendering, degrading and encoding fresh
      pictures were a large part of every CPU step (docs/toy_design.md gives the measurement).
@@ -69,7 +71,9 @@ from common import flag
 @dataclass
 class SFTConfig(C.TrainingFlags, C.DataFlags, C.PictureSizeFlags, E.InferenceFlags, E.ToyTableFlags):
     # data
-    text_reason_rate: float = flag(0.15, "fraction of text-only reasoning samples", "[0, 1]", group="data")
+    text_reason_rate: float = flag(0.15, "fraction of text-only reasoning samples (toy 0.15, difference 4; official 0: "
+                                   "its main mix corruption_mix.yaml has no pure-text set, the default with --data)",
+                                   "[0, 1]", group="data")
     tool_share: float = flag(0.5, "--data: share of samples drawn from the rows that restore (official "
                              "corruption_mix.yaml 0.5 / 0.5 tool / no-tool)", "[0, 1]", group="data")
     replay: float = flag(0.2, "toy world: share of samples that replay Stage 0's restore edit (difference 6)", "[0, 1]",
@@ -84,17 +88,23 @@ class SFTConfig(C.TrainingFlags, C.DataFlags, C.PictureSizeFlags, E.InferenceFla
     text_dropout: float = flag(0.1, "text condition dropout (official 0.1)", "[0, 1]", group="objective")
     vit_dropout: float = flag(0.4, "ViT condition dropout (official 0.4)", "[0, 1]", group="objective")
     vae_dropout: float = flag(0.0, "VAE condition dropout (official 0)", "[0, 1]", group="objective")
-    # optimisation
-    steps: int = flag(600, "optimiser steps (official 8000)", "[1, inf)", group="optimisation")
-    lr: float = flag(5e-4, "peak learning rate (official 1e-5)", "(0, inf)", group="optimisation")
-    min_lr: float | None = flag(None, "cosine floor (default lr / 10; official 1e-7)", "[0, inf)", group="optimisation",
+    # optimisation (with --data, every default is the official value of --recipe: RECIPES)
+    recipe: str = flag("head", "--data: the official run whose values are the defaults, head (scripts/train_mix.sh at "
+                       "HEAD 411d6bd) or release (at a65d61f); the toy world keeps its own",
+                       choices=["head", "release"], group="optimisation")
+    steps: int = flag(600, "optimiser steps (toy %(default)s; official 8000 at HEAD, 600 at the release; with --data "
+                      "the recipe's)", "[1, inf)", group="optimisation")
+    lr: float = flag(5e-4, "peak learning rate (toy %(default)s; official 1e-5)", "(0, inf)", group="optimisation")
+    min_lr: float | None = flag(None, "cosine floor (toy lr / 10; official 1e-7)", "[0, inf)", group="optimisation",
                                 type=float)
-    warmup: int = flag(30, "warmup steps (official 500)", "[0, inf)", group="optimisation")
-    weight_decay: float = flag(0.0, "AdamW weight decay (official 0.01)", "[0, inf)", group="optimisation")
-    ema: float = flag(0.99, "EMA decay of the saved weights (official 0.995)", "[0, 1)", group="optimisation")
+    warmup: int = flag(30, "warmup steps (toy 30; official 500 at HEAD, 50 at the release)", "[0, inf)",
+                       group="optimisation")
+    weight_decay: float = flag(0.0, "AdamW weight decay, on every trainable parameter (toy 0; official 0.01 at HEAD, "
+                               "0 at the release)", "[0, inf)", group="optimisation")
+    ema: float = flag(0.99, "EMA decay of the saved weights (toy 0.99; official 0.995)", "[0, 1)", group="optimisation")
     grad_clip: float = flag(1.0, "gradient-norm clip (official 1.0)", "(0, inf)", group="optimisation")
-    tokens_per_step: int = flag(4096, "token budget per step and process (official 30000)", "[1, inf)",
-                                group="optimisation")
+    tokens_per_step: int = flag(4096, "token budget per step and process (toy 4096; official 30000, "
+                                "expected_num_tokens)", "[1, inf)", group="optimisation")
     row_tokens: int = flag(512, "pack samples into rows of at most this many tokens", "[1, inf)", group="optimisation")
     compile: bool = flag(False, "torch.compile the model")
     fsdp: bool = flag(False, "FSDP2 + activation checkpointing (multi-GPU, real weights)")
@@ -102,6 +112,17 @@ class SFTConfig(C.TrainingFlags, C.DataFlags, C.PictureSizeFlags, E.InferenceFla
                                 "backward)")
 
 
+# The official SFT runs: with --data, the defaults of the flags not given (the toy world keeps SFTConfig's)
+OFFICIAL = dict(lr=1e-5,  # scripts/train_mix.sh:49 @411d6bd, :38 @a65d61f
+                min_lr=1e-7,  # the trainer's default: train/pretrain_unified_corruption.py:307-308 @411d6bd, :292-293
+                ema=0.995,  # train_mix.sh:50 @411d6bd, :39 @a65d61f
+                tokens_per_step=30000,  # --expected_num_tokens per process: train_mix.sh:57 @411d6bd, :45 @a65d61f
+                text_reason_rate=0.0)  # the mix both run (train_mix.sh:23 / :15, corruption_mix.yaml) has no pure text
+RECIPES = {
+    "head": dict(OFFICIAL, steps=8000, warmup=500, weight_decay=0.01),  # train_mix.sh:54, :55, :51 @411d6bd
+    "release": dict(OFFICIAL, steps=600, warmup=50,  # train_mix.sh:42, :43 @a65d61f
+                    weight_decay=0.0),  # AdamW(..., weight_decay=0): pretrain_unified_corruption.py:617 @a65d61f
+}
 TABLE_FLAGS = ("eval_n", "eval_seed", *E.INFERENCE_FLAGS)
 # what --resume may change besides where and how it runs (common.RESUME_MAY_CHANGE): more --steps (extends the run),
 # the compiler and attention kernels, the summary table
@@ -112,21 +133,25 @@ SFT_DEFAULTS = dict(out="out/sft", save_every=100)
 
 def parse_config(argv=None) -> SFTConfig:
     """Flags -> SFTConfig, refusing values out of range and flags without effect."""
-    return check_config(*C.parse_flags(SFTConfig, __doc__, argv, SFT_DEFAULTS))
+    cfg, prog, given = C.parse_flags(SFTConfig, __doc__, argv, SFT_DEFAULTS)
+    if cfg.data is None:
+        C.refuse_given(prog, given, ("recipe",), "on the toy world (its defaults are toy-sized; with --data, --recipe "
+                       "picks the official values)")
+    return check_config(cfg, prog, given)
 
 
 def check_config(cfg: SFTConfig, prog: str, given: set) -> SFTConfig:
     """Stage 1's refusals of flags that have no effect or contradict each other (bridge.py's too), and the derived
-    defaults."""
-    C.check_data_flags(prog, cfg, given, toy_only=("examples", "replay"))
+    defaults: with --data the official values of --recipe (RECIPES) and prompt, for the flags not given."""
+    cfg = C.check_data_flags(prog, cfg, given, toy_only=("examples", "replay"))
+    if cfg.data is not None:  # no toy replay
+        cfg = replace(cfg, replay=0.0, **{k: v for k, v in RECIPES[cfg.recipe].items() if k not in given})
+    else:
+        C.refuse_given(prog, given, ("tool_share",), "on the toy world (it restores where its rule says, difference 2)")
     C.check_training_flags(prog, cfg, given)
     E.check_inference_flags(prog, cfg)
     if cfg.init is not None:
         C.refuse_given(prog, given, ("base_steps",), "with --init (it sizes the toy base built when there is none)")
-    if cfg.data is not None:
-        cfg = replace(cfg, replay=0.0)
-    else:
-        C.refuse_given(prog, given, ("tool_share",), "on the toy world (it restores where its rule says, difference 2)")
     no_table = ("with --data (the toy world is not used)" if cfg.data is not None else  # the table runs on the toy
                 "with --fsdp (no summary table)" if cfg.fsdp else None)  # world, in one process
     cfg = E.check_table_flags(prog, cfg, given, TABLE_FLAGS, no_table)
@@ -135,6 +160,8 @@ def check_config(cfg: SFTConfig, prog: str, given: set) -> SFTConfig:
                        "of the same samples")
     if cfg.fsdp and int(os.environ.get("WORLD_SIZE", 1)) < 2:
         C.refuse(prog, "--fsdp shards the model over processes: launch with torchrun --nproc_per_node N (N > 1)")
+    if cfg.flex_attention and C.pick_device(cfg.device)[0].type == "cpu":
+        C.refuse(prog, "--flex-attention has no CPU backward (FlexAttention trains on GPUs): leave it out on the CPU")
     if cfg.fsdp and cfg.resume:
         C.refuse(prog, "--resume is implemented for single-process and DDP runs; an FSDP run restarts from its last "
                        "--init")
@@ -342,8 +369,9 @@ def load_start(cfg: SFTConfig, run: C.Run) -> tuple[M.Bagel, D.Tokenizer, str]:
     init = cfg.init
     if init is None:
         init = BASE
-        if (Path(init) / "ema.safetensors").exists():  # Stage 0 is cached in out/base, keyed by its settings
-            built = CK.read_json(Path(init) / "nanoclear.json").get("args", {})  # pretrain.py's settings
+        if CK.has_checkpoint(init):  # Stage 0 is cached in out/base, keyed by its settings
+            built = CK.read_json(Path(init) / "nanoclear.json").get("args")  # pretrain.py's settings
+            built = built if isinstance(built, dict) else {}
             asked = {"seed": cfg.seed, "world_seed": cfg.world_seed, "steps": cfg.base_steps}
             if any(built.get(k) != v for k, v in asked.items()):
                 def flags(a):
@@ -355,8 +383,9 @@ def load_start(cfg: SFTConfig, run: C.Run) -> tuple[M.Bagel, D.Tokenizer, str]:
                 raise SystemExit("build the toy base first (python pretrain.py), then launch torchrun")
             print("No --init and no out/base/: building the toy base model first (pretrain.py, Stage 0).")
             C.seed_everything(cfg.seed)  # as `python pretrain.py --seed S` would
-            pretrain.build_base(pretrain.PretrainConfig(steps=cfg.base_steps, seed=cfg.seed, world_seed=cfg.world_seed,
-                                                        out=init), run)
+            with C.output_lock(init):
+                pretrain.build_base(pretrain.PretrainConfig(steps=cfg.base_steps, seed=cfg.seed,
+                                                            world_seed=cfg.world_seed, out=init), run)
             C.seed_everything(cfg.seed)
     return C.load_for_training(init, run, cfg.fsdp), D.Tokenizer.from_folder(init), init
 
@@ -372,11 +401,14 @@ def train(cfg: SFTConfig, stage: str = "sft", objective: Callable = step_loss,
     if cfg.init is not None:
         CK.config_from_folder(cfg.init)  # a wrong --init stops here, before the data is read
     if cfg.data:
-        rows, problems = D.read_jsonl(cfg.data, cfg.images)
+        rows, problems = D.read_jsonl(cfg.data, cfg.images, cfg.images_anywhere)
         if run.main:
             print(D.skip_report(cfg.data, rows, problems, "line"))
         draw = mixed_draw(rows, cfg.tool_share)
     model, tok, init = load_start(cfg, run)
+    if cfg.eval_n:  # the summary table's rows, before any training
+        E.check_positions(E.inference_config(cfg, toy=True), model.cfg, tok, D.toy_questions(), cfg.system,
+                          "the toy world")
     if not cfg.data:
         t = time.time()
         draw = pool_draw(D.ToyWorld(cfg.world_seed), np.random.default_rng([cfg.world_seed, cfg.seed, 6]), cfg.examples,
@@ -431,7 +463,8 @@ def summary_table(cfg: SFTConfig, tok: D.Tokenizer, models: dict, modes: dict) -
 
 def main(argv=None):
     cfg = parse_config(argv)
-    start, tuned, tok = train(cfg)
+    with C.output_lock(cfg.out):  # before any work: one run per --out
+        start, tuned, tok = train(cfg)
     if start is not None:
         modes = {"base": "direct" if cfg.init is None else "interleave", "sft": "interleave"}
         print(summary_table(cfg, tok, {"base": start, "sft": tuned}, modes))

@@ -52,7 +52,7 @@ def toy_ckpt(tmp_path_factory, toy_tok):
     model = M.Bagel(replace(pretrain.toy_config(toy_tok), **TINY))
     pretrain.init_weights(model)
     folder = tmp_path_factory.mktemp("ckpt") / "base"
-    CK.save_pretrained(model, folder, tokenizer=toy_tok.tk, meta={"stage": "test"})
+    CK.save_pretrained(model, folder, tokenizer=toy_tok.tk, meta={"stage": "pretrain"})  # a toy base, as Stage 0 writes
     return folder
 
 

@@ -10,15 +10,6 @@ import data as D
 import engine as E
 import model as M
 import sft
-from conftest import tiny_cfg
-
-
-@pytest.fixture(scope="module")
-def net():
-    torch.manual_seed(0)
-    m = M.Bagel(tiny_cfg())
-    torch.nn.init.normal_(m.llm2vae.weight, 0, 0.3)
-    return m
 
 
 def test_layer_weights_sum_to_one_and_grow():

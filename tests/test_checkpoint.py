@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -315,3 +316,151 @@ def test_check_out_protects_what_a_save_would_replace(tmp_path):
     with pytest.raises(CK.InputError, match="is --init"):
         CK.check_out(tmp_path / "ckpt", init=str(tmp_path / "ckpt") + "/")
     assert (tmp_path / "photos" / "a.jpg").read_text() == "mine"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One writer per output folder; every reader settles; permissions (issue 31)
+
+class Holder:
+    """Another process in the middle of a save to `out` (forked: no second start of Python and torch): it holds the
+    folder's lock and its temporary copy until go(), then finishes the save; kill() stops it as SIGKILL does."""
+
+    def __init__(self, out: Path):
+        import multiprocessing as mp
+        ctx = mp.get_context("fork")
+        self.started, self.resume, self.saved = ctx.Event(), ctx.Event(), ctx.Event()
+        self.proc = ctx.Process(target=self.run, args=(out,), daemon=True)
+        self.proc.start()
+        assert self.started.wait(30)
+        self.pid = self.proc.pid
+
+    def run(self, out: Path):
+        def write(tmp):
+            (tmp / "v").write_text("theirs")
+            self.started.set()
+            self.resume.wait(60)
+        CK.atomic_write_folder(out, write)
+        self.saved.set()
+
+    def go(self):
+        self.resume.set()
+        assert self.saved.wait(30)
+        self.proc.join(30)
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.join(30)
+
+
+def test_two_writers_on_one_folder(tmp_path, capsys):
+    """While one process saves to a folder, a second writer stops at once with one message naming the first process
+    (two runs used to delete each other's temporary folders: 8 to 11 of 25 saves failed), a reader neither removes the
+    writer's temporary copy nor waits (the folder is there), and once the first has saved the second can. A writer
+    killed with SIGKILL leaves its lock file, which blocks no one."""
+    out = tmp_path / "ckpt"
+    CK.atomic_write_folder(out, lambda tmp: (tmp / "v").write_text("first"))
+    other = Holder(out)
+    with pytest.raises(CK.FolderInUse, match=f"ckpt is in use by process {other.pid}, another run"):
+        CK.atomic_write_folder(out, lambda tmp: (tmp / "v").write_text("mine"))
+    theirs = [p for p in leftovers(out) if ".tmp-" in p]
+    assert len(theirs) == 1  # the other writer's copy is still there
+    CK.settle_folder(out)  # a reader: touches nothing of a live writer's
+    assert [p for p in leftovers(out) if ".tmp-" in p] == theirs and (out / "v").read_text() == "first"
+    other.go()
+    assert (out / "v").read_text() == "theirs" and leftovers(out) == []
+    CK.atomic_write_folder(out, lambda tmp: (tmp / "v").write_text("mine"))
+    assert (out / "v").read_text() == "mine"
+    other = Holder(out)
+    other.kill()  # SIGKILL mid-save: its lock file and temporary copy stay behind
+    assert (tmp_path / ".ckpt.lock").read_text().strip() == str(other.pid)
+    CK.atomic_write_folder(out, lambda tmp: (tmp / "v").write_text("after"))
+    assert (out / "v").read_text() == "after" and leftovers(out) == []
+
+
+def test_nested_locks_and_the_scripts_lock(tmp_path, capsys):
+    import sft
+    """folder_lock nests within a process (a run's saves inside its own lock); a stage's main takes its --out's lock
+    before any work, so a second run stops at once, in one line naming the first."""
+    out = tmp_path / "run"
+    with CK.folder_lock(out):
+        assert (tmp_path / ".run.lock").read_text().strip() == str(os.getpid())
+        CK.atomic_write_folder(out, lambda tmp: (tmp / "v").write_text("1"))
+    assert not (tmp_path / ".run.lock").exists()
+    other = Holder(out)
+    try:
+        with pytest.raises(SystemExit) as e:
+            C.run_cli(lambda: sft.main(["--out", str(out), "--init", str(tmp_path / "none"), "--threads", "1"]))
+    finally:
+        other.kill()
+    assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [
+        f"{os.path.basename(sys.argv[0])}: error: {out} is in use by process {other.pid}, another run writing there: "
+        "wait for it to end, or pass another output folder"]
+
+
+def test_every_reader_settles_an_interrupted_swap(net, tmp_path, capsys):
+    """A kill between the two renames of a save leaves no folder, only its complete copy beside it: a reader
+    (config_from_folder, the tokenizer, has_checkpoint: rl.py's choice of its start, evaluate.py's list) puts it
+    back and says so; only saves and --resume did, and the readers went on without the checkpoint."""
+    from tokenizers import Tokenizer, models
+
+    import data as D
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(60)}
+                                     | {t: 60 + i for i, t in enumerate(CK.SPECIAL_TOKENS.values())}, unk_token="w0"))
+    for reader in (CK.config_from_folder, D.Tokenizer.from_folder, CK.has_checkpoint):
+        out = tmp_path / reader.__name__
+        CK.atomic_write_folder(out, lambda tmp: CK.save_pretrained(net, tmp, tokenizer=tok))
+        tmp = CK.sibling(out, "tmp")
+        shutil.copytree(out, tmp)
+        os.replace(out, CK.sibling(out, "old"))  # killed here, before the second rename
+        capsys.readouterr()
+        assert reader(out)
+        assert capsys.readouterr().out.count("recovered the newest complete copy") == 1 and leftovers(out) == []
+
+
+def test_weights_get_the_umask_permissions(net, tmp_path):
+    """safetensors writes its files owner-only (0600) beside JSON files of 0644: every saved file gets the umask's."""
+    umask = os.umask(0o022)
+    try:
+        CK.save_pretrained(net, tmp_path / "c")
+    finally:
+        os.umask(umask)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "c").iterdir()} == {
+        "ae.safetensors": "0o644", "ema.safetensors": "0o644", "llm_config.json": "0o644",
+        "vit_config.json": "0o644", "nanoclear.json": "0o644"}
+
+
+def test_out_is_checked_before_any_work(tmp_path, monkeypatch):
+    """--out without a name of its own (".", "", ".."), under a file, or on a file system that cannot be written is
+    refused by taking its lock, before any work (each was a traceback after the run)."""
+    (tmp_path / "file").write_text("mine")
+    for out, words in (("", "no name of its own"), (".", "no name of its own"), ("..", "no name of its own"),
+                       (str(tmp_path / "file" / "run"), "is inside .*file, which is a file")):
+        with pytest.raises(CK.InputError, match=words):
+            with CK.folder_lock(out):
+                pass
+        with pytest.raises(CK.InputError, match=words):
+            CK.check_out(out)
+    real = os.open
+
+    def read_only(path, *a, **kw):
+        if str(path).endswith(".lock"):
+            raise OSError(30, "Read-only file system", str(path))
+        return real(path, *a, **kw)
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(CK.InputError, match="run cannot be written .Read-only file system"):
+        with CK.folder_lock(tmp_path / "run"):
+            pass
+
+
+def test_resume_compares_init_as_the_folder_it_names(tmp_path, monkeypatch):
+    """--init ../x and its absolute form are one folder, not a changed setting."""
+    (tmp_path / "x").mkdir()
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    out = tmp_path / "run"
+    CK.atomic_write_folder(out, lambda tmp: ((tmp / "train_state").mkdir(),
+                                             (tmp / "train_state" / "state.json").write_text('{"stage": "t"}'),
+                                             (tmp / "nanoclear.json").write_text('{"init": "../x", "args": {}}')))
+    CK.check_resume(out, "t", {"init": str(tmp_path / "x")}, (), False)
+    with pytest.raises(CK.InputError, match="--init '../x' -> "):
+        CK.check_resume(out, "t", {"init": str(tmp_path / "y")}, (), False)

@@ -125,3 +125,91 @@ def test_device_and_seed_flags_are_checked_before_any_work():
         with pytest.raises(SystemExit):
             C.parse_flags(Cfg, "", ["--seed", bad])
     assert C.parse_flags(Cfg, "", ["--seed", "4294967295"])[0].seed == 4294967295
+
+
+def test_usage_errors_are_one_line_with_see_help(capsys):
+    """argparse errors (unknown flag, a value of the wrong type, a missing value) printed 3 to 26 lines of usage: now
+    `prog: error: message (see --help)`, exit status 2, as every flag refusal; bench.py and data.py's CLIs too."""
+    from dataclasses import dataclass
+
+    import bench
+
+    @dataclass
+    class Demo:
+        steps: int = flag(3, "steps", "[1, inf)")
+        lr: float = flag(0.1, "lr", "(0, inf)")
+    for argv in (["--nope"], ["--steps", "x"], ["--lr"], ["--steps", "0"]):
+        with pytest.raises(SystemExit) as e:
+            C.parse_flags(Demo, "", argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and err.rstrip().endswith("(see --help)"), err
+    for argv, words in ((["--only", "degrade", "--preset", "tiny"], "--preset has no effect in degrade"),
+                        (["--only", "degrade", "--device", "cpu"], "--device has no effect in degrade"),
+                        (["--only", "train_overhead", "degrade", "--preset", "tiny"], "--preset has no effect"),
+                        (["--only"], "expected at least one argument")):
+        with pytest.raises(SystemExit):
+            bench.main(argv)
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1, err
+
+
+def test_values_whose_arithmetic_overflows_are_refused(capsys):
+    """Values inside a flag's interval but beyond what its arithmetic holds (a temperature of 1e-320 divides logits to
+    inf, a weight of 1e300 overflows float32, a count of 2**40 overflows int32 sizes) stop before any work; the seeds'
+    finite interval is their own."""
+    from dataclasses import dataclass
+
+    @dataclass
+    class Demo:
+        temperature: float = flag(1.0, "temperature", "(0, inf)")
+        weight: float = flag(0.0, "weight", "[0, inf)")
+        steps: int = flag(3, "steps", "[1, inf)")
+        seed: int = flag(0, "seed", C.SEED)
+    assert C.parse_flags(Demo, "", ["--weight", "0", "--temperature", "1e-12", "--steps", str(2**31 - 1),
+                                    "--seed", str(2**32 - 1)])[0].steps == 2**31 - 1
+    for argv, words in ((["--temperature", "1e-320"], "--temperature 1e-320: too small to compute with"),
+                        (["--weight", "1e300"], "--weight 1e+300: too large"),
+                        (["--steps", str(2**40)], f"--steps {2**40}: too large")):
+        with pytest.raises(SystemExit):
+            C.parse_flags(Demo, "", argv)
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1, err
+    import rl  # a shift of 1e12 collapsed the SDE grid: NaN restorations, then a crash sampling text mid-run
+    for argv, words in ((["--timestep-shift", "1e12"], "must be a number in [0.001, 1000]"),
+                        (["--timestep-shift", "1000", "--sde-points", "10000"], "two points of the shifted time grid")):
+        with pytest.raises(SystemExit):
+            rl.parse_config(argv)
+        assert words in capsys.readouterr().err
+
+
+def test_devices_threads_and_options_the_machine_lacks(monkeypatch):
+    """--device cpu:1 (blamed on the checkpoint file when the weights failed to load there), more --threads than CPUs,
+    and --flex-attention on a CPU (no CPU backward: it failed at the first backward) stop before any work."""
+    import sft
+    for name in ("cpu:1", "mps:2"):
+        with pytest.raises(CK.InputError, match=f"--device {name}: there is one"):
+            C.pick_device(name)
+    assert C.pick_device("cpu:0")[0] == torch.device("cpu:0")
+    import os
+    with pytest.raises(CK.InputError, match=f"--threads {os.cpu_count() + 1}: this machine has"):
+        C.setup_run("cpu", "fp32", threads=os.cpu_count() + 1, quiet=True)
+    with pytest.raises(SystemExit):
+        sft.parse_config(["--flex-attention", "--device", "cpu"])
+
+
+def test_weight_decay_reaches_every_trainable_parameter_as_officially():
+    """make_optimizer: one AdamW group over every trainable parameter, biases and norm weights included (official
+    AdamW(fsdp_model.parameters(), weight_decay=...)); frozen ones are left out. With zero gradients a step is the
+    decay alone: p <- p (1 - lr wd)."""
+    net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.LayerNorm(3), torch.nn.Linear(3, 1))
+    net[2].requires_grad_(False)
+    opt = C.make_optimizer(net, lr=0.1, weight_decay=0.5)
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["weight_decay"] == 0.5
+    assert [id(p) for p in opt.param_groups[0]["params"]] == [id(p) for p in trainable]
+    before = [p.detach().clone() for p in net.parameters()]
+    for p in trainable:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for p, b in zip(net.parameters(), before):
+        assert torch.allclose(p, b * (1 - 0.1 * 0.5) if p.requires_grad else b)

@@ -484,3 +484,20 @@ def test_toy_colours_are_at_least_50_degrees_of_hue_apart():
     hues = sorted(360 * colorsys.rgb_to_hsv(*(c / 255 for c in rgb))[0] for rgb in D.COLOURS.values())
     gaps = [(b - a) % 360 for a, b in zip(hues, hues[1:] + hues[:1])]
     assert len(D.COLOURS) == 6 and min(gaps) >= 50
+
+
+def test_tsv_columns_cells_and_quotes_are_named(tmp_path):
+    """A header naming a column twice (one of the two was used silently), a row one cell short (reported as "no
+    image"), and an unmatched quote (it took the following rows into one cell, and the row count was wrong) are each
+    named."""
+    header = "index\timage\tquestion\tanswer"
+    image = base64.b64encode(jpeg_bytes()).decode()
+    (tmp_path / "twice.tsv").write_text(f"{header}\tanswer\n0\t{image}\tQ?\tA\tB\n")
+    with pytest.raises(CK.InputError, match=r"names the columns \['answer'\] more than once"):
+        D.read_tsv(tmp_path / "twice.tsv")
+    (tmp_path / "short.tsv").write_text(f"{header}\n0\t{image}\tQ?\tA\n1\t{image}\tQ?\n")
+    rows, problems = D.read_tsv(tmp_path / "short.tsv")
+    assert len(rows) == 1 and problems == [("1", "3 cells where the header has 4")]
+    (tmp_path / "quote.tsv").write_text(f"{header}\n0\t{image}\t\"Q?\tA\n1\t{image}\tQ?\tA\n2\t{image}\tQ?\tA\n")
+    with pytest.raises(CK.InputError, match=r"quote.tsv line 2: a quote .* runs on to line 4"):
+        D.read_tsv(tmp_path / "quote.tsv")

@@ -459,6 +459,58 @@ def test_cli_flags_checked_before_any_work(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl", "in.png", "thin.png"]
 
 
+def test_dataset_cli_kill_between_renames_leaves_the_new_copy_to_the_next_run(tmp_path, capsys):
+    """A kill between the two renames of the swap left no output folder until a later run succeeded: the next run,
+    even one that then stops on bad input, first puts the newest complete copy in place (as checkpoints are settled)
+    and says so."""
+    _write_dataset(tmp_path)
+    degrade.main(_dataset_args(tmp_path))
+    before = _files(tmp_path / "out")
+    os.rename(tmp_path / "out", tmp_path / ".out.new-123")  # complete copy set aside, killed before the second rename
+    (tmp_path / ".out.tmp-124").mkdir()  # and an unfinished copy of another killed run
+    (tmp_path / "data.jsonl").write_text("not json\n")
+    with pytest.raises(SystemExit):
+        degrade.main(_dataset_args(tmp_path))
+    said = capsys.readouterr()
+    assert "line 1 is not JSON" in said.err and "recovered the newest complete output" in said.out
+    assert _files(tmp_path / "out") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl", "imgs", "out"]
+
+
+def test_dataset_cli_one_run_per_out(tmp_path, capsys):
+    """A second run on the same --out stops at once in one line naming the first (POSIX flock beside the folder); a
+    lock file left by a killed run blocks nothing."""
+    import fcntl
+    _write_dataset(tmp_path)
+    lock = tmp_path / ".out.lock"
+    with open(lock, "w") as f:
+        f.write("4242\n")
+        f.flush()
+        fcntl.flock(f, fcntl.LOCK_EX)
+        assert "in use by process 4242" in _fails(capsys, _dataset_args(tmp_path))
+    degrade.main(_dataset_args(tmp_path))  # the lock file remains, unlocked: as after a kill
+    assert (tmp_path / "out" / "manifest.jsonl").exists() and not lock.exists()
+
+
+def test_cli_refuses_fifos_huge_pictures_and_python_limits_in_one_line(tmp_path, capsys):
+    """A FIFO as image or JSONL is named as such (it was "does not exist"; reading one blocks), a picture over
+    MAX_PIXELS is refused with the limit, JSON nested too deep or with a 5000-digit integer is a bad row, and an
+    argparse error is one line ending in (see --help) instead of the usage text."""
+    _write_dataset(tmp_path)
+    os.mkfifo(tmp_path / "imgs" / "pipe.png")
+    (tmp_path / "data.jsonl").write_text(json.dumps({"image": "pipe.png"}) + "\n")
+    assert "pipe.png is not a regular file" in _fails(capsys, _dataset_args(tmp_path))
+    assert "is not a regular file" in _fails(capsys, [str(tmp_path / "imgs" / "pipe.png"), "--out",
+                                                      str(tmp_path / "s.png")])
+    Image.new("1", (8001, 8001)).save(tmp_path / "imgs" / "huge.png")
+    (tmp_path / "data.jsonl").write_text(json.dumps({"image": "huge.png"}) + "\n")
+    assert "over the limit of 64,000,000" in _fails(capsys, _dataset_args(tmp_path))
+    (tmp_path / "data.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n" + '{"image": ' + "1" * 5000 + "}\n")
+    err = _fails(capsys, _dataset_args(tmp_path))
+    assert "line 1 is not JSON" in err and "line 2 is not JSON" in err
+    assert _fails(capsys, ["--bogus"]).endswith("(see --help)")
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Each corruption pinned by values worked out by hand, with the random draws under the test's control (a stub
 # Generator answers the ways an op may ask for them), so a wrong formula cannot pass and the draw order does not matter

@@ -12,14 +12,6 @@ from conftest import tiny_cfg
 VIT = (16, 8, 8)  # the tiny model's re-encoded ViT picture: at most 16 px, at least 8, patch 8
 
 
-@pytest.fixture(scope="module")
-def net():
-    torch.manual_seed(0)
-    m = M.Bagel(tiny_cfg())
-    torch.nn.init.normal_(m.llm2vae.weight, 0, 0.3)
-    return m
-
-
 def test_bridge_reentry_is_the_clean_vae_input(net):
     """b(x0) = vae2llm(x0) + time_embedder(0) + latent_pos_embed: the bridge re-enters x0 as a clean (t = 0) VAE block,
     so it adds no parameter (CLEAR §3.3)."""

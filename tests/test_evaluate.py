@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -224,14 +225,16 @@ def test_evaluate_checks_every_input_before_any_work(toy_ckpt, tmp_path, capsys)
         evaluate.main([*base, "--tsv", str(good), "--judge", "no_such_module:judge"])
     with pytest.raises(CK.InputError, match="photo.jpg is not a readable picture"):
         evaluate.main([*base, "--image", str(tmp_path / "photo.jpg"), "--question", "Q?"])
+    with pytest.raises(CK.InputError, match="is a file"):
+        evaluate.main([*base, "--tsv", str(good), "--out", str(tmp_path / "file")])
+    with pytest.raises(CK.InputError, match="positions end at 2048"):
+        evaluate.main([*base, "--tsv", str(good), "--max-text-tokens", "4096"])
     for argv, words in ((["--tsv"], "--tsv needs at least one file"),
                         (["--tsv", str(good), str(tmp_path / "again" / "bench.tsv")], "would overwrite each other"),
                         (["--tsv", str(good), "--cfg-interval", "0.9", "0.1"], "LO must be below HI"),
                         (["--tsv", str(good), "--mode", "text", "--reentry", "decode_reencode"],
                          "--reentry has no effect with --mode text"),
-                        (["--tsv", str(good), "--out", str(tmp_path / "file")], "is a file"),
                         (["--tsv", str(good), "--batch", "8"], "--batch has no effect with --tsv"),
-                        (["--tsv", str(good), "--max-text-tokens", "4096"], "positions end at 2048"),
                         (["--image", str(tmp_path / "dot.png"), "--question", "Q?", "--degrade", "motion_blur:hard"],
                          "8x8 px")):
         with pytest.raises(SystemExit) as e:
@@ -242,3 +245,88 @@ def test_evaluate_checks_every_input_before_any_work(toy_ckpt, tmp_path, capsys)
     for bad in (lambda q, p, a: 5, lambda q, p, a: "yes", lambda q, p, a: float("nan"), lambda q, p: 1.0):
         with pytest.raises(CK.InputError, match="--judge j:f"):
             evaluate.judge_score(bad, "j:f", "q", "p", "a", 0)
+
+
+def test_toy_outputs_are_one_set_and_checkpoints_are_settled(toy_ckpt, tmp_path, capsys, monkeypatch):
+    """The report, its JSON and both pictures are written as one set: a run killed while writing them leaves the
+    earlier run's four files, not reports of two runs side by side. A checkpoint whose save was killed between its
+    renames is put back and evaluated (it was left out of the report without a word)."""
+    import shutil
+    out_root = tmp_path / "out"
+    out_root.mkdir()
+    shutil.copytree(toy_ckpt, out_root / "sft")
+    argv = ["--out-root", str(out_root), "--n", "2", "--batch", "2", "--n-corruption", "0", "--max-text-tokens", "3",
+            "--denoise-steps", "3", "--probe-n", "20", "--probe-steps", "2", "--out", str(tmp_path / "eval"),
+            "--threads", "1"]
+    evaluate.main(argv)
+    first = {p.name: p.read_bytes() for p in (tmp_path / "eval").iterdir()}
+    assert set(first) == {CK.MARKER, "report.md", "report.json", "examples.png", "accuracy.png"}
+
+    def killed(*_):
+        raise KeyboardInterrupt("killed while writing the outputs")
+    monkeypatch.setattr(evaluate, "draw_bars", killed)
+    (out_root / "sft" / CK.MARKER).touch()  # as a save writes it: then killed between its two renames
+    shutil.move(out_root / "sft", CK.sibling(out_root / "sft", "tmp"))
+    capsys.readouterr()
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.main([*argv, "--seed", "1"])
+    assert "recovered the newest complete copy" in capsys.readouterr().out and (out_root / "sft").is_dir()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "eval").iterdir()} == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval", "out"]  # no temporary copy, no lock left
+
+
+def test_eval_out_is_checked_before_any_work(toy_ckpt, tmp_path, monkeypatch):
+    """The results replace --out as a whole, so before any work: it must have a name (--out . and --out "" were a
+    traceback after 5-7 minutes), lie under folders, hold nothing evaluate.py did not write, and not be a checkpoint."""
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("mine")
+    (tmp_path / "file").write_text("mine")
+    monkeypatch.chdir(tmp_path)
+    for out, words in ((".", "no name of its own"), ("", "no name of its own"), ("file/eval", "which is a file"),
+                       ("notes", "holds 'mine.txt', which evaluate.py did not write"), (str(toy_ckpt), "a checkpoint")):
+        with pytest.raises(CK.InputError, match=words):
+            evaluate.main(["--out-root", str(tmp_path / "none"), "--out", out, "--threads", "1"])
+    assert (tmp_path / "notes" / "mine.txt").read_text() == "mine" and (toy_ckpt / "nanoclear.json").exists()
+
+
+def test_named_checkpoints_are_evaluated_and_paired_with_rl(toy_ckpt, tmp_path):
+    """--checkpoints NAME=FOLDER evaluates exactly those (an RL variant beside the RL stage), and pairs the variant with
+    rl on the same hard questions, as well as taking rl's own comparisons."""
+    evaluate.main(["--checkpoints", f"rl={toy_ckpt}", f"rl_release={toy_ckpt}", "--out-root", str(tmp_path),
+                   "--n", "2", "--batch", "2", "--n-corruption", "0", "--max-text-tokens", "3", "--denoise-steps", "3",
+                   "--probe-n", "20", "--probe-steps", "5", "--out", str(tmp_path / "eval"), "--threads", "1"])
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert list(report["main"]) == ["rl", "rl_release"] and set(report["main"]["rl_release"]) == set(evaluate.MODES)
+    pairs = {(tuple(r["a"]), tuple(r["b"])): r for r in report["comparisons"]}
+    same = pairs[("rl_release", "interleaved, bridge"), ("rl", "interleaved, bridge")]
+    assert same["n"] == 2 and same["diff"] == 0.0  # one checkpoint under two names: the same answers
+    assert (("rl_release", "always restore"), ("rl_release", "text reasoning")) in pairs
+    assert "--checkpoints rl=" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_named_checkpoints_and_the_tsv_prompt_are_checked_before_any_work(toy_ckpt, tmp_path, capsys,
+                                                                           monkeypatch):
+    """--checkpoints: NAME=FOLDER, distinct names, real checkpoints, toy benchmark only. --tsv reads the prompt the
+    checkpoint was trained with, and refuses the toy prompt for a checkpoint that was not."""
+    for argv, words in ((["--checkpoints", "rl"], "give NAME=FOLDER"),
+                        (["--checkpoints", f"a={toy_ckpt}", f"a={toy_ckpt}"], "the name a is given twice"),
+                        (["--checkpoints", f"a={tmp_path}"], "holds no checkpoint"),
+                        (["--checkpoints", f"a={toy_ckpt}", "--init", str(toy_ckpt), "--tsv", "x.tsv"],
+                         "--checkpoints has no effect with --tsv")):
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(argv)
+        assert e.value.code == 2 and words in capsys.readouterr().err, argv
+    real = tmp_path / "real"
+    shutil.copytree(toy_ckpt, real)
+    saved = json.loads((real / "nanoclear.json").read_text())
+    (real / "nanoclear.json").write_text(json.dumps({**saved, "stage": "rl", "args": {"system": "official"}}))
+    tsv = write_tsv(tmp_path / "bench.tsv")
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--init", str(real), "--tsv", str(tsv), "--system", "toy", "--max-text-tokens", "4"])
+    assert e.value.code == 2 and "the toy prompt describes the toy world's tags and rule" in capsys.readouterr().err
+    seen, score = [], evaluate.evaluate_tsv
+    monkeypatch.setattr(evaluate, "evaluate_tsv", lambda *a, **kw: seen.append(a[5]) or score(*a, **kw))
+    for folder in (toy_ckpt, real):
+        evaluate.main(["--init", str(folder), "--tsv", str(tsv), "--max-text-tokens", "2", "--denoise-steps", "2",
+                       "--out", str(tmp_path / "res"), "--threads", "1"])
+    assert seen == ["toy", "official"]  # the toy base, and a checkpoint trained under the official prompt

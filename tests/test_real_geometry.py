@@ -91,8 +91,7 @@ def test_sizes_come_from_the_checkpoint(world):
 
 def test_every_stage_runs_on_real_geometry(world, tmp_path):
     """sft.py -> bridge.py -> rl.py -> evaluate.py on the BAGEL-geometry folder, real photos, JSONL and TSV."""
-    data = ["--data", str(world / "train.jsonl"), "--images", str(world / "photos"), "--system", "official",
-            "--threads", "1"]
+    data = ["--data", str(world / "train.jsonl"), "--images", str(world / "photos"), "--threads", "1"]  # no --system
     sft.main(["--init", str(world / "bagel"), "--out", str(tmp_path / "sft"), "--steps", "2",
               "--tokens-per-step", "600", *data])
     bridge.main(["--init", str(tmp_path / "sft"), "--out", str(tmp_path / "bridge"), "--steps", "1",
@@ -100,6 +99,7 @@ def test_every_stage_runs_on_real_geometry(world, tmp_path):
     rl.main(["--init", str(tmp_path / "bridge"), "--out", str(tmp_path / "rl"), "--steps", "1", "--prompts", "1",
              "--group", "2", "--max-text-tokens", "4", "--sde-points", "3", *data])
     for stage in ("sft", "bridge", "rl"):
+        assert CK.checkpoint_system(tmp_path / stage, D.SYSTEM_PROMPTS) == "official"
         model = CK.load_pretrained(tmp_path / stage)
         assert model.cfg.vit_patch_size == 14 and model.cfg.latent_downsample == 16
         assert D.Tokenizer.from_folder(tmp_path / stage).bos_id == CK.config_from_folder(world / "bagel").bos_token_id

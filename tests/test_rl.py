@@ -490,16 +490,160 @@ def test_official_mask_with_restoration(policy):
     assert torch.equal(ours ^ official, expected)
 
 
+def affected_rows(ours: torch.Tensor, official: torch.Tensor, layers: int) -> torch.Tensor:
+    """Positions whose hidden state the official mask can change: their own mask row differs, or (in a later layer)
+    they attend under it to a position already changed."""
+    changed = (ours != official).any(1)
+    for _ in range(layers - 1):
+        changed = changed | (official & changed[None, :]).any(1)
+    return changed
+
+
+@pytest.mark.parametrize("restored", [False, True])
+def test_official_mask_switch_changes_exactly_the_rows_the_official_mask_changes(policy, restored):
+    """--official-mask: grpo_loss hands the policy and the frozen reference rl.official_mask of the packed rollouts
+    (the only change), and the hidden states then differ from ours exactly on the rows that mask reaches (every scored
+    row: the ViT block already attends causally; without a restoration they attend to nothing); the others stay."""
+    rollouts = forced_restore_rollouts(policy, 6)[:1]
+    if not restored:
+        r = rollouts[0]
+        rollouts = [rl.Rollout(r.prefix, replace(r.trace, latents=[], steps=[], ids=r.trace.ids[:1],
+                                                 logps=r.trace.logps[:1], texts=r.trace.texts[:1],
+                                                 stopped=r.trace.stopped[:1]), r.example)]
+    seen = []
+
+    def spy(name):
+        return lambda packed, **kw: seen.append((name, packed, kw["mask"])) or policy(packed, **kw)
+    adv = torch.ones(1)
+    cfg = replace(rollout_args(official_mask=True), beta=0.04)
+    rl.grpo_loss(spy("policy"), spy("ref"), rollouts, adv, adv, cfg, 0, np.random.default_rng(0), policy)
+    (_, packed, official), (name, _, ref_mask) = seen
+    assert name == "ref" and torch.equal(ref_mask, official)
+    assert torch.equal(official, rl.official_mask(packed.splits, packed.rows, packed.row_len))
+    ours = M.attention_mask(packed.splits, packed.rows, packed.row_len)
+    with torch.no_grad():
+        a, b = policy(packed, mask=official), policy(packed)
+    reached = affected_rows(ours[0], official[0], policy.cfg.num_hidden_layers)
+    assert reached[packed.ce_idx].all() and not reached.all()  # every scored row; not the prompt's first rows
+    assert (a.ce != b.ce).all() and (a.hidden[reached] != b.hidden[reached]).any(1).all()
+    assert torch.allclose(a.hidden[~reached], b.hidden[~reached], atol=1e-6)
+    seen.clear()
+    rl.grpo_loss(spy("policy"), spy("ref"), rollouts, adv, adv, replace(cfg, official_mask=False), 0,
+                 np.random.default_rng(0), policy)
+    assert [m for _, _, m in seen] == [None, None]  # off: the packing's own rules
+
+
+def test_a_given_mask_equal_to_the_packing_rules_changes_nothing(policy):
+    """Bagel.forward(mask=...) replaces the packing's rules and nothing else: their own mask gives the same output."""
+    seq, _ = rl.replay_sample(forced_restore_rollouts(policy, 6)[0], [[0]], "bridge", policy)
+    packed = M.pack([seq, seq[:4]], policy.cfg)
+    with torch.no_grad():
+        a, b = policy(packed), policy(packed, mask=M.attention_mask(packed.splits, packed.rows, packed.row_len))
+    assert torch.equal(a.ce, b.ce) and torch.equal(a.v, b.v)
+    with pytest.raises(ValueError, match="dense"):
+        policy(packed, mask=M.attention_mask(packed.splits, packed.rows, packed.row_len), flex=True)
+
+
 def test_toy_rl_runs_under_the_official_mask(toy_ckpt, tmp_path, monkeypatch):
-    """The research switch (tests/official_mask_rl.py): the training forward under rl.official_mask runs, stays
-    finite, and no longer reproduces the sampler's log-probs (ours does, to 1e-3)."""
+    """The research switch (--official-mask): the toy RL trains under rl.official_mask, stays finite, and no longer
+    reproduces the sampler's log-probs (ours does, to 1e-3)."""
     monkeypatch.setattr(D, "requests_restore", lambda text: len(text) % 2 == 0)  # as in the golden run above
     monkeypatch.setattr(rl, "accuracy_reward", lambda reply, example, judge=None: float(len(reply) % 3) / 2)
     argv = ["--init", str(toy_ckpt), "--steps", "1", "--prompts", "2", "--group", "2", "--max-text-tokens", "6",
             "--sde-points", "3", "--eval-n", "0", "--threads", "1"]
     rl.main([*argv, "--out", str(tmp_path / "ours")])
-    monkeypatch.setattr(M, "attention_mask", rl.official_mask)
-    rl.main([*argv, "--out", str(tmp_path / "official")])
+    rl.main([*argv, "--out", str(tmp_path / "official"), "--official-mask"])
     ours, official = (json.loads((tmp_path / f"{n}.log.jsonl").read_text()) for n in ("ours", "official"))
     assert ours["logp_drift"] < 1e-4 < 0.01 < official["logp_drift"]
     assert math.isfinite(official["loss"]) and 0 < official["gnorm"] < math.inf
+
+
+def test_rl_starts_from_a_settled_bridge_and_fits_rows_to_the_positions(toy_ckpt, tmp_path, monkeypatch, capsys):
+    """Without --init, rl.py starts from out/bridge: when its save was killed between the renames, rl.py puts the
+    complete copy back and says so (it started from out/sft without a word). Rows longer than the model's positions
+    (prefix and every round; --max-text-tokens was only compared with one segment, elsewhere not at all) stop before
+    the model is loaded."""
+    import shutil
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    shutil.copytree(toy_ckpt, tmp_path / "out" / "sft")
+    saved = CK.sibling(tmp_path / "out" / "bridge", "tmp")  # a complete save, killed before its second rename
+    shutil.copytree(toy_ckpt, saved)
+    (saved / CK.MARKER).touch()
+    loaded = []
+
+    def load_pretrained(folder, *_, **__):
+        loaded.append(folder)
+        raise KeyboardInterrupt("the checks are done: stop before the work")
+    monkeypatch.setattr(CK, "load_pretrained", load_pretrained)
+    with pytest.raises(CK.InputError, match="a row takes up to .* positions end at 2048"):
+        rl.main(["--out", str(tmp_path / "rl"), "--max-text-tokens", "700", "--threads", "1", "--eval-n", "0"])
+    assert "out/bridge: recovered the newest complete copy" in capsys.readouterr().out
+    assert (tmp_path / "out" / "bridge" / "ema.safetensors").exists() and not loaded
+    with pytest.raises(KeyboardInterrupt):  # 3 rounds of 600 tokens and the prefix fit: it goes on to load
+        rl.main(["--out", str(tmp_path / "rl"), "--max-text-tokens", "600", "--threads", "1", "--eval-n", "0"])
+    assert loaded == ["out/bridge"]
+
+
+def test_a_resumed_counter_is_checked(tmp_path):
+    """The round-robin counter a resumed run continues from is a scalar of the resume state: a missing or bad one is
+    an InputError naming it (a KeyError, or a string in the step arithmetic)."""
+    for bad in ({}, {"counter": "3"}, {"counter": -1}, {"counter": True}):
+        (tmp_path / "nanoclear.json").write_text(json.dumps(bad))
+        with pytest.raises(CK.InputError, match="counter is"):
+            rl.resumed_counter(tmp_path)
+    (tmp_path / "nanoclear.json").write_text(json.dumps({"counter": 7}))
+    assert rl.resumed_counter(tmp_path) == 7
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Real data: the official defaults without extra flags
+
+
+def real(*argv):
+    return rl.parse_config(["--data", "rl.jsonl", "--images", "pics", *argv])
+
+
+def test_real_data_takes_the_official_values_of_its_recipe(monkeypatch):
+    """With --data every default is the official value of --recipe (prompt, G, lr, SDE grid, lengths, questions per
+    step over the processes, steps); a flag given keeps its value; the toy world keeps its own."""
+    head, release = real(), real("--recipe", "release")
+    assert (head.system, head.group, head.lr, head.sde_points, head.max_completion_length, head.prompts,
+            head.steps) == ("official", 8, 5e-6, 20, 16384, 32, 400)
+    assert (release.prompts, release.steps, release.group, release.loss_type) == (16, 200, 8, "grpo")
+    assert E.inference_config(head, toy=False).max_text_tokens == 4096  # max_think_token_n, as collect asks
+    monkeypatch.setenv("WORLD_SIZE", "8")  # the official 8 processes: each rolls out its share of the questions
+    assert (real().prompts, real("--recipe", "release").prompts) == (4, 2)
+    assert (real("--lr", "1e-5", "--group", "2", "--steps", "7").lr, real("--group", "2").group,
+            real("--steps", "7").steps) == (1e-5, 2, 7)
+    monkeypatch.delenv("WORLD_SIZE")
+    toy = rl.parse_config([])
+    assert (toy.system, toy.group, toy.lr, toy.sde_points, toy.max_completion_length, toy.prompts, toy.steps) == (
+        "toy", 4, 2e-5, 10, 144, 4, 300)
+
+
+def test_real_data_refuses_the_toy_prompt_and_an_uneven_split(monkeypatch, capsys):
+    """--system toy with --data, and the official questions per step that do not divide over the processes, stop
+    with the reason (the latter unless --prompts says how many per process)."""
+    with pytest.raises(SystemExit):
+        real("--system", "toy")
+    assert "the toy prompt describes the toy world's tags and rule" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SystemExit):
+        real()
+    assert "32 questions per optimiser step do not divide over 3 processes" in capsys.readouterr().err
+    assert real("--prompts", "5").prompts == 5
+
+
+def test_rl_help_names_the_official_values(capsys):
+    """--help gives the toy and the official value (HEAD and release where they differ) of every scaled flag."""
+    with pytest.raises(SystemExit):
+        rl.parse_config(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for words in ("questions per step and process (toy 4; official 32 questions x G 8 per optimiser step at HEAD, 16 "
+                  "x 8 at the release; with --data the official total divided over the processes)",
+                  "optimiser steps (toy 300; official 400 at HEAD, 200 at the release; with --data the recipe's)",
+                  "(toy 4; official 8)", "(toy 2e-5; official 5e-6)", "(toy 10; official 20)",
+                  "(toy 144; official 16384)", "with --data 'official' (INTERLEAVE_REASON_SYSTEM_PROMPT",
+                  "else the one --init was trained with", "research, off by default"):
+        assert words in text, words

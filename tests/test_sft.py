@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+import bridge
 import checkpoint as CK
 import data as D
 import model as M
@@ -344,7 +345,7 @@ def test_resume_after_a_kill_between_the_renames_of_a_save(toy_ckpt, tmp_path, m
     assert not (tmp_path / "b").exists()
     capsys.readouterr()
     sft.train(finetune_args(toy_ckpt, tmp_path / "b", "--resume"))
-    assert "recovered the newest complete checkpoint" in capsys.readouterr().out
+    assert "recovered the newest complete copy" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "a.log.jsonl", "b", "b.log.jsonl"]
     a, b = CK.load_pretrained(tmp_path / "a"), CK.load_pretrained(tmp_path / "b")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
@@ -518,3 +519,104 @@ def test_distill_pair_is_the_clean_picture_twice_on_one_grid(net):
     assert teacher.pixels.shape == (3, 2 * P, 3 * P)
     means = (M.patchify(teacher.pixels, P).mean(1) * 0.5 + 0.5) * 255
     assert np.allclose(means.numpy(), cells.flatten(), atol=12)
+
+
+def test_resume_after_a_full_disk_cut_the_last_log_line(toy_ckpt, tmp_path, capsys):
+    """A crash (a full disk) in the middle of a log write leaves a partial last line: --resume drops it with a warning
+    and continues (it raised JSONDecodeError), and the log holds whole records only."""
+    out = tmp_path / "run"
+    sft.train(finetune_args(toy_ckpt, out, "--steps", "1", "--tokens-per-step", "100"))
+    log = out.with_name("run.log.jsonl")
+    log.write_text(log.read_text() + '{"step": 2, "loss": 1.2')  # the write the crash cut short
+    capsys.readouterr()
+    sft.train(finetune_args(toy_ckpt, out, "--steps", "2", "--tokens-per-step", "100", "--resume"))
+    assert "line 2 was cut short" in capsys.readouterr().err
+    assert [r["step"] for r in log_of(out)] == [1, 2]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Real data: the official defaults of --recipe without extra flags
+
+
+def real(module, *argv):
+    return module.parse_config(["--init", "path/to/BAGEL-7B-MoT", "--data", "sft.jsonl", "--images", "pics", *argv])
+
+
+def test_real_data_takes_the_official_values_of_its_recipe():
+    """With --data every default is the official value of --recipe (train_mix.sh at HEAD / the release): prompt,
+    steps, warmup, lr and its floor, weight decay, EMA, token budget, no pure-text samples, no toy replay; a flag given
+    keeps its value; the toy world keeps its own, and bridge.py takes the recipe's distillation on both."""
+    def values(c):
+        return (c.system, c.steps, c.warmup, c.lr, c.min_lr, c.weight_decay, c.ema, c.tokens_per_step,
+                c.text_reason_rate, c.replay)
+    official = ("official", 8000, 500, 1e-5, 1e-7, 0.01, 0.995, 30000, 0.0, 0.0)
+    assert values(real(sft)) == official
+    assert values(real(sft, "--recipe", "release")) == ("official", 600, 50, 1e-5, 1e-7, 0.0, 0.995, 30000, 0.0, 0.0)
+    assert (real(sft, "--steps", "7", "--lr", "2e-5").steps, real(sft, "--lr", "2e-5").lr) == (7, 2e-5)
+    assert real(sft, "--text-reason-rate", "0.1").text_reason_rate == 0.1
+    toy = sft.parse_config(["--init", "no/such/folder"])
+    assert values(toy) == ("official", 600, 30, 5e-4, 5e-5, 0.0, 0.99, 4096, 0.15, 0.2)  # no nanoclear.json there
+    head, release = real(bridge), real(bridge, "--recipe", "release")
+    assert values(head) == official and (head.distill_weight, head.distill_mode, head.distill_stride) == (
+        0.4, "per_layer_kl", 1)
+    assert (release.steps, release.distill_weight, release.distill_mode) == (600, 0.1, "final_mse")
+    toy = bridge.parse_config(["--init", "no/such/folder", "--recipe", "release"])  # toy world: the distillation only
+    assert (toy.steps, toy.lr, toy.distill_weight, toy.distill_mode) == (400, 2e-4, 0.1, "final_mse")
+
+
+def test_the_prompt_follows_the_data_or_the_checkpoint(toy_ckpt, tmp_path):
+    """--system: with --data the official prompt; else the one --init was trained with (the toy base: toy; a folder
+    without nanoclear.json, BAGEL or CLEAR: official; one of ours: its args.system); no --init: the toy base's."""
+    assert sft.parse_config([]).system == "toy" and sft.parse_config(["--init", str(toy_ckpt)]).system == "toy"
+    assert sft.parse_config(["--init", str(tmp_path)]).system == "official"
+    (tmp_path / "nanoclear.json").write_text('{"args": {"system": "official"}, "stage": "sft"}')
+    assert bridge.parse_config(["--init", str(tmp_path)]).system == "official"
+    assert sft.parse_config(["--init", str(toy_ckpt), "--system", "official"]).system == "official"
+
+
+def test_real_data_refuses_toy_values_and_the_toy_world_a_recipe(capsys):
+    """--system toy with --data stops with the reason; sft.py's --recipe picks real-data values only, so the toy world
+    refuses it; final_mse reads no stride."""
+    for module, argv, words in (
+            (sft, ["--data", "d.jsonl", "--images", "p", "--system", "toy"],
+             "the toy prompt describes the toy world's tags and rule; real data is trained and rolled out under the "
+             "official INTERLEAVE_REASON_SYSTEM_PROMPT"),
+            (sft, ["--recipe", "release"], "--recipe has no effect on the toy world"),
+            (bridge, ["--recipe", "release", "--distill-stride", "2"], "--distill-stride has no effect with "
+                                                                        "--distill-mode final_mse")):
+        with pytest.raises(SystemExit) as e:
+            module.parse_config(argv)
+        assert e.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_sft_help_names_the_official_values(capsys):
+    """--help gives the toy and the official value (HEAD and release where they differ) of every scaled flag; bridge.py
+    names its own toy defaults."""
+    for module, toy_steps, toy_lr in ((sft, "600", "0.0005"), (bridge, "400", "0.0002")):
+        with pytest.raises(SystemExit):
+            module.parse_config(["--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        for words in (f"optimiser steps (toy {toy_steps}; official 8000 at HEAD, 600 at the release; with --data the "
+                      "recipe's)", f"(toy {toy_lr}; official 1e-5)", "(toy lr / 10; official 1e-7)",
+                      "(toy 30; official 500 at HEAD, 50 at the release)", "(toy 0; official 0.01 at HEAD, 0 at the "
+                      "release)", "(toy 0.99; official 0.995)", "(toy 4096; official 30000", "official 0: its main "
+                      "mix corruption_mix.yaml has no pure-text set", "with --data 'official' "
+                      "(INTERLEAVE_REASON_SYSTEM_PROMPT", "else the one --init was trained with",
+                      "whose distillation is the default" if module is bridge else "the toy world keeps its own"):
+            assert words in text, (module.__name__, words)
+
+
+@pytest.mark.parametrize("script", ["sft", "bridge", "rl"])
+def test_table_flags_behave_alike_in_every_stage(script, capsys):
+    """The summary table runs on the toy world: --eval-n 0 is accepted everywhere, a table flag with --eval-n 0 or
+    with --data is refused everywhere, and --data turns the table off."""
+    module = {"sft": sft, "bridge": bridge, "rl": __import__("rl")}[script]
+    data = ["--init", "some/folder", "--data", "d.jsonl", "--images", "p"]
+    assert module.parse_config(["--eval-n", "0"]).eval_n == 0 and module.parse_config(data).eval_n == 0
+    assert module.parse_config([*data, "--eval-n", "0"]).eval_n == 0
+    for argv, words in ((["--eval-n", "0", "--eval-seed", "3"], "--eval-seed has no effect with --eval-n 0"),
+                        ([*data, "--eval-n", "5"], "--eval-n has no effect with --data"),
+                        ([*data, "--eval-seed", "3"], "--eval-seed has no effect with --data")):
+        with pytest.raises(SystemExit) as e:
+            module.parse_config(argv)
+        assert e.value.code == 2 and words in capsys.readouterr().err
