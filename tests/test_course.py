@@ -7,6 +7,7 @@ import re
 import shutil
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -74,8 +75,12 @@ def test_every_assignment_builds_its_blanks_grade_zero_and_the_reference_full_ma
     """For each assignment: the student tree blanks its exercises and every later one (each stub names its exercise
     and handout), keeps earlier ones and the rest of every file byte for byte, ships the checkpoints it starts from,
     leaves the staff files out and holds no removed solution line; grading it gives 0 (not attempted). The reference
-    grades full marks (one pytest run for all exercises: its functions are the reference's). The full checks
-    (make_student.py --check: the whole suite in each tree) take minutes and run by hand."""
+    grades full marks (one pytest run for all exercises: its functions are the reference's; it runs in a thread while
+    the trees are built, its pytest on the other core). The full checks (make_student.py --check: the whole suite in
+    each tree) take minutes and run by hand."""
+    graded = []
+    reference = threading.Thread(target=lambda: graded.append(G.grade(ROOT, list(MF.EXERCISES), tmp_path / "ref")))
+    reference.start()
     MS.check_checkpoints(checkpoints, ("base", "sft", "bridge"))
     for a in MF.ASSIGNMENTS:
         tree = tmp_path / a
@@ -96,7 +101,8 @@ def test_every_assignment_builds_its_blanks_grade_zero_and_the_reference_full_ma
         exercises = [ex for ex in MF.EXERCISES if ex["id"].split(".")[0] == a]
         entries = G.grade(tree, exercises, tmp_path / f"grade_{a}")
         assert all(e["score"] == 0 and e["reason"].startswith("not attempted") for e in entries), a
-    entries = G.grade(ROOT, list(MF.EXERCISES), tmp_path / "grade_reference")
+    reference.join()
+    (entries,) = graded
     assert [(e["number"], e["score"]) for e in entries] == [(ex["id"], ex["points"]) for ex in MF.EXERCISES], \
         [e["output"] for e in entries if e["score"] < e["max_score"]]
 
