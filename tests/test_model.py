@@ -138,6 +138,55 @@ def test_attention_rule_matrix():
     assert torch.equal(mask[0], expected[:12, :12]) and mask[1, 5].tolist() == [i == 5 for i in range(12)]
 
 
+def loop_split_tables(splits, rows, row_len):
+    """The rule split_tables vectorises, written as one slice assignment per split."""
+    t = {"sample": torch.full((rows, row_len), -1), "split": torch.zeros(rows, row_len, dtype=torch.long)}
+    t.update({k: torch.zeros(rows, row_len, dtype=torch.bool) for k in ("noise", "causal", "pad")})
+    for i, (r, s, start, n, mode) in enumerate(splits):
+        t["sample"][r, start:start + n], t["split"][r, start:start + n] = s, i
+        for k in ("noise", "causal", "pad"):
+            t[k][r, start:start + n] = mode == k
+    return t
+
+
+def test_split_tables_and_mask_equal_the_per_split_rule():
+    """On random layouts (rows of causal / full / noise / pad splits of random lengths): the vectorised tables equal
+    the per-split loop, the mask equals may_attend asked pair by pair, and the additive mask is 0 / -inf on it."""
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        rows, T = int(rng.integers(1, 4)), int(rng.integers(1, 30))
+        splits, sample = [], 0
+        for r in range(rows):
+            start = 0
+            while start < T:
+                n, mode = int(rng.integers(1, T - start + 1)), str(rng.choice(["causal", "full", "noise", "pad"]))
+                splits.append((r, -1 if mode == "pad" else sample, start, n, mode))
+                start, sample = start + n, sample + int(rng.random() < 0.5)
+        t = M.split_tables(splits, rows, T)
+        ref = loop_split_tables(splits, rows, T)
+        assert all(torch.equal(t[k], ref[k]) for k in ref)
+        mask, i = M.attention_mask(splits, rows, T), torch.arange(T)
+        assert torch.equal(mask, M.may_attend(ref, torch.arange(rows)[:, None, None], i[None, :, None], i[None, None, :]))
+        b, q, k = (int(v) for v in (rng.integers(rows), rng.integers(T), rng.integers(T)))
+        assert bool(mask[b, q, k]) == bool(M.may_attend(ref, b, q, k))
+        add = M.additive_mask(mask, torch.float32)
+        assert torch.equal(add == 0, mask) and torch.isinf(add[~mask]).all()
+
+
+def test_expert_order_routing_equals_routing_every_call():
+    """Route keeps the stream in expert order and returns to token order for attention only: the same values as
+    gathering, applying each expert and scattering back around every call."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10, 4, generator=g)
+    gen = torch.tensor([0, 1, 1, 0, 0, 1, 0, 0, 1, 0], dtype=torch.bool)
+    route = M.Route(gen)
+    und, gen_f = (lambda h: 2 * h + 1), (lambda h: -h)
+    expected = torch.where(gen[:, None], gen_f(x), und(x))
+    assert torch.equal(route.to_tokens(route(route.to_experts(x), und, gen_f)), expected)
+    plain = M.Route(torch.zeros(10, dtype=torch.bool))
+    assert plain.to_experts(x) is x and torch.equal(plain(x, und, gen_f), und(x))
+
+
 def test_rows_equal_one_long_packed_row(net):
     """Samples in separate padded rows give the same outputs as the same samples packed into one row."""
     g = torch.Generator().manual_seed(6)
