@@ -36,6 +36,7 @@ import statistics
 import time
 
 import torch
+from tqdm import tqdm
 
 import data as D
 import model as M
@@ -165,14 +166,18 @@ def compare_reentry(models: dict, tok, cfg) -> str:
     split = D.ToyWorld(cfg.world_seed).eval_split(cfg.eval_n, seed=cfg.eval_seed)
     split = {k: split[k] for k in ("mid", "hard")}
     lines = ["| model | re-entry | mid | hard | restore mid / hard |", "|---|---|---|---|---|"]
+    bar = tqdm(total=2 * len(models) * 2 * cfg.eval_n, leave=False, dynamic_ncols=True, unit="question")
     for name, model in models.items():
         for reentry in ("bridge", "decode_reencode"):
             icfg = E.InferenceConfig(reentry=reentry, max_text_tokens=cfg.max_text_tokens, num_timesteps=cfg.eval_steps,
                                      cfg_text_scale=cfg.cfg_text_scale, cfg_img_scale=cfg.cfg_img_scale,
                                      vit_transform=D.TOY_SIZES.vit)
-            res = E.benchmark(model, tok, split, "interleave", icfg, model.encode_pixels, seed=cfg.eval_seed, system=cfg.system)
+            bar.set_description(f"table: {name}, {reentry}")
+            res = E.benchmark(model, tok, split, "interleave", icfg, model.encode_pixels, seed=cfg.eval_seed,
+                              system=cfg.system, bar=bar)
             lines.append(f"| {name} | {reentry} | {100 * res['mid']['acc']:.1f} | {100 * res['hard']['acc']:.1f} | "
                          f"{100 * res['mid']['restore']:.0f}% / {100 * res['hard']['restore']:.0f}% |")
+    bar.close()
     return "\n".join(lines)
 
 

@@ -51,6 +51,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 import bridge
 import common as C
@@ -213,11 +214,14 @@ def remembered_encoder(model: M.Bagel, memo: dict):
 
 
 def evaluate_checkpoint(model, tok, split, modes: dict, icfg: E.InferenceConfig, seed: int, probe, batch: int,
-                        encode) -> dict:
-    """Every requested mode on the aligned clean/low/mid/hard split; restoration quality of its hard restorations."""
+                        encode, bar: tqdm | None = None, name: str = "") -> dict:
+    """Every requested mode on the aligned clean/low/mid/hard split; restoration quality of its hard restorations.
+    `bar`: the evaluation's progress bar, labelled with the checkpoint `name` and the mode."""
     rows = {}
     for label, (mode, reentry) in modes.items():
-        res = E.benchmark(model, tok, split, mode, E.replace(icfg, reentry=reentry), encode, batch, seed)
+        if bar is not None:
+            bar.set_description(f"{name}, {label}")
+        res = E.benchmark(model, tok, split, mode, E.replace(icfg, reentry=reentry), encode, batch, seed, bar=bar)
         rows[label] = {s: {k: v for k, v in res[s].items() if k != "traces"} for s in res}
         pictures = restored_pictures(model, res["hard"]["traces"])
         rows[label]["quality"] = restoration_quality(split["hard"], pictures, probe)
@@ -309,23 +313,33 @@ def evaluate_toy(cfg: "EvalConfig", run: C.Run):
     split = world.eval_split(cfg.n, seed=cfg.seed)
     icfg = inference_config(cfg)
     probe = D.perception_probe(world, Path(cfg.out_root) / "probe", cfg.probe_n, cfg.probe_steps)  # clean-trained, cached
+    modes = {name: {"direct": MODES["direct"]} if name == "base" else MODES for name in ckpts}  # the base never learned
+    # the CLEAR format; one bar over every question of every part, in order: main table, per-corruption sets, generator
+    corrupted = (("base" in ckpts) + any(name != "base" for name in ckpts)) * len(CORRUPTIONS) * cfg.n_corruption
+    flow_n = min(FLOW_CHECK_N, cfg.n) * sum(name != "base" for name in ckpts)
+    bar = tqdm(total=cfg.n * len(SEVERITIES) * sum(map(len, modes.values())) + corrupted + flow_n, unit="question",
+               dynamic_ncols=True)
     results, models, toks, latents, t0 = {}, {}, {}, {}, time.time()
     for name, folder in ckpts.items():
         models[name] = M.load_pretrained(folder, run.device, run.dtype)
         toks[name] = D.Tokenizer.from_folder(folder)
-        modes = {"direct": MODES["direct"]} if name == "base" else MODES  # the base never learned the CLEAR format
-        print(f"evaluating {name} ({len(modes)} modes x {len(SEVERITIES)} severities x {cfg.n} questions)")
-        results[name] = evaluate_checkpoint(models[name], toks[name], split, modes, icfg, cfg.seed, probe, cfg.batch,
-                                            remembered_encoder(models[name], latents))
+        results[name] = evaluate_checkpoint(models[name], toks[name], split, modes[name], icfg, cfg.seed, probe,
+                                            cfg.batch, remembered_encoder(models[name], latents), bar, name)
     best = max((c for c in results if c != "base"), key=lambda c: results[c]["interleaved, bridge"]["hard"]["acc"], default=None)
     per, hard = {}, per_corruption_split(world, cfg.n_corruption, cfg.seed)
     for name, mode in (("base", "direct"), (best, "interleave")) if cfg.n_corruption else ():
         if name is None or name not in models:
             continue
-        res = E.benchmark(models[name], toks[name], hard, mode, icfg, models[name].encode_pixels, cfg.batch, cfg.seed)
+        bar.set_description(f"{name}, {mode}, per corruption")
+        res = E.benchmark(models[name], toks[name], hard, mode, icfg, models[name].encode_pixels, cfg.batch, cfg.seed,
+                          bar=bar)
         per[f"{name} ({mode})"] = {k: v["acc"] for k, v in res.items()}
-    flow_set = split["hard"][:FLOW_CHECK_N]
-    flow = {name: flow_error_by_t(models[name], toks[name], flow_set, seed=cfg.seed) for name in models if name != "base"}
+    flow_set, flow = split["hard"][:FLOW_CHECK_N], {}
+    for name in (name for name in models if name != "base"):
+        bar.set_description(f"{name}, generator check")
+        flow[name] = flow_error_by_t(models[name], toks[name], flow_set, seed=cfg.seed)
+        bar.update(len(flow_set))
+    bar.close()
     paired, split_rows = comparisons(results, seed=cfg.seed), decision_split(results, seed=cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

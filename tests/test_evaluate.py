@@ -117,6 +117,22 @@ def test_a_sets_numbers_do_not_depend_on_the_other_sets(toy_ckpt):
         assert a.texts == b.texts and all(torch.equal(x, y) for x, y in zip(a.latents, b.latents))
 
 
+def test_the_progress_bar_counts_every_question_and_changes_no_result(toy_ckpt):
+    """benchmark with a bar: the same traces as without, and the bar advanced by each question of each set."""
+    model, tok = M.load_pretrained(toy_ckpt), D.Tokenizer.from_folder(toy_ckpt)
+    split = {k: v for k, v in D.ToyWorld(0).eval_split(3, seed=0).items() if k in ("clean", "hard")}
+    cfg = E.InferenceConfig(max_text_tokens=4, num_timesteps=3)
+    bar = evaluate.tqdm(total=6, file=io.StringIO())
+    with torch.no_grad():
+        plain = E.benchmark(model, tok, split, "always_restore", cfg, model.encode_pixels, batch_size=2)
+        shown = E.benchmark(model, tok, split, "always_restore", cfg, model.encode_pixels, batch_size=2, bar=bar)
+    assert bar.n == 6
+    for sev in split:
+        assert plain[sev]["correct"] == shown[sev]["correct"]
+        for a, b in zip(plain[sev]["traces"], shown[sev]["traces"]):
+            assert a.texts == b.texts and all(torch.equal(x, y) for x, y in zip(a.latents, b.latents))
+
+
 def test_pictures_are_encoded_once_per_autoencoder(toy_ckpt):
     """Every mode of every checkpoint reads the same degraded latents: a second checkpoint with the same (frozen)
     autoencoder encodes nothing again and answers exactly as with its own encoder; another autoencoder encodes anew."""
