@@ -1210,11 +1210,12 @@ class Bagel(nn.Module):
                 state = [CLOSE if s == GEN else s for s in state]
                 continue
             new, logp = sample_token(self.logits(h[:, -1]), temperature, top_p, generator)
+            new_ids, new_logps = new.tolist(), logp.tolist()  # one conversion per step, not one per row
             for b in range(B):
                 if state[b] != GEN:
                     continue
-                t = int(new[b])
-                logps[b].append(float(logp[b]))
+                t = new_ids[b]
+                logps[b].append(new_logps[b])
                 if t in stop_ids:
                     stops[b], state[b] = t, CLOSE
                 else:
