@@ -11,7 +11,8 @@ Sections (random weights in the preset's real shapes, no download; warm-up exclu
   denoise         one denoising step (1024 latent tokens, ~1k context, 3 CFG branches) and a 50-step generation
   reentry         a restored image back into the context: bridge vs decode-reencode, as a ratio
   train           forward + backward + AdamW of a ~1B-parameter config on packed 8k-token rows: tokens/s and MFU
-  train_overhead  the tiny default's training step vs a plain dense transformer of the same width/depth (CPU)
+  train_overhead  the tiny default's training step vs a plain dense transformer of the same width/depth (CPU; the two
+                  take turns, and the ratio is the median of the rounds' ratios)
   degrade         each corruption at 256x256 on one thread
   profile         where one step of each toy stage spends its time, by phase (wall clock) and by kind of op
                   (torch.profiler self time): Stage 0 unified step, Stage 1 SFT step, RL step (rollouts + update),
@@ -55,6 +56,21 @@ def timed(fn, device, repeats: int = 5, warmup: int = 1) -> float:
         sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def timed_pair(fn_a, fn_b, device, repeats: int = 7) -> tuple[float, float, float]:
+    """Median seconds of fn_a() and fn_b() run in turn (a, b, a, b, ... after one warm-up call each) and the median of
+    the per-round ratios a / b: taking turns keeps the ratio meaningful when the machine's speed drifts."""
+    fn_a(), fn_b()
+    a, b = [], []
+    for _ in range(repeats):
+        for fn, times in ((fn_a, a), (fn_b, b)):
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(a), statistics.median(b), statistics.median(x / y for x, y in zip(a, b))
 
 
 def peak_memory(device) -> str:
@@ -285,10 +301,10 @@ def bench_train_overhead(cfg, device, dtype) -> list[dict]:
         loss.backward()
         opt2.step()
         opt2.zero_grad(set_to_none=True)
-    t_ours, t_plain = timed(ours, device), timed(reference, device)
+    t_ours, t_plain, ratio = timed_pair(ours, reference, device)
     tokens = packed.rows * packed.row_len
     return [{"section": f"tiny training step ({packed.rows} rows x {packed.row_len} tokens)", "measured": f"{1000 * t_ours:.0f} ms",
-             "bound": f"plain transformer {1000 * t_plain:.0f} ms", "of bound": f"{t_ours / t_plain:.2f}x plain",
+             "bound": f"plain transformer {1000 * t_plain:.0f} ms", "of bound": f"{ratio:.2f}x plain",
              "peak memory": peak_memory(device), "tokens": tokens}]
 
 
