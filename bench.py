@@ -11,8 +11,13 @@ Sections (random weights in the preset's real shapes, no download; warm-up exclu
   denoise         one denoising step (1024 latent tokens, ~1k context, 3 CFG branches) and a 50-step generation
   reentry         a restored image back into the context: bridge vs decode-reencode, as a ratio
   train           forward + backward + AdamW of a ~1B-parameter config on packed 8k-token rows: tokens/s and MFU
-  train_overhead  the tiny default's training step vs a plain dense transformer of the same width/depth (CPU)
+  train_overhead  the tiny default's training step vs a plain dense transformer of the same width/depth (CPU; the two
+                  take turns, and the ratio is the median of the rounds' ratios)
   degrade         each corruption at 256x256 on one thread
+  profile         where one step of each toy stage spends its time, by phase (wall clock) and by kind of op
+                  (torch.profiler self time): Stage 0 unified step, Stage 1 SFT step, RL step (rollouts + update),
+                  evaluation batch; tiny preset, CPU, random weights (every rollout and evaluation row restores once,
+                  and its text runs to the token limit: a trained model writes shorter texts)
 The bounds: memory bandwidth and matmul peak are the device's datasheet values when known (H100 SXM: 3.35 TB/s,
 989 TFLOP/s dense bf16; H200: 4.8 TB/s, same peak) and otherwise measured here (a large copy, a large matmul).
 """
@@ -51,6 +56,21 @@ def timed(fn, device, repeats: int = 5, warmup: int = 1) -> float:
         sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def timed_pair(fn_a, fn_b, device, repeats: int = 7) -> tuple[float, float, float]:
+    """Median seconds of fn_a() and fn_b() run in turn (a, b, a, b, ... after one warm-up call each) and the median of
+    the per-round ratios a / b: taking turns keeps the ratio meaningful when the machine's speed drifts."""
+    fn_a(), fn_b()
+    a, b = [], []
+    for _ in range(repeats):
+        for fn, times in ((fn_a, a), (fn_b, b)):
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(a), statistics.median(b), statistics.median(x / y for x, y in zip(a, b))
 
 
 def peak_memory(device) -> str:
@@ -287,11 +307,11 @@ def bench_train_overhead(cfg, device, dtype) -> list[dict]:
         loss.backward()
         opt2.step()
         opt2.zero_grad(set_to_none=True)
-    t_ours, t_plain = timed(ours, device), timed(reference, device)
+    t_ours, t_plain, ratio = timed_pair(ours, reference, device)
     tokens = packed.rows * packed.row_len
     return [{"section": f"tiny training step ({packed.rows} rows x {packed.row_len} tokens)",
              "measured": f"{1000 * t_ours:.0f} ms",
-             "bound": f"plain transformer {1000 * t_plain:.0f} ms", "of bound": f"{t_ours / t_plain:.2f}x plain",
+             "bound": f"plain transformer {1000 * t_plain:.0f} ms", "of bound": f"{ratio:.2f}x plain",
              "peak memory": peak_memory(device), "tokens": tokens}]
 
 
@@ -322,8 +342,178 @@ def bench_degrade(cfg, device, dtype, size: int = 256, repeats: int = 5) -> list
         torch.set_num_threads(threads)
 
 
+# kind of work of a profiled op, by the first pattern its name contains (anything else: element-wise and other ops)
+OP_KINDS = (("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),
+            ("attention", ("scaled_dot_product", "flash_attention")),
+            ("convolution", ("convolution", "conv2d", "conv_depthwise")),
+            ("gathers, scatters and copies", ("index", "scatter", "gather", "aten::cat", "copy_", "aten::fill_",
+                                              "aten::zero_", "aten::clone", "aten::contiguous", "aten::where")),
+            ("optimizer and EMA", ("Optimizer.step", "aten::lerp", "_foreach", "aten::addcdiv", "aten::addcmul",
+                                   "aten::sqrt", "linalg_vector_norm")),
+            ("element-wise, norms and the rest", ("",)))
+
+
+def op_kind(name: str) -> str:
+    return next(kind for kind, patterns in OP_KINDS if any(p in name for p in patterns))
+
+
+def shares(seconds: dict, total: float) -> str:
+    """'name 41%, ...' in decreasing order."""
+    return ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in sorted(seconds.items(), key=lambda kv: -kv[1]) if v > 0)
+
+
+class PhaseClock:
+    """Wall-clock seconds spent inside chosen functions, each exclusive of the others nested in it (patched in for the
+    measurement, restored after)."""
+
+    def __init__(self, targets: list):
+        self.targets, self.seconds, self.saved, self.nested = targets, {}, [], [0.0]
+
+    def __enter__(self):
+        for obj, attr, label in self.targets:
+            fn = getattr(obj, attr)
+            self.saved.append((obj, attr, fn))
+            self.seconds.setdefault(label, 0.0)
+
+            def timed_fn(*a, _fn=fn, _label=label, **k):
+                self.nested.append(0.0)
+                t0 = time.perf_counter()
+                try:
+                    return _fn(*a, **k)
+                finally:
+                    took = time.perf_counter() - t0
+                    self.seconds[_label] += took - self.nested.pop()
+                    self.nested[-1] += took
+            setattr(obj, attr, timed_fn)
+        return self
+
+    def __exit__(self, *exc):
+        for obj, attr, fn in reversed(self.saved):
+            setattr(obj, attr, fn)
+
+
+def profile_step(name: str, step, phases: list, repeats: int = 3) -> list[dict]:
+    """Two rows for `step` (one warm-up call first): the median wall time and its split by phase (PhaseClock on the
+    functions in `phases`; the rest is "other"), and the split of the profiled op time by kind (OP_KINDS; "Python and
+    framework" is the wall time no op accounts for)."""
+    from torch.profiler import ProfilerActivity, profile
+    step()
+    walls, by_phase = [], []
+    for _ in range(repeats):
+        with PhaseClock(phases) as clock:
+            t0 = time.perf_counter()
+            step()
+            walls.append(time.perf_counter() - t0)
+        by_phase.append(clock.seconds)
+    i = walls.index(statistics.median(walls))
+    phase = {**by_phase[i], "other": walls[i] - sum(by_phase[i].values())}
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        step()
+        wall = time.perf_counter() - t0
+    kinds = {}
+    for ev in prof.key_averages():
+        kinds[op_kind(ev.key)] = kinds.get(op_kind(ev.key), 0.0) + ev.self_cpu_time_total / 1e6
+    kinds["Python and framework"] = max(0.0, wall - sum(kinds.values()))
+    ms = f"{1000 * walls[i]:.0f} ms"
+    return [{"step": name, "wall": ms, "split": "by phase (wall clock)", "shares": shares(phase, walls[i])},
+            {"step": "", "wall": "", "split": "by kind of op (profiler)", "shares": shares(kinds, wall)}]
+
+
+def bench_profile(cfg, device, dtype) -> list[dict]:
+    """One step of each toy stage at the tiny preset (random weights), split by phase and by kind of op."""
+    import numpy as np
+
+    import bridge
+    import data as D
+    import engine as E
+    import pretrain
+    import rl
+    import sft
+    if device.type != "cpu":
+        raise SystemExit("bench.py --only profile measures the CPU toy: run it with --device cpu")
+    tok = D.train_toy_tokenizer(D.toy_corpus(n=300))
+    model = M.Bagel(pretrain.toy_config(tok)).to(device, dtype)
+    pretrain.init_weights(model)
+    world, rng = D.ToyWorld(0), np.random.default_rng(0)
+    C.freeze_encoders(model)
+    opt, ema = C.make_optimizer(model, 1e-4), C.EMA(model, 0.99)
+    train = [(M, "pack", "packing"), (M, "attention_mask", "attention mask"), (model, "forward", "forward"),
+             (torch.Tensor, "backward", "backward"), (C, "clip_and_step", "optimizer"), (ema, "update", "EMA")]
+    rows = []
+
+    pool = pretrain.example_pool(world, rng, 48, model.encode_pixels)
+
+    def stage0():
+        step_rng, gen = C.step_rngs(0, 0)
+        drawn = [pool[i] for i in step_rng.integers(0, len(pool), 24)]
+        samples = pretrain.base_samples(drawn, tok, step_rng, gen, model.cfg.timestep_shift, world.qtypes)
+        loss, _ = pretrain.unified_loss(model, M.pack(samples, model.cfg))
+        loss.backward()
+        C.clip_and_step(model, opt, 1.0)
+        ema.update(model)
+    rows += profile_step("Stage 0 unified step (24 samples)", stage0,
+                         [(pretrain, "base_samples", "samples"), *train])
+
+    scfg = sft.parse_config("", [])
+    draw = sft.pool_draw(world, rng, 48, model.encode_pixels, every_clean=True)
+    batch = sft.batches(scfg, model.cfg, tok, model.encode_pixels, draw, device)
+    run = C.Run(device, dtype)
+
+    def stage1():
+        packed = batch(0, *C.step_rngs(0, 0))
+        loss, _ = sft.step_loss(model, packed, run, model.cfg.num_hidden_layers, 1.0, 1.0)
+        loss.backward()
+        C.clip_and_step(model, opt, 1.0)
+        ema.update(model)
+    rows += profile_step(f"SFT step ({scfg.tokens_per_step} tokens)", stage1,
+                         [(sft, "build_batch", "samples"), (sft, "replay_sample", "samples"),
+                          (sft, "text_reason_sample", "samples"), *train])
+
+    rcfg = rl.parse_config([])
+    icfg = E.InferenceConfig(max_rounds=rcfg.max_rounds, max_text_tokens=rcfg.max_text_tokens, sampler="sde",
+                             temperature=rcfg.temperature, num_timesteps=rcfg.sde_points, force_restore=True)
+    ref = M.Bagel(model.cfg).to(device, dtype).requires_grad_(False)
+    ref.load_state_dict(model.state_dict())
+    inference = [(E, "prefill", "prefill"), (model, "decode_text", "decoding"), (model, "sample_sde", "denoising"),
+                 (model, "generate_image", "denoising"), (bridge, "reenter", "re-entry")]
+
+    def rl_step():
+        step_rng, gen = C.step_rngs(0, 0)
+        stream = world.stream(step_rng)
+        examples = [next(stream) for _ in range(rcfg.prompts)]
+        prefixes = D.inference_prefix(examples, tok, model.encode_pixels)
+        rows_ = [(p, ex) for p, ex in zip(prefixes, examples) for _ in range(rcfg.group)]
+        model.eval()
+        traces = E.reason(model, tok, [p for p, _ in rows_], icfg, gen)
+        rollouts = [rl.Rollout(p, tr, ex) for (p, ex), tr in zip(rows_, traces)]
+        rl.score(rollouts, [None] * len(rollouts), rcfg)
+        adv = rl.group_advantages(torch.tensor([r.reward for r in rollouts]), rcfg.group)
+        model.train()
+        loss, _, _ = rl.grpo_loss(model, ref, rollouts, adv, adv, rcfg, 0, step_rng, model)
+        loss.backward()
+        C.clip_and_step(model, opt, 1.0)
+    rows += profile_step(f"RL step ({rcfg.prompts} questions x {rcfg.group} rollouts)", rl_step,
+                         [(world, "examples", "rendering and degrading"), *inference, *train[:5]])
+
+    split = world.eval_split(64)
+    ecfg = E.mode_config("always_restore", E.InferenceConfig(max_text_tokens=48, num_timesteps=10))
+    with torch.no_grad():  # random weights decode <|im_end|> greedily at once: keep them writing to the token limit
+        model.language_model.lm_head.weight[model.cfg.eos_token_id] = 0
+
+    def eval_batch():
+        model.eval()
+        with torch.no_grad():
+            prefixes = E.mode_prefixes("always_restore", split["hard"], tok, model.encode_pixels)
+            E.reason(model, tok, prefixes, ecfg, torch.Generator().manual_seed(0))
+    rows += profile_step("evaluation batch (64 questions, always restore)", eval_batch,
+                         [(D, "encode_images", "encoding pictures"), *inference])
+    return rows
+
+
 SECTIONS = {"decode": bench_decode, "prefill": bench_prefill, "denoise": bench_denoise, "reentry": bench_reentry,
-            "train": bench_train, "train_overhead": bench_train_overhead, "degrade": bench_degrade}
+            "train": bench_train, "train_overhead": bench_train_overhead, "degrade": bench_degrade,
+            "profile": bench_profile}
 
 
 def markdown(rows: list[dict]) -> str:

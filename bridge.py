@@ -40,6 +40,7 @@ import time
 from dataclasses import dataclass, replace
 
 import torch
+from tqdm import tqdm
 
 import common as C
 import data as D
@@ -177,13 +178,16 @@ def compare_reentry(models: dict, tok, cfg: BridgeConfig) -> str:
     split = D.ToyWorld(cfg.world_seed).eval_split(cfg.eval_n, seed=cfg.eval_seed)
     split = {k: split[k] for k in ("mid", "hard")}
     lines = ["| model | re-entry | mid | hard | restore mid / hard |", "|---|---|---|---|---|"]
+    bar = tqdm(total=2 * len(models) * 2 * cfg.eval_n, leave=False, dynamic_ncols=True, unit="question")
     for name, model in models.items():
         for reentry in ("bridge", "decode_reencode"):
             icfg = E.inference_config(cfg, toy=True, reentry=reentry)
+            bar.set_description(f"table: {name}, {reentry}")
             res = E.benchmark(model, tok, split, "interleave", icfg, model.encode_pixels, seed=cfg.eval_seed,
-                              system=cfg.system)
+                              system=cfg.system, bar=bar)
             lines.append(f"| {name} | {reentry} | {100 * res['mid']['acc']:.1f} | {100 * res['hard']['acc']:.1f} | "
                          f"{100 * res['mid']['restore']:.0f}% / {100 * res['hard']['restore']:.0f}% |")
+    bar.close()
     return "\n".join(lines)
 
 

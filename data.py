@@ -1018,7 +1018,7 @@ def probe_set(world: ToyWorld, rng: np.random.Generator, n: int, hard: bool) -> 
     """Quadrant crops of n training scenes (clean, or degraded at hard with the benchmark weights) and their labels
     (0 = empty or 1 + shape index; colour index or -100 for an empty quadrant)."""
     crops, labels, cols = [], [], list(COLOURS)
-    for _ in range(n):
+    for _ in tqdm(range(n), desc="perception probe pictures", leave=False, dynamic_ncols=True):
         scene = world.scene(rng, held_out=False)[1]
         big = render(scene)
         if hard:  # degraded at DEGRADE_SIZE, then resized, as the held-out pictures are

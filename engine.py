@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field, fields, replace
 
 import torch
+from tqdm import tqdm
 
 import checkpoint as CK
 import data as D
@@ -364,10 +365,10 @@ def final_text(trace: Trace, mode: str = "interleave") -> str:
 
 
 def benchmark(model: M.Bagel, tok, split: dict, mode: str, cfg: InferenceConfig, encode, batch_size: int = 32,
-              seed: int = 0, system: str = "toy") -> dict:
+              seed: int = 0, system: str = "toy", bar: tqdm | None = None) -> dict:
     """Accuracy and restore rate per severity on aligned example lists {severity: [Example]} (same questions).
     Each set samples from its own generator, seeded by (seed, set name): a set's numbers do not depend on which
-    other sets are evaluated with it."""
+    other sets are evaluated with it. `bar`: a progress bar advanced by each question, showing the set's name."""
     cfg = mode_config(mode, cfg)
     result = {}
     for sev, examples in split.items():
@@ -376,7 +377,11 @@ def benchmark(model: M.Bagel, tok, split: dict, mode: str, cfg: InferenceConfig,
         t0, traces = time.time(), []
         for i in range(0, len(examples), batch_size):
             chunk = examples[i:i + batch_size]
+            if bar is not None:
+                bar.set_postfix_str(sev)
             traces += reason(model, tok, mode_prefixes(mode, chunk, tok, encode, system), cfg, gen)
+            if bar is not None:
+                bar.update(len(chunk))
         right = [D.is_correct(final_text(tr, mode), ex) for ex, tr in zip(examples, traces)]
         restored = [tr.restored for tr in traces]
         result[sev] = {"acc": sum(right) / len(examples), "restore": sum(restored) / len(examples),
@@ -389,9 +394,12 @@ def toy_table(models: dict, modes: dict, tok, split: dict, cfg: InferenceConfig,
     """Markdown table: accuracy per severity and restore rate on the held-out toy split, one row per checkpoint."""
     lines = ["| model | mode | clean | low | mid | hard | restore low / mid / hard | seconds |",
              "|---|---|---|---|---|---|---|---|"]
+    bar = tqdm(total=len(models) * sum(map(len, split.values())), leave=False, dynamic_ncols=True, unit="question")
     for name, model in models.items():
-        res = benchmark(model, tok, split, modes[name], cfg, model.encode_pixels, seed=seed, system=system)
+        bar.set_description(f"table: {name}, {modes[name]}")
+        res = benchmark(model, tok, split, modes[name], cfg, model.encode_pixels, seed=seed, system=system, bar=bar)
         accs = " | ".join(f"{100 * res[s]['acc']:.1f}" for s in ("clean", "low", "mid", "hard"))
         rr = " / ".join(f"{100 * res[s]['restore']:.0f}%" for s in ("low", "mid", "hard"))
         lines.append(f"| {name} | {modes[name]} | {accs} | {rr} | {sum(r['seconds'] for r in res.values()):.0f} |")
+    bar.close()
     return "\n".join(lines)

@@ -19,11 +19,13 @@ Toy (CPU, a few minutes on 2 cores; the README gives the time):
     6. pictures: examples.png (the SFT model restoring hard pictures: degraded, restored, clean, question, answer,
        right?) and accuracy.png (bars per severity).
 
-One photo (the first thing to try; toy checkpoints from the quickstart, or any BAGEL-format folder):
-    python evaluate.py --image photo.jpg --question "What colour are the shapes?" [--degrade motion_blur:hard]
+One picture (the first thing to try; toy checkpoints from the quickstart, or any BAGEL-format folder):
+    python evaluate.py --demo-toy 0    # held-out toy question 0 at hard; also writes its picture to out/demo/input.png
+    python evaluate.py --image out/demo/input.png --question "How many shapes are there?" [--degrade motion_blur:hard]
     python evaluate.py --init path/to/CLEAR --image photo.jpg --question "..." --device cuda --dtype bf16
-  prints the reasoning trace (think texts, whether it restored, the answer) and writes out/demo/demo.png
-  (input, restored picture, answer).
+  prints the reasoning trace (think texts, whether it restored, the answer) and writes out/demo/demo.png (input,
+  restored picture, the clean picture for a toy question, the texts). The toy model reads only toy pictures (64 px
+  scenes of 1-4 shapes, asked their colour or count); a photo shows how it fails.
 
 Real benchmarks (GPU):
     python evaluate.py --init path/to/CLEAR --tsv MMBench_DEV_EN_V11_LOW_LEVEL_HIGH.tsv ... --device cuda --dtype bf16
@@ -56,7 +58,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
 
 import checkpoint as CK
 import common as C
@@ -106,10 +109,14 @@ class EvalConfig(C.MachineFlags, C.WorldFlags, C.PictureSizeFlags, E.InferenceFl
                               "nanoclear.json; a BAGEL or CLEAR folder: 'official', INTERLEAVE_REASON_SYSTEM_PROMPT, "
                               "inferencer.py:662 @411d6bd); 'toy' only for a toy checkpoint",
                               choices=sorted(D.SYSTEM_PROMPTS), group=REAL, type=str)
-    image: str | None = flag(None, "the one-photo demo: a picture file (with --question; --init defaults to the latest "
-                             "toy stage)", group=DEMO)
+    demo_toy: int | None = flag(None, "the demo on held-out toy question N at hard (the toy benchmark's N-th): its "
+                                "picture, question, clean picture and answer; also saves its picture as OUT/input.png",
+                                "[0, inf)", group=DEMO, type=int)
+    image: str | None = flag(None, "the demo on a picture file (with --question; --init defaults to the latest toy "
+                             "stage, which reads only toy pictures: try --demo-toy first)", group=DEMO)
     question: str | None = flag(None, "the demo's question", group=DEMO)
-    degrade: str | None = flag(None, "the demo: degrade the photo first, KIND:SEVERITY (e.g. motion_blur:hard)",
+    degrade: str | None = flag(None, "the demo with --image: degrade the picture first, KIND:SEVERITY (e.g. "
+                               "motion_blur:hard)",
                                group=DEMO)
     out: str | None = flag(None, "output folder (default out/eval, or out/eval_tsv for --tsv)")
     seed: int = flag(0, "seed of the held-out split and of any sampling", C.SEED)
@@ -278,11 +285,14 @@ def remembered_encoder(model: M.Bagel, memo: dict):
 
 
 def evaluate_checkpoint(model, tok, split, modes: dict, icfg: E.InferenceConfig, seed: int, probe, batch: int,
-                        encode) -> dict:
-    """Every requested mode on the aligned clean/low/mid/hard split; restoration quality of its hard restorations."""
+                        encode, bar: tqdm | None = None, name: str = "") -> dict:
+    """Every requested mode on the aligned clean/low/mid/hard split; restoration quality of its hard restorations.
+    `bar`: the evaluation's progress bar, labelled with the checkpoint `name` and the mode."""
     rows = {}
     for label, (mode, reentry) in modes.items():
-        res = E.benchmark(model, tok, split, mode, replace(icfg, reentry=reentry), encode, batch, seed)
+        if bar is not None:
+            bar.set_description(f"{name}, {label}")
+        res = E.benchmark(model, tok, split, mode, replace(icfg, reentry=reentry), encode, batch, seed, bar=bar)
         rows[label] = {s: {k: v for k, v in res[s].items() if k != "traces"} for s in res}
         pictures = restored_pictures(model, res["hard"]["traces"])
         rows[label]["quality"] = restoration_quality(split["hard"], pictures, probe)
@@ -323,48 +333,98 @@ def corruption_table(per: dict) -> str:
     return "\n".join(lines)
 
 
+def font(size: int) -> ImageFont.ImageFont:
+    """Pillow's built-in font at `size` px (at its default 10 px it squeezes spaces out: "shapesare")."""
+    return ImageFont.load_default(size)
+
+
+def wrap(draw: ImageDraw.ImageDraw, text: str, face, width: int) -> list[str]:
+    """Lines of at most `width` px, broken between words (a word wider than the line gets a line of its own)."""
+    lines = []
+    for paragraph in text.splitlines() or [""]:
+        line = ""
+        for word in paragraph.split():
+            if line and draw.textlength(f"{line} {word}", font=face) > width:
+                lines.append(line)
+                line = word
+            else:
+                line = f"{line} {word}" if line else word
+        lines.append(line)
+    return lines
+
+
+def fill_panel(sheet: Image.Image, im: Image.Image, box: tuple):
+    """Paste `im` scaled to fill box (x, y, w, h) with its aspect kept and centred: toy pictures are enlarged pixel
+    for pixel (what the model saw), photos resampled."""
+    x, y, w, h = box
+    scale = min(w / im.width, h / im.height)
+    size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
+    shown = im.convert("RGB").resize(size, Image.NEAREST if scale >= 1 else Image.LANCZOS)
+    sheet.paste(shown, (x + (w - size[0]) // 2, y + (h - size[1]) // 2))
+
+
 def draw_examples(examples: list, traces: list, pictures: list, path: Path, n: int = 8):
-    """A grid at hard: degraded input | restored picture | clean picture | question, answer, right or wrong."""
-    cell, text_w = 96, 360
+    """A grid at hard: degraded input | restored picture | clean picture | corruption, question, answer, right or
+    wrong; a header row names the columns."""
+    cell, text_w, pad, head = 128, 400, 8, 28
     rows = [i for i, im in enumerate(pictures) if im is not None][:n] or list(range(min(n, len(examples))))
-    sheet = Image.new("RGB", (3 * cell + text_w, cell * len(rows)), "white")
-    draw = ImageDraw.Draw(sheet)
+    sheet = Image.new("RGB", (3 * cell + 2 * pad + text_w, head + (cell + pad) * len(rows)), "white")
+    draw, small, big = ImageDraw.Draw(sheet), font(14), font(16)
+    for x, title in enumerate(("degraded input", "restored", "clean")):
+        draw.text((x * (cell + pad // 2) + 4, 6), title, fill="black", font=big)
     for y, i in enumerate(rows):
-        ex, tr = examples[i], traces[i]
+        ex, tr, top = examples[i], traces[i], head + y * (cell + pad)
         for x, im in enumerate((ex.degraded, pictures[i], ex.clean)):
             if im is not None:
-                sheet.paste(im.resize((cell, cell), Image.NEAREST), (x * cell, y * cell))
+                fill_panel(sheet, im, (x * (cell + pad // 2), top, cell, cell))
         reply = E.final_text(tr)
         ok = D.is_correct(reply, ex)
-        lines = [f"{ex.corruption} (hard): input | restored | clean", ex.question.split("\n")[0][:56],
-                 f"answer: {(D.extract_answer(reply) or reply)[:40]!r}",
-                 f"truth: {ex.answer}   {'RIGHT' if ok else 'WRONG'}"]
-        for j, line in enumerate(lines):
-            draw.text((3 * cell + 6, y * cell + 6 + 20 * j), line, fill=(0, 120, 0) if ok and j == 3 else "black")
+        left, width = 3 * cell + 2 * pad, text_w - pad
+        lines = [(f"{ex.corruption} (hard)", "black")]
+        lines += [(line, "black") for line in wrap(draw, ex.question.split("\n")[0], small, width)]
+        answer = wrap(draw, f"answer: {D.extract_answer(reply) or reply}", small, width)[:2]
+        lines += [(line, "black") for line in answer]
+        lines.append((f"truth: {ex.answer}   {'RIGHT' if ok else 'WRONG'}", (0, 120, 0) if ok else (180, 0, 0)))
+        for j, (line, colour) in enumerate(lines):
+            draw.text((left, top + 4 + 20 * j), line, fill=colour, font=small)
     sheet.save(path)
 
 
+BAR_SERIES = ("interleaved, bridge", "direct")  # the row accuracy.png shows per checkpoint: the first one it has
+
+
 def draw_bars(results: dict, path: Path):
-    """Accuracy by severity, one bar group per severity and one colour per checkpoint (its interleaved-bridge row, or
-    direct for the base)."""
+    """Accuracy by severity: one bar group per severity, one bar per checkpoint in its BAR_SERIES mode (named in the
+    legend), the value over each bar, and a 0-100% axis with a grid line every 20%."""
     palette = [(120, 120, 120), (66, 133, 244), (52, 168, 83), (234, 67, 53), (251, 188, 5)]
-    series = {c: rows.get("interleaved, bridge", rows.get("direct")) for c, rows in results.items()}
-    W, H, pad = 640, 320, 40
+    series = {}
+    for ckpt, rows in results.items():
+        label = next((m for m in BAR_SERIES if m in rows), None)
+        if label is not None:
+            series[f"{ckpt} ({label})"] = rows[label]
+    W, H, left, right, top, bottom = 860, 440, 56, 16, 64, 40
     img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
-    group = (W - 2 * pad) / len(SEVERITIES)
+    d, small, big = ImageDraw.Draw(img), font(13), font(15)
+    y_of = lambda acc: H - bottom - acc * (H - top - bottom)  # noqa: E731
+    for tick in range(0, 101, 20):
+        y = y_of(tick / 100)
+        d.line([left, y, W - right, y], fill=(225, 225, 225) if tick else "black")
+        d.text((left - 8, y), f"{tick}%", fill="black", font=small, anchor="rm")
+    group = (W - left - right) / len(SEVERITIES)
     bar = group * 0.8 / max(1, len(series))
     for g, sev in enumerate(SEVERITIES):
-        d.text((pad + g * group + group * 0.3, H - pad + 8), sev, fill="black")
-        for k, (name, r) in enumerate(series.items()):
+        d.text((left + (g + 0.5) * group, H - bottom + 8), sev, fill="black", font=big, anchor="mt")
+        for k, r in enumerate(series.values()):
             acc = r[sev]["acc"]
-            x0 = pad + g * group + group * 0.1 + k * bar
-            d.rectangle([x0, H - pad - acc * (H - 2 * pad), x0 + bar - 2, H - pad], fill=palette[k % len(palette)])
+            x0 = left + g * group + group * 0.1 + k * bar
+            d.rectangle([x0, y_of(acc), x0 + bar - 3, H - bottom], fill=palette[k % len(palette)])
+            d.text((x0 + (bar - 3) / 2, y_of(acc) - 3), f"{100 * acc:.0f}", fill="black", font=small, anchor="mb")
+    x = left
     for k, name in enumerate(series):
-        d.rectangle([pad + k * 110, 10, pad + k * 110 + 12, 22], fill=palette[k % len(palette)])
-        d.text((pad + k * 110 + 16, 10), name, fill="black")
-    d.line([pad, H - pad, W - pad, H - pad], fill="black")
-    d.text((4, pad - 10), "100%", fill="black")
+        d.rectangle([x, 12, x + 12, 24], fill=palette[k % len(palette)])
+        d.text((x + 16, 18), name, fill="black", font=small, anchor="lm")
+        x += 28 + d.textlength(name, font=small)
+    d.text((left, 36), "accuracy on the held-out toy questions, by severity", fill="black", font=small)
     img.save(path)
 
 
@@ -387,25 +447,34 @@ def evaluate_toy(cfg: EvalConfig, run: C.Run):
     icfg = E.inference_config(cfg, toy=True)
     probe = D.perception_probe(world, Path(cfg.out_root) / "probe", cfg.probe_n,
                                cfg.probe_steps)  # clean-trained, cached
+    modes = {name: {"direct": MODES["direct"]} if name == "base" else MODES for name in ckpts}  # the base never learned
+    # the CLEAR format; one bar over every question of every part, in order: main table, per-corruption sets, generator
+    corrupted = (("base" in ckpts) + any(name != "base" for name in ckpts)) * len(CORRUPTIONS) * cfg.n_corruption
+    flow_n = min(FLOW_CHECK_N, cfg.n) * sum(name != "base" for name in ckpts)
+    bar = tqdm(total=cfg.n * len(SEVERITIES) * sum(map(len, modes.values())) + corrupted + flow_n, unit="question",
+               dynamic_ncols=True)
     results, models, toks, latents, t0 = {}, {}, {}, {}, time.time()
     for name, folder in ckpts.items():
         models[name] = CK.load_pretrained(folder, run.device, run.dtype)
         toks[name] = D.Tokenizer.from_folder(folder)
-        modes = {"direct": MODES["direct"]} if name == "base" else MODES  # the base never learned the CLEAR format
-        print(f"evaluating {name} ({len(modes)} modes x {len(SEVERITIES)} severities x {cfg.n} questions)")
-        results[name] = evaluate_checkpoint(models[name], toks[name], split, modes, icfg, cfg.seed, probe, cfg.batch,
-                                            remembered_encoder(models[name], latents))
+        results[name] = evaluate_checkpoint(models[name], toks[name], split, modes[name], icfg, cfg.seed, probe,
+                                            cfg.batch, remembered_encoder(models[name], latents), bar, name)
     best = max((c for c in results if c != "base"), key=lambda c: results[c]["interleaved, bridge"]["hard"]["acc"],
                default=None)
     per, hard = {}, per_corruption_split(world, cfg.n_corruption, cfg.seed)
     for name, mode in (("base", "direct"), (best, "interleave")) if cfg.n_corruption else ():
         if name is None or name not in models:
             continue
-        res = E.benchmark(models[name], toks[name], hard, mode, icfg, models[name].encode_pixels, cfg.batch, cfg.seed)
+        bar.set_description(f"{name}, {mode}, per corruption")
+        res = E.benchmark(models[name], toks[name], hard, mode, icfg, models[name].encode_pixels, cfg.batch, cfg.seed,
+                          bar=bar)
         per[f"{name} ({mode})"] = {k: v["acc"] for k, v in res.items()}
-    flow_set = split["hard"][:FLOW_CHECK_N]
-    flow = {name: flow_error_by_t(models[name], toks[name], flow_set, seed=cfg.seed) for name in models
-            if name != "base"}
+    flow_set, flow = split["hard"][:FLOW_CHECK_N], {}
+    for name in (name for name in models if name != "base"):
+        bar.set_description(f"{name}, generator check")
+        flow[name] = flow_error_by_t(models[name], toks[name], flow_set, seed=cfg.seed)
+        bar.update(len(flow_set))
+    bar.close()
     paired, split_rows = comparisons(results, seed=cfg.seed), decision_split(results, seed=cfg.seed)
     out = Path(cfg.out)
     report = ["# Toy MMD-Bench", "",
@@ -553,25 +622,63 @@ def write_set(out: Path, files: dict):
     CK.atomic_write_folder(out, lambda tmp: [(tmp / name).write_text(text) for name, text in files.items()])
 
 
+def draw_demo(panels: list, question: str, texts: list, answer: str | None, truth: tuple | None):
+    """The demo's picture: one panel per (title, picture or None), each picture scaled to fill it, then the question,
+    the model's texts, its answer and, for a toy question, truth = (the true answer, whether the reply is right),
+    wrapped between words."""
+    cell, text_w, pad, head = 320, 380, 12, 34
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    small, big = font(15), font(18)
+    lines = [("question:", big, "black"), *[(ln, small, "black") for ln in wrap(probe, question, small, text_w - pad)]]
+    for i, text in enumerate(texts):
+        lines += [(f"[{i + 1}]", big, "black")]
+        lines += [(ln, small, (70, 70, 70)) for ln in wrap(probe, text, small, text_w - pad)]
+    lines.append((f"answer: {answer if answer is not None else '(no <answer> tag)'}", big, "black"))
+    if truth is not None:
+        ok = truth[1]
+        lines.append((f"truth: {truth[0]}   {'RIGHT' if ok else 'WRONG'}", big, (0, 120, 0) if ok else (180, 0, 0)))
+    height = max(head + cell, 10 + sum(24 if face is big else 20 for _, face, _ in lines)) + pad
+    sheet = Image.new("RGB", (len(panels) * (cell + pad) + text_w, height), "white")
+    draw = ImageDraw.Draw(sheet)
+    for x, (title, im) in enumerate(panels):
+        draw.text((x * (cell + pad) + 4, 8), title, fill="black", font=big)
+        if im is not None:
+            fill_panel(sheet, im, (x * (cell + pad), head, cell, cell))
+        else:
+            draw.rectangle([x * (cell + pad), head, x * (cell + pad) + cell - 1, head + cell - 1],
+                           outline=(200, 200, 200))
+    y, left = 8, len(panels) * (cell + pad)
+    for line, face, colour in lines:
+        draw.text((left, y), line, fill=colour, font=face)
+        y += 24 if face is big else 20
+    return sheet
+
+
 def demo(cfg: EvalConfig, run: C.Run):
-    """One photo, one question: the reasoning trace on stdout and input | restored | answer in one PNG."""
+    """One picture, one question: the reasoning trace on stdout and input | restored (| clean) | texts in one PNG.
+    With --demo-toy N the picture, question, clean picture and answer are held-out toy question N's at hard (the N-th
+    question of the toy benchmark), and its picture is saved as input.png beside demo.png."""
     system = CK.checkpoint_system(cfg.init, D.SYSTEM_PROMPTS)
     tok = D.Tokenizer.from_folder(cfg.init)
+    if cfg.demo_toy is not None:
+        toy = D.ToyWorld(cfg.world_seed).eval_split(cfg.demo_toy + 1, seed=cfg.seed)["hard"][cfg.demo_toy]
+        picture, question, title = toy.degraded, toy.question, f"input ({toy.corruption}, hard)"
+    else:
+        toy, picture, question = None, D.open_image(cfg.image), cfg.question
+        title = "input" + (f" ({cfg.degrade})" if cfg.degrade else "")
     E.check_positions(E.inference_config(cfg, toy=system == "toy"), CK.config_from_folder(cfg.init), tok,
-                      [cfg.question], system, "--question")
+                      [question], system, "--question")
     model = CK.load_pretrained(cfg.init, run.device, run.dtype)
-    picture = D.open_image(cfg.image)
     if cfg.degrade:
         kind, severity = cfg.degrade.split(":")
         picture = degrade(picture, kind, severity, cfg.seed)
-    sizes = cfg.sizes(model.cfg, toy=False)
-    ex = D.Example(picture, cfg.question, "")
-    icfg = E.mode_config("interleave", E.inference_config(cfg, toy=system == "toy",
-                                                          vit_transform=sizes.vit))
+    sizes = cfg.sizes(model.cfg, toy=toy is not None)
+    ex = D.Example(picture, question, "")
+    icfg = E.mode_config("interleave", E.inference_config(cfg, toy=system == "toy", vit_transform=sizes.vit))
     prefix = E.mode_prefixes("interleave", [ex], tok, model.encode_pixels, system, sizes)
     tr = E.reason(model, tok, prefix, icfg, torch.Generator().manual_seed(cfg.seed))[0]
     print(f"{cfg.init} ({system} prompt), picture {picture.size[0]}x{picture.size[1]}"
-          + (f" degraded by {cfg.degrade}" if cfg.degrade else "") + f"; question: {cfg.question}")
+          + (f" degraded by {cfg.degrade}" if cfg.degrade else "") + f"; question: {question}")
     for i, text in enumerate(tr.texts):
         print(f"[{i + 1}] {text}")
         if i < len(tr.latents):
@@ -579,24 +686,22 @@ def demo(cfg: EvalConfig, run: C.Run):
                   f"{icfg.reentry}")
     answer = D.extract_answer(tr.texts[-1]) if tr.texts else None
     print(f"restored: {'yes' if tr.restored else 'no'} | "
-          f"answer: {answer if answer is not None else '(no <answer> tag)'}")
+          f"answer: {answer if answer is not None else '(no <answer> tag)'}"
+          + (f" | truth: {toy.answer}" if toy is not None else ""))
     restored = E.decode_image(model, tr.latents[0], tr.grid) if tr.latents else None
-    cell = 320
-    sheet = Image.new("RGB", (3 * cell, cell + 40), "white")
-    draw = ImageDraw.Draw(sheet)
-    for x, (im, title) in enumerate(((picture, "input" + (f" ({cfg.degrade})" if cfg.degrade else "")),
-                                     (restored, "restored" if restored else "not restored"))):
-        if im is not None:
-            im = im.copy()
-            im.thumbnail((cell, cell))
-            sheet.paste(im, (x * cell + (cell - im.width) // 2, 30 + (cell - im.height) // 2))
-        draw.text((x * cell + 6, 8), title, fill="black")
-    lines = [cfg.question[i:i + 48] for i in range(0, len(cfg.question), 48)][:4] + ["", "answer:"]
-    lines += [str(answer)[i:i + 48] for i in range(0, len(str(answer)), 48)][:6]
-    draw.multiline_text((2 * cell + 8, 30), "\n".join(lines), fill="black")
+    panels = [(title, picture), ("restored" if restored else "not restored", restored)]
+    panels += [("clean", toy.clean)] if toy is not None else []
+    truth = None if toy is None else (toy.answer, D.is_correct(E.final_text(tr), toy))
+    sheet = draw_demo(panels, question, tr.texts, answer, truth)
     out = Path(cfg.out)
-    CK.atomic_write_folder(out, lambda tmp: sheet.save(tmp / "demo.png"))  # as every output folder: whole or nothing
-    print(f"wrote {out / 'demo.png'}")
+
+    def write(tmp: Path):
+        sheet.save(tmp / "demo.png")
+        if toy is not None:
+            picture.save(tmp / "input.png")  # the toy question's degraded picture, to try with --image
+    CK.atomic_write_folder(out, write)  # as every output folder: whole or nothing
+    print(f"wrote {out / 'demo.png'}"
+          + (f" and {out / 'input.png'} (try it: --image {out / 'input.png'})" if toy else ""))
 
 
 def check_checkpoints(prog: str, named: tuple):
@@ -648,18 +753,24 @@ def main(argv=None):
     if "tsv" in given and not cfg.tsv:
         C.refuse(prog, "--tsv needs at least one file (a VLMEvalKit TSV)")
     E.check_inference_flags(prog, cfg)
-    if cfg.image or cfg.question or cfg.degrade:
-        if not (cfg.image and cfg.question):
-            C.refuse(prog, "the demo needs both --image PHOTO and --question TEXT")
+    if cfg.demo_toy is not None:
+        C.refuse_given(prog, given, ("image", "question", "degrade", *C.SIZE_FLAGS), "with --demo-toy (it brings its "
+                       "own degraded picture and question, at the toy's sizes; for another picture or corruption use "
+                       "--image and --degrade)")
+    if cfg.image or cfg.question or cfg.degrade or cfg.demo_toy is not None:
+        if cfg.demo_toy is None and not (cfg.image and cfg.question):
+            C.refuse(prog, "the demo needs both --image PICTURE and --question TEXT (or --demo-toy N for a toy "
+                           "question)")
         if cfg.tsv:
-            C.refuse(prog, "--image (the one-photo demo) and --tsv (a benchmark) are separate runs")
-        C.refuse_given(prog, given, toy_flags[1:] + ("mode", "judge", "system"), "in the demo (one photo, interleaved "
-                       "reasoning)")
+            C.refuse(prog, "the demo (--image, --demo-toy) and --tsv (a benchmark) are separate runs")
+        toy_only = ("world_seed",) if cfg.demo_toy is not None else ()
+        C.refuse_given(prog, given, tuple(f for f in toy_flags[1:] if f not in toy_only) + ("mode", "judge", "system"),
+                       "in the demo (one picture, interleaved reasoning)")
         if cfg.degrade and (cfg.degrade.count(":") != 1 or cfg.degrade.split(":")[0] not in CORRUPTIONS
                             or cfg.degrade.split(":")[1] not in D.SEVERITIES):
             C.refuse(prog, f"--degrade {cfg.degrade}: use KIND:SEVERITY with KIND one of {', '.join(CORRUPTIONS)} and "
                            f"SEVERITY one of {', '.join(D.SEVERITIES)}")
-        picture = D.open_image(cfg.image)  # before any work: a file that is not a picture stops here
+        picture = D.open_image(cfg.image) if cfg.image else None  # before any work: not a picture stops here
         if cfg.degrade and min(picture.size) < D.MIN_SIZE:
             C.refuse(prog, f"--image {cfg.image} is {picture.width}x{picture.height} px: --degrade needs at least "
                            f"{D.MIN_SIZE} px a side")

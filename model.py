@@ -189,23 +189,37 @@ def apply_rope(x, cos, sin):
 
 
 class Route:
-    """Which rows of a flat token batch go through the und expert and which through the gen expert (MoT)."""
+    """Which rows of a flat token batch [B*T, ...] go through the und expert and which through the gen expert (MoT).
+
+    The decoder keeps its residual stream in expert order (every und row, then every gen row, each group in token
+    order), so an expert reads a slice of it; only attention needs token order (`to_tokens`, `to_experts`). That is two
+    gathers per layer instead of a gather and a scatter around every expert call, whose backward (an index_add into
+    zeros) was most of the routing cost (`python bench.py --only profile`). Gathers are index_select (its backward is a
+    fast index_add, unlike the accumulating index_put of x[idx])."""
 
     def __init__(self, gen_mask: torch.Tensor | None):
         """gen_mask [N] (bool): True rows go to the gen expert, the others to und; None (or no True) sends every row
-        to und."""
-        self.gen = None if gen_mask is None or not bool(gen_mask.any()) else gen_mask.nonzero().squeeze(1)
-        self.und = None if self.gen is None else (~gen_mask).nonzero().squeeze(1)
-        if self.gen is not None:  # und rows then gen rows -> original order
-            self.unsort = torch.cat([self.und, self.gen]).argsort()
+        to und and leaves the order alone. Expert order: the und rows, then the gen rows, each in token order."""
+        self.order = None
+        if gen_mask is not None and bool(gen_mask.any()):
+            und, gen = (~gen_mask).nonzero().squeeze(1), gen_mask.nonzero().squeeze(1)
+            self.n_und, self.order = len(und), torch.cat([und, gen])  # expert position -> token position
+            self.unsort = self.order.argsort()  # token position -> expert position
+
+    def to_experts(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, ...] in token order -> expert order."""
+        return x if self.order is None else x.index_select(0, self.order)
+
+    def to_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, ...] in expert order -> token order (the inverse of to_experts)."""
+        return x if self.order is None else x.index_select(0, self.unsort)
 
     def __call__(self, x: torch.Tensor, und: Callable, gen: Callable) -> torch.Tensor:
-        """Apply `und` to und rows and `gen` to gen rows of x [N, ...] (BAGEL: packed_und/gen_token_indexes).
-        Gathers are index_select (its backward is a fast index_add, unlike the accumulating index_put of x[idx])."""
-        if self.gen is None:
+        """Apply `und` to the und rows and `gen` to the gen rows of x [N, ...] in expert order (BAGEL:
+        packed_und/gen_token_indexes)."""
+        if self.order is None:
             return und(x)
-        y = torch.cat([und(x.index_select(0, self.und)), gen(x.index_select(0, self.gen))])
-        return y.index_select(0, self.unsort)
+        return torch.cat([und(x[:self.n_und]), gen(x[self.n_und:])])
 
 
 class SwiGLU(nn.Module):
@@ -235,8 +249,8 @@ class MoTAttention(nn.Module):
             setattr(self, "k_norm" + suffix, RMSNorm(hd, cfg.rms_norm_eps))
 
     def forward(self, x, route: Route, cos, sin, mask, kv_write: Callable | None):
-        B, T, _ = x.shape
-        flat = x.reshape(B * T, -1)
+        """x [B*T, H] in expert order (Route); cos/sin [B, T, hd]."""
+        B, T = cos.shape[:2]
 
         def qkv(suffix):
             def f(h):
@@ -247,8 +261,8 @@ class MoTAttention(nn.Module):
                 return torch.cat([getattr(self, "q_norm" + suffix)(q), getattr(self, "k_norm" + suffix)(k), v], dim=1)
             return f
 
-        q, k, v = route(flat, qkv(""), qkv("_moe_gen")).view(B, T, -1, self.hd).split([self.nh, self.nkv, self.nkv],
-                                                                                       dim=2)
+        qkv_tokens = route.to_tokens(route(x, qkv(""), qkv("_moe_gen")))
+        q, k, v = qkv_tokens.view(B, T, -1, self.hd).split([self.nh, self.nkv, self.nkv], dim=2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, hd]
         if kv_write is not None:  # inference: new keys go into the cache, queries attend to the whole cache
@@ -258,8 +272,8 @@ class MoTAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.nkv != self.nh)
         else:  # a FlexAttention BlockMask (long packed training rows)
             out = flex_attention(q, k, v, block_mask=mask, enable_gqa=self.nkv != self.nh)
-        out = out.transpose(1, 2).reshape(B * T, -1)
-        return route(out, self.o_proj, self.o_proj_moe_gen).view(B, T, -1)
+        out = route.to_experts(out.transpose(1, 2).reshape(B * T, -1))
+        return route(out, self.o_proj, self.o_proj_moe_gen)
 
 
 class MoTDecoderLayer(nn.Module):
@@ -275,11 +289,11 @@ class MoTDecoderLayer(nn.Module):
             setattr(self, name, RMSNorm(cfg.hidden_size, cfg.rms_norm_eps))
 
     def forward(self, x, route, cos, sin, mask, kv_write=None):
-        B, T, H = x.shape
-        h = route(x.reshape(B * T, H), self.input_layernorm, self.input_layernorm_moe_gen).view(B, T, H)
+        """x [B*T, H] in expert order (Route)."""
+        h = route(x, self.input_layernorm, self.input_layernorm_moe_gen)
         x = x + self.self_attn(h, route, cos, sin, mask, kv_write)
-        h = route(x.reshape(B * T, H), self.post_attention_layernorm, self.post_attention_layernorm_moe_gen)
-        return x + route(h, self.mlp, self.mlp_moe_gen).view(B, T, H)
+        h = route(x, self.post_attention_layernorm, self.post_attention_layernorm_moe_gen)
+        return x + route(h, self.mlp, self.mlp_moe_gen)
 
 
 class Qwen2Model(nn.Module):
@@ -865,15 +879,20 @@ def pack(samples: list[list], cfg: ModelConfig, dropout: tuple = (0.0, 0.0, 0.0)
 
 
 def split_tables(splits: list, rows: int, row_len: int, device=None) -> dict:
-    """Per-token sample id, split id and split kind ([B, T] each) from the (row, sample, start, length, mode) splits."""
-    shape = (rows, row_len)
-    t = {"sample": torch.full(shape, -1, dtype=torch.long), "split": torch.zeros(shape, dtype=torch.long)}
-    t.update({k: torch.zeros(shape, dtype=torch.bool) for k in ("noise", "causal", "pad")})
-    for i, (r, s, start, n, mode) in enumerate(splits):
-        sl = (r, slice(start, start + n))
-        t["sample"][sl], t["split"][sl] = s, i
-        t["noise"][sl], t["causal"][sl], t["pad"][sl] = mode == "noise", mode == "causal", mode == "pad"
-    return {k: v.to(device) for k, v in t.items()}
+    """Per-token sample id, split id and split kind ([B, T] each) from the (row, sample, start, length, mode) splits.
+    Filled by one scatter per table (a slice assignment per split was most of building a packed batch's mask)."""
+    r, sample, start, n = (torch.tensor([sp[j] for sp in splits], dtype=torch.long).reshape(-1) for j in range(4))
+    split = torch.arange(len(splits)).repeat_interleave(n)  # the split of every token the splits cover
+    first = (torch.cumsum(n, 0) - n).repeat_interleave(n)
+    flat = (r * row_len + start).repeat_interleave(n) + torch.arange(len(split)) - first  # its index in B*T
+    values = {"sample": sample, "split": torch.arange(len(splits))}
+    values.update({k: torch.tensor([sp[4] == k for sp in splits], dtype=torch.bool)
+                   for k in ("noise", "causal", "pad")})
+    t = {}
+    for k, v in values.items():
+        t[k] = torch.full((rows * row_len,), -1 if k == "sample" else 0, dtype=v.dtype)
+        t[k][flat] = v[split]
+    return {k: v.view(rows, row_len).to(device) for k, v in t.items()}
 
 
 def may_attend(t: dict, b, q, k):
@@ -892,6 +911,12 @@ def attention_mask(splits: list, rows: int, row_len: int, device=None) -> torch.
     b = torch.arange(rows, device=device)[:, None, None]
     i = torch.arange(row_len, device=device)
     return may_attend(t, b, i[None, :, None], i[None, None, :])
+
+
+def additive_mask(allowed: torch.Tensor, dtype) -> torch.Tensor:
+    """A boolean attention mask as 0 / -inf in `dtype`: the form SDPA turns a boolean mask into at every call (and
+    again in its backward), made once per forward for all layers; the attention computed is the same to the bit."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
 def block_mask(splits: list, rows: int, row_len: int, device=None):
@@ -1002,15 +1027,16 @@ class Bagel(nn.Module):
         cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, x.dtype)
         route = Route(gen_mask.reshape(-1) if gen_mask is not None else None)
         lm = self.language_model.model
+        B, T, H = x.shape
+        x = route.to_experts(x.reshape(B * T, H))
         for i, layer in enumerate(lm.layers):
             if recompute and torch.is_grad_enabled() and kv_write is None:  # BAGEL: gradient_checkpointing
                 x = torch.utils.checkpoint.checkpoint(layer, x, route, cos, sin, mask, use_reentrant=False)
             else:
                 x = layer(x, route, cos, sin, mask, None if kv_write is None else kv_write(i))
             if hidden_hook is not None:
-                hidden_hook(i, x)  # CLEAR: distill_fn(layer_idx, hidden) after every decoder layer
-        B, T, H = x.shape
-        return route(x.reshape(B * T, H), lm.norm, lm.norm_moe_gen).view(B, T, H)
+                hidden_hook(i, route.to_tokens(x).view(B, T, H))  # CLEAR: distill_fn(layer_idx, hidden) per layer
+        return route.to_tokens(route(x, lm.norm, lm.norm_moe_gen)).view(B, T, H)
 
     @property
     def dtype(self):
@@ -1044,11 +1070,11 @@ class Bagel(nn.Module):
         if mask is not None:
             if flex:
                 raise ValueError("a given mask is dense: pass flex=False")
-            mask = mask.to(self.device)[:, None]
+            mask = additive_mask(mask.to(self.device), self.dtype)[:, None]
         elif flex:  # no dense [T, T] mask: FlexAttention skips the blocks nobody may attend to
             mask = block_mask(packed.splits, B, T, self.device)
         else:
-            mask = attention_mask(packed.splits, B, T, self.device)[:, None]
+            mask = additive_mask(attention_mask(packed.splits, B, T, self.device), self.dtype)[:, None]
         hook = None if hidden_hook is None else (lambda i, h: hidden_hook(i, h.reshape(B * T, -1)))
         h = self.run_layers(x.view(B, T, -1), packed.position_ids, gen_mask.view(B, T), mask, hidden_hook=hook,
                            recompute=recompute)
@@ -1094,7 +1120,7 @@ class Bagel(nn.Module):
             return write
 
         gen = None if gen_mask is None else gen_mask.to(self.device)[None].expand(B, n)
-        h = self.run_layers(x.to(self.dtype), pos, gen, mask[:, None], kv_write)
+        h = self.run_layers(x.to(self.dtype), pos, gen, additive_mask(mask, self.dtype)[:, None], kv_write)
         if commit:
             cache.lens = old + n_valid
         return h
@@ -1213,11 +1239,12 @@ class Bagel(nn.Module):
                 state = [CLOSE if s == GEN else s for s in state]
                 continue
             new, logp = sample_token(self.logits(h[:, -1]), temperature, top_p, generator)
+            new_ids, new_logps = new.tolist(), logp.tolist()  # one conversion per step, not one per row
             for b in range(B):
                 if state[b] != GEN:
                     continue
-                t = int(new[b])
-                logps[b].append(float(logp[b]))
+                t = new_ids[b]
+                logps[b].append(new_logps[b])
                 if t in stop_ids:
                     stops[b], state[b] = t, CLOSE
                 else:

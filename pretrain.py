@@ -128,7 +128,8 @@ def picture_pool(world: D.ToyWorld, rng: np.random.Generator, n: int) -> tuple[t
     """n clean training pictures [n, 3, S, S] and their scenes, rendered once: the autoencoder and vision-encoder phases
     draw their batches from it (rendering, not the small networks, would otherwise take most of their time)."""
     pictures = world.pictures(rng)
-    scenes, images = zip(*(next(pictures) for _ in range(n)))
+    drawn = (next(pictures) for _ in tqdm(range(n), desc="clean pictures", leave=False, dynamic_ncols=True))
+    scenes, images = zip(*drawn)
     return torch.stack([D.image_to_tensor(im) for im in images]), list(scenes)
 
 
@@ -229,7 +230,7 @@ def example_pool(world: D.ToyWorld, rng: np.random.Generator, n: int, encode, ch
     pictures, made once: the unified phase draws its batches from it, each example about batch * steps / n times with
     a fresh task, flow time and noise (making a picture and degrading it would otherwise be half of every step)."""
     stream = world.stream(rng)
-    examples = [next(stream) for _ in range(n)]
+    examples = [next(stream) for _ in tqdm(range(n), desc="degraded examples", leave=False, dynamic_ncols=True)]
     latents = []
     for i in range(0, n, chunk):
         encoded = D.encode_images([D.image_to_tensor(p) for ex in examples[i:i + chunk]

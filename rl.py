@@ -67,6 +67,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import checkpoint as CK
 import common as C
@@ -564,7 +565,9 @@ def train(cfg: RLConfig):
         print(f"Interleaved GRPO from {init}: {cfg.prompts} questions x G={cfg.group} rollouts per step, "
               f"{cfg.steps} steps")
     t_start, counter = time.time(), resumed_counter(out) if start else 0  # round-robin step
-    for step in range(start, cfg.steps):
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="rl", disable=not run.main,
+               dynamic_ncols=True)
+    for step in bar:
         t0 = time.time()
         rng, gen = C.step_rngs(cfg.seed, step, run.rank)
         stream = stream_fn(rng)
@@ -590,10 +593,11 @@ def train(cfg: RLConfig):
             parts = {k: mean_defined([r.parts[k] for r in rollouts]) for k in rollouts[0].parts}
             log({"step": step + 1, "reward": float(rewards.mean()), "reward_std": float(rewards.std()), **parts,
                  "restore": float(np.mean([r.trace.restored for r in rollouts])), **decision_gaps(rollouts, cfg.group),
-                 **stats, "loss": loss.item(), "gnorm": gnorm, "s": round(time.time() - t0, 1)})
+                 **stats, "loss": loss.item(), "gnorm": gnorm, "s": round(time.time() - t0, 1)}, bar)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             C.save(out, run, model, opt, tok.tk, step + 1, {"stage": "rl", "args": vars(cfg), "init": init,
                                                            "counter": counter})
+    bar.close()
     if run.main:
         print(f"RL finished in {time.time() - t_start:.0f} s -> {out}")
         print(decision_signal(log.path, cfg.prompts))

@@ -303,7 +303,7 @@ def pool_draw(world: D.ToyWorld, rng, n: int, encode: Callable, every_clean: boo
     (difference 5); each draw still gets its own flow time, noise and condition dropout. every_clean: encode every
     clean picture (replay restores all of them), not only those of restoring samples."""
     stream = world.stream(rng)
-    examples = [next(stream) for _ in range(n)]
+    examples = [next(stream) for _ in tqdm(range(n), desc="toy training examples", leave=False, dynamic_ncols=True)]
     pool = []
     for i in range(0, n, chunk):
         part = examples[i:i + chunk]

@@ -118,10 +118,13 @@ EXERCISES = (
     dict(id="A2.3", title="How latent tokens enter, and which expert reads them (MoT)",
          section="BAGEL (MoT); CLEAR §3.3",
          equation="latent input = vae2llm(x_t) + time_embedder(t) + latent_pos_embed(pos) (at t = 0 CLEAR's bridge "
-                  "b(x0)); y[und rows] = und(x[und rows]), y[gen rows] = gen(x[gen rows])",
-         functions=("model.py:Bagel.embed_latent", "model.py:Route.__init__", "model.py:Route.__call__"),
+                  "b(x0)); y[und rows] = und(x[und rows]), y[gen rows] = gen(x[gen rows]), the stream kept in "
+                  "expert order (und rows, then gen rows)",
+         functions=("model.py:Bagel.embed_latent", "model.py:Route.__init__", "model.py:Route.to_experts",
+                    "model.py:Route.to_tokens", "model.py:Route.__call__"),
          tests=("tests/test_engine.py::test_embed_latent_at_any_t",
                 "tests/test_model.py::test_route_by_hand",
+                "tests/test_model.py::test_expert_order_routing_equals_routing_every_call",
                 "tests/test_model.py::test_und_tokens_never_touch_gen_weights"),
          points=6, minutes=35, depends=(),
          breaks=("tests/test_bridge.py::test_per_layer_distillation_in_the_training_step",

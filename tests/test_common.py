@@ -1,6 +1,7 @@
 """common.py: flags checked before any work, the optimiser schedule, the EMA, atomic folders that survive a kill at any
 instant, --resume, and the scripts' one-line errors."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import torch
 
 import checkpoint as CK
 import common as C
+import model as M
 from common import flag
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,6 +38,38 @@ def test_ema_by_hand():
     net.weight.requires_grad_(False)
     ema.update(net)
     assert float(ema.shadow["weight"]) == pytest.approx(0.1)
+
+
+def test_foreach_optimizer_and_ema_equal_the_per_tensor_updates():
+    """make_optimizer's foreach AdamW and EMA's one-call lerp give, to the bit, what one update per tensor gives."""
+    torch.manual_seed(0)
+    nets = [M.Bagel(M.ModelConfig(num_hidden_layers=1, vit_num_hidden_layers=1)) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    loop = [{"params": g["params"], "weight_decay": g["weight_decay"]}
+            for g in C.make_optimizer(nets[1], 1e-3, weight_decay=0.1).param_groups]
+    opts = [C.make_optimizer(nets[0], 1e-3, weight_decay=0.1),
+            torch.optim.AdamW(loop, lr=1e-3, betas=(0.9, 0.95), eps=1e-15, foreach=False)]
+    assert opts[0].param_groups[0]["foreach"] and not opts[1].param_groups[0]["foreach"]
+    emas = [C.EMA(net, 0.9) for net in nets]
+    for step in range(3):
+        grads = {n: torch.randn_like(p) for n, p in nets[0].named_parameters()}
+        for net, opt in zip(nets, opts):
+            for n, p in net.named_parameters():
+                p.grad = grads[n].clone()
+            opt.step()
+        emas[0].update(nets[0])
+        with torch.no_grad():
+            for n, p in nets[1].named_parameters():
+                emas[1].shadow[n].lerp_(p, 1 - 0.9)
+    for (n, a), b in zip(nets[0].named_parameters(), nets[1].parameters()):
+        assert torch.equal(a, b) and torch.equal(emas[0].shadow[n], emas[1].shadow[n]), n
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings")
+def test_keep_freed_memory_applies_on_linux():
+    assert C.keep_freed_memory() in (True, False)  # False only with another C library than glibc
+    if os.path.exists("/lib/x86_64-linux-gnu/libc.so.6") or os.path.exists("/lib/aarch64-linux-gnu/libc.so.6"):
+        assert C.keep_freed_memory()
 
 
 def test_flags_are_checked_before_any_work(capsys):

@@ -172,9 +172,8 @@ def test_a_submission_carries_its_helpers(tmp_path):
     helper = "\n\nEPS = 0.0\n\n\ndef _k3(d):\n    return d.exp() - d - 1 + EPS\n"
     rl = "import statistics\n" + S.replace(rl, "kl_k3", body) + helper
     model = (ROOT / "model.py").read_text()
-    call = S.function_text(model, "Route.__call__").replace("return y.index_select(0, self.unsort)",
-                                                           "return self._back(y)")
-    model = S.replace(model, "Route.__call__", call + "\n    def _back(self, y):\n        return y[self.unsort]\n")
+    call = S.function_text(model, "Route.to_tokens").replace("x.index_select(0, self.unsort)", "self._back(x)")
+    model = S.replace(model, "Route.to_tokens", call + "\n    def _back(self, y):\n        return y[self.unsort]\n")
     (tmp_path / "rl.py").write_text(rl.replace("r = rewards.view(-1, group)", "r = rewards.view(-1, group)  # mine"))
     (tmp_path / "model.py").write_text(model)
     by_id = {ex["id"]: ex for ex in MF.EXERCISES}

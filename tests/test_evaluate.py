@@ -120,6 +120,22 @@ def test_a_sets_numbers_do_not_depend_on_the_other_sets(toy_ckpt):
         assert a.texts == b.texts and all(torch.equal(x, y) for x, y in zip(a.latents, b.latents))
 
 
+def test_the_progress_bar_counts_every_question_and_changes_no_result(toy_ckpt):
+    """benchmark with a bar: the same traces as without, and the bar advanced by each question of each set."""
+    model, tok = CK.load_pretrained(toy_ckpt), D.Tokenizer.from_folder(toy_ckpt)
+    split = {k: v for k, v in D.ToyWorld(0).eval_split(3, seed=0).items() if k in ("clean", "hard")}
+    cfg = E.InferenceConfig(max_text_tokens=4, num_timesteps=3)
+    bar = evaluate.tqdm(total=6, file=io.StringIO())
+    with torch.no_grad():
+        plain = E.benchmark(model, tok, split, "always_restore", cfg, model.encode_pixels, batch_size=2)
+        shown = E.benchmark(model, tok, split, "always_restore", cfg, model.encode_pixels, batch_size=2, bar=bar)
+    assert bar.n == 6
+    for sev in split:
+        assert plain[sev]["correct"] == shown[sev]["correct"]
+        for a, b in zip(plain[sev]["traces"], shown[sev]["traces"]):
+            assert a.texts == b.texts and all(torch.equal(x, y) for x, y in zip(a.latents, b.latents))
+
+
 def test_pictures_are_encoded_once_per_autoencoder(toy_ckpt):
     """Every mode of every checkpoint reads the same degraded latents: a second checkpoint with the same (frozen)
     autoencoder encodes nothing again and answers exactly as with its own encoder; another autoencoder encodes anew."""
@@ -203,6 +219,40 @@ def test_one_photo_demo(toy_ckpt, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         evaluate.main(["--init", str(toy_ckpt), "--image", str(photo), "--question", "Q", "--degrade", "blur:hard"])
     assert e.value.code == 2 and "KIND:SEVERITY" in capsys.readouterr().err
+
+
+def test_pictures_say_what_they_show(tmp_path):
+    """Text wraps between words within the width; a 64 px picture fills its panel pixel for pixel; the bars carry the
+    mode of each checkpoint in the legend."""
+    draw = evaluate.ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    face = evaluate.font(15)
+    text = "How many shapes are there? What colour are the shapes in the picture, and where are they?"
+    lines = evaluate.wrap(draw, text, face, 150)
+    assert len(lines) > 1 and " ".join(lines) == text and all(draw.textlength(ln, font=face) <= 150 for ln in lines)
+    sheet = Image.new("RGB", (300, 200), "white")
+    pic = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    evaluate.fill_panel(sheet, pic, (10, 20, 200, 128))
+    assert sheet.crop((46, 20, 174, 148)).tobytes() == pic.resize((128, 128), Image.NEAREST).tobytes()
+    rows = {s: {"acc": a} for s, a in zip(evaluate.SEVERITIES, (1.0, 0.9, 0.8, 0.7))}
+    evaluate.draw_bars({"base": {"direct": rows}, "sft": {"interleaved, bridge": rows, "direct": rows}},
+                       tmp_path / "bars.png")
+    assert Image.open(tmp_path / "bars.png").size == (860, 440)
+
+
+def test_toy_demo_brings_its_picture_and_question(toy_ckpt, tmp_path, capsys):
+    """--demo-toy N runs held-out toy question N at hard, saves its picture for --image, refuses what it replaces."""
+    evaluate.main(["--init", str(toy_ckpt), "--demo-toy", "1", "--max-text-tokens", "4", "--denoise-steps", "3",
+                   "--out", str(tmp_path / "demo"), "--threads", "1"])
+    out = capsys.readouterr().out
+    question = D.ToyWorld(0).eval_split(2, seed=0)["hard"][1].question
+    assert f"question: {question}" in out and "truth:" in out
+    assert (tmp_path / "demo" / "demo.png").exists() and Image.open(tmp_path / "demo" / "input.png").size == (64, 64)
+    for extra, words in ((["--question", "Q?"], "--question has no effect with --demo-toy"),
+                         (["--degrade", "motion_blur:hard"], "--degrade has no effect with --demo-toy"),
+                         (["--n", "5"], "--n has no effect in the demo")):
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(["--init", str(toy_ckpt), "--demo-toy", "0", *extra])
+        assert e.value.code == 2 and words in capsys.readouterr().err, extra
 
 
 def test_evaluate_checks_every_input_before_any_work(toy_ckpt, tmp_path, capsys):

@@ -114,6 +114,56 @@ def test_attention_rule_matrix():
     assert torch.equal(mask[0], expected[:12, :12]) and mask[1, 5].tolist() == [i == 5 for i in range(12)]
 
 
+def loop_split_tables(splits, rows, row_len):
+    """The rule split_tables vectorises, written as one slice assignment per split."""
+    t = {"sample": torch.full((rows, row_len), -1), "split": torch.zeros(rows, row_len, dtype=torch.long)}
+    t.update({k: torch.zeros(rows, row_len, dtype=torch.bool) for k in ("noise", "causal", "pad")})
+    for i, (r, s, start, n, mode) in enumerate(splits):
+        t["sample"][r, start:start + n], t["split"][r, start:start + n] = s, i
+        for k in ("noise", "causal", "pad"):
+            t[k][r, start:start + n] = mode == k
+    return t
+
+
+def test_split_tables_and_mask_equal_the_per_split_rule():
+    """On random layouts (rows of causal / full / noise / pad splits of random lengths): the vectorised tables equal
+    the per-split loop, the mask equals may_attend asked pair by pair, and the additive mask is 0 / -inf on it."""
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        rows, T = int(rng.integers(1, 4)), int(rng.integers(1, 30))
+        splits, sample = [], 0
+        for r in range(rows):
+            start = 0
+            while start < T:
+                n, mode = int(rng.integers(1, T - start + 1)), str(rng.choice(["causal", "full", "noise", "pad"]))
+                splits.append((r, -1 if mode == "pad" else sample, start, n, mode))
+                start, sample = start + n, sample + int(rng.random() < 0.5)
+        t = M.split_tables(splits, rows, T)
+        ref = loop_split_tables(splits, rows, T)
+        assert all(torch.equal(t[k], ref[k]) for k in ref)
+        mask, i = M.attention_mask(splits, rows, T), torch.arange(T)
+        b_i = torch.arange(rows)[:, None, None]
+        assert torch.equal(mask, M.may_attend(ref, b_i, i[None, :, None], i[None, None, :]))
+        b, q, k = (int(v) for v in (rng.integers(rows), rng.integers(T), rng.integers(T)))
+        assert bool(mask[b, q, k]) == bool(M.may_attend(ref, b, q, k))
+        add = M.additive_mask(mask, torch.float32)
+        assert torch.equal(add == 0, mask) and torch.isinf(add[~mask]).all()
+
+
+def test_expert_order_routing_equals_routing_every_call():
+    """Route keeps the stream in expert order and returns to token order for attention only: the same values as
+    gathering, applying each expert and scattering back around every call."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10, 4, generator=g)
+    gen = torch.tensor([0, 1, 1, 0, 0, 1, 0, 0, 1, 0], dtype=torch.bool)
+    route = M.Route(gen)
+    und, gen_f = (lambda h: 2 * h + 1), (lambda h: -h)
+    expected = torch.where(gen[:, None], gen_f(x), und(x))
+    assert torch.equal(route.to_tokens(route(route.to_experts(x), und, gen_f)), expected)
+    plain = M.Route(torch.zeros(10, dtype=torch.bool))
+    assert plain.to_experts(x) is x and torch.equal(plain(x, und, gen_f), und(x))
+
+
 def test_rows_equal_one_long_packed_row(net):
     """Samples in separate padded rows give the same outputs as the same samples packed into one row."""
     g = torch.Generator().manual_seed(6)
@@ -328,28 +378,34 @@ def test_cfg_renorm_by_hand():
 
 
 def test_route_by_hand():
-    """Route sends the rows of gen_mask to `gen` and the others to `und`, each expert called once on its own rows in
-    their order, and puts the results back in place; without gen rows everything goes to `und`; gradients flow."""
+    """Route's expert order is the und rows then the gen rows, each in token order; an expert is called once on its
+    own slice; to_tokens undoes to_experts; without gen rows everything goes to `und` in token order; gradients
+    flow."""
     seen = []
 
     def expert(name, f):
         return lambda h: seen.append((name, h.flatten(1)[:, 0].tolist())) or f(h)
     und, gen = expert("und", lambda h: h * 10), expert("gen", lambda h: -h)
     x = torch.arange(5.0)[:, None, None].repeat(1, 2, 3).requires_grad_()  # [N, heads, hd], as in MoTAttention
-    route = M.Route(torch.tensor([False, True, False, True, True]))
-    y = route(x, und, gen)
-    assert y[:, 0, 0].tolist() == [0.0, -1.0, 20.0, -3.0, -4.0] and y.shape == x.shape
-    assert sorted(seen) == [("gen", [1.0, 3.0, 4.0]), ("und", [0.0, 2.0])]
+    route = M.Route(torch.tensor([True, False, False, True, False]))  # und rows 1, 2, 4; gen rows 0, 3
+    assert route.to_experts(x)[:, 0, 0].tolist() == [1.0, 2.0, 4.0, 0.0, 3.0]
+    y_experts = route(route.to_experts(x), und, gen)
+    assert y_experts[:, 0, 0].tolist() == [10.0, 20.0, 40.0, -0.0, -3.0] and y_experts.shape == x.shape
+    assert sorted(seen) == [("gen", [0.0, 3.0]), ("und", [1.0, 2.0, 4.0])]
+    y = route.to_tokens(y_experts)
+    assert y[:, 0, 0].tolist() == [0.0, 10.0, 20.0, -3.0, 40.0]
+    assert route.to_tokens(route.to_experts(x))[:, 0, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
     y.sum().backward()
-    assert x.grad[:, 0, 0].tolist() == [10.0, -1.0, 10.0, -1.0, -1.0]
-    seen.clear()
-    torch.testing.assert_close(route(x, und, gen), y)  # one Route serves every layer
+    assert x.grad[:, 0, 0].tolist() == [-1.0, 10.0, 10.0, -1.0, 10.0]
     for mask in (None, torch.zeros(5, dtype=torch.bool)):
         seen.clear()
-        assert M.Route(mask)(x, und, gen)[:, 0, 0].tolist() == [0.0, 10.0, 20.0, 30.0, 40.0]
+        plain = M.Route(mask)
+        assert plain.to_experts(x)[:, 0, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+        assert plain(x, und, gen)[:, 0, 0].tolist() == [0.0, 10.0, 20.0, 30.0, 40.0]
         assert seen == [("und", [0.0, 1.0, 2.0, 3.0, 4.0])]
     seen.clear()
-    assert M.Route(torch.ones(5, dtype=torch.bool))(x, und, gen)[:, 0, 0].tolist() == [0.0, -1.0, -2.0, -3.0, -4.0]
+    every = M.Route(torch.ones(5, dtype=torch.bool))
+    assert every.to_tokens(every(every.to_experts(x), und, gen))[:, 0, 0].tolist() == [0.0, -1.0, -2.0, -3.0, -4.0]
     assert [s for s in seen if s[1]] == [("gen", [0.0, 1.0, 2.0, 3.0, 4.0])]
 
 
