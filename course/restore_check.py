@@ -37,7 +37,8 @@ def psnr(a: Image.Image, b: Image.Image) -> float:
 
 
 @torch.no_grad()
-def restore(model: M.Bagel, tok: D.Tokenizer, examples: list, args) -> tuple[list, float, float]:
+def restore(model: M.Bagel, tok: D.Tokenizer, examples: list, steps: int, text_scale: float, img_scale: float,
+            seed: int) -> tuple[list, float, float]:
     """(restored pictures, flow-matching error of the clean latents at t = 1, that of predicting the mean latent)."""
     latents = D.encode_images([D.image_to_tensor(ex.degraded) for ex in examples], model.encode_pixels)
     prefixes = [pretrain.restore_edit(lat, ex.degraded, tok) for lat, ex in zip(latents, examples)]
@@ -45,14 +46,14 @@ def restore(model: M.Bagel, tok: D.Tokenizer, examples: list, args) -> tuple[lis
     cache, text_free, image_free = model.new_cache(len(examples)), model.new_cache(len(examples)), None
     E.prefill(model, cache, prefixes)
     E.prefill(model, text_free, [p[:-1] for p in prefixes])  # guidance's context without the instruction
-    if args.cfg_img_scale > 1.0:
+    if img_scale > 1.0:
         image_free = model.new_cache(len(examples))
         E.prefill(model, image_free, prefixes, texts_only=True)  # ... and without the picture
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(len(examples), grid[0] * grid[1], model.cfg.patch_latent_dim, generator=gen)
-    x0, _ = model.generate_image(cache, grid, noise, args.steps, model.cfg.timestep_shift, cfg_text_cache=text_free,
-                                 cfg_img_cache=image_free, cfg_text_scale=args.cfg_text_scale,
-                                 cfg_img_scale=args.cfg_img_scale, cfg_renorm_type="text_channel")
+    x0, _ = model.generate_image(cache, grid, noise, steps, model.cfg.timestep_shift, cfg_text_cache=text_free,
+                                 cfg_img_cache=image_free, cfg_text_scale=text_scale, cfg_img_scale=img_scale,
+                                 cfg_renorm_type="text_channel")
     pictures = [E.decode_image(model, x, grid) for x in x0]
     clean = D.encode_images([D.image_to_tensor(ex.clean) for ex in examples], model.encode_pixels)
     targets = [[M.VaeImage(n, g, t=1.0, target=n - c)] for n, (c, g) in zip(noise, clean)]  # x_1 is the noise
@@ -76,30 +77,34 @@ def main(argv=None):
     ap.add_argument("--init", default="out/base", help="the Stage 0 base checkpoint (default out/base)")
     ap.add_argument("--n", type=int, default=64, help="held-out questions (default 64)")
     ap.add_argument("--severity", default="hard", choices=list(D.SEVERITIES), help="their corruption's severity")
-    ap.add_argument("--steps", type=int, default=10, help="denoising grid points (default 10, the toy's)")
+    ap.add_argument("--denoise-steps", type=int, default=10, help="denoising grid points (default 10, the toy's)")
     ap.add_argument("--cfg-text-scale", type=float, default=3.0, help="text guidance (default 3.0, BAGEL's)")
     ap.add_argument("--cfg-img-scale", type=float, default=1.5, help="image guidance (default 1.5, BAGEL's)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the noise")
+    ap.add_argument("--world-seed", type=int, default=0, help="toy world seed (the one the base was trained in)")
     ap.add_argument("--out", default="out/a2_restorations.png", help="where to write the picture")
     args = ap.parse_args(argv)
-    for name, low in (("n", 1), ("steps", 2), ("seed", 0)):
+    for name, low in (("n", 1), ("denoise_steps", 2), ("seed", 0), ("world_seed", 0)):
         if getattr(args, name) < low:
-            ap.exit(2, f"{ap.prog}: error: --{name} {getattr(args, name)}: must be an integer >= {low}\n")
+            ap.exit(2, f"{ap.prog}: error: --{name.replace('_', '-')} {getattr(args, name)}: must be an integer >= "
+                       f"{low}\n")
     if args.cfg_text_scale < 0 or args.cfg_img_scale < 0:
         ap.exit(2, f"{ap.prog}: error: --cfg-text-scale and --cfg-img-scale must be >= 0\n")
     if Path(args.out).suffix.lower() not in Image.registered_extensions() or not Path(args.out).parent.is_dir():
         ap.exit(2, f"{ap.prog}: error: --out {args.out}: must name a picture file (.png, ...) in an existing folder\n")
     model, tok = CK.load_pretrained(args.init).eval(), D.Tokenizer.from_folder(args.init)
-    examples = D.ToyWorld(0).eval_split(args.n, seed=args.seed)[args.severity]
+    examples = D.ToyWorld(args.world_seed).eval_split(args.n, seed=args.seed)[args.severity]
     pictures, flow, mean = [], [], []
     for i in range(0, len(examples), 32):
-        p, f, m = restore(model, tok, examples[i:i + 32], args)
+        p, f, m = restore(model, tok, examples[i:i + 32], args.denoise_steps, args.cfg_text_scale,
+                          args.cfg_img_scale, args.seed)
         pictures, flow, mean = pictures + p, flow + [f], mean + [m]
     restored = np.mean([psnr(p, ex.clean) for p, ex in zip(pictures, examples)])
     degraded = np.mean([psnr(ex.degraded, ex.clean) for ex in examples])
     sheet(examples[:16], pictures[:16]).save(args.out)
-    print(f"{len(examples)} {args.severity} pictures, {args.steps} points, guidance text {args.cfg_text_scale:g} / "
-          f"image {args.cfg_img_scale:g}: PSNR to the clean picture, restored {restored:.2f} dB, degraded input "
+    print(f"{len(examples)} {args.severity} pictures, {args.denoise_steps} points, guidance text "
+          f"{args.cfg_text_scale:g} / image {args.cfg_img_scale:g}: PSNR to the clean picture, restored "
+          f"{restored:.2f} dB, degraded input "
           f"{degraded:.2f} dB; flow-matching error at t = 1 {np.mean(flow):.3f} (mean latent {np.mean(mean):.3f}); "
           f"wrote {args.out}")
 

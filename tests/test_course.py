@@ -157,7 +157,7 @@ def test_the_tools_refuse_bad_input_in_one_line(checkpoints, tmp_path, capsys):
 def test_restore_check_runs(toy_ckpt, tmp_path, capsys):
     """A2's toy run restores pictures with the base and prints the PSNRs and the flow-matching check."""
     import restore_check
-    restore_check.main(["--init", str(toy_ckpt), "--n", "2", "--steps", "3", "--out", str(tmp_path / "r.png")])
+    restore_check.main(["--init", str(toy_ckpt), "--n", "2", "--denoise-steps", "3", "--out", str(tmp_path / "r.png")])
     line = capsys.readouterr().out
     assert "2 hard pictures" in line and "restored" in line and "mean latent" in line and (tmp_path / "r.png").exists()
 
