@@ -424,7 +424,6 @@ def bench_profile(cfg, device, dtype) -> list[dict]:
     """One step of each toy stage at the tiny preset (random weights), split by phase and by kind of op."""
     import numpy as np
 
-    import bridge
     import data as D
     import engine as E
     import pretrain
@@ -455,14 +454,13 @@ def bench_profile(cfg, device, dtype) -> list[dict]:
     rows += profile_step("Stage 0 unified step (24 samples)", stage0,
                          [(pretrain, "base_samples", "samples"), *train])
 
-    scfg = sft.parse_config("", [])
+    scfg = sft.parse_config([])
     draw = sft.pool_draw(world, rng, 48, model.encode_pixels, every_clean=True)
     batch = sft.batches(scfg, model.cfg, tok, model.encode_pixels, draw, device)
     run = C.Run(device, dtype)
 
     def stage1():
-        packed = batch(0, *C.step_rngs(0, 0))
-        loss, _ = sft.step_loss(model, packed, run, model.cfg.num_hidden_layers, 1.0, 1.0)
+        loss = sft.step_loss(model, batch(*C.step_rngs(0, 0)), run, scfg)[0]
         loss.backward()
         C.clip_and_step(model, opt, 1.0)
         ema.update(model)
@@ -471,12 +469,12 @@ def bench_profile(cfg, device, dtype) -> list[dict]:
                           (sft, "text_reason_sample", "samples"), *train])
 
     rcfg = rl.parse_config([])
-    icfg = E.InferenceConfig(max_rounds=rcfg.max_rounds, max_text_tokens=rcfg.max_text_tokens, sampler="sde",
-                             temperature=rcfg.temperature, num_timesteps=rcfg.sde_points, force_restore=True)
+    icfg = E.inference_config(rcfg, toy=True, temperature=rcfg.temperature, sampler="sde",
+                              num_timesteps=rcfg.sde_points, force_restore=True)
     ref = M.Bagel(model.cfg).to(device, dtype).requires_grad_(False)
     ref.load_state_dict(model.state_dict())
     inference = [(E, "prefill", "prefill"), (model, "decode_text", "decoding"), (model, "sample_sde", "denoising"),
-                 (model, "generate_image", "denoising"), (bridge, "reenter", "re-entry")]
+                 (model, "generate_image", "denoising"), (E, "reenter", "re-entry")]
 
     def rl_step():
         step_rng, gen = C.step_rngs(0, 0)

@@ -139,8 +139,8 @@ def computable(value, allowed: str) -> bool:
 
 
 def run_cli(main: Callable):
-    """A script's entry point: a bad input (model.InputError, or a missing file) ends as one line on stderr and exit
-    status 2, as a bad flag does; any other exception keeps its traceback."""
+    """A script's entry point: a bad input (checkpoint.InputError, or a missing file) ends as one line on stderr and
+    exit status 2, as a bad flag does; any other exception keeps its traceback."""
     try:
         main()
     except (CK.InputError, FileNotFoundError) as e:
@@ -172,7 +172,7 @@ class Run:
 
 def pick_device(name: str = "auto") -> tuple[torch.device, str]:
     """'auto' -> cuda, then mps, then cpu; returns the device and the reason (printed by every script). A device
-    asked for must exist here (model.InputError otherwise)."""
+    asked for must exist here (checkpoint.InputError otherwise)."""
     if name != "auto":
         try:
             dev = torch.device(name)

@@ -515,7 +515,7 @@ def evaluate_toy(cfg: EvalConfig, run: C.Run):
 
 def load_judge(spec: str | None):
     """'module:function' -> a callable judge(question, prediction, answer) -> float in [0, 1]; never a network default.
-    model.InputError when the spec does not name a function that can be imported."""
+    checkpoint.InputError when the spec does not name a function that can be imported."""
     if not spec:
         return None
     module, _, fn = spec.partition(":")

@@ -1,6 +1,7 @@
 """Fuzzing the readers of everything a user hands in (data files, tokenizer.json, checkpoint folders): random bytes,
-truncated files, random rows and random JSON may only ever raise model.InputError or FileNotFoundError, with a message
-naming the file; whatever a reader accepts must be usable (a row's picture decodes, a checkpoint loads). Fixed seeds."""
+truncated files, random rows and random JSON may only ever raise checkpoint.InputError or FileNotFoundError, with a
+message naming the file; whatever a reader accepts must be usable (a row's picture decodes, a checkpoint loads). Fixed
+seeds."""
 
 import base64
 import io
