@@ -455,7 +455,7 @@ def bench_profile(cfg, device, dtype) -> list[dict]:
                          [(pretrain, "base_samples", "samples"), *train])
 
     scfg = sft.parse_config([])
-    draw = sft.pool_draw(world, rng, 48, model.encode_pixels, every_clean=True)
+    draw = sft.pool_draw(sft.toy_pool(world, rng, 48, model.encode_pixels, every_clean=True))
     batch = sft.batches(scfg, model.cfg, tok, model.encode_pixels, draw, device)
     run = C.Run(device, dtype)
 

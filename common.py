@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import re
 import sys
@@ -259,6 +261,37 @@ def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def cached(path: Path, key: str, make: Callable) -> tuple:
+    """(make(), False), or (what an earlier make() with the same `key` left at `path`, True). One file per path
+    (pickled, written to a temporary sibling and renamed: a kill leaves the old file or the new one); a new key replaces
+    it, and a file that cannot be read is made again."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            stored_key, value = pickle.load(f)
+        if stored_key == key:
+            return value, True
+    except (OSError, EOFError, ValueError, TypeError, AttributeError, ImportError, pickle.UnpicklingError):
+        pass  # no file yet, or one a crash or another version of the code left: make it again
+    value = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump((key, value), f, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(tmp, path)
+    return value, False
+
+
+def digest(*parts) -> str:
+    """A short hex digest of strings, bytes and tensors (a cache key)."""
+    h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            part = part.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+        h.update(part if isinstance(part, bytes) else repr(part).encode())
+    return h.hexdigest()
 
 
 def step_rngs(seed: int, step: int, rank: int = 0) -> tuple[np.random.Generator, torch.Generator]:

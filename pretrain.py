@@ -32,6 +32,7 @@ Differences from BAGEL's pretraining (numbered):
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -53,6 +54,9 @@ from common import flag
 # Settings
 
 STAGE0, UNIFIED = "Stage 0 (toy base model)", "unified pretraining"
+# what `python pretrain.py` builds at its defaults, shipped so the quickstart starts at CLEAR's Stage 1 as CLEAR starts
+# from BAGEL's released weights; tests/test_pretrain.py checks it matches these defaults and the model code
+SHIPPED = Path(__file__).resolve().parent / "assets" / "toy_base"
 
 
 @dataclass
@@ -336,6 +340,28 @@ def train_phase(run: C.Run, model: M.Bagel, optimizer, name: str, steps: int, lr
             log({"step": step + 1, "loss": float(loss.detach()), **metrics, "lr": optimizer.param_groups[0]["lr"],
                  "gnorm": gnorm, "ms": round(1000 * (time.time() - t0))}, bar)
     bar.close()
+
+
+def shipped_base(seed: int, world_seed: int, steps: int) -> Path | None:
+    """The shipped toy base when it is the one these settings would build (the settings sft.py passes to Stage 0; every
+    other setting at its default), else None."""
+    if not (SHIPPED / "ema.safetensors").exists():
+        return None
+    built = CK.read_json(SHIPPED / "nanoclear.json").get("args", {})
+    asked = {**shipped_settings(PretrainConfig()), "seed": seed, "world_seed": world_seed, "steps": steps}
+    return SHIPPED if shipped_settings(built) == asked else None
+
+
+def shipped_settings(args) -> dict:
+    """The settings that shape a base (not where or on what it ran)."""
+    args = args if isinstance(args, dict) else vars(args)
+    return {k: v for k, v in args.items() if k not in ("out", "device", "dtype", "threads")}
+
+
+def copy_shipped_base(out: str):
+    """Copy the shipped base's files into the checkpoint folder `out` (atomically, as every checkpoint is written)."""
+    CK.atomic_write_folder(out, lambda tmp: [shutil.copy2(f, tmp / f.name) for f in sorted(SHIPPED.iterdir())
+                                             if f.is_file() and f.name != CK.MARKER])
 
 
 def build_base(args: "PretrainConfig", run: C.Run) -> M.Bagel:

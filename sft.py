@@ -296,9 +296,8 @@ def mixed_draw(rows: list[dict], tool_share: float) -> Callable:
     return draw
 
 
-def pool_draw(world: D.ToyWorld, rng, n: int, encode: Callable, every_clean: bool = False,
-              chunk: int = 256) -> Callable:
-    """draw(rng) -> (example, its latents) from n toy training examples made and encoded once, as Stage 0 does
+def toy_pool(world: D.ToyWorld, rng, n: int, encode: Callable, every_clean: bool = False, chunk: int = 256) -> list:
+    """n toy training examples with their latents, made and encoded once, as Stage 0 does
     (pretrain.example_pool): rendering, degrading and encoding fresh pictures would be over a third of every CPU step
     (difference 5); each draw still gets its own flow time, noise and condition dropout. every_clean: encode every
     clean picture (replay restores all of them), not only those of restoring samples."""
@@ -307,8 +306,19 @@ def pool_draw(world: D.ToyWorld, rng, n: int, encode: Callable, every_clean: boo
     pool = []
     for i in range(0, n, chunk):
         part = examples[i:i + chunk]
-        pool += zip(part, encode_examples(part, encode, every_clean=every_clean))
+        pool += list(zip(part, encode_examples(part, encode, every_clean=every_clean)))
+    return pool
+
+
+def pool_draw(pool: list) -> Callable:
+    """draw(rng) -> one (example, its latents) of the pool."""
     return lambda rng: pool[int(rng.integers(len(pool)))]
+
+
+def pool_key(model: M.Bagel, world_seed: int, seed: int, n: int, every_clean: bool) -> str:
+    """What a toy pool depends on: its settings, the frozen autoencoder that encodes it, and the code that draws it."""
+    code = [Path(m.__file__).read_bytes() for m in (D, D.degrade)]
+    return C.digest(world_seed, seed, n, every_clean, *code, *model.vae.state_dict().values())
 
 
 def batches(cfg: SFTConfig, model_cfg: M.ModelConfig, tok: D.Tokenizer, encode: Callable, draw: Callable, device,
@@ -381,12 +391,18 @@ def load_start(cfg: SFTConfig, run: C.Run) -> tuple[M.Bagel, D.Tokenizer, str]:
         else:
             if run.world > 1:
                 raise SystemExit("build the toy base first (python pretrain.py), then launch torchrun")
-            print("No --init and no out/base/: building the toy base model first (pretrain.py, Stage 0).")
-            C.seed_everything(cfg.seed)  # as `python pretrain.py --seed S` would
+            shipped = pretrain.shipped_base(cfg.seed, cfg.world_seed, cfg.base_steps)
             with C.output_lock(init):
-                pretrain.build_base(pretrain.PretrainConfig(steps=cfg.base_steps, seed=cfg.seed,
-                                                            world_seed=cfg.world_seed, out=init), run)
-            C.seed_everything(cfg.seed)
+                if shipped is not None:  # Stage 0 is BAGEL's pretraining: CLEAR starts from its released weights
+                    print(f"No --init and no out/base/: starting from the shipped toy base ({shipped.name}, what "
+                          "`python pretrain.py` builds; run that to build it yourself).")
+                    pretrain.copy_shipped_base(init)
+                else:
+                    print("No --init and no out/base/: building the toy base model first (pretrain.py, Stage 0).")
+                    C.seed_everything(cfg.seed)  # as `python pretrain.py --seed S` would
+                    pretrain.build_base(pretrain.PretrainConfig(steps=cfg.base_steps, seed=cfg.seed,
+                                                                world_seed=cfg.world_seed, out=init), run)
+                    C.seed_everything(cfg.seed)
     return C.load_for_training(init, run, cfg.fsdp), D.Tokenizer.from_folder(init), init
 
 
@@ -411,10 +427,15 @@ def train(cfg: SFTConfig, stage: str = "sft", objective: Callable = step_loss,
                           "the toy world")
     if not cfg.data:
         t = time.time()
-        draw = pool_draw(D.ToyWorld(cfg.world_seed), np.random.default_rng([cfg.world_seed, cfg.seed, 6]), cfg.examples,
-                         model.encode_pixels, every_clean=cfg.replay > 0)
+        world, every_clean = D.ToyWorld(cfg.world_seed), cfg.replay > 0
+        rng = np.random.default_rng([cfg.world_seed, cfg.seed, 6])
+        cache = Path(cfg.out).parent / "cache" / "toy_pool.pkl"  # Stage 2 draws the same pool as Stage 1
+        pool, kept = C.cached(cache, pool_key(model, cfg.world_seed, cfg.seed, cfg.examples, every_clean),
+                              lambda: toy_pool(world, rng, cfg.examples, model.encode_pixels, every_clean))
+        draw = pool_draw(pool)
         if run.main:
-            print(f"{cfg.examples} toy training examples made and encoded in {time.time() - t:.0f} s")
+            how = f"read from {cache} (an earlier run made them)" if kept else "made and encoded"
+            print(f"{cfg.examples} toy training examples {how} in {time.time() - t:.0f} s")
     start = CK.load_pretrained(init, run.device, run.dtype) if run.main and cfg.eval_n and not cfg.fsdp else None
     C.freeze_encoders(model)
     opt = C.make_optimizer(model, cfg.lr, weight_decay=cfg.weight_decay)

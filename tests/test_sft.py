@@ -117,7 +117,7 @@ def test_pooled_examples_carry_their_own_latents(tok):
                   num_attention_heads=2, num_key_value_heads=1, vit_hidden_size=32, vit_intermediate_size=32,
                   vit_num_hidden_layers=1)
     net = M.Bagel(cfg).eval()
-    draw = sft.pool_draw(D.ToyWorld(0), np.random.default_rng(3), 12, net.encode_pixels)
+    draw = sft.pool_draw(sft.toy_pool(D.ToyWorld(0), np.random.default_rng(3), 12, net.encode_pixels))
     rng = np.random.default_rng(0)
     drawn = [draw(rng) for _ in range(12)]
     drawn = [d for d in drawn if d[0].restore][:1] + [d for d in drawn if not d[0].restore][:1]
@@ -386,7 +386,7 @@ def test_packing_fills_the_token_budget_in_bounded_rows(toy_ckpt, toy_tok):
     model = CK.load_pretrained(toy_ckpt)
     cfg = sft.parse_config(["--init", str(toy_ckpt), "--tokens-per-step", "900", "--row-tokens", "300",
                                 "--text-dropout", "0", "--vit-dropout", "0"])
-    draw = sft.pool_draw(D.ToyWorld(0), np.random.default_rng(0), 24, model.encode_pixels)
+    draw = sft.pool_draw(sft.toy_pool(D.ToyWorld(0), np.random.default_rng(0), 24, model.encode_pixels))
     batch = sft.batches(cfg, model.cfg, toy_tok, model.encode_pixels, draw, "cpu")
     packed = batch(np.random.default_rng(0), torch.Generator().manual_seed(0))
     assert sum(packed.sample_lens) >= 900
@@ -400,7 +400,7 @@ def test_replay_samples_are_stage0_restore_edits_of_their_own_example(toy_ckpt, 
     """--replay (difference 6): the sample is Stage 0's restore edit of the drawn example, its noised target that
     example's clean latent (x0 = x_t - t v); the pool encodes every clean picture for it, not only restoring ones."""
     model = CK.load_pretrained(toy_ckpt)
-    pool = [sft.pool_draw(D.ToyWorld(0), np.random.default_rng(0), 12, model.encode_pixels, every_clean=e)
+    pool = [sft.pool_draw(sft.toy_pool(D.ToyWorld(0), np.random.default_rng(0), 12, model.encode_pixels, every_clean=e))
             for e in (False, True)]
     drawn = [[draw(np.random.default_rng(i)) for i in range(12)] for draw in pool]
     assert any(clean is None for _, (_, clean) in drawn[0]) and all(clean is not None for _, (_, clean) in drawn[1])
@@ -421,7 +421,8 @@ def test_each_drawn_example_becomes_one_kind_of_sample(toy_ckpt, toy_tok, text, 
     model = CK.load_pretrained(toy_ckpt)
     cfg = sft.parse_config(["--init", str(toy_ckpt), "--tokens-per-step", "300", "--text-reason-rate", text,
                                 "--replay", replay, "--text-dropout", "0", "--vit-dropout", "0"])
-    draw = sft.pool_draw(D.ToyWorld(0), np.random.default_rng(0), 12, model.encode_pixels, every_clean=True)
+    pool = sft.toy_pool(D.ToyWorld(0), np.random.default_rng(0), 12, model.encode_pixels, every_clean=True)
+    draw = sft.pool_draw(pool)
     packed = sft.batches(cfg, model.cfg, toy_tok, model.encode_pixels, draw, "cpu")(np.random.default_rng(0),
                                                                               torch.Generator().manual_seed(0))
     assert (packed.ce_idx.numel() > 0) == ce and (int(packed.mse_mask.sum()) > 0) == mse
