@@ -317,7 +317,7 @@ def pool_draw(pool: list) -> Callable:
 
 def pool_key(model: M.Bagel, world_seed: int, seed: int, n: int, every_clean: bool) -> str:
     """What a toy pool depends on: its settings, the frozen autoencoder that encodes it, and the code that draws it."""
-    code = [Path(m.__file__).read_bytes() for m in (D, D.degrade)]
+    code = [Path(D.__file__).with_name(name).read_bytes() for name in ("data.py", "degrade.py")]
     return C.digest(world_seed, seed, n, every_clean, *code, *model.vae.state_dict().values())
 
 
