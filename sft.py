@@ -306,7 +306,9 @@ def toy_pool(world: D.ToyWorld, rng, n: int, encode: Callable, every_clean: bool
     pool = []
     for i in range(0, n, chunk):
         part = examples[i:i + chunk]
-        pool += list(zip(part, encode_examples(part, encode, every_clean=every_clean)))
+        for ex, latents in zip(part, encode_examples(part, encode, every_clean=every_clean)):
+            # each latent its own tensor: a view into the chunk's batch would keep (and pickle) the whole batch
+            pool.append((ex, tuple(None if lat is None else (lat[0].clone(), lat[1]) for lat in latents)))
     return pool
 
 

@@ -69,3 +69,26 @@ def test_scene_labels_match_the_scene():
     assert all(labels["occupied"][0, o[2]] == 1 for o in scene.objects)
     assert D.SHAPES[labels["shape"][0]] == scene.objects[0][0]
     assert list(D.COLOURS)[labels["colour"][0]] == scene.objects[0][1]
+
+
+def test_shipped_base_is_what_pretrain_builds_at_its_defaults():
+    """assets/toy_base was built by `python pretrain.py` at today's defaults and loads strictly into today's model
+    code: changing a Stage 0 default or the architecture without rebuilding it fails here."""
+    import checkpoint as CK
+    built = CK.read_json(P.SHIPPED / "nanoclear.json")
+    assert built["stage"] == "pretrain" and P.shipped_settings(built["args"]) == P.shipped_settings(P.PretrainConfig())
+    tok = D.Tokenizer.from_folder(P.SHIPPED)
+    model = CK.load_pretrained(P.SHIPPED)
+    expected = P.toy_config(tok)
+    for field in ("ae_shift_factor", "ae_scale_factor"):  # measured by Stage 0's phase 1, so set by the build
+        assert getattr(model.cfg, field) != getattr(expected, field)
+        setattr(expected, field, getattr(model.cfg, field))
+    assert model.cfg == expected
+
+
+def test_shipped_base_serves_only_the_settings_it_was_built_with():
+    """sft.py starts from the shipped base only where Stage 0 would have built the same one."""
+    defaults = P.PretrainConfig()
+    assert P.shipped_base(defaults.seed, defaults.world_seed, defaults.steps) == P.SHIPPED
+    for other in ((1, 0, defaults.steps), (0, 1, defaults.steps), (0, 0, defaults.steps - 1)):
+        assert P.shipped_base(*other) is None

@@ -15,6 +15,7 @@ from PIL import Image
 
 import bridge
 import checkpoint as CK
+import common as C
 import data as D
 import model as M
 import sft
@@ -468,6 +469,55 @@ def test_toy_base_is_cached_by_its_settings(toy_ckpt, tmp_path, monkeypatch):
         sft.train(cfg)
 
 
+def test_missing_base_is_copied_from_the_shipped_one(tmp_path, monkeypatch):
+    """No --init and no out/base: the shipped toy base is copied in, file for file, as a complete checkpoint."""
+    import pretrain
+    monkeypatch.chdir(tmp_path)
+    cfg = sft.parse_config(["--eval-n", "0", "--threads", "1"])
+    model, tok, init = sft.load_start(cfg, C.setup_run(threads=1, quiet=True))
+    assert init == sft.BASE and CK.has_checkpoint(init) and (Path(init) / CK.MARKER).exists()
+    for f in pretrain.SHIPPED.iterdir():
+        assert (Path(init) / f.name).read_bytes() == f.read_bytes()
+    assert torch.equal(model.state_dict()["vae.encoder.conv_in.weight"],
+                       CK.load_pretrained(pretrain.SHIPPED).state_dict()["vae.encoder.conv_in.weight"])
+
+
+def test_stage2_reads_the_pool_stage1_made(toy_ckpt, tmp_path, monkeypatch):
+    """The toy pool is made once and read back by a later run with the same settings and autoencoder (Stage 2 after
+    Stage 1); other settings or another autoencoder make their own."""
+    model = CK.load_pretrained(toy_ckpt)
+    made = []
+
+    def make():
+        made.append(1)
+        return sft.toy_pool(D.ToyWorld(0), np.random.default_rng([0, 0, 6]), 6, model.encode_pixels)
+    key = sft.pool_key(model, 0, 0, 6, False)
+    first, hit = C.cached(tmp_path / "pool.pkl", key, make)
+    again, hit2 = C.cached(tmp_path / "pool.pkl", key, make)
+    assert (hit, hit2, len(made)) == (False, True, 1)
+    assert [ex.question for ex, _ in again] == [ex.question for ex, _ in first]
+    assert all(torch.equal(a[1][0][0], b[1][0][0]) and np.array_equal(np.asarray(a[0].degraded),
+                                                                     np.asarray(b[0].degraded))
+               for a, b in zip(first, again))
+    keys = {sft.pool_key(model, *settings) for settings in ((0, 1, 6, False), (1, 0, 6, False), (0, 0, 7, False),
+                                                            (0, 0, 6, True))}
+    with torch.no_grad():
+        model.vae.encoder.conv_in.weight[0, 0, 0, 0] += 1
+    assert len(keys | {key, sft.pool_key(model, 0, 0, 6, False)}) == 6
+
+
+def test_cached_makes_again_after_a_new_key_or_a_broken_file(tmp_path):
+    path = tmp_path / "c.pkl"
+    assert C.cached(path, "a", lambda: 1) == (1, False)
+    assert C.cached(path, "a", lambda: 2) == (1, True)
+    assert C.cached(path, "b", lambda: 3) == (3, False)  # a new key replaces the file
+    assert C.cached(path, "a", lambda: 4) == (4, False)
+    path.write_bytes(b"\x80\x05 not a pickle")  # a file another program or a disk error left
+    assert C.cached(path, "a", lambda: 5) == (5, False)
+    assert C.cached(path, "a", lambda: 6) == (5, True)
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pkl"]  # no temporary file left behind
+
+
 def test_sft_refuses_an_out_it_would_destroy_and_table_flags_without_a_table(toy_ckpt, tmp_path, capsys):
     """--out holding other files (a save replaced it, deleting them), a file (a traceback after training) or --init
     itself stops before any work and leaves it as it was; a summary-table flag with --eval-n 0 does nothing and is
@@ -621,3 +671,12 @@ def test_table_flags_behave_alike_in_every_stage(script, capsys):
         with pytest.raises(SystemExit) as e:
             module.parse_config(argv)
         assert e.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_toy_pool_latents_own_their_memory(toy_ckpt):
+    """A pooled latent is not a view into its chunk's batch (pickling one would write the whole batch)."""
+    model = CK.load_pretrained(toy_ckpt)
+    pool = sft.toy_pool(D.ToyWorld(0), np.random.default_rng(0), 6, model.encode_pixels, every_clean=True)
+    for _, latents in pool:
+        for tokens, _ in latents:
+            assert tokens.untyped_storage().nbytes() == tokens.numel() * tokens.element_size()
