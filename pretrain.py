@@ -18,8 +18,9 @@ loses accuracy on them as BAGEL does. The <think>/<image_restore>/<answer> forma
 answering from a restored picture are deliberately NOT taught here: that is CLEAR's Stage 1 (sft.py), so the tables
 can show what it adds.
 
-CPU:  python pretrain.py                      (sft.py runs this when there is no --init and no out/base/; its
-                                              --seed, --world-seed and --base-steps must match the cached base)
+CPU:  python pretrain.py                      (builds assets/toy_base, which sft.py copies to out/base when there is
+                                              no --init and no out/base/; for another --seed, --world-seed or
+                                              --base-steps sft.py runs this itself; a cached out/base must match them)
       python pretrain.py --ae-steps 400 --steps 600 --out out/base
 
 Differences from BAGEL's pretraining (numbered):

@@ -12,7 +12,8 @@ with CE and MSE summed over tokens and divided by their global counts (`sft_loss
 condition dropout in the packing (`batches`). The loop is `train`, top to bottom; Stage 2 (bridge.py) runs the same
 loop with the distillation term added to this objective.
 
-CPU (toy, no flags; runs Stage 0 first when out/base/ is missing):
+CPU (toy, no flags; when out/base/ is missing it copies the shipped toy base, assets/toy_base, or builds another with
+pretrain.py for other --seed / --world-seed / --base-steps):
     python sft.py                       # -> out/base/ (if needed), out/sft/, then a table on the held-out toy benchmark
     python bridge.py --init out/base --steps 600 --lr 5e-4   # the official "one job": Stage 1 + the distillation
 GPU:
@@ -47,6 +48,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -301,14 +303,18 @@ def toy_pool(world: D.ToyWorld, rng, n: int, encode: Callable, every_clean: bool
     (pretrain.example_pool): rendering, degrading and encoding fresh pictures would be over a third of every CPU step
     (difference 5); each draw still gets its own flow time, noise and condition dropout. every_clean: encode every
     clean picture (replay restores all of them), not only those of restoring samples."""
-    stream = world.stream(rng)
-    examples = [next(stream) for _ in tqdm(range(n), desc="toy training examples", leave=False, dynamic_ncols=True)]
-    pool = []
-    for i in range(0, n, chunk):
-        part = examples[i:i + chunk]
-        for ex, latents in zip(part, encode_examples(part, encode, every_clean=every_clean)):
-            # each latent its own tensor: a view into the chunk's batch would keep (and pickle) the whole batch
-            pool.append((ex, tuple(None if lat is None else (lat[0].clone(), lat[1]) for lat in latents)))
+    def encoded(part):  # each latent its own tensor: a view into the chunk's batch would keep (and pickle) all of it
+        return [(ex, tuple(None if lat is None else (lat[0].clone(), lat[1]) for lat in latents))
+                for ex, latents in zip(part, encode_examples(part, encode, every_clean=every_clean))]
+    stream, pool, pending = world.stream(rng), [], None
+    with ThreadPoolExecutor(1) as encoder, tqdm(total=n, desc="toy training examples", leave=False,
+                                                dynamic_ncols=True) as bar:
+        for i in range(0, n, chunk):
+            part = [next(stream) for _ in range(min(chunk, n - i))]
+            bar.update(len(part))
+            pool += pending.result() if pending else []
+            pending = encoder.submit(encoded, part)  # encoded while the next chunk is drawn: both release the GIL
+        pool += pending.result() if pending else []
     return pool
 
 
@@ -318,8 +324,8 @@ def pool_draw(pool: list) -> Callable:
 
 
 def pool_key(model: M.Bagel, world_seed: int, seed: int, n: int, every_clean: bool) -> str:
-    """What a toy pool depends on: its settings, the frozen autoencoder that encodes it, and the code that draws it."""
-    code = [Path(D.__file__).with_name(name).read_bytes() for name in ("data.py", "degrade.py")]
+    """What a toy pool depends on: its settings, the frozen autoencoder that encodes it, and the code that makes it."""
+    code = [Path(__file__).with_name(name).read_bytes() for name in ("data.py", "degrade.py", "sft.py")]
     return C.digest(world_seed, seed, n, every_clean, *code, *model.vae.state_dict().values())
 
 
@@ -377,7 +383,8 @@ def step_loss(model, packed: M.Packed, run: C.Run, cfg: SFTConfig, hidden_hook: 
 
 
 def load_start(cfg: SFTConfig, run: C.Run) -> tuple[M.Bagel, D.Tokenizer, str]:
-    """The model to fine-tune: --init, or the toy base (Stage 0, built in this process if out/base/ is missing)."""
+    """The model to fine-tune: --init, or the toy base in out/base (if missing: the shipped one when these settings
+    would build it, else Stage 0 run in this process)."""
     init = cfg.init
     if init is None:
         init = BASE

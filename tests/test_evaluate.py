@@ -206,6 +206,21 @@ def test_probe_answers_on_known_readings():
     assert answers == ["2", list(D.COLOURS)[5]]
 
 
+def test_shipped_probe_serves_evaluate_defaults_and_reads_clean_pictures(tmp_path):
+    """assets/toy_probe is the probe evaluate.py's defaults ask for in world 0 (no training, nothing written), it is
+    not used for other settings, and it reads clean held-out pictures almost perfectly."""
+    cfg = evaluate.EvalConfig()
+    world = D.ToyWorld(0)
+    probe = D.perception_probe(world, tmp_path / "probe", cfg.probe_n, cfg.probe_steps)
+    assert not (tmp_path / "probe").exists()
+    key = json.loads((D.SHIPPED_PROBE / "probe.json").read_text())
+    assert D.shipped_probe({**key, "steps": key["steps"] + 1}) is None
+    assert D.shipped_probe({**key, "world_seed": 1}) is None
+    examples = world.eval_split(60, seed=5)["clean"]
+    answers = D.probe_answers(probe, [ex.degraded for ex in examples], examples)
+    assert np.mean([a == ex.answer for a, ex in zip(answers, examples)]) >= 0.95
+
+
 def test_one_photo_demo(toy_ckpt, tmp_path, capsys):
     """`evaluate.py --init F --image photo --question Q --degrade kind:severity` prints the trace and writes one PNG;
     an odd-sized RGBA photo works; a bad --degrade is refused before any work."""

@@ -619,7 +619,7 @@ def test_real_data_takes_the_official_values_of_its_recipe(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE")
     toy = rl.parse_config([])
     assert (toy.system, toy.group, toy.lr, toy.sde_points, toy.max_completion_length, toy.prompts, toy.steps) == (
-        "toy", 4, 2e-5, 10, 144, 4, 300)
+        "toy", 4, 2e-5, 10, 144, 4, 150)
 
 
 def test_real_data_refuses_the_toy_prompt_and_an_uneven_split(monkeypatch, capsys):
@@ -642,7 +642,7 @@ def test_rl_help_names_the_official_values(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for words in ("questions per step and process (toy 4; official 32 questions x G 8 per optimiser step at HEAD, 16 "
                   "x 8 at the release; with --data the official total divided over the processes)",
-                  "optimiser steps (toy 300; official 400 at HEAD, 200 at the release; with --data the recipe's)",
+                  "optimiser steps (toy 150; official 400 at HEAD, 200 at the release; with --data the recipe's)",
                   "(toy 4; official 8)", "(toy 2e-5; official 5e-6)", "(toy 10; official 20)",
                   "(toy 144; official 16384)", "with --data 'official' (INTERLEAVE_REASON_SYSTEM_PROMPT",
                   "else the one --init was trained with", "research, off by default"):

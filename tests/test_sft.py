@@ -347,7 +347,7 @@ def test_resume_after_a_kill_between_the_renames_of_a_save(toy_ckpt, tmp_path, m
     capsys.readouterr()
     sft.train(finetune_args(toy_ckpt, tmp_path / "b", "--resume"))
     assert "recovered the newest complete copy" in capsys.readouterr().out
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "a.log.jsonl", "b", "b.log.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "a.log.jsonl", "b", "b.log.jsonl", "cache"]
     a, b = CK.load_pretrained(tmp_path / "a"), CK.load_pretrained(tmp_path / "b")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
