@@ -134,7 +134,7 @@ INFERENCE_FLAGS = tuple(f.name for f in fields(InferenceFlags))
 
 @dataclass
 class ToyTableFlags:
-    eval_n: int = flag(192, "held-out toy questions per severity in the table at the end (0 = no table)", "[0, inf)",
+    eval_n: int = flag(128, "held-out toy questions per severity in the table at the end (0 = no table)", "[0, inf)",
                        group="summary table")
     eval_seed: int = flag(0, "held-out split seed", SEED, group="summary table")
 

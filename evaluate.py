@@ -93,7 +93,7 @@ class EvalConfig(C.MachineFlags, C.WorldFlags, C.PictureSizeFlags, E.InferenceFl
     checkpoints: tuple = flag((), "the checkpoints to evaluate instead of OUT_ROOT's stages, as NAME=FOLDER; 'base' is "
                               "read in direct mode only, and every name that is not a stage's gets rl's comparisons "
                               "and one with rl (interleaved, bridge)", group=TOY, nargs="*")
-    n: int = flag(144, "held-out questions per severity (the README's tables ask 288, for paired intervals at hard "
+    n: int = flag(128, "held-out questions per severity (the README's tables ask 288, for paired intervals at hard "
                        "1/sqrt(2) as wide, in about twice the time)", "[1, inf)", group=TOY)
     batch: int = flag(64, "questions run together (another value draws other restoration noise)", "[1, inf)", group=TOY)
     n_corruption: int = flag(24, "questions per corruption in the per-corruption sets (0 = skip them)", "[0, inf)",

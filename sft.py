@@ -403,8 +403,8 @@ def load_start(cfg: SFTConfig, run: C.Run) -> tuple[M.Bagel, D.Tokenizer, str]:
             shipped = pretrain.shipped_base(cfg.seed, cfg.world_seed, cfg.base_steps)
             with C.output_lock(init):
                 if shipped is not None:  # Stage 0 is BAGEL's pretraining: CLEAR starts from its released weights
-                    print(f"No --init and no out/base/: starting from the shipped toy base ({shipped.name}, what "
-                          "`python pretrain.py` builds; run that to build it yourself).")
+                    print(f"No --init and no out/base/: starting from the shipped toy base "
+                          f"({shipped.relative_to(shipped.parents[1])}, what `python pretrain.py` builds).")
                     pretrain.copy_shipped_base(init)
                 else:
                     print("No --init and no out/base/: building the toy base model first (pretrain.py, Stage 0).")

@@ -54,7 +54,7 @@ def test_world_stream_and_eval_split_are_deterministic(world):
     assert len({image_hash(x.degraded) for x in a}) == 4  # and the stream moves on
     s1, s2 = world.eval_split(3, seed=1), D.ToyWorld(0).eval_split(3, seed=1)
     assert all(image_hash(x.degraded) == image_hash(y.degraded) for k in s1 for x, y in zip(s1[k], s2[k]))
-    # a larger split starts with the smaller one (stage tables ask 192, evaluate 384)
+    # a larger split starts with the smaller one (stage tables and evaluate ask 128, the README's tables 288)
     longer = world.eval_split(5, seed=1)
     assert all(image_hash(x.degraded) == image_hash(y.degraded) and x.question == y.question
                for k in s1 for x, y in zip(s1[k], longer[k][:3]))
