@@ -47,6 +47,7 @@ Differences from the official recipe (numbered):
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -164,6 +165,10 @@ def check_config(cfg: SFTConfig, prog: str, given: set) -> SFTConfig:
         C.refuse(prog, "--fsdp shards the model over processes: launch with torchrun --nproc_per_node N (N > 1)")
     if cfg.flex_attention and C.pick_device(cfg.device)[0].type == "cpu":
         C.refuse(prog, "--flex-attention has no CPU backward (FlexAttention trains on GPUs): leave it out on the CPU")
+    cxx = os.environ.get("CXX") or "g++"  # what torch.compile's CPU backend (Inductor) builds its kernels with
+    if cfg.compile and C.pick_device(cfg.device)[0].type == "cpu" and shutil.which(cxx) is None:
+        C.refuse(prog, f"--compile on the CPU builds C++ kernels with {cxx}, which is not on PATH: install a C++ "
+                       "compiler (or set CXX), or leave --compile out")
     if cfg.fsdp and cfg.resume:
         C.refuse(prog, "--resume is implemented for single-process and DDP runs; an FSDP run restarts from its last "
                        "--init")

@@ -218,7 +218,8 @@ def test_values_whose_arithmetic_overflows_are_refused(capsys):
 
 def test_devices_threads_and_options_the_machine_lacks(monkeypatch):
     """--device cpu:1 (blamed on the checkpoint file when the weights failed to load there), more --threads than CPUs,
-    and --flex-attention on a CPU (no CPU backward: it failed at the first backward) stop before any work."""
+    and --flex-attention on a CPU (no CPU backward: it failed at the first backward) stop before any work; so does
+    --compile on a CPU without the C++ compiler its kernels are built with."""
     import sft
     for name in ("cpu:1", "mps:2"):
         with pytest.raises(CK.InputError, match=f"--device {name}: there is one"):
@@ -229,6 +230,11 @@ def test_devices_threads_and_options_the_machine_lacks(monkeypatch):
         C.setup_run("cpu", "fp32", threads=os.cpu_count() + 1, quiet=True)
     with pytest.raises(SystemExit):
         sft.parse_config(["--flex-attention", "--device", "cpu"])
+    monkeypatch.setenv("CXX", "no-such-compiler-here")  # torch.compile's CPU backend would fail at the first step
+    with pytest.raises(SystemExit):
+        sft.parse_config(["--compile", "--device", "cpu"])
+    monkeypatch.setenv("CXX", sys.executable)  # any program on PATH stands for the compiler here
+    assert sft.parse_config(["--compile", "--device", "cpu"]).compile
 
 
 def test_weight_decay_reaches_every_trainable_parameter_as_officially():
