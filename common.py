@@ -278,9 +278,13 @@ def cached(path: Path, key: str, make: Callable) -> tuple:
     value = make()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        pickle.dump((key, value), f, protocol=pickle.HIGHEST_PROTOCOL)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            pickle.dump((key, value), f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or a kill (Ctrl-C) mid-write: no half-written file left behind
+        tmp.unlink(missing_ok=True)
+        raise
     return value, False
 
 

@@ -506,7 +506,7 @@ def test_stage2_reads_the_pool_stage1_made(toy_ckpt, tmp_path, monkeypatch):
     assert len(keys | {key, sft.pool_key(model, 0, 0, 6, False)}) == 6
 
 
-def test_cached_makes_again_after_a_new_key_or_a_broken_file(tmp_path):
+def test_cached_makes_again_after_a_new_key_or_a_broken_file(tmp_path, monkeypatch):
     path = tmp_path / "c.pkl"
     assert C.cached(path, "a", lambda: 1) == (1, False)
     assert C.cached(path, "a", lambda: 2) == (1, True)
@@ -516,6 +516,13 @@ def test_cached_makes_again_after_a_new_key_or_a_broken_file(tmp_path):
     assert C.cached(path, "a", lambda: 5) == (5, False)
     assert C.cached(path, "a", lambda: 6) == (5, True)
     assert [p.name for p in tmp_path.iterdir()] == ["c.pkl"]  # no temporary file left behind
+
+    def broken_dump(*args, **kwargs):
+        raise OSError("No space left on device")
+    monkeypatch.setattr(C.pickle, "dump", broken_dump)  # a full disk while writing: the error, and no partial file
+    with pytest.raises(OSError, match="No space"):
+        C.cached(path, "c", lambda: 7)
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pkl"] and C.cached(path, "a", lambda: 8) == (5, True)
 
 
 def test_sft_refuses_an_out_it_would_destroy_and_table_flags_without_a_table(toy_ckpt, tmp_path, capsys):
