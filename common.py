@@ -218,10 +218,8 @@ def keep_freed_memory() -> bool:
     """Let glibc keep freed memory for the next step instead of handing it back to the OS (Linux with glibc only;
     returns whether it applied). By default glibc unmaps large freed blocks and trims the heap top, so each training
     step's tensors fault their pages in again: minor page faults and system time, which `/usr/bin/time -v python
-    pretrain.py` counts. No mmap (blocks over glibc's largest threshold, 32 MiB, such as the autoencoder's activations
-    on a chunk of the example pool, were unmapped at every free) and no trimming below 1 GiB keep them on the heap;
-    nothing is computed differently. Threads other than the main one allocate from their own arenas, which glibc
-    still trims: heavy work stays on the main thread (sft.toy_pool)."""
+    pretrain.py` counts. A fixed mmap threshold of 32 MiB (glibc's largest dynamic one) and no trimming below 1 GiB
+    keep them; nothing is computed differently."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -230,9 +228,8 @@ def keep_freed_memory() -> bool:
         return False
     if not hasattr(libc, "gnu_get_libc_version"):  # another C library (musl): other malloc settings
         return False
-    m_trim_threshold, m_mmap_threshold, m_mmap_max = -1, -3, -4  # malloc.h
-    return (bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
-            and bool(libc.mallopt(m_mmap_max, 0)))
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
 
 
 def setup_run(device: str = "auto", dtype: str = "auto", seed: int = 0, threads: int = 0, quiet: bool = False) -> Run:

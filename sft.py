@@ -311,16 +311,15 @@ def toy_pool(world: D.ToyWorld, rng, n: int, encode: Callable, every_clean: bool
     def encoded(part):  # each latent its own tensor: a view into the chunk's batch would keep (and pickle) all of it
         return [(ex, tuple(None if lat is None else (lat[0].clone(), lat[1]) for lat in latents))
                 for ex, latents in zip(part, encode_examples(part, encode, every_clean=every_clean))]
-    stream, pool = world.stream(rng), []
-    with ThreadPoolExecutor(1) as maker, tqdm(total=n, desc="toy training examples", leave=False,
-                                              dynamic_ncols=True) as bar:
-        pending = maker.submit(lambda k: [next(stream) for _ in range(k)], min(chunk, n))
+    stream, pool, pending = world.stream(rng), [], None
+    with ThreadPoolExecutor(1) as encoder, tqdm(total=n, desc="toy training examples", leave=False,
+                                                dynamic_ncols=True) as bar:
         for i in range(0, n, chunk):
-            part = pending.result()
-            if i + chunk < n:  # the next chunk is drawn while this one is encoded (both release the GIL); encoding
-                pending = maker.submit(lambda k: [next(stream) for _ in range(k)], min(chunk, n - i - chunk))
-            pool += encoded(part)  # stays on this thread, whose freed memory is kept (common.keep_freed_memory)
+            part = [next(stream) for _ in range(min(chunk, n - i))]
             bar.update(len(part))
+            pool += pending.result() if pending else []
+            pending = encoder.submit(encoded, part)  # encoded while the next chunk is drawn: both release the GIL
+        pool += pending.result() if pending else []
     return pool
 
 
