@@ -289,10 +289,11 @@ def cached(path: Path, key: str, make: Callable) -> tuple:
 
 
 def digest(*parts) -> str:
-    """A short hex digest of strings, bytes and tensors (a cache key)."""
+    """A short hex digest of strings, bytes and tensors (a cache key; a tensor counts with its shape and dtype)."""
     h = hashlib.blake2b(digest_size=16)
     for part in parts:
         if isinstance(part, torch.Tensor):
+            h.update(repr((tuple(part.shape), part.dtype)).encode())
             part = part.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
         h.update(part if isinstance(part, bytes) else repr(part).encode())
     return h.hexdigest()

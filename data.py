@@ -1097,8 +1097,12 @@ def shipped_probe(key: dict) -> torch.nn.Module | None:
             return None
     except FileNotFoundError:
         return None
+    return read_probe(SHIPPED_PROBE)
+
+
+def read_probe(folder: Path) -> torch.nn.Module:
     net = probe_net()
-    net.load_state_dict(CK.read_tensors(SHIPPED_PROBE / "probe.safetensors"))
+    net.load_state_dict(CK.read_tensors(folder / "probe.safetensors"))
     return net.eval()
 
 
@@ -1109,9 +1113,7 @@ def cached_probe(folder: Path, key: dict) -> torch.nn.Module | None:
         CK.settle_folder(folder)
         if not (folder / CK.MARKER).exists() or CK.read_json(folder / "probe.json") != key:
             return None  # none yet, written before caches were sets, or other settings: trained again
-        net = probe_net()
-        net.load_state_dict(CK.read_tensors(folder / "probe.safetensors"))
-        return net.eval()
+        return read_probe(folder)
     except (CK.InputError, FileNotFoundError, RuntimeError) as e:  # RuntimeError: tensors of other names or shapes
         print(f"{folder}: the cached perception probe is unusable ({str(e)[:200]}); training it again")
         return None

@@ -47,7 +47,6 @@ Differences from the official evaluation (numbered):
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import math
@@ -268,17 +267,13 @@ def flow_table(flow: dict) -> str:
     return "\n".join(lines)
 
 
-def digest(t: torch.Tensor) -> bytes:
-    return hashlib.blake2b(t.detach().cpu().numpy().tobytes() + str(tuple(t.shape)).encode(), digest_size=16).digest()
-
-
 def remembered_encoder(model: M.Bagel, memo: dict):
     """model.encode_pixels, computed once per autoencoder and input: every mode of every checkpoint shows the same
     degraded pictures, and the autoencoder stays frozen after Stage 0 (official: the VAE is never trained)."""
-    ae = digest(torch.cat([t.flatten().float() for t in model.vae.state_dict().values()]))
+    ae = C.digest(*model.vae.state_dict().values())
 
     def encode(pixels: torch.Tensor):
-        key = (ae, digest(pixels))
+        key = (ae, C.digest(pixels))
         if key not in memo:
             memo[key] = model.encode_pixels(pixels)
         return memo[key]

@@ -104,9 +104,8 @@ def main(argv=None):
     sheet(examples[:16], pictures[:16]).save(args.out)
     print(f"{len(examples)} {args.severity} pictures, {args.denoise_steps} points, guidance text "
           f"{args.cfg_text_scale:g} / image {args.cfg_img_scale:g}: PSNR to the clean picture, restored "
-          f"{restored:.2f} dB, degraded input "
-          f"{degraded:.2f} dB; flow-matching error at t = 1 {np.mean(flow):.3f} (mean latent {np.mean(mean):.3f}); "
-          f"wrote {args.out}")
+          f"{restored:.2f} dB, degraded input {degraded:.2f} dB; flow-matching error at t = 1 {np.mean(flow):.3f} "
+          f"(mean latent {np.mean(mean):.3f}); wrote {args.out}")
 
 
 if __name__ == "__main__":
