@@ -283,13 +283,11 @@ def bench_train_overhead(cfg, device, dtype) -> list[dict]:
     model = M.Bagel(tiny).to(device, dtype).train()
     for frozen in (model.vae, model.vit_model):
         frozen.requires_grad_(False)
-    world = D.ToyWorld(0)
     import numpy as np
-    stream = world.stream(np.random.default_rng(0))
-    samples = sft.build_batch([next(stream) for _ in range(12)], tok, model.encode_pixels,
-                              torch.Generator().manual_seed(0))
-    packed = M.pack(samples, tiny, row_tokens=512).to(device)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    pool = sft.toy_pool(D.ToyWorld(0), np.random.default_rng(0), 64, model.encode_pixels, every_clean=True)
+    batch = sft.batches(sft.parse_config([]), tiny, tok, model.encode_pixels, sft.pool_draw(pool), device)
+    packed = batch(np.random.default_rng(0), torch.Generator().manual_seed(0))  # one default Stage 1 step's rows
+    opt = C.make_optimizer(model, lr=1e-4)  # the stages' optimizer (foreach AdamW), for both
 
     def ours():
         out = model(packed)
@@ -299,7 +297,7 @@ def bench_train_overhead(cfg, device, dtype) -> list[dict]:
     plain = torch.nn.Sequential(*[PlainBlock(tiny) for _ in range(tiny.num_hidden_layers)]).to(device, dtype)
     head = torch.nn.Linear(tiny.hidden_size, tiny.vocab_size, bias=False).to(device, dtype)
     x = torch.randn(packed.rows, packed.row_len, tiny.hidden_size, device=device, dtype=dtype)
-    opt2 = torch.optim.AdamW([*plain.parameters(), *head.parameters()], lr=1e-4)
+    opt2 = C.make_optimizer(torch.nn.ModuleList([plain, head]), lr=1e-4)
 
     def reference():
         h = plain(x)

@@ -192,10 +192,11 @@ class Route:
     """Which rows of a flat token batch [B*T, ...] go through the und expert and which through the gen expert (MoT).
 
     The decoder keeps its residual stream in expert order (every und row, then every gen row, each group in token
-    order), so an expert reads a slice of it; only attention needs token order (`to_tokens`, `to_experts`). That is two
-    gathers per layer instead of a gather and a scatter around every expert call, whose backward (an index_add into
-    zeros) was most of the routing cost (`python bench.py --only profile`). Gathers are index_select (its backward is a
-    fast index_add, unlike the accumulating index_put of x[idx])."""
+    order), so an expert reads a slice of it; only attention needs another order (`to_attention`, `from_attention`):
+    token order, or the slots of AttentionGroups in training. That is two gathers per layer instead of a gather and a
+    scatter around every expert call, whose backward (an index_add into zeros) was most of the routing cost
+    (`python bench.py --only profile`). Gathers are index_select (its backward is a fast index_add, unlike the
+    accumulating index_put of x[idx])."""
 
     def __init__(self, gen_mask: torch.Tensor | None):
         """gen_mask [N] (bool): True rows go to the gen expert, the others to und; None (or no True) sends every row
@@ -213,6 +214,23 @@ class Route:
     def to_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, ...] in expert order -> token order (the inverse of to_experts)."""
         return x if self.order is None else x.index_select(0, self.unsort)
+
+    slots = None  # (expert position of each attention slot, slot of each expert position) after attend_in
+
+    def attend_in(self, groups: AttentionGroups) -> Route:
+        """Attention reads the tokens re-packed into groups (AttentionGroups) instead of in token order: each way is
+        still one gather, from expert order straight to the groups' slots and back."""
+        token, slot = groups.token.reshape(-1), groups.slot
+        self.slots = (token, slot) if self.order is None else (self.unsort[token], slot[self.order])
+        return self
+
+    def to_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, ...] in expert order -> attention's order: token order, or the groups' slots (attend_in)."""
+        return self.to_tokens(x) if self.slots is None else x.index_select(0, self.slots[0])
+
+    def from_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """x in attention's order -> [N, ...] in expert order (the inverse of to_attention)."""
+        return self.to_experts(x) if self.slots is None else x.index_select(0, self.slots[1])
 
     def __call__(self, x: torch.Tensor, und: Callable, gen: Callable) -> torch.Tensor:
         """Apply `und` to the und rows and `gen` to the gen rows of x [N, ...] in expert order (BAGEL:
@@ -249,7 +267,7 @@ class MoTAttention(nn.Module):
             setattr(self, "k_norm" + suffix, RMSNorm(hd, cfg.rms_norm_eps))
 
     def forward(self, x, route: Route, cos, sin, mask, kv_write: Callable | None):
-        """x [B*T, H] in expert order (Route); cos/sin [B, T, hd]."""
+        """x [B*T, H] in expert order (Route); cos/sin [B, T, hd] in attention's order (rows, or groups of slots)."""
         B, T = cos.shape[:2]
 
         def qkv(suffix):
@@ -261,8 +279,8 @@ class MoTAttention(nn.Module):
                 return torch.cat([getattr(self, "q_norm" + suffix)(q), getattr(self, "k_norm" + suffix)(k), v], dim=1)
             return f
 
-        qkv_tokens = route.to_tokens(route(x, qkv(""), qkv("_moe_gen")))
-        q, k, v = qkv_tokens.view(B, T, -1, self.hd).split([self.nh, self.nkv, self.nkv], dim=2)
+        qkv_slots = route.to_attention(route(x, qkv(""), qkv("_moe_gen")))
+        q, k, v = qkv_slots.view(B, T, -1, self.hd).split([self.nh, self.nkv, self.nkv], dim=2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, hd]
         if kv_write is not None:  # inference: new keys go into the cache, queries attend to the whole cache
@@ -272,7 +290,7 @@ class MoTAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.nkv != self.nh)
         else:  # a FlexAttention BlockMask (long packed training rows)
             out = flex_attention(q, k, v, block_mask=mask, enable_gqa=self.nkv != self.nh)
-        out = route.to_experts(out.transpose(1, 2).reshape(B * T, -1))
+        out = route.from_attention(out.transpose(1, 2).reshape(B * T, -1))
         return route(out, self.o_proj, self.o_proj_moe_gen)
 
 
@@ -925,6 +943,45 @@ def block_mask(splits: list, rows: int, row_len: int, device=None):
     return create_block_mask(lambda b, h, q, k: may_attend(t, b, q, k), rows, None, row_len, row_len, device=device)
 
 
+class AttentionGroups:
+    """Packed rows re-packed for attention into G short rows of L slots, L the longest sample: each sample (and each
+    row's padding) keeps its tokens together and in order, and the samples fill the short rows first-fit, longest
+    first. No token attends across samples, so this is the rows' block-diagonal mask without most of its empty blocks:
+    about L / T of the attention work (BAGEL's training attention is per sample too: PackedAttentionMoT.forward runs
+    one SDPA per sample with that sample's mask). Slots left over at a short row's end are padding."""
+
+    def __init__(self, splits: list, rows: int, row_len: int, dtype, device=None):
+        spans = {}  # (row, sample) -> (first, end) token of the row; a row's padding is its sample -1
+        for r, sample, start, n, _ in splits:
+            first, end = spans.get((r, sample), (start, start + n))
+            spans[(r, sample)] = (min(first, start), max(end, start + n))
+        spans = sorted(((r * row_len + a, b - a) for (r, _), (a, b) in spans.items()), key=lambda s: -s[1])
+        L, fill, token = spans[0][1], [], []
+        for first, n in spans:  # first fit, longest first
+            g = next((j for j, f in enumerate(fill) if f + n <= L), len(fill))
+            if g == len(fill):
+                fill.append(0)
+                token.append(torch.zeros(L, dtype=torch.long))
+            token[g][fill[g]:fill[g] + n] = torch.arange(first, first + n)
+            fill[g] += n
+        G, i = len(fill), torch.arange(L)
+        valid = i < torch.tensor(fill)[:, None]  # [G, L]
+        self.token = torch.stack(token)  # [G, L] the token of each slot (padding slots: token 0, never read)
+        self.slot = torch.empty(rows * row_len, dtype=torch.long)  # [B*T] the slot of each token
+        self.slot[self.token[valid]] = (torch.arange(G)[:, None] * L + i)[valid]
+        t = {k: v.reshape(-1)[self.token] for k, v in split_tables(splits, rows, row_len).items()}
+        g = torch.arange(G)[:, None, None]
+        allowed = may_attend(t, g, i[None, :, None], i[None, None, :]) & valid[:, :, None] & valid[:, None, :]
+        allowed |= ~valid[:, :, None] & (i[:, None] == i[None, :])  # a padding slot sees itself: no empty softmax
+        self.mask = additive_mask(allowed, dtype)[:, None].to(device)  # [G, 1, L, L]
+        self.token, self.slot = self.token.to(device), self.slot.to(device)
+        self.shape = (G, L)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, ...] per token -> [G, L, ...] per slot."""
+        return x.reshape(-1, *x.shape[2:])[self.token]
+
+
 @dataclass
 class TrainOutput:
     ce: torch.Tensor  # [n_ce] per-token cross entropy (= -log p of each label)
@@ -1020,12 +1077,15 @@ class Bagel(nn.Module):
         (BAGEL; CLEAR's bridge at t=0)."""
         return self.vae2llm(tokens.to(self.dtype)) + self.time_embedder(t) + self.latent_pos_embed(pos_ids)
 
-    def run_layers(self, x, pos, gen_mask, mask, kv_write=None, hidden_hook=None, recompute=False):
+    def run_layers(self, x, pos, gen_mask, mask, kv_write=None, hidden_hook=None, recompute=False, groups=None):
         """The MoT decoder on x [B, T, H]; returns final-normed hidden states (norm for und, norm_moe_gen for gen).
-        recompute: run each layer again in the backward pass instead of keeping its activations (memory for time)."""
+        recompute: run each layer again in the backward pass instead of keeping its activations (memory for time).
+        groups: attention per sample (AttentionGroups; `mask` is then groups.mask)."""
         cfg = self.cfg
-        cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(pos if groups is None else groups.gather(pos), cfg.head_dim, cfg.rope_theta, x.dtype)
         route = Route(gen_mask.reshape(-1) if gen_mask is not None else None)
+        if groups is not None:
+            route.attend_in(groups)
         lm = self.language_model.model
         B, T, H = x.shape
         x = route.to_experts(x.reshape(B * T, H))
@@ -1058,7 +1118,7 @@ class Bagel(nn.Module):
         `recompute`: activation checkpointing per decoder layer (FSDP fine-tuning of the real model).
         `mask`: a boolean [B, T, T] attention mask to use instead of the packing's rules (research: rl.official_mask).
         """
-        lm, B, T = self.language_model, packed.rows, packed.row_len
+        lm, B, T, groups = self.language_model, packed.rows, packed.row_len, None
         x = torch.zeros(B * T, self.cfg.hidden_size, device=self.device, dtype=self.dtype)
         x = x.index_put((packed.text_idx,), lm.model.embed_tokens(packed.text_ids))
         if packed.vit_lens:
@@ -1073,11 +1133,12 @@ class Bagel(nn.Module):
             mask = additive_mask(mask.to(self.device), self.dtype)[:, None]
         elif flex:  # no dense [T, T] mask: FlexAttention skips the blocks nobody may attend to
             mask = block_mask(packed.splits, B, T, self.device)
-        else:
-            mask = additive_mask(attention_mask(packed.splits, B, T, self.device), self.dtype)[:, None]
+        else:  # each sample attends within itself: the rows' mask, without the blocks nobody may attend to
+            groups = AttentionGroups(packed.splits, B, T, self.dtype, self.device)
+            mask = groups.mask
         hook = None if hidden_hook is None else (lambda i, h: hidden_hook(i, h.reshape(B * T, -1)))
         h = self.run_layers(x.view(B, T, -1), packed.position_ids, gen_mask.view(B, T), mask, hidden_hook=hook,
-                           recompute=recompute)
+                           recompute=recompute, groups=groups)
         h = h.reshape(B * T, -1)
         logits = lm.lm_head(h[packed.ce_idx]).float() / temperature
         ce = F.cross_entropy(logits, packed.ce_labels, reduction="none")

@@ -150,6 +150,80 @@ def test_split_tables_and_mask_equal_the_per_split_rule():
         assert torch.equal(add == 0, mask) and torch.isinf(add[~mask]).all()
 
 
+def packed_splits(rng, rows: int, T: int) -> list:
+    """Random splits laid out as pack lays them: each sample's splits contiguous in one row, sample ids unique, then
+    the row's padding."""
+    splits, sample = [], 0
+    for r in range(rows):
+        start = 0
+        while start < T and rng.random() < 0.8:
+            for _ in range(int(rng.integers(1, 4))):
+                if start < T:
+                    n = int(rng.integers(1, T - start + 1))
+                    splits.append((r, sample, start, n, str(rng.choice(["causal", "full", "noise"]))))
+                    start += n
+            sample += 1
+        if start < T:
+            splits.append((r, -1, start, T - start, "pad"))
+    return splits
+
+
+def test_attention_groups_allow_exactly_the_rows_pairs():
+    """AttentionGroups re-packs the samples into short rows: every token gets one slot, L is the longest sample (or
+    padding run), a sample keeps its tokens together and in order, and the groups' mask allows exactly the token pairs
+    the rows' mask allows; a padding slot sees only itself."""
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        rows, T = int(rng.integers(1, 4)), int(rng.integers(1, 30))
+        splits = packed_splits(rng, rows, T)
+        groups = M.AttentionGroups(splits, rows, T, torch.float32)
+        G, L = groups.shape
+        token, slot = groups.token.reshape(-1), groups.slot
+        valid = slot[token] == torch.arange(G * L)  # the slots that hold a token (the others are padding)
+        assert sorted(token[valid].tolist()) == list(range(rows * T))
+        spans = {}
+        for r, s, start, n, _ in splits:
+            spans.setdefault((r, s), []).append(range(r * T + start, r * T + start + n))
+        assert L == max(sum(map(len, v)) for v in spans.values())
+        for parts in spans.values():  # together and in order: consecutive slots of one short row
+            where = slot[torch.tensor([i for p in parts for i in p])]
+            assert torch.equal(where, torch.arange(len(where)) + where[0]) and len(set((where // L).tolist())) == 1
+        rows_mask = M.attention_mask(splits, rows, T)
+        tokens_mask = torch.block_diag(*rows_mask)  # [B*T, B*T]: rows never see each other
+        allowed = groups.mask[:, 0] == 0  # [G, L, L]
+        for g in range(G):
+            v = valid.view(G, L)[g]
+            t = groups.token[g][v]
+            assert torch.equal(allowed[g][v][:, v], tokens_mask[t][:, t])
+            assert torch.equal(allowed[g][~v], torch.eye(L, dtype=torch.bool)[~v])
+            assert not allowed[g][v][:, ~v].any()  # no token sees a padding slot
+        covered = sum(int(tokens_mask[groups.token[g][valid.view(G, L)[g]]][:, groups.token[g][valid.view(G, L)[g]]]
+                          .sum()) for g in range(G))
+        assert covered == int(tokens_mask.sum())  # no allowed pair is split between two short rows
+
+
+def test_grouped_attention_equals_the_rows_mask(net):
+    """The training forward (attention over AttentionGroups) gives the rows' dense-mask forward's outputs and
+    gradients on rows that hold several samples of every split kind."""
+    g = torch.Generator().manual_seed(7)
+    D = net.cfg.patch_latent_dim
+    segs = sample_segments(net.cfg, g) + [M.VaeImage(torch.randn(6, D, generator=g), (2, 3), t=0.4,
+                                                     target=torch.zeros(6, D))]
+    packed = M.pack([segs, segs[:2], [M.Text([4, 5], loss=True)], segs[1:]], net.cfg, row_tokens=60)
+    assert packed.rows > 1 and len(packed.sample_lens) > packed.rows
+    outs, grads = [], []
+    for mask in (None, M.attention_mask(packed.splits, packed.rows, packed.row_len)):
+        net.zero_grad(set_to_none=True)
+        out = net(packed, mask=mask)
+        (out.ce.sum() + out.mse.sum() + out.hidden.square().mean()).backward()
+        outs.append(out)
+        grads.append(torch.cat([p.grad.reshape(-1) for p in net.parameters() if p.grad is not None]))
+    net.zero_grad(set_to_none=True)
+    torch.testing.assert_close(outs[0].hidden, outs[1].hidden, atol=2e-5, rtol=0)
+    torch.testing.assert_close(outs[0].v, outs[1].v, atol=2e-5, rtol=0)
+    torch.testing.assert_close(grads[0], grads[1], atol=2e-5, rtol=1e-4)
+
+
 def test_expert_order_routing_equals_routing_every_call():
     """Route keeps the stream in expert order and returns to token order for attention only: the same values as
     gathering, applying each expert and scattering back around every call."""
