@@ -435,7 +435,7 @@ def bench_profile(cfg, device, dtype) -> list[dict]:
     world, rng = D.ToyWorld(0), np.random.default_rng(0)
     C.freeze_encoders(model)
     opt, ema = C.make_optimizer(model, 1e-4), C.EMA(model, 0.99)
-    train = [(M, "pack", "packing"), (M, "attention_mask", "attention mask"), (model, "forward", "forward"),
+    train = [(M, "pack", "packing"), (M, "AttentionGroups", "attention groups and mask"), (model, "forward", "forward"),
              (torch.Tensor, "backward", "backward"), (C, "clip_and_step", "optimizer"), (ema, "update", "EMA")]
     rows = []
 
