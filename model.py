@@ -945,7 +945,7 @@ def block_mask(splits: list, rows: int, row_len: int, device=None):
 
 class AttentionGroups:
     """Packed rows re-packed for attention into G short rows of L slots, L the longest sample: each sample (and each
-    row's padding) keeps its tokens together and in order, and the samples fill the short rows first-fit, longest
+    piece of a row's padding) keeps its tokens together and in order, and they fill the short rows first-fit, longest
     first. No token attends across samples, so this is the rows' block-diagonal mask without most of its empty blocks:
     about L / T of the attention work (BAGEL's training attention is per sample too: PackedAttentionMoT.forward runs
     one SDPA per sample with that sample's mask). Slots left over at a short row's end are padding."""
@@ -955,8 +955,11 @@ class AttentionGroups:
         for r, sample, start, n, _ in splits:
             first, end = spans.get((r, sample), (start, start + n))
             spans[(r, sample)] = (min(first, start), max(end, start + n))
-        spans = sorted(((r * row_len + a, b - a) for (r, _), (a, b) in spans.items()), key=lambda s: -s[1])
-        L, fill, token = spans[0][1], [], []
+        L = max([b - a for (_, sample), (a, b) in spans.items() if sample != -1], default=1)
+        # padding tokens see only themselves: a row's padding is cut into pieces of at most L
+        spans = sorted(((r * row_len + c, min(L, b - c)) for (r, _), (a, b) in spans.items() for c in range(a, b, L)),
+                       key=lambda s: -s[1])
+        fill, token = [], []
         for first, n in spans:  # first fit, longest first
             g = next((j for j, f in enumerate(fill) if f + n <= L), len(fill))
             if g == len(fill):
