@@ -273,8 +273,11 @@ class PlainBlock(torch.nn.Module):
 
 
 def bench_train_overhead(cfg, device, dtype) -> list[dict]:
-    """The tiny toy training step (packed CLEAR samples: masks, routing, images) vs a plain transformer on as many
-    tokens."""
+    """One default Stage 1 step of the tiny toy (`python sft.py`'s token budget and row length: packed CLEAR samples,
+    their attention rules, MoT routing, images) vs a plain causal transformer of the same width and depth on as many
+    rows of as many tokens; both with the stages' optimizer."""
+    import numpy as np
+
     import data as D
     import pretrain
     import sft
@@ -283,11 +286,10 @@ def bench_train_overhead(cfg, device, dtype) -> list[dict]:
     model = M.Bagel(tiny).to(device, dtype).train()
     for frozen in (model.vae, model.vit_model):
         frozen.requires_grad_(False)
-    import numpy as np
     pool = sft.toy_pool(D.ToyWorld(0), np.random.default_rng(0), 64, model.encode_pixels, every_clean=True)
     batch = sft.batches(sft.parse_config([]), tiny, tok, model.encode_pixels, sft.pool_draw(pool), device)
     packed = batch(np.random.default_rng(0), torch.Generator().manual_seed(0))  # one default Stage 1 step's rows
-    opt = C.make_optimizer(model, lr=1e-4)  # the stages' optimizer (foreach AdamW), for both
+    opt = C.make_optimizer(model, lr=1e-4)
 
     def ours():
         out = model(packed)

@@ -2,6 +2,7 @@
 instant, --resume, and the scripts' one-line errors."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -253,3 +254,24 @@ def test_weight_decay_reaches_every_trainable_parameter_as_officially():
     opt.step()
     for p, b in zip(net.parameters(), before):
         assert torch.allclose(p, b * (1 - 0.1 * 0.5) if p.requires_grad else b)
+
+
+def test_bench_train_overhead_measures_one_default_stage1_step(monkeypatch):
+    """bench.py's train_overhead times python sft.py's own step: its default token budget packed into rows of at most
+    its row length, with the stages' optimizer, against a plain transformer on as many rows and tokens (the timing is
+    bench.py's to report, not a test's: each step runs once here)."""
+    import bench
+    import sft
+
+    def run_once(a, b, device):
+        a(), b()
+        return 0.2, 0.1, 2.0
+    monkeypatch.setattr(bench, "timed_pair", run_once)
+    made, make = [], C.make_optimizer
+    monkeypatch.setattr(C, "make_optimizer", lambda *a, **k: made.append(make(*a, **k)) or made[-1])
+    (row,) = bench.bench_train_overhead(None, torch.device("cpu"), torch.float32)
+    cfg = sft.parse_config([])
+    assert len(made) == 2 and all(o.defaults["foreach"] and o.state for o in made)  # both stepped the stages' AdamW
+    rows, row_len = (int(v) for v in re.search(r"\((\d+) rows x (\d+) tokens\)", row["section"]).groups())
+    assert rows * row_len >= cfg.tokens_per_step // 2 and row_len <= cfg.row_tokens and row["tokens"] == rows * row_len
+    assert row["of bound"] == "2.00x plain" and row["measured"] == "200 ms"
