@@ -967,17 +967,16 @@ class AttentionGroups:
                 token.append(torch.zeros(L, dtype=torch.long))
             token[g][fill[g]:fill[g] + n] = torch.arange(first, first + n)
             fill[g] += n
-        G, i = len(fill), torch.arange(L)
-        valid = i < torch.tensor(fill)[:, None]  # [G, L]
-        self.token = torch.stack(token)  # [G, L] the token of each slot (padding slots: token 0, never read)
-        self.slot = torch.empty(rows * row_len, dtype=torch.long)  # [B*T] the slot of each token
-        self.slot[self.token[valid]] = (torch.arange(G)[:, None] * L + i)[valid]
-        t = {k: v.reshape(-1)[self.token] for k, v in split_tables(splits, rows, row_len).items()}
-        g = torch.arange(G)[:, None, None]
+        G, i = len(fill), torch.arange(L, device=device)
+        valid = i < torch.tensor(fill, device=device)[:, None]  # [G, L]
+        self.token = torch.stack(token).to(device)  # [G, L] the token of each slot (padding slots: token 0, never read)
+        self.slot = torch.empty(rows * row_len, dtype=torch.long, device=device)  # [B*T] the slot of each token
+        self.slot[self.token[valid]] = (torch.arange(G, device=device)[:, None] * L + i)[valid]
+        t = {k: v.reshape(-1)[self.token] for k, v in split_tables(splits, rows, row_len, device).items()}
+        g = torch.arange(G, device=device)[:, None, None]
         allowed = may_attend(t, g, i[None, :, None], i[None, None, :]) & valid[:, :, None] & valid[:, None, :]
         allowed |= ~valid[:, :, None] & (i[:, None] == i[None, :])  # a padding slot sees itself: no empty softmax
-        self.mask = additive_mask(allowed, dtype)[:, None].to(device)  # [G, 1, L, L]
-        self.token, self.slot = self.token.to(device), self.slot.to(device)
+        self.mask = additive_mask(allowed, dtype)[:, None]  # [G, 1, L, L], built where it is used
         self.shape = (G, L)
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
@@ -1080,11 +1079,13 @@ class Bagel(nn.Module):
         (BAGEL; CLEAR's bridge at t=0)."""
         return self.vae2llm(tokens.to(self.dtype)) + self.time_embedder(t) + self.latent_pos_embed(pos_ids)
 
-    def run_layers(self, x, pos, gen_mask, mask, kv_write=None, hidden_hook=None, recompute=False, groups=None):
+    def run_layers(self, x, pos, gen_mask, mask, kv_write=None, hidden_hook=None, recompute=False):
         """The MoT decoder on x [B, T, H]; returns final-normed hidden states (norm for und, norm_moe_gen for gen).
-        recompute: run each layer again in the backward pass instead of keeping its activations (memory for time).
-        groups: attention per sample (AttentionGroups; `mask` is then groups.mask)."""
+        mask: an additive [B, 1, T, T] mask, a FlexAttention BlockMask, or AttentionGroups (attention per sample).
+        recompute: run each layer again in the backward pass instead of keeping its activations (memory for time)."""
         cfg = self.cfg
+        groups = mask if isinstance(mask, AttentionGroups) else None
+        mask = mask if groups is None else groups.mask
         cos, sin = rope_cos_sin(pos if groups is None else groups.gather(pos), cfg.head_dim, cfg.rope_theta, x.dtype)
         route = Route(gen_mask.reshape(-1) if gen_mask is not None else None)
         if groups is not None:
@@ -1121,7 +1122,7 @@ class Bagel(nn.Module):
         `recompute`: activation checkpointing per decoder layer (FSDP fine-tuning of the real model).
         `mask`: a boolean [B, T, T] attention mask to use instead of the packing's rules (research: rl.official_mask).
         """
-        lm, B, T, groups = self.language_model, packed.rows, packed.row_len, None
+        lm, B, T = self.language_model, packed.rows, packed.row_len
         x = torch.zeros(B * T, self.cfg.hidden_size, device=self.device, dtype=self.dtype)
         x = x.index_put((packed.text_idx,), lm.model.embed_tokens(packed.text_ids))
         if packed.vit_lens:
@@ -1137,11 +1138,10 @@ class Bagel(nn.Module):
         elif flex:  # no dense [T, T] mask: FlexAttention skips the blocks nobody may attend to
             mask = block_mask(packed.splits, B, T, self.device)
         else:  # each sample attends within itself: the rows' mask, without the blocks nobody may attend to
-            groups = AttentionGroups(packed.splits, B, T, self.dtype, self.device)
-            mask = groups.mask
+            mask = AttentionGroups(packed.splits, B, T, self.dtype, self.device)
         hook = None if hidden_hook is None else (lambda i, h: hidden_hook(i, h.reshape(B * T, -1)))
         h = self.run_layers(x.view(B, T, -1), packed.position_ids, gen_mask.view(B, T), mask, hidden_hook=hook,
-                           recompute=recompute, groups=groups)
+                           recompute=recompute)
         h = h.reshape(B * T, -1)
         logits = lm.lm_head(h[packed.ce_idx]).float() / temperature
         ce = F.cross_entropy(logits, packed.ce_labels, reduction="none")
